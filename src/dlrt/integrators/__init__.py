@@ -1,0 +1,9 @@
+"""Integrators, selected by name: ``bug``, ``fixed``, ``parallel``."""
+
+from .base import Integrator
+from .bug import BUG, FixedRankBUG
+from .parallel import ParallelBUG
+
+INTEGRATORS: dict[str, type[Integrator]] = {cls.name: cls for cls in (BUG, FixedRankBUG, ParallelBUG)}
+
+__all__ = ["Integrator", "BUG", "FixedRankBUG", "ParallelBUG", "INTEGRATORS"]

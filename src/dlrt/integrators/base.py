@@ -1,0 +1,152 @@
+"""What every integrator shares: the geometric operations, written once.
+
+An integrator orchestrates passes (``opt.evaluate``) and these operations; it
+never touches data. Each operation moves a layer's factors and transports the
+optimizer state that lives in factor coordinates (ALGORITHMS §5):
+
+* K-state (``n×r``, stored under ``layer.U``): columns in V-coordinates;
+* L-state (``m×r``, stored under ``layer.V``): columns in U-coordinates;
+* S-state (``r×r``, stored under ``layer.S``): ``U``-rows, ``V``-columns.
+
+State dicts are replaced, never mutated, so a failed step can be rolled back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import linalg
+from ..layers import LowRankLayer
+from ..optim.inner import clone_state, transport_state
+
+if TYPE_CHECKING:
+    from ..optimizer import DLRTOptimizer
+
+KL = frozenset({"K", "L"})
+NONE: frozenset[str] = frozenset()
+
+
+class Integrator:
+    """Base class: one ``step`` = one call of :meth:`DLRTOptimizer.step`.
+
+    Args:
+        coefficient_steps: number of updates of the core ``S`` on a frozen
+            augmented basis before the next truncation (ALGORITHMS §8). Each
+            one is a separate optimizer step (its own batch); 1 gives the
+            integrators of the papers, one S-update per augmentation.
+    """
+
+    name: ClassVar[str]
+    #: True when a step needs only the gradient at the current point, so that
+    #: ``step()`` may follow a user's ``loss.backward()`` without a closure.
+    one_pass: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = True
+
+    def __init__(self, coefficient_steps: int = 1) -> None:
+        if isinstance(coefficient_steps, bool) or not isinstance(coefficient_steps, int) or coefficient_steps < 1:
+            raise ValueError(f"coefficient_steps must be an int >= 1, got {coefficient_steps!r}")
+        self.coefficient_steps = coefficient_steps
+
+    def request(self, phase: int) -> frozenset[str]:
+        """Projected gradients the first pass of a step in ``phase`` needs."""
+        return KL if phase == 0 else NONE
+
+    def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- ops
+def factor_update(opt: DLRTOptimizer, key: Tensor, x: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+    """One inner-optimizer step on the factor quantity ``x`` whose state lives under ``key``.
+
+    ``x`` is a fresh tensor (K = U S, L = V Sᵀ, or a copy of S) and is updated
+    in place; the new state replaces the old one.
+    """
+    state = clone_state(opt.state.get(key, {}))
+    opt.rule.update_(x, grad.to(x.dtype), state, group)
+    opt.state[key] = state
+    return x
+
+
+def transport(opt: DLRTOptimizer, key: Tensor, left: Tensor | None, right: Tensor | None) -> None:
+    """Transport the state stored under ``key`` (if any) by ``left @ m @ right``."""
+    state = opt.state.get(key)
+    if state:
+        opt.state[key] = transport_state(state, opt.rule, left, right)
+
+
+def K_and_L_steps(opt: DLRTOptimizer, layer: LowRankLayer, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """ALGORITHMS §2.2: ``K₁ = U₀S₀ − λ G₀V₀`` and ``L₁ = V₀S₀ᵀ − λ G₀ᵀU₀``."""
+    U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+    gK, gL, _ = layer.projected_grads()
+    K1 = factor_update(opt, layer.U, U0 @ S0, gK, group)
+    L1 = factor_update(opt, layer.V, V0 @ S0.mT, gL, group)
+    return K1, L1
+
+
+def change_basis(opt: DLRTOptimizer, layer: LowRankLayer, U1: Tensor, V1: Tensor, S1: Tensor | None = None) -> None:
+    """Move the layer to bases ``(U1, V1)`` and transport all its state.
+
+    The new core is the Galerkin projection ``(U1ᵀU₀) S₀ (V₀ᵀV₁)`` unless
+    ``S1`` is given.
+    """
+    U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+    A = U1.mT @ U0  # r1×r0
+    B = V0.mT @ V1  # r0×r1
+    if S1 is None:
+        S1 = A @ S0 @ B
+    transport(opt, layer.S, A, B)
+    transport(opt, layer.U, None, B)  # K-state: columns follow V
+    transport(opt, layer.V, None, A.mT)  # L-state: columns follow U
+    layer.set_factors(U1, S1, V1)
+
+
+def augment(layer: LowRankLayer, KU: Tensor, LV: Tensor) -> tuple[Tensor, Tensor]:
+    """Augmented bases ``Û = orth([U₀, KU])``, ``V̂ = orth([V₀, LV])`` (ALGORITHMS §0).
+
+    At most ``r`` new directions per side, fewer when the layer is close to
+    full rank (the core may then be rectangular).
+    """
+    return linalg.augment_basis(layer.U.detach(), KU), linalg.augment_basis(layer.V.detach(), LV)
+
+
+def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor, group: dict[str, Any]) -> None:
+    """``S ← S − λ ∇_S`` with the inner optimizer (the Galerkin/coefficient step)."""
+    S1 = factor_update(opt, layer.S, layer.S.detach().clone(), grad, group)
+    layer.set_factors(layer.U.detach(), S1, layer.V.detach())
+
+
+def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, Any]) -> None:
+    """ALGORITHMS §1 on every layer of one truncation event (each layer exactly once).
+
+    Per layer with the group's ``tau``, or jointly over all layers with
+    ``truncation="global"`` (and an optional total-rank ``budget``).
+    """
+    if not layers:
+        return
+    svds = [linalg.svd_truncate(layer.S.detach(), rank=min(layer.S.shape)) for layer in layers]
+    absolute = group["tau_mode"] == "absolute"
+    if group["truncation"] == "global":
+        ranks = linalg.global_truncation_ranks(
+            [t.sigma for t in svds],
+            tau=group["tau"],
+            budget=group["budget"],
+            absolute=absolute,
+            min_ranks=[layer.min_rank for layer in layers],
+            max_ranks=[layer.max_rank for layer in layers],
+        )
+    else:
+        ranks = [
+            linalg.truncation_rank(
+                t.sigma, group["tau"], absolute=absolute, min_rank=layer.min_rank, max_rank=layer.max_rank
+            )
+            for t, layer in zip(svds, layers)
+        ]
+    for layer, t, r in zip(layers, svds, ranks):
+        P, Q = t.P[:, :r], t.Q[:, :r]
+        U1 = layer.U.detach() @ P
+        V1 = layer.V.detach() @ Q
+        change_basis(opt, layer, U1, V1, S1=torch.diag(t.sigma[:r]))

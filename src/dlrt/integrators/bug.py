@@ -1,0 +1,66 @@
+"""The basis-update & Galerkin integrators: rank-adaptive BUG and fixed-rank BUG.
+
+"Low-rank lottery tickets" (Schotthöfer et al., NeurIPS 2022), ALGORITHMS §2.
+K and L share one forward/backward pass (both gradients are taken at W₀), the
+S-step takes a second: two passes per step, against three in the authors' code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .. import linalg
+from .base import KL, NONE, Integrator, K_and_L_steps, S_step, augment, change_basis, truncate
+
+if TYPE_CHECKING:
+    from ..optimizer import DLRTOptimizer
+
+
+class BUG(Integrator):
+    """Rank-adaptive augmented BUG (ALGORITHMS §2).
+
+    Phase 0 (one pass at ``W₀``): ``K₁ = U₀S₀ − λG₀V₀``, ``L₁ = V₀S₀ᵀ − λG₀ᵀU₀``;
+    ``Û = orth([U₀, K₁])``, ``V̂ = orth([V₀, L₁])``; Galerkin core
+    ``S̃ = (ÛᵀU₀)S₀(V₀ᵀV̂)``. Then ``coefficient_steps`` S-steps on the
+    augmented core (the first in the same call, each with its own pass), and
+    truncation (§1).
+    """
+
+    name = "bug"
+
+    def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
+        group = opt.lowrank_group
+        layers = opt.lowrank_layers
+        if opt.phase == 0:
+            if closure is None:
+                raise RuntimeError(
+                    f"integrator {self.name!r} needs two passes per step: call step(closure) "
+                    "with a closure that zeroes grads, computes the loss, calls backward and returns it"
+                )
+            opt.evaluate(closure, KL, "K/L")
+            for layer in layers:
+                K1, L1 = K_and_L_steps(opt, layer, group)
+                self.new_bases(opt, layer, K1, L1)
+        loss = opt.evaluate(closure, NONE, "S")
+        for layer in layers:
+            S_step(opt, layer, opt.S_grad(layer), group)
+        opt.phase += 1
+        if opt.phase == self.coefficient_steps:
+            if self.adaptive:
+                truncate(opt, layers, group)
+            opt.phase = 0
+        return loss
+
+    def new_bases(self, opt: DLRTOptimizer, layer: Any, K1: Any, L1: Any) -> None:
+        U_hat, V_hat = augment(layer, K1, L1)
+        change_basis(opt, layer, U_hat, V_hat)
+
+
+class FixedRankBUG(BUG):
+    """Fixed-rank BUG: ``U₁ = orth(K₁)``, ``V₁ = orth(L₁)``, Galerkin core, S-step; no truncation."""
+
+    name = "fixed"
+    adaptive = False
+
+    def new_bases(self, opt: DLRTOptimizer, layer: Any, K1: Any, L1: Any) -> None:
+        change_basis(opt, layer, linalg.orth(K1), linalg.orth(L1))

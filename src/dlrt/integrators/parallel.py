@@ -1,0 +1,60 @@
+"""The parallel BUG integrator of GeoLoRA (Schotthöfer et al., ICLR 2025), ALGORITHMS §3.
+
+All three projected gradients come from one forward/backward pass at ``W₀``,
+so a step costs one pass plus small QR/SVDs. ``G₀V₀`` and ``G₀ᵀU₀`` are taken
+directly from the layer's backward, never as ``∂ℒ/∂U · S⁻¹``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .base import KL, NONE, Integrator, S_step, augment, change_basis, truncate
+
+if TYPE_CHECKING:
+    from ..optimizer import DLRTOptimizer
+
+
+class ParallelBUG(Integrator):
+    """Parallel rank-adaptive BUG (ALGORITHMS §3).
+
+    Phase 0: one pass → ``G₀V₀``, ``G₀ᵀU₀``, ``U₀ᵀG₀V₀``; new directions
+    ``Ũ`` from ``orth([U₀, G₀V₀])``, ``Ṽ`` from ``orth([V₀, G₀ᵀU₀])``; the augmented
+    core ``[[S₀, 0], [0, 0]]`` takes one inner-optimizer step along
+    ``[[U₀ᵀG₀V₀, (G₀ᵀU₀)ᵀṼ], [Ũᵀ(G₀V₀), 0]]`` (with plain SGD this is exactly
+    the core of §3.4). Then ``coefficient_steps − 1`` further S-steps, and
+    truncation (§1). Every step needs only the gradient at the current point,
+    so ``step()`` also works after a plain ``loss.backward()``.
+    """
+
+    name = "parallel"
+    one_pass = True
+
+    def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
+        group = opt.lowrank_group
+        layers = opt.lowrank_layers
+        if opt.phase == 0:
+            loss = opt.evaluate(closure, KL, "augmentation")
+            for layer in layers:
+                gK, gL, _ = layer.projected_grads()
+                gS = opt.S_grad(layer)
+                r_u, r_v = layer.S.shape
+                U_hat, V_hat = augment(layer, gK, gL)
+                U_new, V_new = U_hat[:, r_u:], V_hat[:, r_v:]
+                G_hat = torch.zeros(U_hat.shape[1], V_hat.shape[1], dtype=gS.dtype, device=gS.device)
+                G_hat[:r_u, :r_v] = gS
+                G_hat[:r_u, r_v:] = gL.mT @ V_new  # U₀ᵀ G Ṽ
+                G_hat[r_u:, :r_v] = U_new.mT @ gK  # Ũᵀ G V₀
+                change_basis(opt, layer, U_hat, V_hat)
+                S_step(opt, layer, G_hat, group)
+        else:
+            loss = opt.evaluate(closure, NONE, "coefficient")
+            for layer in layers:
+                S_step(opt, layer, opt.S_grad(layer), group)
+        opt.phase += 1
+        if opt.phase == self.coefficient_steps:
+            truncate(opt, layers, group)
+            opt.phase = 0
+        return loss

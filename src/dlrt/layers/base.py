@@ -1,0 +1,247 @@
+"""The common part of every matrix-format low-rank layer.
+
+A layer holds ``W = U S Vᵀ`` as three parameters and computes its forward in
+two thin products (``x ↦ xV ↦ (xV)Sᵀ Uᵀ``), never forming ``W``. Its backward
+returns, besides the input gradient, the projected gradients the integrators
+need (ALGORITHMS §0), from the same two thin products:
+
+* ``G V   = Δᵀ (X V)``       — the K-gradient (``n×r``), kept in ``grad_K``
+* ``Gᵀ U  = Xᵀ (Δ U)``       — the L-gradient (``m×r``), kept in ``grad_L``
+* ``Uᵀ G V = (Δ U)ᵀ (X V)``  — the S-gradient (``r×r``), in ``S.grad``
+
+A subclass supplies the four shape-specific products (``_project_in``,
+``_project_out``, ``_basis_grad_in``, ``_input_grad``) and the dense conversion.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import linalg
+
+GRAD_KINDS = frozenset({"K", "L"})
+
+
+class _LowRankFunction(torch.autograd.Function):
+    """y = project_out(project_in(x, V) Sᵀ, U) + b with the projected gradients in backward."""
+
+    @staticmethod
+    def forward(ctx, x, U, S, V, bias, layer):  # type: ignore[override]
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dt = torch.get_autocast_dtype(device_type)
+            x, U, S, V = (t.to(dt) for t in (x, U, S, V))
+            bias = bias.to(dt) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            a = layer._project_in(x, V)  # X V
+            y = layer._project_out(layer._mul_core(a, S.mT), U, bias)
+        ctx.layer = layer
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, U, S, V, a)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, U, S, V, a = ctx.saved_tensors
+        layer = ctx.layer
+        request = layer.grad_request
+        need_x, need_U, need_S, need_V, need_b, _ = ctx.needs_input_grad
+        dy = dy.to(a.dtype)
+        plain = request is None
+        want_K = plain and need_U or (request is not None and "K" in request)
+        want_L = plain and need_V or (request is not None and "L" in request)
+
+        b = layer._project_out_adjoint(dy, U)  # Δ U
+        gK = layer._contract(dy, a) if want_K else None  # G V
+        gL = layer._basis_grad_in(x, b) if want_L else None  # Gᵀ U
+        gS = layer._contract(b, a) if need_S else None  # Uᵀ G V
+        gx = layer._input_grad(layer._mul_core(b, S), V, ctx.x_shape) if need_x else None
+        gb = layer._bias_grad(dy) if (need_b and ctx.has_bias) else None
+
+        gU = gV = None
+        if plain:
+            gU = gK @ S.mT if need_U else None
+            gV = gL @ S if need_V else None
+        else:
+            layer._accumulate(gK, gL)
+        return gx, gU, gS, gV, gb, None
+
+
+class LowRankLayer(nn.Module):
+    """Base class of matrix-format low-rank layers ``W = U S Vᵀ`` (``n×m``).
+
+    Attributes:
+        U, S, V: the factors as parameters; their shapes change when the rank
+            changes (the parameter objects stay the same).
+        min_rank, max_rank: bounds the integrators keep the rank in.
+        grad_request: ``None`` for plain autograd (true gradients of U, S, V);
+            a subset of ``{"K", "L"}`` when an integrator drives the layer: the
+            backward then records ``G V`` in ``grad_K`` and/or ``Gᵀ U`` in
+            ``grad_L``, and U, V receive no ``.grad`` (the integrator moves them
+            on the manifold, never by a gradient step).
+        grad_K, grad_L: the recorded projected gradients (accumulated like
+            ``.grad``), or ``None``.
+    """
+
+    out_dim: int
+    in_dim: int
+
+    def _init_factors(
+        self,
+        rank: int,
+        max_rank: int | None,
+        min_rank: int,
+        device: Any,
+        dtype: Any,
+    ) -> None:
+        full = min(self.out_dim, self.in_dim)
+        _check_rank("rank", rank, full)
+        if max_rank is None:
+            max_rank = full
+        _check_rank("max_rank", max_rank, full)
+        _check_rank("min_rank", min_rank, full)
+        if min_rank > max_rank:
+            raise ValueError(f"min_rank={min_rank} is larger than max_rank={max_rank}")
+        self.max_rank = int(max_rank)
+        self.min_rank = int(min_rank)
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(self.out_dim, rank, **kw))
+        self.S = nn.Parameter(torch.empty(rank, rank, **kw))
+        self.V = nn.Parameter(torch.empty(self.in_dim, rank, **kw))
+        self.grad_request: frozenset[str] | None = None
+        self.grad_K: Tensor | None = None
+        self.grad_L: Tensor | None = None
+
+    # ----------------------------------------------------------------- factors
+    @property
+    def rank(self) -> int:
+        """Current rank ``r`` (the number of columns of U)."""
+        return self.U.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, m)`` of the matrix ``W``."""
+        return (self.out_dim, self.in_dim)
+
+    @torch.no_grad()
+    def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:
+        """Replace the factors (ranks may change); clears all gradients.
+
+        ``S`` may be rectangular (``r_u×r_v``) while an integrator holds the
+        layer on an augmented basis.
+        """
+        if U.shape[0] != self.out_dim or V.shape[0] != self.in_dim:
+            raise ValueError(
+                f"factors of shape U{tuple(U.shape)}, V{tuple(V.shape)} do not fit a "
+                f"{self.out_dim}×{self.in_dim} layer"
+            )
+        if S.shape != (U.shape[1], V.shape[1]):
+            raise ValueError(f"S{tuple(S.shape)} does not match U{tuple(U.shape)}, V{tuple(V.shape)}")
+        for p, t in ((self.U, U), (self.S, S), (self.V, V)):
+            _replace_data(p, t.detach().to(dtype=p.dtype, device=p.device).contiguous())
+        self.grad_K = self.grad_L = None
+
+    @torch.no_grad()
+    def init_from_matrix(self, W: Tensor, rank: int | None = None, tau: float | None = None) -> None:
+        """Set the factors to a truncated SVD of the dense matrix ``W`` (``n×m``).
+
+        With ``tau`` the rank follows the truncation rule of ALGORITHMS §1
+        (relative), clamped to ``[min_rank, rank or max_rank]``; otherwise it is
+        ``rank`` (default: the current rank).
+        """
+        W = W.detach().to(self.U.dtype)
+        r_cap = self.max_rank if rank is None else rank
+        if tau is None:
+            r = self.rank if rank is None else rank
+            full = min(W.shape)
+            if r <= full // 4 and full > 256:
+                # Randomized range finder: the top-r subspace of a large matrix
+                # without a full SVD (Halko et al. 2011).
+                Uq, sq, Vq = torch.svd_lowrank(W.float(), q=min(r + 10, full), niter=3)
+                U, sigma, V = (t.to(W.dtype) for t in (Uq[:, :r], sq[:r], Vq[:, :r]))
+            else:
+                work = W.to(linalg._qr_dtype(W.dtype))
+                Uf, sf, Vh = torch.linalg.svd(work, full_matrices=False)
+                U, sigma, V = Uf[:, :r].to(W.dtype), sf[:r].to(W.dtype), Vh[:r].mT.to(W.dtype)
+        else:
+            work = W.to(linalg._qr_dtype(W.dtype))
+            Uf, sf, Vh = torch.linalg.svd(work, full_matrices=False)
+            r = linalg.truncation_rank(sf, tau, min_rank=self.min_rank, max_rank=r_cap)
+            U, sigma, V = Uf[:, :r].to(W.dtype), sf[:r].to(W.dtype), Vh[:r].mT.to(W.dtype)
+        self.set_factors(U, torch.diag(sigma), V)
+
+    def matrix(self) -> Tensor:
+        """Dense ``W = U S Vᵀ`` as an ``n×m`` matrix (differentiable; for inspection and tests)."""
+        return self.U @ self.S @ self.V.mT
+
+    def projected_grads(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(G V, Gᵀ U, Uᵀ G V)`` recorded by the last backward passes."""
+        return self.grad_K, self.grad_L, self.S.grad
+
+    def num_parameters(self) -> int:
+        """Parameters stored by the layer: U, S, V and the bias."""
+        bias = getattr(self, "bias", None)
+        return self.U.numel() + self.S.numel() + self.V.numel() + (bias.numel() if bias is not None else 0)
+
+    def dense_num_parameters(self) -> int:
+        """Parameters of the dense twin of this layer."""
+        bias = getattr(self, "bias", None)
+        return self.out_dim * self.in_dim + (bias.numel() if bias is not None else 0)
+
+    # ---------------------------------------------------------------- autograd
+    def _accumulate(self, gK: Tensor | None, gL: Tensor | None) -> None:
+        if gK is not None:
+            gK = gK.to(self.U.dtype)
+            self.grad_K = gK if self.grad_K is None else self.grad_K + gK
+        if gL is not None:
+            gL = gL.to(self.V.dtype)
+            self.grad_L = gL if self.grad_L is None else self.grad_L + gL
+
+    def _apply_lowrank(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return _LowRankFunction.apply(x, self.U, self.S, self.V, bias, self)
+
+    @staticmethod
+    def _mul_core(a: Tensor, C: Tensor) -> Tensor:
+        """Right-multiply the r channels of ``a`` by the small matrix ``C``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"out={self.out_dim}, in={self.in_dim}, rank={self.rank}, "
+            f"min_rank={self.min_rank}, max_rank={self.max_rank}"
+        )
+
+
+def _replace_data(p: nn.Parameter, t: Tensor) -> None:
+    """Swap a parameter's data for a tensor of another shape, keeping the parameter object.
+
+    Autograd caches a leaf's gradient accumulator, with the leaf's shape, for as
+    long as any graph holds it (a loss the caller kept, say), and assigning
+    ``.data`` refreshes that cache only when the dtype or device changes. A
+    brief assignment of another dtype forces the refresh, so the next forward
+    expects a gradient of the new shape.
+    """
+    if p.shape != t.shape:
+        other = torch.float64 if p.dtype != torch.float64 else torch.float32
+        p.data = torch.empty(0, dtype=other, device=p.device)
+    p.data = t
+    p.grad = None
+
+
+def _check_rank(name: str, value: Any, full: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 1 <= value <= full:
+        raise ValueError(f"{name}={value} is out of range: it must satisfy 1 <= {name} <= min(out, in) = {full}")
+
+
+def default_dense_init(out_dim: int, in_dim: int, device: Any = None, dtype: Any = None) -> Tensor:
+    """The weight ``nn.Linear``/``nn.Conv2d`` would start from (kaiming-uniform, a=√5)."""
+    W = torch.empty(out_dim, in_dim, device=device, dtype=dtype)
+    nn.init.kaiming_uniform_(W, a=math.sqrt(5))
+    return W

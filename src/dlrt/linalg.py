@@ -1,0 +1,250 @@
+"""Pure tensor functions shared by every layer format and integrator.
+
+Notation follows docs/ALGORITHMS (one vocabulary for all methods): a matrix
+``W = U S Vᵀ`` with orthonormal ``U`` (n×r), ``V`` (m×r) and core ``S`` (r×r).
+Nothing in this module knows about modules, optimizers or data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "orth",
+    "augment_basis",
+    "galerkin",
+    "truncation_rank",
+    "global_truncation_ranks",
+    "svd_truncate",
+    "tangent_project",
+    "tangent_transport",
+    "Truncation",
+]
+
+
+def _qr_dtype(dtype: torch.dtype) -> torch.dtype:
+    # LAPACK has no half-precision QR/SVD; factor in float32 and cast back.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def orth(A: Tensor) -> Tensor:
+    """Orthonormal basis of ``range(A)`` by reduced QR with a sign fix.
+
+    Column signs are chosen so that ``diag(R) >= 0``, which makes the result
+    deterministic across runs and processes (ALGORITHMS §0).
+
+    Args:
+        A: an ``n×k`` matrix.
+
+    Returns:
+        ``Q`` of shape ``n×min(n, k)`` with ``QᵀQ = I``.
+    """
+    work = A.to(_qr_dtype(A.dtype))
+    Q, R = torch.linalg.qr(work, mode="reduced")
+    d = torch.diagonal(R)
+    sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+    return (Q * sign).to(A.dtype)
+
+
+def augment_basis(U0: Tensor, X: Tensor, max_new: int | None = None) -> Tensor:
+    """Orthonormal basis ``Û`` of ``range([U0, X])`` whose first columns span ``U0``.
+
+    Computed as ``orth([U0, X])``, never by appending ``orth((I − U0U0ᵀ) X)``:
+    when the part of ``X`` outside ``range(U0)`` is rank-deficient, QR of the
+    projected matrix returns columns that are not orthogonal to ``U0``
+    (ALGORITHMS §0); Householder QR of the stacked matrix always returns an
+    orthonormal completion. With the sign fix the first ``r0`` columns equal
+    ``U0`` to round-off; they are returned as computed, so that every
+    augmentation re-orthonormalizes the basis and round-off never accumulates
+    over steps. Callers project the core with :func:`galerkin`.
+
+    Args:
+        U0: orthonormal basis, ``n×r0``.
+        X: directions to add, ``n×k``.
+        max_new: cap on the number of new columns (default ``k``). At most
+            ``n − r0`` columns are ever added.
+
+    Returns:
+        ``Û`` of shape ``n×(r0 + a)``, ``a = min(k, n − r0, max_new)``; the new
+        directions are ``Û[:, r0:]``.
+    """
+    n, r0 = U0.shape
+    k = X.shape[1] if max_new is None else min(max_new, X.shape[1])
+    a = max(min(k, n - r0), 0)
+    Q = orth(torch.cat([U0, X[:, :k].to(U0.dtype)], dim=1))
+    return Q[:, : r0 + a]
+
+
+def galerkin(U1: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, V1: Tensor) -> Tensor:
+    """Core of ``U0 S0 V0ᵀ`` in the bases ``(U1, V1)``: ``(U1ᵀU0) S0 (V0ᵀV1)``."""
+    return (U1.mT @ U0) @ S0 @ (V0.mT @ V1)
+
+
+def truncation_rank(
+    sigma: Tensor,
+    tau: float,
+    *,
+    absolute: bool = False,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+) -> int:
+    """The truncation rule of ALGORITHMS §1.
+
+    The new rank is the smallest ``k`` with ``‖σ[k:]‖₂ ≤ ϑ``, where
+    ``ϑ = τ‖σ‖₂`` (relative, the default) or ``ϑ = τ`` (absolute), clamped to
+    ``[min_rank, max_rank]`` and to ``len(σ)``.
+
+    Args:
+        sigma: singular values in non-increasing order.
+        tau: tolerance, ``>= 0``. ``τ = 0`` keeps every non-zero value.
+        absolute: use ``ϑ = τ`` instead of ``τ‖σ‖₂``.
+        min_rank: smallest rank returned.
+        max_rank: largest rank returned (default: ``len(σ)``).
+    """
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    s = sigma.detach().double()
+    full = s.numel()
+    # tail[k] = ‖σ[k:]‖₂ for k = 0..full (tail[full] = 0).
+    tail = torch.cat([s.flip(0).square().cumsum(0).flip(0), s.new_zeros(1)]).sqrt()
+    theta = tau if absolute else tau * float(tail[0])
+    k = int(torch.nonzero(tail <= theta)[0])
+    hi = full if max_rank is None else min(max_rank, full)
+    return max(min(k, hi), min(min_rank, hi))
+
+
+def global_truncation_ranks(
+    sigmas: Sequence[Tensor],
+    *,
+    tau: float | None = None,
+    budget: int | None = None,
+    absolute: bool = False,
+    min_ranks: Sequence[int] | None = None,
+    max_ranks: Sequence[int | None] | None = None,
+) -> list[int]:
+    """Ranks for several layers truncated together (GeoLoRA, ALGORITHMS §1).
+
+    The singular values of all layers are pooled. With ``tau``, the smallest
+    values are dropped while their joint 2-norm stays ``≤ ϑ`` (``ϑ = τ‖σ_all‖₂``,
+    or ``τ`` with ``absolute``). With ``budget``, at most ``budget`` values are
+    kept in total, the largest first. Every layer keeps at least its
+    ``min_rank`` and at most its ``max_rank``.
+
+    Returns:
+        One rank per layer, in the order of ``sigmas``.
+    """
+    if tau is None and budget is None:
+        raise ValueError("global truncation needs tau, budget or both")
+    L = len(sigmas)
+    lo = list(min_ranks) if min_ranks is not None else [1] * L
+    hi_in = list(max_ranks) if max_ranks is not None else [None] * L
+    hi = [s.numel() if h is None else min(h, s.numel()) for s, h in zip(sigmas, hi_in)]
+    lo = [min(a, b) for a, b in zip(lo, hi)]
+    if budget is not None and budget < sum(lo):
+        raise ValueError(
+            f"budget={budget} is below the sum of the layers' min_rank ({sum(lo)}); "
+            "raise the budget or lower min_rank"
+        )
+    # Candidates beyond each layer's guaranteed min_rank, within its max_rank.
+    vals, owner = [], []
+    for i, s in enumerate(sigmas):
+        extra = s.detach().double()[lo[i] : hi[i]]
+        vals.append(extra)
+        owner.append(torch.full((extra.numel(),), i, dtype=torch.long))
+    allv = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64)
+    own = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.long)
+    order = torch.argsort(allv, descending=True, stable=True)
+    allv, own = allv[order], own[order]
+    keep = allv.numel()
+    if tau is not None:
+        if tau < 0:
+            raise ValueError(f"tau must be >= 0, got {tau}")
+        total = torch.cat([s.detach().double() for s in sigmas]).norm()
+        theta = tau if absolute else tau * float(total)
+        tail = torch.cat([allv.flip(0).square().cumsum(0).flip(0), allv.new_zeros(1)]).sqrt()
+        keep = int(torch.nonzero(tail <= theta)[0])
+    if budget is not None:
+        keep = min(keep, budget - sum(lo))
+    ranks = list(lo)
+    for i in own[:keep].tolist():
+        ranks[i] += 1
+    return ranks
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Result of truncating a core ``Ŝ = P diag(σ) Qᵀ`` to rank ``r``.
+
+    ``P`` (r̂_u×r) and ``Q`` (r̂_v×r) are the kept singular vectors, so the new
+    bases are ``Û P`` and ``V̂ Q``; ``sigma`` holds all singular values.
+    """
+
+    P: Tensor
+    Q: Tensor
+    sigma: Tensor
+    rank: int
+
+    @property
+    def S(self) -> Tensor:
+        return torch.diag(self.sigma[: self.rank])
+
+
+def svd_truncate(S_hat: Tensor, rank: int | None = None, **rule) -> Truncation:
+    """SVD of an augmented core and the kept singular vectors (ALGORITHMS §1).
+
+    ``torch.linalg.svd`` returns ``Qᴴ``; the right singular vectors are the
+    *columns* of ``Q = (Qᴴ)ᵀ``. Taking rows of ``Qᴴ`` instead is the transpose
+    bug of several public codes, which changes ``W`` by >100 % even when nothing
+    is truncated.
+
+    Args:
+        S_hat: core, possibly rectangular.
+        rank: the rank to keep; if ``None`` it comes from
+            :func:`truncation_rank` with the keyword arguments ``rule``.
+    """
+    work = S_hat.to(_qr_dtype(S_hat.dtype))
+    P, sigma, Qh = torch.linalg.svd(work, full_matrices=False)
+    if rank is None:
+        rank = truncation_rank(sigma, **rule)
+    rank = min(rank, sigma.numel())
+    dt = S_hat.dtype
+    return Truncation(
+        P=P[:, :rank].to(dt), Q=Qh.mT[:, :rank].to(dt), sigma=sigma.to(dt), rank=rank
+    )
+
+
+def tangent_project(U: Tensor, V: Tensor, M: Tensor) -> Tensor:
+    """Dense tangent projection ``P_W(M) = UUᵀM + MVVᵀ − UUᵀMVVᵀ`` (for tests and small layers)."""
+    UtM = U.mT @ M
+    MV = M @ V
+    return U @ UtM + MV @ V.mT - U @ (UtM @ V) @ V.mT
+
+
+def tangent_transport(
+    U0: Tensor,
+    V0: Tensor,
+    dU: Tensor,
+    dS: Tensor,
+    dV: Tensor,
+    U1: Tensor,
+    V1: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Transport a factored tangent vector from ``(U0, V0)`` to ``(U1, V1)`` (ALGORITHMS §5).
+
+    The vector is ``M = dU V0ᵀ + U0 dS V0ᵀ + U0 dVᵀ``. The result is the factored
+    form of the tangent projection ``P_{W1}(M)`` at the new point,
+    ``dU1 V1ᵀ + U1 dS1 V1ᵀ + U1 dV1ᵀ`` with ``U1ᵀdU1 = 0`` and ``V1ᵀdV1 = 0``,
+    computed in ``O((n + m) r²)`` without forming ``M``.
+    """
+    A = U1.mT @ U0  # r1×r0
+    B = V0.mT @ V1  # r0×r1
+    dVtV1 = dV.mT @ V1  # r0×r1
+    dUtU1 = dU.mT @ U1  # r0×r1
+    dS1 = (U1.mT @ dU) @ B + A @ dS @ B + A @ dVtV1
+    MV1 = dU @ B + U0 @ (dS @ B + dVtV1)
+    MtU1 = V0 @ (dUtU1 + dS.mT @ A.mT) + dV @ A.mT
+    return MV1 - U1 @ dS1, dS1, MtU1 - V1 @ dS1.mT

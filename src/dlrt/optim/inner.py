@@ -1,0 +1,148 @@
+"""Inner optimizers: the "−λ∇" of every integrator step (ALGORITHMS §0, §5).
+
+A rule updates one tensor in place from its gradient and its state. The same
+rule steps the factor quantities K, L, S of every low-rank layer and the dense
+parameters, so a layer's factors and its bias see the same optimizer. Each rule
+declares how its state tensors transform when the bases change
+(:func:`transport_state`): first moments linearly, Adam's second moments
+through their square roots.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+LINEAR = "linear"
+SQUARE = "square"
+
+
+class InnerRule:
+    """One step of an elementwise first-order optimizer on a single tensor."""
+
+    name: ClassVar[str]
+    #: state key -> how it transforms under a change of basis
+    transports: ClassVar[dict[str, str]]
+    defaults: ClassVar[dict[str, Any]]
+
+    def validate(self, group: dict[str, Any]) -> None:
+        if group["lr"] < 0:
+            raise ValueError(f"lr must be >= 0, got {group['lr']}")
+        if group["weight_decay"] < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+
+    def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Step ``x`` in place along ``g``; ``state`` is updated in place too."""
+        raise NotImplementedError
+
+
+class SGD(InnerRule):
+    """SGD with optional heavy-ball/Nesterov momentum and L2 weight decay (as torch.optim.SGD)."""
+
+    name = "sgd"
+    transports = {"momentum_buffer": LINEAR}
+    defaults = {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
+
+    def validate(self, group: dict[str, Any]) -> None:
+        super().validate(group)
+        if not 0.0 <= group["momentum"] < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+
+    def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        wd, mu = group["weight_decay"], group["momentum"]
+        d = g.add(x, alpha=wd) if wd else g
+        if mu:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d.clone()
+            else:
+                buf.mul_(mu).add_(d, alpha=1.0 - group["dampening"])
+            d = d.add(buf, alpha=mu) if group["nesterov"] else buf
+        x.add_(d, alpha=-group["lr"])
+
+
+class Adam(InnerRule):
+    """Adam (coupled L2 weight decay), as torch.optim.Adam without amsgrad."""
+
+    name = "adam"
+    transports = {"exp_avg": LINEAR, "exp_avg_sq": SQUARE}
+    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    decoupled: ClassVar[bool] = False
+
+    def validate(self, group: dict[str, Any]) -> None:
+        super().validate(group)
+        b1, b2 = group["betas"]
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {tuple(group['betas'])}")
+        if group["eps"] < 0:
+            raise ValueError(f"eps must be >= 0, got {group['eps']}")
+
+    def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        if wd:
+            if self.decoupled:
+                x.mul_(1.0 - lr * wd)
+            else:
+                g = g.add(x, alpha=wd)
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(x)
+            state["exp_avg_sq"] = torch.zeros_like(x)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1.0 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        denom = (v / (1.0 - b2**t)).sqrt_().add_(eps)
+        x.addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (as torch.optim.AdamW)."""
+
+    name = "adamw"
+    defaults = {**Adam.defaults, "weight_decay": 1e-2}
+    decoupled = True
+
+
+RULES: dict[str, type[InnerRule]] = {r.name: r for r in (SGD, Adam, AdamW)}
+
+
+def clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A copy whose tensors can be updated without touching ``state``."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def transport_state(
+    state: dict[str, Any],
+    rule: InnerRule,
+    left: Tensor | None = None,
+    right: Tensor | None = None,
+) -> dict[str, Any]:
+    """Move optimizer state to new factor coordinates (ALGORITHMS §5).
+
+    A buffer ``m`` in old coordinates becomes ``left @ m @ right`` (either side
+    may be absent); a second moment ``v`` becomes ``(left @ √v @ right)²``.
+    For an S-buffer ``left = U1ᵀU0`` and ``right = V0ᵀV1``; for a K-buffer only
+    ``right = V0ᵀV1``; for an L-buffer only ``right = U0ᵀU1``.
+    """
+
+    def move(t: Tensor) -> Tensor:
+        if left is not None:
+            t = left @ t
+        if right is not None:
+            t = t @ right
+        return t
+
+    out = dict(state)
+    for key, kind in rule.transports.items():
+        t = state.get(key)
+        if t is None:
+            continue
+        out[key] = move(t) if kind == LINEAR else move(t.sqrt()).square()
+    return out
