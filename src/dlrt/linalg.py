@@ -53,30 +53,44 @@ def orth(A: Tensor) -> Tensor:
 def augment_basis(U0: Tensor, X: Tensor, max_new: int | None = None) -> Tensor:
     """Orthonormal basis ``Û`` of ``range([U0, X])`` whose first columns span ``U0``.
 
-    Computed as ``orth([U0, X])``, never by appending ``orth((I − U0U0ᵀ) X)``:
+    Built from ``orth([U0, X])``, never by appending ``orth((I − U0U0ᵀ) X)``:
     when the part of ``X`` outside ``range(U0)`` is rank-deficient, QR of the
     projected matrix returns columns that are not orthogonal to ``U0``
-    (ALGORITHMS §0); Householder QR of the stacked matrix always returns an
-    orthonormal completion. With the sign fix the first ``r0`` columns equal
-    ``U0`` to round-off; they are returned as computed, so that every
-    augmentation re-orthonormalizes the basis and round-off never accumulates
-    over steps. Callers project the core with :func:`galerkin`.
+    (ALGORITHMS §0). Householder QR of the stacked matrix always returns an
+    orthonormal completion ``Q₂``, but when ``X`` adds fewer than ``k`` new
+    directions some of its columns are arbitrary. The new directions are
+    therefore taken as ``Q₂ P`` with ``P`` the left singular vectors of
+    ``Q₂ᵀX`` whose singular values exceed round-off
+    (``max(n, r0 + k)·ε·‖X‖_F``): exactly ``range([U0, X])``, and orthogonal to
+    ``U0`` to machine precision.
+
+    With the sign fix the first ``r0`` columns equal ``U0`` to round-off; they
+    are returned as computed, so every augmentation re-orthonormalizes the basis
+    and round-off never accumulates over steps. Callers project the core with
+    :func:`galerkin`.
 
     Args:
         U0: orthonormal basis, ``n×r0``.
         X: directions to add, ``n×k``.
-        max_new: cap on the number of new columns (default ``k``). At most
-            ``n − r0`` columns are ever added.
+        max_new: cap on the number of new directions (the dominant ones are
+            kept). At most ``min(k, n − r0)`` are ever added.
 
     Returns:
-        ``Û`` of shape ``n×(r0 + a)``, ``a = min(k, n − r0, max_new)``; the new
-        directions are ``Û[:, r0:]``.
+        ``Û`` of shape ``n×(r0 + a)``; the new directions are ``Û[:, r0:]``.
     """
     n, r0 = U0.shape
-    k = X.shape[1] if max_new is None else min(max_new, X.shape[1])
-    a = max(min(k, n - r0), 0)
-    Q = orth(torch.cat([U0, X[:, :k].to(U0.dtype)], dim=1))
-    return Q[:, : r0 + a]
+    X = X.to(U0.dtype)
+    Q = orth(torch.cat([U0, X], dim=1))
+    if Q.shape[1] == r0:
+        return Q
+    Q_new = Q[:, r0:]
+    C = (Q_new.mT @ X).to(_qr_dtype(X.dtype))
+    P, sigma, _ = torch.linalg.svd(C, full_matrices=False)
+    tol = max(n, r0 + X.shape[1]) * torch.finfo(C.dtype).eps * float(X.norm())
+    a = int((sigma > tol).sum())
+    if max_new is not None:
+        a = min(a, max_new)
+    return torch.cat([Q[:, :r0], Q_new @ P[:, :a].to(Q.dtype)], dim=1)
 
 
 def galerkin(U1: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, V1: Tensor) -> Tensor:

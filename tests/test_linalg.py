@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from dlrt import linalg
+
+from .helpers import DT, ref_rank
+
+
+def eye(k):
+    return torch.eye(k, dtype=DT)
+
+
+def test_orth_is_orthonormal_with_nonnegative_diagonal():
+    A = torch.randn(30, 7, dtype=DT)
+    Q = linalg.orth(A)
+    torch.testing.assert_close(Q.T @ Q, eye(7), atol=1e-13, rtol=0)
+    R = Q.T @ A
+    assert (torch.diagonal(R) >= 0).all()
+    torch.testing.assert_close(Q @ R, A, atol=1e-12, rtol=0)
+
+
+def test_orth_half_precision_is_computed_in_float32():
+    Q = linalg.orth(torch.randn(16, 4, dtype=torch.bfloat16))
+    assert Q.dtype == torch.bfloat16
+    torch.testing.assert_close(Q.float().T @ Q.float(), torch.eye(4), atol=2e-2, rtol=0)
+
+
+def test_augment_basis_keeps_U0_and_stays_orthonormal_when_X_is_rank_deficient():
+    U0 = linalg.orth(torch.randn(20, 5, dtype=DT))
+    # X lies almost entirely in range(U0): its complement has rank 1, of size 1e-9.
+    X = U0 @ torch.randn(5, 5, dtype=DT)
+    X[:, 0] += 1e-9 * torch.randn(20, dtype=DT)
+    U_hat = linalg.augment_basis(U0, X)
+    assert U_hat.shape == (20, 6)
+    torch.testing.assert_close(U_hat.T @ U_hat, eye(6), atol=1e-13, rtol=0)
+    torch.testing.assert_close(U_hat[:, :5], U0, atol=1e-13, rtol=0)
+    # The new direction is the one X adds.
+    residual = X - U_hat @ (U_hat.T @ X)
+    assert float(residual.norm()) < 1e-13
+    # X inside range(U0) or zero adds nothing.
+    assert linalg.augment_basis(U0, U0 @ torch.randn(5, 3, dtype=DT)).shape == (20, 5)
+    assert linalg.augment_basis(U0, torch.zeros(20, 3, dtype=DT)).shape == (20, 5)
+
+
+def test_augment_basis_max_new_keeps_the_dominant_directions():
+    U0 = linalg.orth(torch.randn(20, 3, dtype=DT))
+    comp = torch.eye(20, dtype=DT) - U0 @ U0.T
+    big, small = comp @ torch.randn(20, dtype=DT), comp @ torch.randn(20, dtype=DT)
+    X = torch.stack([1e-3 * small, big], 1)
+    U_hat = linalg.augment_basis(U0, X, max_new=1)
+    assert U_hat.shape == (20, 4)
+    torch.testing.assert_close(abs(float(U_hat[:, 3] @ big)) / float(big.norm()), 1.0, atol=1e-5, rtol=0)
+
+
+def test_augment_basis_caps_new_directions_at_n_minus_r():
+    U0 = linalg.orth(torch.randn(8, 6, dtype=DT))
+    U_hat = linalg.augment_basis(U0, torch.randn(8, 6, dtype=DT))
+    assert U_hat.shape == (8, 8)
+    torch.testing.assert_close(U_hat.T @ U_hat, eye(8), atol=1e-13, rtol=0)
+    full = linalg.orth(torch.randn(8, 8, dtype=DT))
+    assert linalg.augment_basis(full, torch.randn(8, 3, dtype=DT)).shape == (8, 8)
+
+
+def test_galerkin_matches_dense_projection():
+    U0, V0 = linalg.orth(torch.randn(12, 3, dtype=DT)), linalg.orth(torch.randn(9, 3, dtype=DT))
+    U1, V1 = linalg.orth(torch.randn(12, 5, dtype=DT)), linalg.orth(torch.randn(9, 4, dtype=DT))
+    S0 = torch.randn(3, 3, dtype=DT)
+    W = U0 @ S0 @ V0.T
+    torch.testing.assert_close(linalg.galerkin(U1, U0, S0, V0, V1), U1.T @ W @ V1, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.01, 0.1, 0.3, 0.9])
+def test_truncation_rank_matches_the_rule(tau):
+    sigma = torch.sort(torch.rand(20, dtype=DT) ** 3, descending=True).values
+    assert linalg.truncation_rank(sigma, tau) == ref_rank(sigma, tau)
+
+
+def test_truncation_rank_absolute_and_clamps():
+    sigma = torch.tensor([5.0, 2.0, 1.0, 0.1, 0.01], dtype=DT)
+    assert linalg.truncation_rank(sigma, 0.2, absolute=True) == 3
+    assert linalg.truncation_rank(sigma, 0.2, absolute=True, max_rank=2) == 2
+    assert linalg.truncation_rank(sigma, 10.0, absolute=True) == 1
+    assert linalg.truncation_rank(sigma, 10.0, absolute=True, min_rank=2) == 2
+    assert linalg.truncation_rank(sigma, 0.0) == 5
+    assert linalg.truncation_rank(torch.tensor([3.0, 1.0, 0.0, 0.0]), 0.0) == 2
+    with pytest.raises(ValueError, match="tau"):
+        linalg.truncation_rank(sigma, -0.1)
+
+
+def test_svd_truncate_with_tau_zero_leaves_the_matrix_unchanged():
+    # Invariant 2: the right singular vectors are the columns of Qᴴᵀ (the public codes' transpose bug breaks this).
+    S = torch.randn(6, 6, dtype=DT)
+    U_hat, V_hat = linalg.orth(torch.randn(15, 6, dtype=DT)), linalg.orth(torch.randn(11, 6, dtype=DT))
+    t = linalg.svd_truncate(S, tau=0.0)
+    assert t.rank == 6
+    W_before = U_hat @ S @ V_hat.T
+    W_after = (U_hat @ t.P) @ t.S @ (V_hat @ t.Q).T
+    torch.testing.assert_close(W_after, W_before, atol=1e-12, rtol=0)
+
+
+def test_svd_truncate_rectangular_core():
+    S = torch.randn(5, 3, dtype=DT)
+    t = linalg.svd_truncate(S, tau=0.0)
+    torch.testing.assert_close(t.P @ t.S @ t.Q.T, S, atol=1e-12, rtol=0)
+
+
+def test_global_truncation_pools_singular_values():
+    s1 = torch.tensor([10.0, 1.0, 0.5], dtype=DT)
+    s2 = torch.tensor([3.0, 2.0, 0.1], dtype=DT)
+    assert linalg.global_truncation_ranks([s1, s2], budget=4) == [2, 2]
+    assert linalg.global_truncation_ranks([s1, s2], budget=3) == [1, 2]
+    assert linalg.global_truncation_ranks([s1, s2], budget=2) == [1, 1]  # min_rank 1 each
+    assert linalg.global_truncation_ranks([s1, s2], budget=6) == [3, 3]
+    # Global relative tau: drop while the pooled tail norm <= tau * ||all sigma||.
+    total = float(torch.cat([s1, s2]).norm())
+    ranks = linalg.global_truncation_ranks([s1, s2], tau=0.55 / total)
+    assert ranks == [2, 2]  # drops 0.5 and 0.1 (tail norm 0.51), keeps 1.0
+    assert linalg.global_truncation_ranks([s1, s2], budget=4, max_ranks=[1, None]) == [1, 3]
+    with pytest.raises(ValueError, match="budget"):
+        linalg.global_truncation_ranks([s1, s2], budget=1)
+
+
+def test_tangent_transport_equals_dense_tangent_projection():
+    n, m, r0, r1 = 14, 10, 3, 4
+    U0, V0 = linalg.orth(torch.randn(n, r0, dtype=DT)), linalg.orth(torch.randn(m, r0, dtype=DT))
+    dU = (eye(n) - U0 @ U0.T) @ torch.randn(n, r0, dtype=DT)
+    dV = (eye(m) - V0 @ V0.T) @ torch.randn(m, r0, dtype=DT)
+    dS = torch.randn(r0, r0, dtype=DT)
+    M = dU @ V0.T + U0 @ dS @ V0.T + U0 @ dV.T
+    torch.testing.assert_close(linalg.tangent_project(U0, V0, M), M, atol=1e-12, rtol=0)
+    U1, V1 = linalg.orth(torch.randn(n, r1, dtype=DT)), linalg.orth(torch.randn(m, r1, dtype=DT))
+    dU1, dS1, dV1 = linalg.tangent_transport(U0, V0, dU, dS, dV, U1, V1)
+    M1 = dU1 @ V1.T + U1 @ dS1 @ V1.T + U1 @ dV1.T
+    torch.testing.assert_close(M1, linalg.tangent_project(U1, V1, M), atol=1e-12, rtol=0)
+    torch.testing.assert_close(U1.T @ dU1, torch.zeros(r1, r1, dtype=DT), atol=1e-12, rtol=0)
+    torch.testing.assert_close(V1.T @ dV1, torch.zeros(r1, r1, dtype=DT), atol=1e-12, rtol=0)
