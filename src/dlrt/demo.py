@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 return loss
 
             loss = opt.step(closure)
-            total += float(loss) * idx.numel()
+            total += float(loss.detach()) * idx.numel()
             seen += idx.numel()
         acc = accuracy(model, x_test, y_test)
         elapsed = time.perf_counter() - start

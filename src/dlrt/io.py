@@ -128,7 +128,9 @@ def load(
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = (f.metadata() or {}).get("dlrt")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # Fresh (aligned) allocations: BLAS kernels may round differently on unaligned
+            # buffers, which would break bit-identical resumption.
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     if raw is None:
