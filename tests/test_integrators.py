@@ -194,9 +194,7 @@ def test_bases_stay_orthonormal_in_float32(integrator):
     torch.testing.assert_close(layer.V.T @ layer.V, torch.eye(r), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "integrator, start_rank, tau", [("bug", 16, 0.01), ("parallel", 16, 0.01), ("fixed", 4, 0.0)]
-)
+@pytest.mark.parametrize("integrator, start_rank, tau", [("bug", 16, 0.01), ("parallel", 16, 0.01), ("fixed", 4, 0.0)])
 def test_planted_low_rank_is_recovered(integrator, start_rank, tau):
     # Least squares with a rank-4 target W* (64×48), started at rank 16.
     problem = LeastSquares(64, 48, B=256, rank=4)
@@ -221,7 +219,7 @@ def test_conv_network_trains_with_every_integrator():
         )
         opt = dlrt.DLRTOptimizer(net, integrator=integrator, optimizer="sgd", lr=0.05, momentum=0.9, tau=0.05)
 
-        def closure():
+        def closure(net=net, opt=opt):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(net(x), y)
             loss.backward()

@@ -55,7 +55,9 @@ def test_nothing_to_convert_is_a_clear_error():
 
 
 def test_bad_convert_arguments():
-    with pytest.raises(ValueError, match=r"rank=12 is too large for layer 'features.0' \(8×27, full rank 8\): pass exclude"):
+    with pytest.raises(
+        ValueError, match=r"rank=12 is too large for layer 'features.0' \(8×27, full rank 8\): pass exclude"
+    ):
         dlrt.convert(Net(), rank=12)
     with pytest.raises(ValueError, match="rank"):
         dlrt.convert(Net(), rank=0)

@@ -309,7 +309,9 @@ def test_model_without_low_rank_layers_is_a_clear_error():
 def test_global_budget_is_respected_after_every_truncation():
     model = nn.Sequential(LowRankLinear(12, 10, 4, dtype=DT), nn.Tanh(), LowRankLinear(10, 6, 4, dtype=DT))
     x, y = torch.randn(32, 12, dtype=DT), torch.randn(32, 6, dtype=DT)
-    opt = dlrt.DLRTOptimizer(model, integrator="parallel", optimizer="sgd", lr=0.2, tau=0.0, truncation="global", budget=7)
+    opt = dlrt.DLRTOptimizer(
+        model, integrator="parallel", optimizer="sgd", lr=0.2, tau=0.0, truncation="global", budget=7
+    )
     for _ in range(6):
         opt.step(closure_for(model, opt, x, y))
         assert sum(dlrt.ranks(model).values()) == 7

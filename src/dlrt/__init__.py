@@ -20,8 +20,8 @@ from .optimizer import DLRTOptimizer, NonFiniteError
 __version__ = "0.1.0"
 
 __all__ = [
-    "DLRTOptimizer",
     "INTEGRATORS",
+    "DLRTOptimizer",
     "Integrator",
     "LowRankConv2d",
     "LowRankLayer",

@@ -172,7 +172,8 @@ def load(
     for key, t in model_sd.items():
         if key not in factor_keys and tuple(target[key].shape) != tuple(t.shape):
             raise ValueError(
-                f"{path}: {key!r} has shape {tuple(t.shape)} in the checkpoint but {tuple(target[key].shape)} in the model"
+                f"{path}: {key!r} has shape {tuple(t.shape)} in the checkpoint "
+                f"but {tuple(target[key].shape)} in the model"
             )
 
     for name, info in saved.items():

@@ -14,15 +14,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "orth",
+    "Truncation",
     "augment_basis",
     "galerkin",
-    "truncation_rank",
     "global_truncation_ranks",
+    "orth",
     "svd_truncate",
     "tangent_project",
     "tangent_transport",
-    "Truncation",
+    "truncation_rank",
 ]
 
 
@@ -160,8 +160,7 @@ def global_truncation_ranks(
     lo = [min(a, b) for a, b in zip(lo, hi)]
     if budget is not None and budget < sum(lo):
         raise ValueError(
-            f"budget={budget} is below the sum of the layers' min_rank ({sum(lo)}); "
-            "raise the budget or lower min_rank"
+            f"budget={budget} is below the sum of the layers' min_rank ({sum(lo)}); raise the budget or lower min_rank"
         )
     # Candidates beyond each layer's guaranteed min_rank, within its max_rank.
     vals, owner = [], []
@@ -226,9 +225,7 @@ def svd_truncate(S_hat: Tensor, rank: int | None = None, **rule) -> Truncation:
         rank = truncation_rank(sigma, **rule)
     rank = min(rank, sigma.numel())
     dt = S_hat.dtype
-    return Truncation(
-        P=P[:, :rank].to(dt), Q=Qh.mT[:, :rank].to(dt), sigma=sigma.to(dt), rank=rank
-    )
+    return Truncation(P=P[:, :rank].to(dt), Q=Qh.mT[:, :rank].to(dt), sigma=sigma.to(dt), rank=rank)
 
 
 def tangent_project(U: Tensor, V: Tensor, M: Tensor) -> Tensor:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
 from .layers import LowRankConv2d, LowRankLayer, LowRankLinear
 
-__all__ = ["convert", "to_dense", "ranks", "compression", "parameter_counts", "lowrank_layers"]
+__all__ = ["compression", "convert", "lowrank_layers", "parameter_counts", "ranks", "to_dense"]
 
 Selector = str | Sequence[str] | None
 

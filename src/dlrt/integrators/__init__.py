@@ -6,4 +6,4 @@ from .parallel import ParallelBUG
 
 INTEGRATORS: dict[str, type[Integrator]] = {cls.name: cls for cls in (BUG, FixedRankBUG, ParallelBUG)}
 
-__all__ = ["Integrator", "BUG", "FixedRankBUG", "ParallelBUG", "INTEGRATORS"]
+__all__ = ["BUG", "INTEGRATORS", "FixedRankBUG", "Integrator", "ParallelBUG"]

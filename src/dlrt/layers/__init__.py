@@ -4,4 +4,4 @@ from .base import LowRankLayer
 from .conv import LowRankConv2d
 from .linear import LowRankLinear
 
-__all__ = ["LowRankLayer", "LowRankLinear", "LowRankConv2d"]
+__all__ = ["LowRankConv2d", "LowRankLayer", "LowRankLinear"]

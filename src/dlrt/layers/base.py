@@ -53,8 +53,8 @@ class _LowRankFunction(torch.autograd.Function):
         need_x, need_U, need_S, need_V, need_b, _ = ctx.needs_input_grad
         dy = dy.to(a.dtype)
         plain = request is None
-        want_K = plain and need_U or (request is not None and "K" in request)
-        want_L = plain and need_V or (request is not None and "L" in request)
+        want_K = (plain and need_U) or (request is not None and "K" in request)
+        want_L = (plain and need_V) or (request is not None and "L" in request)
 
         b = layer._project_out_adjoint(dy, U)  # Δ U
         gK = layer._contract(dy, a) if want_K else None  # G V
@@ -137,8 +137,7 @@ class LowRankLayer(nn.Module):
         """
         if U.shape[0] != self.out_dim or V.shape[0] != self.in_dim:
             raise ValueError(
-                f"factors of shape U{tuple(U.shape)}, V{tuple(V.shape)} do not fit a "
-                f"{self.out_dim}×{self.in_dim} layer"
+                f"factors of shape U{tuple(U.shape)}, V{tuple(V.shape)} do not fit a {self.out_dim}×{self.in_dim} layer"
             )
         if S.shape != (U.shape[1], V.shape[1]):
             raise ValueError(f"S{tuple(S.shape)} does not match U{tuple(U.shape)}, V{tuple(V.shape)}")
@@ -155,6 +154,10 @@ class LowRankLayer(nn.Module):
         ``rank`` (default: the current rank).
         """
         W = W.detach().to(self.U.dtype)
+        if tuple(W.shape) != self.shape:
+            raise ValueError(f"W has shape {tuple(W.shape)}, the layer is {self.out_dim}×{self.in_dim}")
+        if rank is not None:
+            _check_rank("rank", rank, min(self.shape))
         r_cap = self.max_rank if rank is None else rank
         if tau is None:
             r = self.rank if rank is None else rank

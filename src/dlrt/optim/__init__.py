@@ -2,4 +2,4 @@
 
 from .inner import RULES, SGD, Adam, AdamW, InnerRule, clone_state, transport_state
 
-__all__ = ["InnerRule", "RULES", "SGD", "Adam", "AdamW", "clone_state", "transport_state"]
+__all__ = ["RULES", "SGD", "Adam", "AdamW", "InnerRule", "clone_state", "transport_state"]

@@ -42,8 +42,14 @@ class SGD(InnerRule):
     """SGD with optional heavy-ball/Nesterov momentum and L2 weight decay (as torch.optim.SGD)."""
 
     name = "sgd"
-    transports = {"momentum_buffer": LINEAR}
-    defaults = {"lr": 0.01, "momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
+    transports: ClassVar[dict[str, str]] = {"momentum_buffer": LINEAR}
+    defaults: ClassVar[dict[str, Any]] = {
+        "lr": 0.01,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "nesterov": False,
+        "weight_decay": 0.0,
+    }
 
     def validate(self, group: dict[str, Any]) -> None:
         super().validate(group)
@@ -69,8 +75,8 @@ class Adam(InnerRule):
     """Adam (coupled L2 weight decay), as torch.optim.Adam without amsgrad."""
 
     name = "adam"
-    transports = {"exp_avg": LINEAR, "exp_avg_sq": SQUARE}
-    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    transports: ClassVar[dict[str, str]] = {"exp_avg": LINEAR, "exp_avg_sq": SQUARE}
+    defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
     decoupled: ClassVar[bool] = False
 
     def validate(self, group: dict[str, Any]) -> None:
@@ -106,7 +112,7 @@ class AdamW(Adam):
     """Adam with decoupled weight decay (as torch.optim.AdamW)."""
 
     name = "adamw"
-    defaults = {**Adam.defaults, "weight_decay": 1e-2}
+    defaults: ClassVar[dict[str, Any]] = {**Adam.defaults, "weight_decay": 1e-2}
     decoupled = True
 
 
