@@ -227,7 +227,7 @@ def test_conv_network_trains_with_every_integrator():
 
         first = float(closure().detach())
         for _ in range(30):
-            last = float(opt.step(closure))
+            last = float(opt.step(closure).detach())
         assert last < 0.5 * first, integrator
         conv = net[0]
         torch.testing.assert_close(conv.U.T @ conv.U, torch.eye(conv.rank), atol=1e-5, rtol=0)

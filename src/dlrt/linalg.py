@@ -7,7 +7,8 @@ Nothing in this module knows about modules, optimizers or data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "Truncation",
     "augment_basis",
+    "augment_basis_with_projection",
     "galerkin",
     "global_truncation_ranks",
     "orth",
@@ -31,6 +33,36 @@ def _qr_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+@contextmanager
+def small_lapack(t: Tensor) -> Iterator[None]:
+    """Run the QR/SVD of small factor matrices on one CPU thread.
+
+    Multi-threaded LAPACK on a tall-skinny ``n×2r`` QR or an ``r×r`` SVD spends
+    more time in thread barriers than in arithmetic: on 2 cores a 1024×64 QR took
+    1 ms on one thread and 5–130 ms on two. The thread count is restored on
+    exit; CUDA tensors are unaffected.
+    """
+    n = torch.get_num_threads()
+    if t.device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _qr(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Reduced QR with ``diag(R) >= 0``, computed in at least float32."""
+    work = A.to(_qr_dtype(A.dtype))
+    with small_lapack(work):
+        Q, R = torch.linalg.qr(work, mode="reduced")
+    d = torch.diagonal(R)
+    sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+    return Q * sign, R * sign[:, None]
+
+
 def orth(A: Tensor) -> Tensor:
     """Orthonormal basis of ``range(A)`` by reduced QR with a sign fix.
 
@@ -43,26 +75,28 @@ def orth(A: Tensor) -> Tensor:
     Returns:
         ``Q`` of shape ``n×min(n, k)`` with ``QᵀQ = I``.
     """
-    work = A.to(_qr_dtype(A.dtype))
-    Q, R = torch.linalg.qr(work, mode="reduced")
-    d = torch.diagonal(R)
-    sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
-    return (Q * sign).to(A.dtype)
+    return _qr(A)[0].to(A.dtype)
 
 
 def augment_basis(U0: Tensor, X: Tensor, max_new: int | None = None) -> Tensor:
+    """See :func:`augment_basis_with_projection`; returns only ``Û``."""
+    return augment_basis_with_projection(U0, X, max_new)[0]
+
+
+def augment_basis_with_projection(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple[Tensor, Tensor]:
     """Orthonormal basis ``Û`` of ``range([U0, X])`` whose first columns span ``U0``.
 
-    Built from ``orth([U0, X])``, never by appending ``orth((I − U0U0ᵀ) X)``:
-    when the part of ``X`` outside ``range(U0)`` is rank-deficient, QR of the
-    projected matrix returns columns that are not orthogonal to ``U0``
-    (ALGORITHMS §0). Householder QR of the stacked matrix always returns an
-    orthonormal completion ``Q₂``, but when ``X`` adds fewer than ``k`` new
-    directions some of its columns are arbitrary. The new directions are
-    therefore taken as ``Q₂ P`` with ``P`` the left singular vectors of
-    ``Q₂ᵀX`` whose singular values exceed round-off
-    (``max(n, r0 + k)·ε·‖X‖_F``): exactly ``range([U0, X])``, and orthogonal to
-    ``U0`` to machine precision.
+    Built from ``QR([U0, X]) = [Q₁, Q₂] R``, never by appending
+    ``orth((I − U0U0ᵀ) X)``: when the part of ``X`` outside ``range(U0)`` is
+    rank-deficient, QR of the projected matrix returns columns that are not
+    orthogonal to ``U0`` (ALGORITHMS §0). Householder QR of the stacked matrix
+    always returns an orthonormal completion ``Q₂``, but where ``X`` adds fewer
+    than ``k`` directions some of its columns are arbitrary (a near-zero
+    diagonal entry of ``R₂₂ = Q₂ᵀX``). Then, and when ``max_new`` caps the
+    count, the new directions are ``Q₂ P`` with ``P`` the left singular vectors
+    of ``R₂₂`` above round-off (``max(n, r0 + k)·ε·‖X‖_F``, the usual rank
+    tolerance): exactly ``range([U0, X])``, orthogonal to ``U0`` to machine
+    precision.
 
     With the sign fix the first ``r0`` columns equal ``U0`` to round-off; they
     are returned as computed, so every augmentation re-orthonormalizes the basis
@@ -71,26 +105,35 @@ def augment_basis(U0: Tensor, X: Tensor, max_new: int | None = None) -> Tensor:
 
     Args:
         U0: orthonormal basis, ``n×r0``.
-        X: directions to add, ``n×k``.
+        X: directions to add, ``n×k``. Pass the *step* (e.g. ``K₁ − U₀S₀``), not
+            ``K₁``: the span is the same and the step is not swamped by the
+            ``U₀S₀`` part, which matters in float32.
         max_new: cap on the number of new directions (the dominant ones are
             kept). At most ``min(k, n − r0)`` are ever added.
 
     Returns:
-        ``Û`` of shape ``n×(r0 + a)``; the new directions are ``Û[:, r0:]``.
+        ``(Û, A)``: ``Û`` of shape ``n×(r0 + a)`` (the new directions are
+        ``Û[:, r0:]``) and ``A = ÛᵀU0`` (``(r0 + a)×r0``), read off the QR
+        factor (``[R₁₁; 0]``) instead of multiplied out.
     """
     n, r0 = U0.shape
-    X = X.to(U0.dtype)
-    Q = orth(torch.cat([U0, X], dim=1))
+    k = X.shape[1]
+    Q, R = _qr(torch.cat([U0, X.to(U0.dtype)], dim=1))
+    dt = U0.dtype
     if Q.shape[1] == r0:
-        return Q
-    Q_new = Q[:, r0:]
-    C = (Q_new.mT @ X).to(_qr_dtype(X.dtype))
-    P, sigma, _ = torch.linalg.svd(C, full_matrices=False)
-    tol = max(n, r0 + X.shape[1]) * torch.finfo(C.dtype).eps * float(X.norm())
+        return Q.to(dt), R[:, :r0].to(dt)
+    Q_new, R22 = Q[:, r0:], R[r0:, r0:]
+    tol = max(n, r0 + k) * torch.finfo(R.dtype).eps * float(X.norm())
+    if (max_new is None or max_new >= R22.shape[0]) and bool((torch.diagonal(R22).abs() > tol).all()):
+        return Q.to(dt), R[:, :r0].to(dt)
+    with small_lapack(R22):
+        P, sigma, _ = torch.linalg.svd(R22, full_matrices=False)
     a = int((sigma > tol).sum())
     if max_new is not None:
         a = min(a, max_new)
-    return torch.cat([Q[:, :r0], Q_new @ P[:, :a].to(Q.dtype)], dim=1)
+    U_hat = torch.cat([Q[:, :r0], Q_new @ P[:, :a]], dim=1)
+    A = torch.cat([R[:r0, :r0], R.new_zeros(a, r0)])
+    return U_hat.to(dt), A.to(dt)
 
 
 def galerkin(U1: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, V1: Tensor) -> Tensor:
@@ -220,7 +263,8 @@ def svd_truncate(S_hat: Tensor, rank: int | None = None, **rule) -> Truncation:
             :func:`truncation_rank` with the keyword arguments ``rule``.
     """
     work = S_hat.to(_qr_dtype(S_hat.dtype))
-    P, sigma, Qh = torch.linalg.svd(work, full_matrices=False)
+    with small_lapack(work):
+        P, sigma, Qh = torch.linalg.svd(work, full_matrices=False)
     if rank is None:
         rank = truncation_rank(sigma, **rule)
     rank = min(rank, sigma.numel())

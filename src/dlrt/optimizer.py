@@ -217,11 +217,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     names.append(f"parameter {self._dense_names[id(p)]!r}")
                     grads.append(p.grad)
-        if not grads:
-            return
-        ok = torch.stack([torch.isfinite(g).all() for g in grads])
-        if not bool(ok.all()):
-            bad = int(torch.nonzero(~ok)[0])
+        if grads and _any_nonfinite(grads):
+            bad = next(i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all()))
             raise NonFiniteError(f"{where}: non-finite gradient in {names[bad]}")
 
     # ------------------------------------------------------------------ step
@@ -318,6 +315,23 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.phase = int(meta["phase"])
         self.steps = int(meta["steps"])
         self._set_request(self.integrator.request(self.phase))
+
+
+def _any_nonfinite(tensors: list[Tensor]) -> bool:
+    """Whether any tensor holds inf or NaN: one fused pass per (device, dtype), one sync."""
+    groups: dict[tuple[Any, Any], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    flags = []
+    for (device, dtype), ts in groups.items():
+        if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            found = torch.zeros(1, device=device)
+            # GradScaler's fused inf/NaN check; with a scale of 1 it leaves the tensors as they are.
+            torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, device=device))
+            flags.append(found)
+        else:
+            flags.extend((~torch.isfinite(t).all()).float().reshape(1) for t in ts)
+    return bool(torch.cat(flags).any())
 
 
 def _make_integrator(integrator: str | Integrator, coefficient_steps: int) -> Integrator:

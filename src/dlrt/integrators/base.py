@@ -59,16 +59,15 @@ class Integrator:
 
 
 # --------------------------------------------------------------------------- ops
-def factor_update(opt: DLRTOptimizer, key: Tensor, x: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
-    """One inner-optimizer step on the factor quantity ``x`` whose state lives under ``key``.
+def factor_step(opt: DLRTOptimizer, key: Tensor, x: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
+    """The inner-optimizer step ``Δ`` for the factor quantity ``x`` whose state lives under ``key``.
 
-    ``x`` is a fresh tensor (K = U S, L = V Sᵀ, or a copy of S) and is updated
-    in place; the new state replaces the old one.
+    ``x`` is not modified; the new state replaces the old one.
     """
     state = clone_state(opt.state.get(key, {}))
-    opt.rule.update_(x, grad.to(x.dtype), state, group)
+    delta = opt.rule.step(x, grad.to(x.dtype), state, group)
     opt.state[key] = state
-    return x
+    return delta
 
 
 def transport(opt: DLRTOptimizer, key: Tensor, left: Tensor | None, right: Tensor | None) -> None:
@@ -78,24 +77,39 @@ def transport(opt: DLRTOptimizer, key: Tensor, left: Tensor | None, right: Tenso
         opt.state[key] = transport_state(state, opt.rule, left, right)
 
 
-def K_and_L_steps(opt: DLRTOptimizer, layer: LowRankLayer, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """ALGORITHMS §2.2: ``K₁ = U₀S₀ − λ G₀V₀`` and ``L₁ = V₀S₀ᵀ − λ G₀ᵀU₀``."""
+def K_and_L_steps(
+    opt: DLRTOptimizer, layer: LowRankLayer, group: dict[str, Any]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ALGORITHMS §2.2: ``K₁ = U₀S₀ − λ G₀V₀`` and ``L₁ = V₀S₀ᵀ − λ G₀ᵀU₀``.
+
+    Returns ``(K₁, L₁, ΔK, ΔL)`` with the steps ``ΔK = K₁ − U₀S₀``,
+    ``ΔL = L₁ − V₀S₀ᵀ`` computed directly (``range([U₀, K₁]) = range([U₀, ΔK])``).
+    """
     U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
     gK, gL, _ = layer.projected_grads()
-    K1 = factor_update(opt, layer.U, U0 @ S0, gK, group)
-    L1 = factor_update(opt, layer.V, V0 @ S0.mT, gL, group)
-    return K1, L1
+    K0, L0 = U0 @ S0, V0 @ S0.mT
+    dK = factor_step(opt, layer.U, K0, gK, group)
+    dL = factor_step(opt, layer.V, L0, gL, group)
+    return K0 + dK, L0 + dL, dK, dL
 
 
-def change_basis(opt: DLRTOptimizer, layer: LowRankLayer, U1: Tensor, V1: Tensor, S1: Tensor | None = None) -> None:
+def change_basis(
+    opt: DLRTOptimizer,
+    layer: LowRankLayer,
+    U1: Tensor,
+    V1: Tensor,
+    S1: Tensor | None = None,
+    A: Tensor | None = None,
+    B: Tensor | None = None,
+) -> None:
     """Move the layer to bases ``(U1, V1)`` and transport all its state.
 
     The new core is the Galerkin projection ``(U1ᵀU₀) S₀ (V₀ᵀV₁)`` unless
-    ``S1`` is given.
+    ``S1`` is given; ``A = U1ᵀU₀`` and ``B = V₀ᵀV₁`` are computed unless given.
     """
     U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
-    A = U1.mT @ U0  # r1×r0
-    B = V0.mT @ V1  # r0×r1
+    A = U1.mT @ U0 if A is None else A  # r1×r0
+    B = V0.mT @ V1 if B is None else B  # r0×r1
     if S1 is None:
         S1 = A @ S0 @ B
     transport(opt, layer.S, A, B)
@@ -104,19 +118,24 @@ def change_basis(opt: DLRTOptimizer, layer: LowRankLayer, U1: Tensor, V1: Tensor
     layer.set_factors(U1, S1, V1)
 
 
-def augment(layer: LowRankLayer, KU: Tensor, LV: Tensor) -> tuple[Tensor, Tensor]:
-    """Augmented bases ``Û = orth([U₀, KU])``, ``V̂ = orth([V₀, LV])`` (ALGORITHMS §0).
+def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> tuple[Tensor, Tensor]:
+    """Move the layer to ``Û = orth([U₀, KU])``, ``V̂ = orth([V₀, LV])`` (ALGORITHMS §0).
 
-    At most ``r`` new directions per side, fewer when the layer is close to
-    full rank (the core may then be rectangular).
+    The core becomes the Galerkin projection ``(ÛᵀU₀) S₀ (V₀ᵀV̂)`` and all state
+    is transported. At most ``r`` new directions per side, fewer when the layer is
+    close to full rank (the core may then be rectangular) or when ``KU``/``LV``
+    add fewer directions. Returns ``(Û, V̂)``.
     """
-    return linalg.augment_basis(layer.U.detach(), KU), linalg.augment_basis(layer.V.detach(), LV)
+    U_hat, A = linalg.augment_basis_with_projection(layer.U.detach(), KU)
+    V_hat, Bt = linalg.augment_basis_with_projection(layer.V.detach(), LV)
+    change_basis(opt, layer, U_hat, V_hat, A=A, B=Bt.mT)
+    return U_hat, V_hat
 
 
 def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor, group: dict[str, Any]) -> None:
     """``S ← S − λ ∇_S`` with the inner optimizer (the Galerkin/coefficient step)."""
-    S1 = factor_update(opt, layer.S, layer.S.detach().clone(), grad, group)
-    layer.set_factors(layer.U.detach(), S1, layer.V.detach())
+    S0 = layer.S.detach()
+    layer.set_factors(layer.U.detach(), S0 + factor_step(opt, layer.S, S0, grad, group), layer.V.detach())
 
 
 def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, Any]) -> None:
@@ -149,4 +168,5 @@ def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, An
         P, Q = t.P[:, :r], t.Q[:, :r]
         U1 = layer.U.detach() @ P
         V1 = layer.V.detach() @ Q
-        change_basis(opt, layer, U1, V1, S1=torch.diag(t.sigma[:r]))
+        # U1ᵀÛ = Pᵀ and V̂ᵀV1 = Q since Û, V̂ are orthonormal.
+        change_basis(opt, layer, U1, V1, S1=torch.diag(t.sigma[:r]), A=P.mT, B=Q)

@@ -39,8 +39,7 @@ class BUG(Integrator):
                 )
             opt.evaluate(closure, KL, "K/L")
             for layer in layers:
-                K1, L1 = K_and_L_steps(opt, layer, group)
-                self.new_bases(opt, layer, K1, L1)
+                self.new_bases(opt, layer, *K_and_L_steps(opt, layer, group))
         loss = opt.evaluate(closure, NONE, "S")
         for layer in layers:
             S_step(opt, layer, opt.S_grad(layer), group)
@@ -51,9 +50,9 @@ class BUG(Integrator):
             opt.phase = 0
         return loss
 
-    def new_bases(self, opt: DLRTOptimizer, layer: Any, K1: Any, L1: Any) -> None:
-        U_hat, V_hat = augment(layer, K1, L1)
-        change_basis(opt, layer, U_hat, V_hat)
+    def new_bases(self, opt: DLRTOptimizer, layer: Any, K1: Any, L1: Any, dK: Any, dL: Any) -> None:
+        # range([U₀, K₁]) = range([U₀, ΔK]); the step is the better-conditioned input.
+        augment(opt, layer, dK, dL)
 
 
 class FixedRankBUG(BUG):
@@ -62,5 +61,5 @@ class FixedRankBUG(BUG):
     name = "fixed"
     adaptive = False
 
-    def new_bases(self, opt: DLRTOptimizer, layer: Any, K1: Any, L1: Any) -> None:
+    def new_bases(self, opt: DLRTOptimizer, layer: Any, K1: Any, L1: Any, dK: Any, dL: Any) -> None:
         change_basis(opt, layer, linalg.orth(K1), linalg.orth(L1))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import KL, NONE, Integrator, S_step, augment, change_basis, truncate
+from .base import KL, NONE, Integrator, S_step, augment, truncate
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -41,13 +41,12 @@ class ParallelBUG(Integrator):
                 gK, gL, _ = layer.projected_grads()
                 gS = opt.S_grad(layer)
                 r_u, r_v = layer.S.shape
-                U_hat, V_hat = augment(layer, gK, gL)
+                U_hat, V_hat = augment(opt, layer, gK, gL)
                 U_new, V_new = U_hat[:, r_u:], V_hat[:, r_v:]
                 G_hat = torch.zeros(U_hat.shape[1], V_hat.shape[1], dtype=gS.dtype, device=gS.device)
                 G_hat[:r_u, :r_v] = gS
                 G_hat[:r_u, r_v:] = gL.mT @ V_new  # U₀ᵀ G Ṽ
                 G_hat[r_u:, :r_v] = U_new.mT @ gK  # Ũᵀ G V₀
-                change_basis(opt, layer, U_hat, V_hat)
                 S_step(opt, layer, G_hat, group)
         else:
             loss = opt.evaluate(closure, NONE, "coefficient")

@@ -142,6 +142,8 @@ class LowRankLayer(nn.Module):
         if S.shape != (U.shape[1], V.shape[1]):
             raise ValueError(f"S{tuple(S.shape)} does not match U{tuple(U.shape)}, V{tuple(V.shape)}")
         for p, t in ((self.U, U), (self.S, S), (self.V, V)):
+            # Row-major always: BLAS rounds differently on other layouts (LAPACK returns Q
+            # column-major), and a checkpoint must resume bit-identically.
             _replace_data(p, t.detach().to(dtype=p.dtype, device=p.device).contiguous())
         self.grad_K = self.grad_L = None
 

@@ -33,9 +33,17 @@ class InnerRule:
         if group["weight_decay"] < 0:
             raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
 
+    def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """The step ``Δ`` (``x ← x + Δ``) for gradient ``g``; ``state`` is updated in place, ``x`` is not.
+
+        Returning the step rather than the new value lets an integrator use it
+        without cancellation, e.g. to augment a basis by ``range(Δ)``.
+        """
+        raise NotImplementedError
+
     def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Step ``x`` in place along ``g``; ``state`` is updated in place too."""
-        raise NotImplementedError
+        x.add_(self.step(x, g, state, group))
 
 
 class SGD(InnerRule):
@@ -58,7 +66,7 @@ class SGD(InnerRule):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 
-    def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         wd, mu = group["weight_decay"], group["momentum"]
         d = g.add(x, alpha=wd) if wd else g
         if mu:
@@ -68,7 +76,7 @@ class SGD(InnerRule):
             else:
                 buf.mul_(mu).add_(d, alpha=1.0 - group["dampening"])
             d = d.add(buf, alpha=mu) if group["nesterov"] else buf
-        x.add_(d, alpha=-group["lr"])
+        return d.mul(-group["lr"])
 
 
 class Adam(InnerRule):
@@ -87,14 +95,11 @@ class Adam(InnerRule):
         if group["eps"] < 0:
             raise ValueError(f"eps must be >= 0, got {group['eps']}")
 
-    def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         b1, b2 = group["betas"]
-        if wd:
-            if self.decoupled:
-                x.mul_(1.0 - lr * wd)
-            else:
-                g = g.add(x, alpha=wd)
+        if wd and not self.decoupled:
+            g = g.add(x, alpha=wd)
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(x)
@@ -105,7 +110,10 @@ class Adam(InnerRule):
         m.lerp_(g, 1.0 - b1)
         v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         denom = (v / (1.0 - b2**t)).sqrt_().add_(eps)
-        x.addcdiv_(m, denom, value=-lr / (1.0 - b1**t))
+        delta = (m / denom).mul_(-lr / (1.0 - b1**t))
+        if wd and self.decoupled:
+            delta.add_(x, alpha=-lr * wd)
+        return delta
 
 
 class AdamW(Adam):
