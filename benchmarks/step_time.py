@@ -19,11 +19,16 @@ variants are timed:
 After ``--warmup`` steps per variant, each of ``--repeats`` rounds times one step
 of every variant, in an order rotated from round to round so that machine
 noise falls on all variants alike; the reported figure is the median seconds
-per step. The table gives each variant's ratio to ``plain`` and to ``dense``,
-and the targets are checked: ``parallel ≤ 1.3×plain``, ``bug ≤ 2.5×plain`` (every
-width) and, at width 4096 and rank 32, ``parallel < 0.3×dense``. All medians, raw
-samples, ratios and the environment go to a JSON file. The thread count is
-torch's default.
+per step (the minimum is listed too). The table gives each variant's ratio to
+``plain`` and to ``dense``, and the targets are checked: ``parallel ≤ 1.3×plain``,
+``bug ≤ 2.5×plain`` (every width) and, at width 4096 and rank 32,
+``parallel < 0.3×dense``. All medians, raw samples, ratios, the environment and
+the load average go to a JSON file. The thread count is torch's default
+(``--threads`` overrides it). Other processes on the machine skew the timings
+badly, and unevenly: an oversubscribed multi-threaded op waits a scheduler
+slice at its barrier, which penalizes variants that run many small ops. The
+script warns when the load average is high; run it on an otherwise idle
+machine.
 
 Rerun with::
 
@@ -146,6 +151,7 @@ def bench_width(width: int, args: argparse.Namespace) -> dict:
         "width": width,
         "repeats": repeats,
         "median_s": medians,
+        "min_s": {v: min(s) for v, s in samples.items()},
         "samples_s": samples,
         "ratio_to_plain": {v: medians[v] / medians["plain"] for v in VARIANTS},
         "ratio_to_dense": {v: medians[v] / medians["dense"] for v in VARIANTS},
@@ -169,14 +175,14 @@ def check_targets(results: list[dict], rank: int) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    head = f"{'width':>6} {'variant':>9} {'s/step':>10} {'/plain':>8} {'/dense':>8}"
+    head = f"{'width':>6} {'variant':>9} {'s/step':>10} {'/plain':>8} {'/dense':>8} {'min s':>10}"
     print(head)
     print("-" * len(head))
     for r in results:
         for v in VARIANTS:
             print(
                 f"{r['width']:>6} {v:>9} {r['median_s'][v]:>10.5f} "
-                f"{r['ratio_to_plain'][v]:>8.3f} {r['ratio_to_dense'][v]:>8.3f}"
+                f"{r['ratio_to_plain'][v]:>8.3f} {r['ratio_to_dense'][v]:>8.3f} {r['min_s'][v]:>10.5f}"
             )
         ranks = {v: sorted(set(rk.values())) for v, rk in r["final_ranks"].items()}
         print(f"{'':>6} final ranks: {ranks}  (repeats={r['repeats']})")
@@ -193,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
     p.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()} "

