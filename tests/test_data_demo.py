@@ -223,3 +223,19 @@ def test_demo_sgd_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "integrator parallel, optimizer sgd (lr 0.1, momentum 0.9, constant schedule)" in out
     with pytest.raises(SystemExit):
         main([*argv, "--epochs", "0"])
+
+
+@pytest.mark.slow
+def test_demo_on_real_mnist_one_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    """End to end on the real 60k/10k MNIST: one epoch of rank-adaptive BUG."""
+    pytest.importorskip("mnist")
+    from dlrt.demo import main
+
+    threads = torch.get_num_threads()
+    try:
+        result = main(["--epochs", "1", "--threads", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result["accuracy"] >= 0.93
+    assert result["compression"] >= 0.8
+    assert "ranks fc1/fc2/fc3/fc4" in capsys.readouterr().out
