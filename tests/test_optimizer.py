@@ -345,3 +345,22 @@ def test_inner_rules_match_torch_optimizers_on_dense_parameters():
             ref.step()
             rule.update_(x, g, state, group)
         torch.testing.assert_close(x, x_ref.detach(), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("integrator", ["bug", "parallel", "fixed"])
+def test_a_layer_the_loss_does_not_reach_keeps_its_weights(integrator):
+    used, unused = LowRankLinear(6, 5, 2, dtype=DT), LowRankLinear(6, 5, 2, dtype=DT)
+    model = nn.ModuleDict({"used": used, "unused": unused})
+    opt = dlrt.DLRTOptimizer(model, integrator=integrator, optimizer="sgd", lr=0.1, tau=0.0)
+    W = unused.matrix().detach().clone()
+    x = torch.randn(8, 6, dtype=DT)
+
+    def closure():
+        opt.zero_grad()
+        loss = used(x).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    torch.testing.assert_close(unused.matrix().detach(), W, atol=1e-12, rtol=0)

@@ -77,6 +77,16 @@ def transport(opt: DLRTOptimizer, key: Tensor, left: Tensor | None, right: Tenso
         opt.state[key] = transport_state(state, opt.rule, left, right)
 
 
+def KL_grads(layer: LowRankLayer) -> tuple[Tensor, Tensor]:
+    """``(G V, Gᵀ U)`` of the last pass; zeros for a layer the loss did not reach."""
+    gK, gL = layer.grad_K, layer.grad_L
+    U, V, S = layer.U.detach(), layer.V.detach(), layer.S.detach()
+    return (
+        torch.zeros(U.shape[0], S.shape[1], dtype=U.dtype, device=U.device) if gK is None else gK,
+        torch.zeros(V.shape[0], S.shape[0], dtype=V.dtype, device=V.device) if gL is None else gL,
+    )
+
+
 def K_and_L_steps(
     opt: DLRTOptimizer, layer: LowRankLayer, group: dict[str, Any]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -86,7 +96,7 @@ def K_and_L_steps(
     ``ΔL = L₁ − V₀S₀ᵀ`` computed directly (``range([U₀, K₁]) = range([U₀, ΔK])``).
     """
     U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
-    gK, gL, _ = layer.projected_grads()
+    gK, gL = KL_grads(layer)
     K0, L0 = U0 @ S0, V0 @ S0.mT
     dK = factor_step(opt, layer.U, K0, gK, group)
     dL = factor_step(opt, layer.V, L0, gL, group)

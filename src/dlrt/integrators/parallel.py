@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import KL, NONE, Integrator, S_step, augment, truncate
+from .base import KL, NONE, Integrator, KL_grads, S_step, augment, truncate
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -38,7 +38,7 @@ class ParallelBUG(Integrator):
         if opt.phase == 0:
             loss = opt.evaluate(closure, KL, "augmentation")
             for layer in layers:
-                gK, gL, _ = layer.projected_grads()
+                gK, gL = KL_grads(layer)
                 gS = opt.S_grad(layer)
                 r_u, r_v = layer.S.shape
                 U_hat, V_hat = augment(opt, layer, gK, gL)
