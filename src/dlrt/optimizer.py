@@ -123,12 +123,13 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 "the model has no trainable low-rank layers: convert it first with "
                 "dlrt.convert(model, rank=...) or build it from dlrt.LowRankLinear/LowRankConv2d"
             )
-        for name, layer in named:
-            _override_bounds(name, layer, min_rank, max_rank)
+        bounds = [_rank_bounds(name, layer, min_rank, max_rank) for name, layer in named]
+        if budget is not None and budget < sum(lo for lo, _ in bounds):
+            raise ValueError(f"budget={budget} is below the sum of min_rank over {len(named)} layers")
+        for (_, layer), (lo, hi) in zip(named, bounds):
+            layer.min_rank, layer.max_rank = lo, hi
         self.layer_names = [n for n, _ in named]
         self.lowrank_layers: list[LowRankLayer] = [m for _, m in named]
-        if budget is not None and budget < sum(m.min_rank for m in self.lowrank_layers):
-            raise ValueError(f"budget={budget} is below the sum of min_rank over {len(named)} layers")
         factor_ids = {id(p) for m in self.lowrank_layers for p in (m.U, m.S, m.V)}
         self._dense_names: dict[int, str] = {}
         dense = []
@@ -342,15 +343,19 @@ def _make_integrator(integrator: str | Integrator, coefficient_steps: int) -> In
     return INTEGRATORS[integrator](coefficient_steps=coefficient_steps)
 
 
-def _override_bounds(name: str, layer: LowRankLayer, min_rank: int | None, max_rank: int | None) -> None:
+def _rank_bounds(name: str, layer: LowRankLayer, min_rank: int | None, max_rank: int | None) -> tuple[int, int]:
+    """The layer's ``(min_rank, max_rank)`` after the optimizer's overrides, validated."""
     full = min(layer.shape)
+    hi = layer.max_rank
     if max_rank is not None:
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-        layer.max_rank = min(max_rank, full)
+        hi = min(max_rank, full)
+    lo = layer.min_rank
     if min_rank is not None:
         if not 1 <= min_rank <= full:
             raise ValueError(f"min_rank={min_rank} is out of range for layer {name!r}: it must be in [1, {full}]")
-        layer.min_rank = min_rank
-    if layer.min_rank > layer.max_rank:
-        raise ValueError(f"layer {name!r}: min_rank={layer.min_rank} exceeds max_rank={layer.max_rank}")
+        lo = min_rank
+    if lo > hi:
+        raise ValueError(f"layer {name!r}: min_rank={lo} exceeds max_rank={hi}")
+    return lo, hi

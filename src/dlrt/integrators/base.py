@@ -40,9 +40,7 @@ class Integrator:
     """
 
     name: ClassVar[str]
-    #: True when a step needs only the gradient at the current point, so that
-    #: ``step()`` may follow a user's ``loss.backward()`` without a closure.
-    one_pass: ClassVar[bool] = False
+    #: Whether steps end in a truncation (rank adaptation).
     adaptive: ClassVar[bool] = True
 
     def __init__(self, coefficient_steps: int = 1) -> None:

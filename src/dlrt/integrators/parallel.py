@@ -30,7 +30,6 @@ class ParallelBUG(Integrator):
     """
 
     name = "parallel"
-    one_pass = True
 
     def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
         group = opt.lowrank_group
