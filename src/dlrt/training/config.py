@@ -1,0 +1,168 @@
+"""Training configuration: a validated dataclass, YAML files and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "apply_overrides", "load_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved resolved as ``config.yaml`` in the run directory."""
+
+    # data and model
+    dataset: str = field(default="mnist", metadata={"help": "mnist | fashion-mnist | cifar10 | digits"})
+    data_root: str | None = field(default=None, metadata={"help": "dataset directory (default: packaged data)"})
+    model: str = field(default="lenet5", metadata={"help": "mlp | lenet5 | vgg11 | vgg16 | resnet20"})
+    # low-rank conversion
+    rank: int = field(default=20, metadata={"help": "starting rank of every converted layer"})
+    max_rank: int | None = field(default=None, metadata={"help": "largest rank a layer may reach"})
+    min_rank: int = field(default=1, metadata={"help": "smallest rank a layer may reach"})
+    exclude: list[str] = field(default_factory=lambda: ["head"], metadata={"help": "layers left dense"})
+    dense: bool = field(default=False, metadata={"help": "train the dense baseline instead (no conversion)"})
+    # integrator and optimizer
+    integrator: str = field(default="bug", metadata={"help": "bug | fixed | parallel"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd | adam | adamw"})
+    lr: float = field(default=0.05, metadata={"help": "learning rate"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
+    tau: float = field(default=0.11, metadata={"help": "relative truncation tolerance"})
+    coefficient_steps: int = field(default=1, metadata={"help": "S-steps per augmentation"})
+    schedule: str = field(default="constant", metadata={"help": "constant | cosine | step"})
+    step_size: int = field(default=10, metadata={"help": "epochs between decays (schedule=step)"})
+    gamma: float = field(default=0.1, metadata={"help": "decay factor (schedule=step)"})
+    # loop
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    batch_size: int = field(default=256, metadata={"help": "training batch size"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
+    augment: bool = field(default=False, metadata={"help": "light augmentation (CIFAR: crop + flip)"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N train/test samples"})
+    seed: int = field(default=0, metadata={"help": "seeds initialisation, shuffling and augmentation"})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    # outputs
+    runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
+    name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when installed"})
+    plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
+
+    def __post_init__(self) -> None:
+        _coerce_all(self)
+        positive = ("rank", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "step_size")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "tau", "weight_decay", "momentum"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        _check_choice("integrator", self.integrator, ("bug", "fixed", "parallel"))
+        _check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _check_choice("schedule", self.schedule, ("constant", "cosine", "step"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert ``value`` (from YAML or a ``key=value`` string) to the field's type."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a number, got {value!r}") from None
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _coerce_all(cfg: TrainConfig) -> None:
+    for key, hint in _field_types().items():
+        setattr(cfg, key, _coerce(key, getattr(cfg, key), hint))
+
+
+def _check_keys(keys: typing.Iterable[str], where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [k for k in keys if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {', '.join(valid)}")
+
+
+def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings on top of ``values`` (validated against :class:`TrainConfig`)."""
+    out = dict(values)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        _check_keys([key.strip()], "the overrides")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (optional) and ``key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a mapping of key: value")
+        _check_keys(loaded, str(path))
+        values.update(loaded)
+    values = apply_overrides(values, overrides)
+    return TrainConfig(**values)

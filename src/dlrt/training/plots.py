@@ -1,0 +1,94 @@
+"""PNG plots of a run and across runs (matplotlib, imported lazily)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model import lowrank_layers
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) -> list[Path]:
+    """Write ``ranks.png``, ``curves.png`` and (given the model) ``spectra.png`` into ``run_dir``."""
+    from .loop import read_metrics
+
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    written = []
+    epochs = [r["epoch"] for r in rows]
+
+    names = list(rows[0]["ranks"]) if rows else []
+    if names:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in names:
+            ax.plot(epochs, [r["ranks"].get(name, float("nan")) for r in rows], marker="o", label=name)
+        ax.set(xlabel="epoch", ylabel="rank", title="rank of each low-rank layer")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(run_dir / "ranks.png", dpi=120)
+        plt.close(fig)
+        written.append(run_dir / "ranks.png")
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+    ax1.plot(epochs, [r["test_loss"] for r in rows], marker="o", label="test")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax1.legend()
+    ax2.plot(epochs, [100 * r["train_acc"] for r in rows], marker="o", label="train")
+    ax2.plot(epochs, [100 * r["test_acc"] for r in rows], marker="o", label="test")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=120)
+    plt.close(fig)
+    written.append(run_dir / "curves.png")
+
+    layers = list(lowrank_layers(model)) if model is not None else []
+    if layers:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, layer in layers:
+            sigma = torch.linalg.svdvals(layer.S.detach().float().cpu())
+            ax.semilogy(range(1, sigma.numel() + 1), sigma.clamp_min(1e-12).numpy(), marker=".", label=name)
+        ax.set(xlabel="index", ylabel="singular value", title="singular values of S at the end")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(run_dir / "spectra.png", dpi=120)
+        plt.close(fig)
+        written.append(run_dir / "spectra.png")
+    return written
+
+
+def plot_report(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
+    """Accuracy against compression, one point per run (from each ``summary.json``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run_dir in run_dirs:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        if summary.get("test_acc") is None:
+            continue
+        cfg = summary["config"]
+        label = "dense" if cfg.get("dense") else f"{cfg['integrator']} τ={cfg['tau']:g}"
+        ax.scatter(100 * summary["compression"], 100 * summary["test_acc"], label=label)
+    ax.set(xlabel="compression (%)", ylabel="test accuracy (%)", title="accuracy vs compression")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,119 @@
+"""The model zoo: every registered model builds, runs, converts, trains a step and goes back to dense."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import dlrt
+from dlrt.models import MLP, VGG, LeNet5, ResNet20, default_exclude, get_model, list_models
+
+RANK = 8
+BATCH = 4  # > 1 per channel even where VGG's BatchNorm sees 1×1 maps
+
+EXPECTED_INPUT = {
+    "mlp": (1, 28, 28),
+    "lenet5": (1, 28, 28),
+    "vgg11": (3, 32, 32),
+    "vgg16": (3, 32, 32),
+    "resnet20": (3, 32, 32),
+}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_names_and_unknown_name():
+    assert list_models() == sorted(EXPECTED_INPUT)
+    with pytest.raises(ValueError, match=r"unknown model 'resnet18'.*lenet5, mlp, resnet20, vgg11, vgg16"):
+        get_model("resnet18")
+    assert isinstance(get_model("VGG11"), VGG) and get_model("vgg11").depth == 11
+
+
+def test_import_dlrt_does_not_import_the_zoo():
+    code = "import sys, dlrt; assert 'dlrt.models' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_dense_forward_shape(name):
+    model = get_model(name, num_classes=7)
+    assert model.input_shape == EXPECTED_INPUT[name]
+    assert isinstance(model.head, nn.Linear) and model.head.out_features == 7
+    y = model(torch.randn(2, *model.input_shape))
+    assert y.shape == (2, 7)
+
+
+def test_parameter_counts():
+    # LeNet5 20/50/500: 520 + 25,050 + 400,500 + 5,010.
+    assert n_params(LeNet5()) == 431_080
+    # ResNet-20 "0.27M" (He et al. 2016, Table 6) with parameter-free option-A shortcuts;
+    # option B adds the two 1×1 projections (512 + 2048) and their BN (2·32 + 2·64).
+    assert n_params(ResNet20()) == 269_722
+    assert n_params(ResNet20(shortcut="B")) == 269_722 + 2_560 + 192
+    # 784·500+500 + 3·(500·500+500) + 500·10+10.
+    assert n_params(MLP()) == 1_149_010
+    assert n_params(VGG(11)) == 9_491_018 and n_params(VGG(16)) == 14_986_698
+
+
+def test_mlp_layer_names_and_lenet_shape():
+    assert [n for n, m in MLP(hidden=(8, 6)).named_children()] == ["fc1", "fc2", "head"]
+    assert MLP(in_features=20, hidden=(5,)).input_shape == (20,)
+    assert LeNet5(in_channels=3).input_shape == (3, 28, 28)
+
+
+def test_default_exclude():
+    assert default_exclude(LeNet5()) == ("head",)
+    assert default_exclude(LeNet5(), rank=8) == ("head",)
+    assert default_exclude(LeNet5(), rank=21) == ("head", "conv1")  # conv1: min(20, 25) = 20
+    assert default_exclude(VGG(11), rank=28) == ("head", "features.0")  # min(64, 27) = 27
+    assert default_exclude(MLP(), head="") == ()
+    model = ResNet20(shortcut="B")
+    ex = default_exclude(model, rank=17)
+    # the stem, the six 16-channel convolutions and the 16→32 projection (1×1: min(32, 16) = 16)
+    assert ex[:2] == ("head", "conv") and "layer2.0.shortcut.0" in ex and len(ex) == 2 + 6 + 1
+    layers = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    dlrt.convert(model, rank=17, exclude=ex)
+    assert set(dlrt.ranks(model)) == layers - set(ex)
+    with pytest.raises(ValueError, match="too large"):
+        dlrt.convert(ResNet20(), rank=17, exclude=("head",))
+
+
+# Every registered model, plus ResNet-20 with its 1×1 projection shortcuts (converted too).
+CASES = [pytest.param(n, {}, id=n) for n in list_models()]
+CASES.append(pytest.param("resnet20", {"shortcut": "B"}, id="resnet20-B"))
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES)
+def test_convert_train_and_back_to_dense(name, kwargs):
+    model = get_model(name, **kwargs)
+    dense_layers = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    dlrt.convert(model, rank=RANK, exclude=("head",))  # every zoo model takes rank 8 with only head dense
+    assert set(dlrt.ranks(model)) == dense_layers - {"head"}
+    assert isinstance(model.head, nn.Linear)
+
+    x = torch.randn(BATCH, *model.input_shape)
+    target = torch.randint(0, 10, (BATCH,))
+    opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="sgd", lr=0.01)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        return loss
+
+    model.train()
+    for _ in range(2):
+        loss = opt.step(closure)
+        assert torch.isfinite(loss)
+    assert all(1 <= r <= 2 * RANK for r in dlrt.ranks(model).values())
+
+    model.eval()
+    dense = dlrt.to_dense(copy.deepcopy(model))
+    assert not dlrt.ranks(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), model(x), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,144 @@
+"""Training pipeline and CLI on small generated MNIST files."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dlrt
+from dlrt import cli
+from dlrt.training import TrainConfig, load_config, read_metrics, train
+
+from .test_data_demo import write_idx
+
+pytest.importorskip("yaml")
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "mnist"
+    write_idx(root, n_train=96, n_test=40)
+    return root
+
+
+def small(data_root, tmp_path, **kw):
+    base = dict(
+        dataset="mnist",
+        data_root=str(data_root),
+        model="lenet5",
+        rank=8,
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=64,
+        lr=0.05,
+        momentum=0.9,
+        tau=0.2,
+        runs_dir=str(tmp_path / "runs"),
+        progress=False,
+        tensorboard=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_config_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: mlp\nlr: 0.1\nexclude: [head, fc1]\n")
+    cfg = load_config(path, ["lr=0.2", "epochs=3", "max_rank=none", "augment=yes"])
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.max_rank, cfg.augment) == ("mlp", 0.2, 3, None, True)
+    assert cfg.exclude == ["head", "fc1"]
+    with pytest.raises(ValueError, match="unknown config key.*lrr.*valid keys: dataset"):
+        load_config(None, ["lrr=1"])
+    path.write_text("epochz: 3\n")
+    with pytest.raises(ValueError, match="epochz"):
+        load_config(path)
+    with pytest.raises(ValueError, match="epochs must be an integer"):
+        load_config(None, ["epochs=2.5"])
+    with pytest.raises(ValueError, match="integrator"):
+        load_config(None, ["integrator=euler"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["lr"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_one_run_writes_every_artifact(data_root, tmp_path):
+    result = train(small(data_root, tmp_path, epochs=1))
+    assert result.status == "completed"
+    names = {p.name for p in result.run_dir.iterdir()}
+    assert {"config.yaml", "metrics.csv", "summary.json", "checkpoint.safetensors"} <= names
+    assert {"ranks.png", "curves.png", "spectra.png"} <= names
+    rows = read_metrics(result.run_dir)
+    assert len(rows) == 1 and set(rows[0]["ranks"]) == {"conv1", "conv2", "fc1"}
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["params_dense"] == 431_080
+    assert 0 < summary["compression"] < 1 and summary["ranks"] == rows[0]["ranks"]
+
+
+def test_resume_after_interrupt_matches_an_uninterrupted_run(data_root, tmp_path, monkeypatch):
+    full = train(small(data_root, tmp_path, name="full"))
+
+    real_step = dlrt.DLRTOptimizer.step
+    calls = {"n": 0}
+
+    def interrupting_step(self, closure=None):
+        calls["n"] += 1
+        if calls["n"] == 5:  # in the second epoch (3 batches per epoch)
+            raise KeyboardInterrupt
+        return real_step(self, closure)
+
+    monkeypatch.setattr(dlrt.DLRTOptimizer, "step", interrupting_step)
+    cut = train(small(data_root, tmp_path, name="cut"))
+    assert cut.status == "interrupted" and len(read_metrics(cut.run_dir)) == 1
+    monkeypatch.setattr(dlrt.DLRTOptimizer, "step", real_step)
+    resumed = train(resume_dir=cut.run_dir)
+    assert resumed.status == "completed"
+
+    a, b = read_metrics(full.run_dir), read_metrics(resumed.run_dir)
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "total_rank", "ranks", "compression"):
+            assert ra[key] == rb[key], key
+    from safetensors.torch import load_file
+
+    ta = load_file(str(full.run_dir / "checkpoint.safetensors"))
+    tb = load_file(str(resumed.run_dir / "checkpoint.safetensors"))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+def test_existing_run_name_is_not_overwritten(data_root, tmp_path):
+    train(small(data_root, tmp_path, epochs=1, name="r"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small(data_root, tmp_path, epochs=1, name="r"))
+
+
+def test_divergence_stops_with_a_report(data_root, tmp_path):
+    result = train(small(data_root, tmp_path, epochs=1, lr=1e30, momentum=0.0))
+    assert result.status == "diverged"
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert "non-finite" in summary["message"] and "step" in summary["message"]
+
+
+def test_dense_baseline_and_cli_report(data_root, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = [f"data_root={data_root}", f"runs_dir={runs}", "epochs=1", "batch_size=32", "progress=false"]
+    assert cli.main(["train", *args, "name=low", "rank=8"]) == 0
+    assert cli.main(["train", *args, "name=dense", "dense=true"]) == 0
+    assert cli.main(["eval", str(runs / "low")]) == 0
+    out = capsys.readouterr().out
+    assert '"test_acc"' in out
+    assert cli.main(["report", str(runs / "low"), str(runs / "dense"), "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "dense" in out and "bug tau=0.11" in out
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert cli.main(["train", "lrr=1"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+
+
+def test_shipped_configs_parse():
+    configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
