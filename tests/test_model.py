@@ -88,3 +88,14 @@ def test_compression_counts_every_stored_parameter():
     stored = (100 * 5 + 5 * 5 + 50 * 5 + 50) + (50 * 10 + 10)
     assert dlrt.parameter_counts(model) == (stored, dense)
     assert dlrt.compression(model) == pytest.approx(1 - stored / dense)
+
+
+def test_fractional_rank_is_per_layer():
+    model = nn.Sequential(nn.Linear(40, 20), nn.Linear(20, 10), nn.Linear(10, 2))
+    dlrt.convert(model, rank=0.5, exclude=("2",))
+    assert dlrt.ranks(model) == {"0": 10, "1": 5}
+    model = nn.Sequential(nn.Linear(40, 20), nn.Linear(20, 10))
+    dlrt.convert(model, rank=1.0, max_rank=8)
+    assert dlrt.ranks(model) == {"0": 8, "1": 8}
+    with pytest.raises(ValueError, match="fraction"):
+        dlrt.convert(nn.Sequential(nn.Linear(4, 4)), rank=1.5)

@@ -42,7 +42,7 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def convert(
     model: nn.Module,
-    rank: int | None = None,
+    rank: int | float | None = None,
     *,
     tau: float | None = None,
     max_rank: int | None = None,
@@ -53,9 +53,10 @@ def convert(
 ) -> nn.Module:
     """Replace ``nn.Linear`` and ``nn.Conv2d`` layers by low-rank layers, in place.
 
-    Each layer starts from the truncated SVD of its current weight: at ``rank``,
-    or at the rank the truncation rule picks with ``tau`` (capped by ``rank``
-    when both are given). ``max_rank`` and ``min_rank`` bound later rank
+    Each layer starts from the truncated SVD of its current weight: at ``rank``
+    (an int, or a float in ``(0, 1]``: that fraction of each layer's full rank
+    ``min(out, in)``, at least 1), or at the rank the truncation rule picks with
+    ``tau`` (capped by ``rank`` when both are given). ``max_rank`` and ``min_rank`` bound later rank
     adaptation (``max_rank`` is capped per layer at ``min(out, in)``).
 
     Args:
@@ -75,8 +76,11 @@ def convert(
         raise ValueError(f"conv={conv!r} is not supported; use conv='matrix'")
     if rank is None and tau is None:
         raise ValueError("convert needs rank=, tau= or both")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    fraction = isinstance(rank, float)
+    if fraction and not 0.0 < rank <= 1.0:
+        raise ValueError(f"a fractional rank must lie in (0, 1], got {rank}")
+    if rank is not None and not fraction and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive int or a fraction in (0, 1], got {rank!r}")
     if tau is not None and tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
     if max_rank is not None and max_rank < 1:
@@ -104,18 +108,22 @@ def convert(
         weight = module.weight
         n, m = weight.shape[0], weight[0].numel()
         full = min(n, m)
-        if rank is not None and rank > full:
+        layer_rank = max(1, round(rank * full)) if fraction else rank
+        if layer_rank is not None and layer_rank > full:
             raise ValueError(
                 f"rank={rank} is too large for layer {name!r} ({n}×{m}, full rank {full}): "
                 f"pass exclude=({name!r},) or a rank <= {full}"
             )
         cap = min(max_rank, full) if max_rank is not None else None
-        if cap is not None and rank is not None and rank > cap:
-            raise ValueError(f"rank={rank} exceeds max_rank={max_rank}")
+        if cap is not None and layer_rank is not None and layer_rank > cap:
+            if fraction:
+                layer_rank = cap
+            else:
+                raise ValueError(f"rank={rank} exceeds max_rank={max_rank}")
         if min_rank > full:
             raise ValueError(f"min_rank={min_rank} is too large for layer {name!r} (full rank {full})")
         factory = LowRankLinear.from_linear if isinstance(module, nn.Linear) else LowRankConv2d.from_conv
-        new = factory(module, rank, tau=tau, max_rank=cap, min_rank=min_rank)
+        new = factory(module, layer_rank, tau=tau, max_rank=cap, min_rank=min_rank)
         new.train(module.training)
         _set_child(model, name, new)
     return model

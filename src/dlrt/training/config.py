@@ -22,7 +22,9 @@ class TrainConfig:
     data_root: str | None = field(default=None, metadata={"help": "dataset directory (default: packaged data)"})
     model: str = field(default="lenet5", metadata={"help": "mlp | lenet5 | vgg11 | vgg16 | resnet20"})
     # low-rank conversion
-    rank: int = field(default=20, metadata={"help": "starting rank of every converted layer"})
+    rank: int | float = field(
+        default=20, metadata={"help": "starting rank: an int, or a fraction in (0, 1] of each layer's full rank"}
+    )
     max_rank: int | None = field(default=None, metadata={"help": "largest rank a layer may reach"})
     min_rank: int = field(default=1, metadata={"help": "smallest rank a layer may reach"})
     exclude: list[str] = field(default_factory=lambda: ["head"], metadata={"help": "layers left dense"})
@@ -56,13 +58,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _coerce_all(self)
-        positive = ("rank", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "step_size")
+        positive = ("min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "step_size")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "tau", "weight_decay", "momentum"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if isinstance(self.rank, float) and not 0 < self.rank <= 1:
+            raise ValueError(f"a fractional rank must lie in (0, 1], got {self.rank}")
+        if self.rank <= 0:
+            raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {self.rank}")
         if self.max_rank is not None and self.max_rank < self.min_rank:
             raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
         if self.limit is not None and self.limit < 1:
@@ -92,6 +98,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
+        if inner == [int, float]:
+            as_number = _coerce(key, value, float)
+            return int(as_number) if as_number.is_integer() and "." not in str(value) else as_number
         return _coerce(key, value, inner[0])
     origin = typing.get_origin(hint)
     if origin is list:

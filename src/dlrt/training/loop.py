@@ -92,7 +92,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         kwargs["in_channels"] = info.input_shape[0]
     model = get_model(cfg.model, **kwargs)
     if not cfg.dense:
-        exclude = tuple(dict.fromkeys([*cfg.exclude, *default_exclude(model, rank=cfg.rank, head="")]))
+        small = default_exclude(model, rank=cfg.rank, head="") if isinstance(cfg.rank, int) else ()
+        exclude = tuple(dict.fromkeys([*cfg.exclude, *small]))
         model_tools.convert(model, rank=cfg.rank, max_rank=cfg.max_rank, min_rank=cfg.min_rank, exclude=exclude)
     return model
 
