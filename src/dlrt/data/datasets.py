@@ -25,6 +25,7 @@ import importlib.util
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,26 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _search_dirs(
+    root: str | os.PathLike[str] | None, env_var: str, defaults: Callable[[], list[Path]]
+) -> tuple[list[Path], str]:
+    """Where to look for a dataset, and how to name that place in an error: root=, $ENV, or the defaults."""
+    if root is not None:
+        return [Path(root)], "root="
+    if os.environ.get(env_var):
+        return [Path(os.environ[env_var])], f"${env_var}"
+    return defaults(), "the default locations"
+
+
+def _first(candidates: list[Path], find: Callable[[Path], Path | None]) -> Path | None:
+    """The first non-None ``find(c)`` over ``candidates``."""
+    for c in candidates:
+        found = find(c)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_split(split: str) -> None:
@@ -237,17 +258,8 @@ class FashionMNIST(ImageDataset):
 
     def __init__(self, split: str = "train", root: str | os.PathLike[str] | None = None, normalize: bool = True):
         _check_split(split)
-        if root is not None:
-            candidates, origin = [Path(root)], "root="
-        elif os.environ.get(FASHION_MNIST_ENV):
-            candidates, origin = [Path(os.environ[FASHION_MNIST_ENV])], f"${FASHION_MNIST_ENV}"
-        else:
-            candidates, origin = _fashion_default_dirs(), "the default locations"
-        found = None
-        for c in candidates:
-            found = _idx_dir(c, split, ("fashion-mnist", "FashionMNIST/raw"))
-            if found is not None:
-                break
+        candidates, origin = _search_dirs(root, FASHION_MNIST_ENV, _fashion_default_dirs)
+        found = _first(candidates, lambda c: _idx_dir(c, split, ("fashion-mnist", "FashionMNIST/raw")))
         if found is None:
             where = ", ".join(str(c) for c in candidates)
             raise FileNotFoundError(
@@ -415,17 +427,8 @@ class CIFAR10(ImageDataset):
         seed: int | None = None,
     ):
         _check_split(split)
-        if root is not None:
-            candidates, origin = [Path(root)], "root="
-        elif os.environ.get(CIFAR10_ENV):
-            candidates, origin = [Path(os.environ[CIFAR10_ENV])], f"${CIFAR10_ENV}"
-        else:
-            candidates, origin = _cifar_default_dirs(), "the default locations"
-        folder = None
-        for c in candidates:
-            folder = _cifar_dir(c, split)
-            if folder is not None:
-                break
+        candidates, origin = _search_dirs(root, CIFAR10_ENV, _cifar_default_dirs)
+        folder = _first(candidates, lambda c: _cifar_dir(c, split))
         if folder is None:
             where = ", ".join(str(c) for c in candidates)
             files = ", ".join(CIFAR10_FILES[split])
