@@ -177,21 +177,34 @@ class LowRankConv2d(LowRankLayer):
     def _project_in(self, x: Tensor, V: Tensor) -> Tensor:
         return F.conv2d(x, self._kernel(V), None, self.stride, self._conv_padding, self.dilation)
 
+    # The 1×1 products act on the channels of (B, r, H, W) activations as batched
+    # matrix products over the (B, r, H·W) view: an order of magnitude faster on CPU
+    # than a 1×1 convolution (mkldnn) or einsum (permuted copies).
     @staticmethod
-    def _mul_core(a: Tensor, C: Tensor) -> Tensor:
-        return torch.einsum("brhw,rs->bshw", a, C)
+    def _channels(M: Tensor, a: Tensor) -> Tensor:
+        B, _, H, W = a.shape
+        # bmm with a broadcast M: matmul would fold the batch into one product through
+        # two transposed copies of the activations.
+        return torch.bmm(M.expand(B, -1, -1), a.reshape(B, a.shape[1], H * W)).reshape(B, M.shape[0], H, W)
 
-    @staticmethod
-    def _project_out(a: Tensor, U: Tensor, bias: Tensor | None) -> Tensor:
-        return F.conv2d(a, U[:, :, None, None], bias)
+    @classmethod
+    def _mul_core(cls, a: Tensor, C: Tensor) -> Tensor:
+        return cls._channels(C.mT, a)
 
-    @staticmethod
-    def _project_out_adjoint(dy: Tensor, U: Tensor) -> Tensor:
-        return F.conv2d(dy, U.mT[:, :, None, None])
+    @classmethod
+    def _project_out(cls, a: Tensor, U: Tensor, bias: Tensor | None) -> Tensor:
+        y = cls._channels(U, a)
+        return y if bias is None else y.add_(bias[:, None, None])
+
+    @classmethod
+    def _project_out_adjoint(cls, dy: Tensor, U: Tensor) -> Tensor:
+        return cls._channels(U.mT, dy)
 
     @staticmethod
     def _contract(p: Tensor, q: Tensor) -> Tensor:
-        return torch.einsum("bphw,bqhw->pq", p, q)
+        # Σ over batch and positions of p qᵀ as a batched product of views (no copies).
+        B = p.shape[0]
+        return torch.bmm(p.reshape(B, p.shape[1], -1), q.reshape(B, q.shape[1], -1).mT).sum(0)
 
     def _basis_grad_in(self, x: Tensor, b: Tensor) -> Tensor:
         r = b.shape[1]
