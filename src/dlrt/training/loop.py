@@ -300,7 +300,6 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
     opt = build_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     scheduler = build_scheduler(cfg, opt, steps_per_epoch)
-    stored, dense = model_tools.parameter_counts(model)
 
     start_epoch, start_batch, carry = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     rows: list[dict[str, Any]] = []
@@ -326,7 +325,7 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         io.save(ckpt, model, opt, extra=extra)
 
     tb = _TensorBoard(cfg.tensorboard, run_dir)
-    t_start = time.perf_counter()
+    t_start = t_epoch = time.perf_counter()
     status, message = "completed", ""
     model.train()
     epoch = start_epoch
