@@ -5,30 +5,8 @@
 without loading it; :func:`load_mnist` returns MNIST as a pair of tensors.
 """
 
-from .datasets import (
-    CIFAR10,
-    DATASETS,
-    MNIST,
-    DatasetInfo,
-    Digits,
-    FashionMNIST,
-    ImageDataset,
-    dataset_info,
-    get_dataset,
-    random_crop_flip,
-)
+from . import datasets
+from .datasets import *  # noqa: F403  (the public names are datasets.__all__)
 from .mnist import load_mnist
 
-__all__ = [
-    "CIFAR10",
-    "DATASETS",
-    "MNIST",
-    "DatasetInfo",
-    "Digits",
-    "FashionMNIST",
-    "ImageDataset",
-    "dataset_info",
-    "get_dataset",
-    "load_mnist",
-    "random_crop_flip",
-]
+__all__ = [*datasets.__all__, "load_mnist"]

@@ -22,6 +22,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) -> list[Path]:
     """Write ``ranks.png``, ``curves.png`` and (given the model) ``spectra.png`` into ``run_dir``."""
     from .loop import read_metrics
@@ -39,10 +46,7 @@ def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) ->
             ax.plot(epochs, [r["ranks"].get(name, float("nan")) for r in rows], marker="o", label=name)
         ax.set(xlabel="epoch", ylabel="rank", title="rank of each low-rank layer")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(run_dir / "ranks.png", dpi=120)
-        plt.close(fig)
-        written.append(run_dir / "ranks.png")
+        written.append(_save(plt, fig, run_dir / "ranks.png"))
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
@@ -53,10 +57,7 @@ def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) ->
     ax2.plot(epochs, [100 * r["test_acc"] for r in rows], marker="o", label="test")
     ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=120)
-    plt.close(fig)
-    written.append(run_dir / "curves.png")
+    written.append(_save(plt, fig, run_dir / "curves.png"))
 
     layers = list(lowrank_layers(model)) if model is not None else []
     if layers:
@@ -66,10 +67,7 @@ def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) ->
             ax.semilogy(range(1, sigma.numel() + 1), sigma.clamp_min(1e-12).numpy(), marker=".", label=name)
         ax.set(xlabel="index", ylabel="singular value", title="singular values of S at the end")
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(run_dir / "spectra.png", dpi=120)
-        plt.close(fig)
-        written.append(run_dir / "spectra.png")
+        written.append(_save(plt, fig, run_dir / "spectra.png"))
     return written
 
 
@@ -86,9 +84,6 @@ def plot_report(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLi
         ax.scatter(100 * summary["compression"], 100 * summary["test_acc"], label=label)
     ax.set(xlabel="compression (%)", ylabel="test accuracy (%)", title="accuracy vs compression")
     ax.legend(fontsize="small")
-    fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
