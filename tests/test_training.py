@@ -142,3 +142,18 @@ def test_shipped_configs_parse():
     assert configs
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.slow
+def test_lenet5_on_real_mnist_one_epoch(tmp_path):
+    """LeNet5 on the real MNIST for one epoch: >= 97 % test accuracy at >= 80 % compression."""
+    pytest.importorskip("mnist")
+    config = Path(__file__).parents[1] / "configs" / "lenet5_mnist_1epoch.yaml"
+    threads = torch.get_num_threads()
+    try:
+        result = train(load_config(config, [f"runs_dir={tmp_path}", "progress=false", "threads=2", "plots=false"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.status == "completed"
+    assert result.summary["test_acc"] >= 0.97
+    assert result.summary["compression"] >= 0.80
