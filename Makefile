@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (Python 3.11 + pip):
-#   make demo   — install, then train a rank-adaptive MLP on MNIST
+#   make demo   — install, then `dlrt train`: LeNet5 on MNIST with the rank-adaptive integrator
 #   make test   — install, then lint and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m dlrt.demo
+	$(VENV)/bin/dlrt train
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks

@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,11 +231,11 @@ def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 
 class _Progress:
-    """A tqdm bar when available and wanted, else nothing."""
+    """A tqdm bar when available, wanted and on a terminal, else nothing."""
 
     def __init__(self, enabled: bool, total: int, desc: str) -> None:
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             with contextlib.suppress(ImportError):
                 from tqdm.auto import tqdm
 
