@@ -159,10 +159,6 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def lowrank_group(self) -> dict[str, Any]:
         return self.param_groups[0]
 
-    @property
-    def dense_group(self) -> dict[str, Any] | None:
-        return self.param_groups[1] if len(self.param_groups) > 1 else None
-
     # ---------------------------------------------------------------- passes
     def _set_request(self, request: frozenset[str]) -> None:
         for layer in self.lowrank_layers:
