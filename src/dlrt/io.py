@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,21 @@ def save(
         header = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise TypeError(f"checkpoint metadata must be JSON-serializable (check extra=): {err}") from err
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"dlrt": header}))
+    return path
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash or an exception leaves ``path`` as it was (and no temporary file behind).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"dlrt": header})
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

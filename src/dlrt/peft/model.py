@@ -1,0 +1,353 @@
+"""``get_geolora_model`` and ``GeoLoRAModel``: PEFT's model API for rank-adaptive adapters."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..io import atomic_write
+from ..layers import LowRankAdapter
+from ..model import _excluded, _matches, _set_child
+from ..optimizer import DLRTOptimizer
+from .config import CONFIG_NAME, GeoLoRAConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "dlrt-geolora"
+VERSION = 1
+
+__all__ = ["WEIGHTS_NAME", "GeoLoRAModel", "get_geolora_model"]
+
+
+class GeoLoRAModel(nn.Module):
+    """A model whose chosen layers carry :class:`~dlrt.layers.LowRankAdapter` s.
+
+    Build it with :func:`get_geolora_model` or :meth:`from_pretrained`. It
+    calls the wrapped model (``base_model``) and forwards unknown attributes
+    to it, as PEFT's ``PeftModel`` does; its ``forward`` shows the wrapped
+    model's signature, so ``transformers.Trainer`` keeps the right columns.
+    Train it with :meth:`make_optimizer` (a :class:`~dlrt.DLRTOptimizer`
+    set up from the config), or with ``transformers.Trainer`` and
+    :class:`~dlrt.peft.GeoLoRACallback`.
+    """
+
+    def __init__(self, model: nn.Module, config: GeoLoRAConfig, requires_grad: dict[str, bool]) -> None:
+        super().__init__()
+        self.base_model = model
+        self.geolora_config = config
+        # requires_grad of every base parameter before freezing, restored by unload().
+        self._requires_grad = requires_grad
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # ----------------------------------------------------------- inspection
+    def adapters(self) -> dict[str, LowRankAdapter]:
+        """Every adapter by the name of the module it adapts (relative to ``base_model``)."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, LowRankAdapter)}
+
+    def ranks(self) -> dict[str, int]:
+        """Current rank of every adapter."""
+        return {n: m.rank for n, m in self.adapters().items()}
+
+    def num_adapter_parameters(self) -> int:
+        """Parameters the adapters store now (``U``, ``S``, ``V``; changes with the ranks)."""
+        return sum(m.num_parameters() for m in self.adapters().values())
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, as PEFT reports them."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        ranks = self.ranks()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f} || adapters: {len(ranks)}, "
+            f"total rank: {sum(ranks.values())}"
+        )
+
+    # -------------------------------------------------------------- training
+    def make_optimizer(self, optimizer: str = "adamw", lr: float | None = 1e-3, **kwargs: Any) -> DLRTOptimizer:
+        """A :class:`~dlrt.DLRTOptimizer` with the config's integrator, tau, truncation, budget and
+        coefficient steps; ``kwargs`` go to it (``weight_decay``, ``betas``, ...).
+
+        Only the adapters and ``modules_to_save`` are trained; the bases ``U``, ``V``
+        never get weight decay.
+        """
+        c = self.geolora_config
+        from_config = {
+            "integrator": c.integrator,
+            "tau": c.tau,
+            "truncation": c.truncation,
+            "budget": c.budget,
+            "coefficient_steps": c.coefficient_steps,
+        }
+        clash = sorted(set(from_config) & set(kwargs))
+        if clash:
+            raise ValueError(f"{clash} come from the GeoLoRAConfig; change the config instead")
+        return DLRTOptimizer(self, optimizer=optimizer, lr=lr, **from_config, **kwargs)
+
+    # ------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapters at their
+        current ranks, and ``modules_to_save``) into ``directory``; each file atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        tensors: dict[str, torch.Tensor] = {}
+        adapters = {}
+        for name, a in self.adapters().items():
+            lora = a.lora
+            for key, p in (("U", lora.U), ("S", lora.S), ("V", lora.V)):
+                tensors[f"{name}.{key}"] = p.detach().contiguous().cpu()
+            adapters[name] = {
+                "kind": type(a.base_layer).__name__,
+                "weight_shape": list(a.base_layer.weight.shape),
+                "core": list(lora.S.shape),
+                "scaling": a.scaling,
+                "min_rank": lora.min_rank,
+                "max_rank": lora.max_rank,
+            }
+        saved_modules = {}
+        for name in self._modules_to_save():
+            sd = self.base_model.get_submodule(name).state_dict()
+            saved_modules[name] = {k: list(t.shape) for k, t in sd.items()}
+            for k, t in sd.items():
+                tensors[f"modules_to_save.{name}.{k}"] = t.detach().contiguous().cpu()
+        meta = {"format": FORMAT, "version": VERSION, "adapters": adapters, "modules_to_save": saved_modules}
+        text = json.dumps({**self.geolora_config.to_dict(), "dlrt": meta}, indent=2) + "\n"
+        # Weights first: the config is written last, so a directory with a config is complete.
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | os.PathLike[str], is_trainable: bool = False
+    ) -> GeoLoRAModel:
+        """Put the adapters saved in ``directory`` onto ``model`` (a fresh copy of the base model).
+
+        The adapters get the saved ranks. With ``is_trainable=False`` (PEFT's
+        default) the result is in eval mode with nothing trainable.
+
+        Raises:
+            FileNotFoundError: ``directory`` lacks the config or the weights.
+            ValueError: ``model`` is not the base the adapters were saved from
+                (the message names the first mismatched module).
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = GeoLoRAConfig.from_pretrained(directory)
+        meta = json.loads((directory / CONFIG_NAME).read_text()).get("dlrt")
+        if not meta or meta.get("format") != FORMAT:
+            raise ValueError(f"{directory / CONFIG_NAME} was not written by GeoLoRAModel.save_pretrained")
+        if meta.get("version") != VERSION:
+            raise ValueError(f"{directory}: unsupported adapter format version {meta.get('version')}")
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+        try:
+            tensors = load_file(str(weights))
+        except SafetensorError as err:
+            raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+
+        modules = dict(model.named_modules())
+        for name, info in meta["adapters"].items():
+            m = modules.get(name)
+            if m is None:
+                raise ValueError(f"the adapter for module {name!r} does not fit this model: it has no module {name!r}")
+            shape = list(m.weight.shape) if isinstance(m, (nn.Linear, nn.Conv2d)) else None
+            if type(m).__name__ != info["kind"] or shape != info["weight_shape"]:
+                raise ValueError(
+                    f"the adapter for module {name!r} does not fit this model: it was saved for a {info['kind']} "
+                    f"with weight {info['weight_shape']}, the model has a {type(m).__name__}"
+                    + (f" with weight {shape}" if shape else "")
+                )
+        for name, shapes in meta["modules_to_save"].items():
+            m = modules.get(name)
+            if m is None:
+                raise ValueError(f"modules_to_save entry {name!r} does not fit this model: it has no such module")
+            mine = {k: list(t.shape) for k, t in m.state_dict().items()}
+            if mine != shapes:
+                raise ValueError(
+                    f"modules_to_save entry {name!r} does not fit this model: saved tensors {shapes}, model {mine}"
+                )
+
+        geo = _inject(model, config, list(meta["adapters"]))
+        with torch.no_grad():
+            for name, a in geo.adapters().items():
+                lora = a.lora
+                info = meta["adapters"][name]
+                lora.min_rank, lora.max_rank = info["min_rank"], info["max_rank"]
+                a.scaling = info["scaling"]
+                U, S, V = (tensors[f"{name}.{k}"] for k in ("U", "S", "V"))
+                lora.set_factors(U, S, V)
+            for name in meta["modules_to_save"]:
+                prefix = f"modules_to_save.{name}."
+                sd = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+                model.get_submodule(name).load_state_dict(sd, strict=True)
+        if not is_trainable:
+            geo.eval()
+            geo.requires_grad_(False)
+        return geo
+
+    # ------------------------------------------------------------- unwrapping
+    def merge_and_unload(self) -> nn.Module:
+        """The base model with every update merged into its layer's weight (no adapters left)."""
+        return self._unwrap(merge=True)
+
+    def unload(self) -> nn.Module:
+        """The base model with its original layers back, updates discarded."""
+        return self._unwrap(merge=False)
+
+    def _unwrap(self, merge: bool) -> nn.Module:
+        base = self.base_model
+        for name, a in list(self.adapters().items()):
+            _set_child(base, name, a.merged() if merge else a.base_layer)
+        for name, p in base.named_parameters():
+            if name in self._requires_grad:
+                p.requires_grad_(self._requires_grad[name])
+        return base
+
+    def _modules_to_save(self) -> list[str]:
+        return _modules_to_save(self.base_model, self.geolora_config)
+
+
+def get_geolora_model(model: nn.Module, config: GeoLoRAConfig) -> GeoLoRAModel:
+    """Freeze ``model`` and put a :class:`~dlrt.layers.LowRankAdapter` on every target module.
+
+    Targets are the ``nn.Linear`` and (groups=1) ``nn.Conv2d`` layers matching
+    ``config.target_modules`` (every such layer when None), outside
+    ``exclude_modules`` and ``modules_to_save``. ``modules_to_save`` stay
+    trainable. ``model`` is modified in place.
+
+    Raises:
+        ValueError: nothing matches, a ``modules_to_save`` entry matches no
+            module, or ``model`` already has adapters.
+
+    A layer whose full rank ``min(out, in·kh·kw)`` is below ``r`` (or
+    ``min_rank``, ``max_rank``) gets an adapter of its full rank.
+    """
+    if not isinstance(config, GeoLoRAConfig):
+        raise TypeError(f"config must be a GeoLoRAConfig, got {type(config).__name__}")
+    if isinstance(model, GeoLoRAModel) or any(isinstance(m, LowRankAdapter) for m in model.modules()):
+        raise ValueError("the model already carries adapters: call unload() or merge_and_unload() first")
+    return _inject(model, config, _find_targets(model, config))
+
+
+def _find_targets(model: nn.Module, config: GeoLoRAConfig) -> list[str]:
+    saved = _modules_to_save(model, config)
+    candidates = []
+    for name, m in model.named_modules():
+        if name == "" or not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if saved and _excluded(name, saved):
+            continue
+        if config.exclude_modules and _excluded(name, config.exclude_modules):
+            continue
+        candidates.append(name)
+    if config.target_modules is None:
+        targets = candidates
+    else:
+        targets = [n for n in candidates if _matches(n, config.target_modules)]
+    grouped = [n for n in targets if getattr(model.get_submodule(n), "groups", 1) != 1]
+    if grouped and config.target_modules is not None:
+        raise ValueError(f"modules {grouped} are grouped convolutions, which adapters do not support; exclude them")
+    targets = [n for n in targets if n not in grouped]
+    if not targets:
+        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        shown = ", ".join(layers[:12]) + (", ..." if len(layers) > 12 else "")
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no "
+            f"nn.Linear or nn.Conv2d of the model; its layers are: {shown or 'none'}"
+        )
+    return targets
+
+
+def _modules_to_save(model: nn.Module, config: GeoLoRAConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n]
+    found = []
+    for entry in config.modules_to_save:
+        hits = [n for n in names if _matches(n, [entry])]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
+        found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
+    return sorted(set(found))
+
+
+def _inject(model: nn.Module, config: GeoLoRAConfig, targets: list[str]) -> GeoLoRAModel:
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    built = {}
+    for name in targets:
+        layer = model.get_submodule(name)
+        # Ranks are capped at a small layer's full rank (a full-rank update is the most there is).
+        full = min(layer.weight.shape[0], layer.weight[0].numel())
+        built[name] = LowRankAdapter(
+            layer,
+            min(config.r, full),
+            scaling=config.scaling,
+            dropout=config.lora_dropout,
+            max_rank=min(config.max_rank or full, full),
+            min_rank=min(config.min_rank, full),
+        )
+    model.requires_grad_(False)
+    for name, adapter in built.items():
+        _set_child(model, name, adapter)
+    for name in _modules_to_save(model, config):
+        model.get_submodule(name).requires_grad_(True)
+    return _wrapper_class(model)(model, config, requires_grad)
+
+
+_CLASSES: dict[type, type[GeoLoRAModel]] = {}
+
+
+def _wrapper_class(model: nn.Module) -> type[GeoLoRAModel]:
+    """A ``GeoLoRAModel`` subclass whose ``forward`` has the signature of ``model``'s.
+
+    ``transformers.Trainer`` reads the model's forward signature to decide which
+    dataset columns (and which label names) to pass; a bare ``*args, **kwargs``
+    would make it drop every input column.
+    """
+    base_cls = type(model)
+    cls = _CLASSES.get(base_cls)
+    if cls is not None:
+        return cls
+    try:
+        signature = inspect.signature(base_cls.forward)
+    except (TypeError, ValueError):
+        return GeoLoRAModel
+
+    def forward(self: GeoLoRAModel, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    forward.__signature__ = signature  # type: ignore[attr-defined]
+    forward.__doc__ = base_cls.forward.__doc__
+    cls = type("GeoLoRAModel", (GeoLoRAModel,), {"forward": forward, "__module__": __name__})
+    _CLASSES[base_cls] = cls
+    return cls

@@ -1,0 +1,368 @@
+"""GeoLoRA adapters: the PEFT-shaped API, the adapter math, save/load, merge."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dlrt.layers import LowRankAdapter
+from dlrt.peft import GeoLoRAConfig, GeoLoRAModel, get_geolora_model
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Linear(8 * 16, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).mean(-1).flatten(1)
+        return self.head(torch.relu(self.body(h)))
+
+
+def make_net(seed: int = 0, dtype: torch.dtype = torch.float32) -> Net:
+    torch.manual_seed(seed)
+    return Net().to(dtype)
+
+
+def batch(dtype: torch.dtype = torch.float32, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 16, 16, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
+
+
+def train(model: GeoLoRAModel, steps: int = 5, **opt_kwargs) -> list[dict[str, int]]:
+    opt = model.make_optimizer(**{"lr": 5e-3, **opt_kwargs})
+    x, y = batch(next(model.parameters()).dtype)
+    ranks = []
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ranks.append(model.ranks())
+    return ranks
+
+
+def test_adapters_start_as_the_identity_update_and_freeze_the_base():
+    base = make_net()
+    ref = copy.deepcopy(base)
+    x, _ = batch()
+    model = get_geolora_model(base, GeoLoRAConfig(r=4, modules_to_save=["head"]))
+    assert sorted(model.adapters()) == ["body.0", "body.2", "conv"]
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora." in n or n.startswith("base_model.head.") for n in trainable)
+    assert {"base_model.head.weight", "base_model.head.bias"} <= trainable
+    assert not any("base_layer" in n for n in trainable)
+
+
+def test_training_changes_only_adapters_and_modules_to_save():
+    base = make_net()
+    frozen = {k: v.clone() for k, v in base.state_dict().items() if not k.startswith("head")}
+    model = get_geolora_model(base, GeoLoRAConfig(r=4, modules_to_save=["head"]))
+    head = model.base_model.head.weight.detach().clone()
+    train(model, steps=3)
+    for name, a in model.adapters().items():
+        torch.testing.assert_close(a.base_layer.weight, frozen[f"{name}.weight"], rtol=0, atol=0)
+        assert a.lora.S.abs().sum() > 0
+    assert not torch.equal(model.base_model.head.weight, head)
+
+
+def test_adapter_gradients_are_the_scaled_projected_dense_gradient():
+    """G V, Gᵀ U and Uᵀ G V of the update equal s·(dense gradient of W₀) projected, float64."""
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9).double()
+    adapter = LowRankAdapter(copy.deepcopy(lin), 3, scaling=2.5)
+    with torch.no_grad():
+        adapter.lora.S.copy_(torch.randn(3, 3, dtype=torch.float64))
+    adapter.lora.grad_request = frozenset({"K", "L"})
+    x = torch.randn(7, 12, dtype=torch.float64)
+    adapter(x).pow(2).sum().backward()
+    # Dense reference: the same function with W = W₀ + s U S Vᵀ as one free matrix.
+    U, S, V = (t.detach() for t in (adapter.lora.U, adapter.lora.S, adapter.lora.V))
+    W = (lin.weight.detach() + 2.5 * U @ S @ V.T).requires_grad_(True)
+    nn.functional.linear(x, W, lin.bias).pow(2).sum().backward()
+    G = 2.5 * W.grad
+    torch.testing.assert_close(adapter.lora.grad_K, G @ V, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(adapter.lora.grad_L, G.T @ U, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(adapter.lora.S.grad, U.T @ G @ V, rtol=1e-10, atol=1e-10)
+
+
+def test_one_sgd_step_matches_the_dense_parallel_bug_formula():
+    """ALGORITHMS §3 on an adapter, float64: the new U S Vᵀ equals the augmented core truncated at tau=0."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 8)).double()
+    model = get_geolora_model(base, GeoLoRAConfig(r=2, tau=0.0, truncation="local", lora_alpha=2.0))
+    lora = model.adapters()["0"].lora
+    with torch.no_grad():
+        lora.S.copy_(torch.tensor([[0.7, 0.1], [0.0, 0.3]], dtype=torch.float64))
+    U0, S0, V0 = (t.detach().clone() for t in (lora.U, lora.S, lora.V))
+    x = torch.randn(5, 10, dtype=torch.float64)
+    lr = 0.1
+    opt = model.make_optimizer(optimizer="sgd", lr=lr)
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    opt.step()
+    W = (base[0].base_layer.weight.detach() + 1.0 * U0 @ S0 @ V0.T).requires_grad_(True)
+    nn.functional.linear(x, W, base[0].base_layer.bias).pow(2).sum().backward()
+    G = 1.0 * W.grad  # scaling = lora_alpha / r = 1
+    P_U = torch.eye(8, dtype=torch.float64) - U0 @ U0.T
+    P_V = torch.eye(10, dtype=torch.float64) - V0 @ V0.T
+    # W₁ = U₀S₀V₀ᵀ − λ (P_U-free tangent projection of G): U₀U₀ᵀG V₀V₀ᵀ + P_U G V₀V₀ᵀ + U₀U₀ᵀ G P_V.
+    tangent = U0 @ U0.T @ G @ V0 @ V0.T + P_U @ G @ V0 @ V0.T + U0 @ U0.T @ G @ P_V
+    expected = U0 @ S0 @ V0.T - lr * tangent
+    torch.testing.assert_close(lora.matrix().detach(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_merge_and_unload_matches_to_1e_5_linear_and_conv():
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.05, modules_to_save=["head"]))
+    train(model, steps=4)
+    x, _ = batch()
+    model.eval()
+    expected = model(x).detach()
+    merged = model.merge_and_unload()
+    assert isinstance(merged, Net) and not any(isinstance(m, LowRankAdapter) for m in merged.modules())
+    assert isinstance(merged.conv, nn.Conv2d) and isinstance(merged.body[0], nn.Linear)
+    torch.testing.assert_close(merged(x), expected, rtol=0, atol=1e-5)
+    assert all(p.requires_grad for p in merged.parameters())  # flags restored
+
+
+def test_unload_restores_the_original_function():
+    base = make_net()
+    ref = copy.deepcopy(base)
+    model = get_geolora_model(base, GeoLoRAConfig(r=4))
+    train(model, steps=2)
+    restored = model.unload()
+    x, _ = batch()
+    torch.testing.assert_close(restored(x), ref(x), rtol=0, atol=0)
+
+
+def test_save_load_round_trip_after_ranks_changed(tmp_path):
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.3, modules_to_save=["head"]))
+    history = train(model, steps=6)
+    assert any(r != {"body.0": 4, "body.2": 4, "conv": 4} for r in history), "ranks never changed"
+    model.eval()
+    x, _ = batch()
+    expected = model(x).detach()
+    model.save_pretrained(tmp_path / "ad")
+    files = sorted(p.name for p in (tmp_path / "ad").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and {n: c[0] for n, c in ((n, a["core"]) for n, a in saved["dlrt"]["adapters"].items())} == (
+        model.ranks()
+    )
+
+    loaded = GeoLoRAModel.from_pretrained(make_net(), tmp_path / "ad")
+    assert loaded.ranks() == model.ranks()
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    trainable = GeoLoRAModel.from_pretrained(make_net(), tmp_path / "ad", is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+    train(trainable, steps=1)
+
+
+def test_loading_into_a_different_base_names_the_module(tmp_path):
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=2))
+    model.save_pretrained(tmp_path)
+
+    class Wider(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body[2] = nn.Linear(32, 48)
+            self.head = nn.Linear(48, 4)
+
+    with pytest.raises(ValueError, match=r"'body\.2'.*weight \[32, 32\].*weight \[48, 32\]"):
+        GeoLoRAModel.from_pretrained(Wider(), tmp_path)
+
+    class Renamed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.trunk = nn.Sequential(nn.Linear(128, 32))
+
+    with pytest.raises(ValueError, match=r"has no module 'body\.0'"):
+        GeoLoRAModel.from_pretrained(Renamed(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        GeoLoRAModel.from_pretrained(make_net(), tmp_path / "nowhere")
+
+
+def test_global_budget_holds_after_every_truncation():
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=6, tau=0.0, budget=7))
+    for ranks in train(model, steps=6, lr=2e-2):
+        assert sum(ranks.values()) <= 7
+        assert min(ranks.values()) >= 1
+
+
+def test_scaling_is_fixed_when_ranks_change():
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, lora_alpha=8, tau=0.3))
+    train(model, steps=3)
+    assert {a.scaling for a in model.adapters().values()} == {2.0}
+
+
+def test_bases_stay_orthonormal_and_never_decay_under_adamw():
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.05))
+    train(model, steps=20, optimizer="adamw", weight_decay=0.5, lr=1e-2)
+    for a in model.adapters().values():
+        U, V = a.lora.U.detach(), a.lora.V.detach()
+        torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(V.T @ V, torch.eye(V.shape[1]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        (["body.0"], ["body.0"]),
+        (["0", "2"], ["body.0", "body.2"]),
+        (r"body\.\d", ["body.0", "body.2"]),
+        (r"conv|head", ["conv", "head"]),
+    ],
+)
+def test_target_modules_by_list_and_regex(targets, expected):
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=2, target_modules=targets))
+    assert sorted(model.adapters()) == expected
+
+
+def test_exclude_and_modules_to_save_are_not_adapted():
+    cfg = GeoLoRAConfig(r=2, exclude_modules=["conv"], modules_to_save=["body"])
+    model = get_geolora_model(make_net(), cfg)
+    assert sorted(model.adapters()) == ["head"]
+    assert model.base_model.body[0].weight.requires_grad
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="matches no nn.Linear or nn.Conv2d.*body.0"):
+        get_geolora_model(make_net(), GeoLoRAConfig(target_modules=["query"]))
+    with pytest.raises(ValueError, match="modules_to_save entry 'classifier' matches no module"):
+        get_geolora_model(make_net(), GeoLoRAConfig(modules_to_save=["classifier"]))
+    capped = get_geolora_model(make_net(), GeoLoRAConfig(r=20, target_modules=["head", "body.0"]))
+    assert capped.ranks() == {"body.0": 20, "head": 4}  # a 4×32 layer has full rank 4
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=2))
+    with pytest.raises(ValueError, match="already carries adapters"):
+        get_geolora_model(model.base_model, GeoLoRAConfig(r=2))
+    with pytest.raises(ValueError, match="come from the GeoLoRAConfig"):
+        model.make_optimizer(tau=0.5)
+
+
+def test_config_validation_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="unknown GeoLoRAConfig keys \\['rank'\\]; valid keys: .*'r'"):
+        GeoLoRAConfig.from_dict({"rank": 4})
+    for bad, match in [
+        ({"r": 0}, "r must be an int >= 1"),
+        ({"tau": -1}, "tau must be"),
+        ({"budget": 5, "truncation": "local"}, "budget= needs truncation='global'"),
+        ({"integrator": "fixed"}, "rank-adaptive"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"target_modules": "("}, "not a valid regex"),
+        ({"r": 8, "max_rank": 4}, "exceeds max_rank"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            GeoLoRAConfig(**bad)
+    cfg = GeoLoRAConfig(r=4, budget=10, target_modules=["a", "b"], modules_to_save=["head"])
+    cfg.save_pretrained(tmp_path)
+    assert GeoLoRAConfig.from_pretrained(tmp_path) == cfg
+
+
+def test_print_trainable_parameters(capsys):
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=2, modules_to_save=["head"]))
+    model.print_trainable_parameters()
+    out = capsys.readouterr().out
+    trainable, total = model.get_nb_trainable_parameters()
+    assert f"trainable params: {trainable:,d}" in out and f"all params: {total:,d}" in out
+    head = sum(p.numel() for p in model.base_model.head.parameters())
+    assert trainable == model.num_adapter_parameters() + head
+
+
+# ------------------------------------------------------------------ transformers
+def tiny_bert_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def bert_batch(n: int = 8):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 100, (n, 12), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=g)}
+
+
+def test_tiny_bert_train_merge_save_load(tmp_path):
+    cfg = GeoLoRAConfig(r=4, tau=0.1, budget=12, target_modules=["query", "value"], modules_to_save=["classifier"])
+    model = get_geolora_model(tiny_bert_model(), cfg)
+    assert len(model.adapters()) == 4
+    assert model.config.num_labels == 2  # attributes fall through to the base model
+    opt = model.make_optimizer(lr=1e-2)
+    for _ in range(4):
+        opt.zero_grad()
+        model(**bert_batch()).loss.backward()
+        opt.step()
+        assert sum(model.ranks().values()) <= 12
+    model.eval()
+    inputs = {k: v for k, v in bert_batch().items() if k != "labels"}
+    expected = model(**inputs).logits.detach()
+    model.save_pretrained(tmp_path)
+    loaded = GeoLoRAModel.from_pretrained(tiny_bert_model(), tmp_path)
+    torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=0)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(**inputs).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_forward_signature_is_the_base_models():
+    import inspect
+
+    model = get_geolora_model(tiny_bert_model(), GeoLoRAConfig(r=2, target_modules=["query"]))
+    assert "input_ids" in inspect.signature(model.forward).parameters
+    assert "labels" in inspect.signature(type(model).forward).parameters
+    assert isinstance(model, GeoLoRAModel)
+
+
+def _trainer(model, tmp_path, optimizers, callbacks):
+    transformers = pytest.importorskip("transformers")
+    data = [{k: v[i] for k, v in bert_batch(16).items()} for i in range(16)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        max_grad_norm=0.0,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=optimizers, callbacks=callbacks)
+
+
+def test_transformers_trainer_runs_the_integrator(tmp_path):
+    from dlrt.peft import GeoLoRACallback
+
+    model = get_geolora_model(tiny_bert_model(), GeoLoRAConfig(r=4, tau=0.2, target_modules=["query", "value"]))
+    opt = model.make_optimizer(lr=1e-2)
+    callback = GeoLoRACallback(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _trainer(model, tmp_path, (opt, None), [callback]).train()
+    assert opt.steps == 4
+    assert callback.rank_history and callback.rank_history[-1][1] == sum(model.ranks().values())
+
+
+def test_callback_warns_when_trainer_uses_its_own_optimizer(tmp_path):
+    from dlrt.peft import GeoLoRACallback
+
+    model = get_geolora_model(tiny_bert_model(), GeoLoRAConfig(r=4, target_modules=["query"]))
+    with pytest.warns(RuntimeWarning, match="integrator will NEVER run"):
+        _trainer(model, tmp_path, (None, None), [GeoLoRACallback()]).train()
