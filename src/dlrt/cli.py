@@ -1,4 +1,4 @@
-"""The ``dlrt`` command line: ``dlrt train | eval | report``."""
+"""The ``dlrt`` command line: ``dlrt train | finetune | eval | report``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,20 @@ def _train(args: argparse.Namespace) -> int:
     else:
         result = train(load_config(args.config, args.overrides))
     print(f"{result.status}: {result.run_dir}")
+    return {"completed": 0, "interrupted": 130, "diverged": 1}[result.status]
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .training.config import FinetuneConfig, load_config
+    from .training.finetune import finetune
+
+    result = finetune(load_config(args.config, args.overrides, cls=FinetuneConfig))
+    s = result.summary
+    acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
+    print(
+        f"{result.status}: {result.run_dir} (test accuracy {acc}, total rank {s['total_rank']}, "
+        f"adapter parameters {s['adapter_params']:,d})"
+    )
     return {"completed": 0, "interrupted": 130, "diverged": 1}[result.status]
 
 
@@ -81,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     p.set_defaults(func=_train)
+    p = sub.add_parser(
+        "finetune", help="fine-tune a pretrained model with adapters (default: GeoLoRA, MiniLM on Rotten Tomatoes)"
+    )
+    p.add_argument("--config", help="YAML config file (see configs/finetune_*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    p.set_defaults(func=_finetune)
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on its test set")
     p.add_argument("run_dir")
     p.set_defaults(func=_eval)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "apply_overrides", "load_config"]
+__all__ = ["FinetuneConfig", "TrainConfig", "apply_overrides", "load_config"]
 
 
 @dataclass
@@ -87,13 +87,97 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run (``dlrt finetune``); saved resolved as ``config.yaml`` in the run directory.
+
+    The defaults fine-tune the pretrained MiniLM-L6 encoder on the Rotten Tomatoes
+    snippets (binary sentiment, split by movie) with GeoLoRA adapters.
+    ``method`` picks GeoLoRA, full fine-tuning, or PEFT's LoRA / AdaLoRA (needs
+    ``peft``) on the same data, model and loop.
+    """
+
+    # task
+    model: str = field(default="minilm", metadata={"help": "minilm | mnist-cnn (pretrained) | tiny-bert (tests)"})
+    dataset: str = field(default="rotten-tomatoes", metadata={"help": "rotten-tomatoes | fashion-mnist | mnist"})
+    data_path: str | None = field(default=None, metadata={"help": "dataset file/directory (default: packaged)"})
+    test_fraction: float = field(default=0.2, metadata={"help": "share of movies held out (rotten-tomatoes)"})
+    max_length: int = field(default=64, metadata={"help": "tokens per snippet (text tasks)"})
+    # adapters
+    method: str = field(default="geolora", metadata={"help": "geolora | lora | adalora | full"})
+    r: int = field(default=8, metadata={"help": "initial adapter rank (LoRA: the rank)"})
+    max_rank: int | None = field(default=None, metadata={"help": "largest adapter rank (geolora)"})
+    min_rank: int = field(default=1, metadata={"help": "smallest adapter rank (geolora)"})
+    tau: float = field(default=0.1, metadata={"help": "relative truncation tolerance (geolora)"})
+    budget: int | None = field(default=None, metadata={"help": "total rank of all adapters (geolora)"})
+    integrator: str = field(default="parallel", metadata={"help": "parallel | bug (geolora)"})
+    coefficient_steps: int = field(default=1, metadata={"help": "S-steps between truncations (geolora)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "update scaling numerator (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "modules to adapt (default: per model)"})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "modules trained in full (default: the model's new head)"}
+    )
+    init_r: int = field(default=12, metadata={"help": "AdaLoRA initial rank"})
+    target_r: int = field(default=8, metadata={"help": "AdaLoRA target average rank"})
+    # optimizer and loop
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | adam | sgd"})
+    lr: float = field(default=5e-4, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay (never on GeoLoRA's bases)"})
+    schedule: str = field(default="linear", metadata={"help": "constant | linear | cosine (per step)"})
+    epochs: int = field(default=2, metadata={"help": "training epochs"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
+    batch_size: int = field(default=32, metadata={"help": "training batch size"})
+    eval_batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N train/test examples"})
+    seed: int = field(default=0, metadata={"help": "seeds the split, adapters, shuffling and dropout"})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    # outputs
+    runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
+    name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
+
+    def __post_init__(self) -> None:
+        _coerce_all(self)
+        for key in ("r", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "max_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("max_steps", "limit", "budget", "max_rank"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
+        for key in ("lr", "tau", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r={self.target_r} exceeds init_r={self.init_r}")
+        _check_choice("model", self.model, ("minilm", "mnist-cnn", "tiny-bert"))
+        _check_choice("dataset", self.dataset, ("rotten-tomatoes", "fashion-mnist", "mnist"))
+        text = self.model in ("minilm", "tiny-bert")
+        if text != (self.dataset == "rotten-tomatoes"):
+            raise ValueError(
+                f"model={self.model!r} does not fit dataset={self.dataset!r}: text models take rotten-tomatoes, "
+                "mnist-cnn takes fashion-mnist or mnist"
+            )
+        _check_choice("method", self.method, ("geolora", "lora", "adalora", "full"))
+        _check_choice("integrator", self.integrator, ("parallel", "bug"))
+        _check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _check_choice("schedule", self.schedule, ("constant", "linear", "cosine"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -141,32 +225,35 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _coerce_all(cfg: TrainConfig) -> None:
-    for key, hint in _field_types().items():
+def _coerce_all(cfg: Any) -> None:
+    for key, hint in _field_types(type(cfg)).items():
         setattr(cfg, key, _coerce(key, getattr(cfg, key), hint))
 
 
-def _check_keys(keys: typing.Iterable[str], where: str) -> None:
-    valid = [f.name for f in dataclasses.fields(TrainConfig)]
+def _check_keys(keys: typing.Iterable[str], where: str, cls: type) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in keys if k not in valid]
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {', '.join(valid)}")
 
 
-def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings on top of ``values`` (validated against :class:`TrainConfig`)."""
+def apply_overrides(values: dict[str, Any], overrides: typing.Sequence[str], cls: type = TrainConfig) -> dict[str, Any]:
+    """Apply ``key=value`` strings on top of ``values`` (keys validated against the dataclass ``cls``)."""
     out = dict(values)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        _check_keys([key.strip()], "the overrides")
+        _check_keys([key.strip()], "the overrides", cls)
         out[key.strip()] = value.strip()
     return out
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """A :class:`TrainConfig` from a YAML file (optional) and ``key=value`` overrides."""
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: typing.Sequence[str] = (), cls: type = TrainConfig
+) -> Any:
+    """A config (``cls``: :class:`TrainConfig`, or another config dataclass of this module) from a YAML
+    file (optional) and ``key=value`` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         import yaml
@@ -177,7 +264,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Se
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config file must be a mapping of key: value")
-        _check_keys(loaded, str(path))
+        _check_keys(loaded, str(path), cls)
         values.update(loaded)
-    values = apply_overrides(values, overrides)
-    return TrainConfig(**values)
+    values = apply_overrides(values, overrides, cls)
+    return cls(**values)

@@ -160,18 +160,20 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
-    parent = Path(cfg.runs_dir)
-    if cfg.name:
-        run_dir = parent / cfg.name
+    stem = f"{cfg.model}-{cfg.dataset}-" + ("dense" if cfg.dense else f"{cfg.integrator}-tau{cfg.tau:g}")
+    return new_run_dir(cfg.runs_dir, cfg.name, stem, "or continue it with `dlrt train --resume {}`")
+
+
+def new_run_dir(runs_dir: str, name: str | None, stem: str, hint: str = "") -> Path:
+    """Create ``runs_dir/name``, or ``runs_dir/<time>-stem[-k]`` when ``name`` is None; never reuses one."""
+    parent = Path(runs_dir)
+    if name:
+        run_dir = parent / name
         if run_dir.exists():
-            raise FileExistsError(
-                f"run directory {run_dir} exists; pick another name= "
-                f"or continue it with `dlrt train --resume {run_dir}`"
-            )
+            extra = f" {hint.format(run_dir)}" if hint else ""
+            raise FileExistsError(f"run directory {run_dir} exists; pick another name={extra}")
     else:
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{cfg.dataset}-" + (
-            "dense" if cfg.dense else f"{cfg.integrator}-tau{cfg.tau:g}"
-        )
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
         run_dir, k = parent / stem, 1
         while run_dir.exists():
             k += 1

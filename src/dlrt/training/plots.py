@@ -87,3 +87,23 @@ def plot_report(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLi
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return _save(plt, fig, out)
+
+
+def plot_finetune(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The plots of a fine-tuning run: ``ranks.png`` (rank of each adapted module per epoch),
+    ``curves.png`` and ``rank_steps.png`` (total adapter rank at every step)."""
+    import csv
+
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    written = plot_run(run_dir)
+    path = run_dir / "steps.csv"
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot([int(r["step"]) for r in rows], [int(r["total_rank"]) for r in rows])
+            ax.set(xlabel="step", ylabel="total rank", title="total rank of all adapters")
+            written.append(_save(plt, fig, run_dir / "rank_steps.png"))
+    return written

@@ -1,0 +1,176 @@
+"""`dlrt finetune`: the loop, the run directory, the configs, every method on a tiny model."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlrt.cli import main
+from dlrt.training.config import FinetuneConfig, load_config
+from dlrt.training.finetune import finetune
+
+from .test_datasets import write_idx
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write_reviews(path: Path, n: int = 240, movies: int = 24) -> Path:
+    rng = random.Random(0)
+    good, bad = "great moving brilliant fun charming".split(), "dull boring awful tedious flat".split()
+    with bz2.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+        for i in range(n):
+            fresh = rng.random() < 0.5
+            words = rng.choices(good if fresh else bad, k=5) + rng.choices(good + bad, k=2)
+            w.writerow(["fresh" if fresh else "rotten", " ".join(words), f"movie{i % movies}", "True"])
+        w.writerow(["plot", "a synopsis", "movie1", "True"])
+    return path
+
+
+def tiny_cfg(tmp_path: Path, **kw) -> FinetuneConfig:
+    pytest.importorskip("transformers")
+    base = {
+        "model": "tiny-bert",
+        "data_path": str(write_reviews(tmp_path / "rt.csv.bz2")),
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 1e-2,
+        "runs_dir": str(tmp_path / "runs"),
+        "progress": False,
+    }
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_geolora_run_writes_every_artifact(tmp_path):
+    result = finetune(tiny_cfg(tmp_path, tau=0.2, name="geo"))
+    run = result.run_dir
+    assert result.status == "completed"
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "steps.csv",
+        "summary.json",
+        "curves.png",
+        "ranks.png",
+        "rank_steps.png",
+    ):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "geolora" and summary["steps"] == 24
+    assert set(summary["ranks"]) == {f"layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")}
+    assert summary["total_rank"] == sum(summary["ranks"].values())
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all("layer.0.attention.self.query:" in r["ranks"] for r in rows)
+    # The saved adapter loads onto a fresh base model and reproduces the logits.
+    from dlrt.models import tiny_bert
+    from dlrt.peft import GeoLoRAModel
+
+    loaded = GeoLoRAModel.from_pretrained(tiny_bert(seed=0), run / "adapter")
+    assert {k.split("bert.encoder.")[-1]: v for k, v in loaded.ranks().items()} == summary["ranks"]
+
+
+def test_full_finetuning_saves_no_adapter(tmp_path):
+    result = finetune(tiny_cfg(tmp_path, method="full", epochs=1, name="full"))
+    assert result.summary["adapter_params"] == 0
+    assert not (result.run_dir / "adapter").exists()
+    assert result.summary["trainable_params"] == sum(
+        p.numel() for p in __import__("dlrt").models.tiny_bert().parameters()
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_peft_baselines_run_in_the_same_loop(tmp_path, method):
+    pytest.importorskip("peft")
+    result = finetune(tiny_cfg(tmp_path, method=method, epochs=2, name=method))
+    s = result.summary
+    assert s["status"] == "completed" and s["steps"] == 24
+    assert (result.run_dir / "adapter" / "adapter_config.json").is_file()
+    assert len(s["ranks"]) == 4
+    if method == "lora":
+        assert set(s["ranks"].values()) == {8}
+        assert s["adapter_params"] == 4 * 8 * (32 + 32)
+
+
+def test_max_steps_and_diverged_run(tmp_path):
+    result = finetune(tiny_cfg(tmp_path, max_steps=5, name="short"))
+    assert result.summary["steps"] == 5 and len(result.step_seconds) == 5
+    bad = finetune(tiny_cfg(tmp_path, lr=1e30, optimizer="sgd", name="bad", epochs=1))
+    assert bad.status == "diverged" and "non-finite" in bad.summary["message"]
+
+
+def test_cnn_adapted_to_generated_fashion_mnist(tmp_path):
+    pytest.importorskip("ccexam", reason="the pretrained CNN comes from the ccexam package")
+    write_idx(tmp_path / "fashion-mnist", n_train=64, n_test=32)
+    cfg = FinetuneConfig(
+        model="mnist-cnn",
+        dataset="fashion-mnist",
+        data_path=str(tmp_path),
+        epochs=1,
+        batch_size=16,
+        runs_dir=str(tmp_path / "runs"),
+        progress=False,
+        plots=False,
+    )
+    result = finetune(cfg)
+    assert result.status == "completed"
+    assert set(result.summary["ranks"]) == {"features.0", "features.3", "classifier.0"}
+
+
+def test_config_files_and_errors():
+    for name in ("finetune_minilm_rt.yaml", "finetune_cnn_fashion.yaml"):
+        cfg = load_config(CONFIGS / name, cls=FinetuneConfig)
+        assert cfg.method == "geolora"
+    assert load_config(None, cls=FinetuneConfig) == FinetuneConfig()
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['rank'\].*valid keys: model, dataset"):
+        load_config(None, ["rank=4"], cls=FinetuneConfig)
+    with pytest.raises(ValueError, match="does not fit dataset"):
+        FinetuneConfig(model="minilm", dataset="mnist")
+    with pytest.raises(ValueError, match="method='qlora' is not one of"):
+        FinetuneConfig(method="qlora")
+
+
+def test_cli_finetune(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path)
+    code = main(
+        [
+            "finetune",
+            "model=tiny-bert",
+            f"data_path={cfg.data_path}",
+            "epochs=1",
+            f"runs_dir={tmp_path / 'cli'}",
+            "progress=false",
+            "plots=false",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "completed:" in out and "adapter parameters" in out
+    assert main(["finetune", "rank=3"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_minilm_geolora_learns_rotten_tomatoes(tmp_path):
+    """The shipped MiniLM with GeoLoRA: 120 steps beat the majority class; merge and reload agree."""
+    pytest.importorskip("transformers")
+    torch.set_num_threads(2)
+    cfg = FinetuneConfig(
+        max_steps=120, batch_size=16, lr=1e-3, limit=1000, runs_dir=str(tmp_path), progress=False, plots=False
+    )
+    try:
+        result = finetune(cfg)
+    finally:
+        torch.set_num_threads(1)
+    s = result.summary
+    majority = 0.58
+    assert s["test_acc"] > majority + 0.05, s
+    assert s["total_rank"] < 8 * 12
