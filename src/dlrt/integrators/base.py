@@ -140,6 +140,21 @@ def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> 
     return U_hat, V_hat
 
 
+def grow_from_gradient(opt: DLRTOptimizer, layer: LowRankLayer, gK: Tensor, gL: Tensor) -> None:
+    """Bases from the gradient for a layer whose core is zero (a fresh adapter, ALGORITHMS §3).
+
+    At ``S₀ = 0`` the tangent space at the random starting bases holds only
+    about ``r/n + r/m`` of the gradient, so a parallel step would barely move
+    the layer. ``G V₀`` and ``Gᵀ U₀`` are a two-sided randomized sketch of ``G``
+    (Halko et al. 2011): ``U₁ = orth(G V₀)`` and ``V₁ = orth(Gᵀ U₀)`` span
+    (approximately) its dominant column and row spaces. The core stays zero,
+    so the layer's function is unchanged by this step.
+    """
+    U1, V1 = linalg.orth(gK), linalg.orth(gL)
+    S1 = U1.new_zeros(U1.shape[1], V1.shape[1])
+    change_basis(opt, layer, U1, V1, S1=S1)
+
+
 def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor, group: dict[str, Any]) -> None:
     """``S ← S − λ ∇_S`` with the inner optimizer (the Galerkin/coefficient step)."""
     S0 = layer.S.detach()

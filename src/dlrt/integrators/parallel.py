@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import KL, NONE, Integrator, KL_grads, S_step, augment, truncate
+from .base import KL, NONE, Integrator, KL_grads, S_step, augment, grow_from_gradient, truncate
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -27,6 +27,11 @@ class ParallelBUG(Integrator):
     the core of §3.4). Then ``coefficient_steps − 1`` further S-steps, and
     truncation (§1). Every step needs only the gradient at the current point,
     so ``step()`` also works after a plain ``loss.backward()``.
+
+    A fresh adapter (``S₀ = 0`` on placeholder bases, ``layer.pending_growth``)
+    instead gets bases grown from the gradient
+    (:func:`~dlrt.integrators.base.grow_from_gradient`), keeping its rank and
+    function; that step does not truncate.
     """
 
     name = "parallel"
@@ -34,10 +39,16 @@ class ParallelBUG(Integrator):
     def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
         group = opt.lowrank_group
         layers = opt.lowrank_layers
+        grown = False
         if opt.phase == 0:
             loss = opt.evaluate(closure, KL, "augmentation")
             for layer in layers:
                 gK, gL = KL_grads(layer)
+                if layer.pending_growth and bool(gK.any()) and bool(gL.any()):
+                    grow_from_gradient(opt, layer, gK, gL)
+                    layer.pending_growth = False
+                    grown = True
+                    continue
                 gS = opt.S_grad(layer)
                 r_u, r_v = layer.S.shape
                 U_hat, V_hat = augment(opt, layer, gK, gL)
@@ -53,6 +64,9 @@ class ParallelBUG(Integrator):
                 S_step(opt, layer, opt.S_grad(layer), group)
         opt.phase += 1
         if opt.phase == self.coefficient_steps:
-            truncate(opt, layers, group)
+            # A step that grew bases from the gradient does not truncate: those cores are
+            # still zero, and truncating them would cut the layers to min_rank.
+            if not grown:
+                truncate(opt, layers, group)
             opt.phase = 0
         return loss

@@ -80,13 +80,18 @@ class LowRankAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_adapter(self, r: int | None = None) -> None:
-        """Restart the update at zero: random orthonormal bases of rank ``r``, ``S = 0``."""
+        """Restart the update at zero: ``S = 0`` on random orthonormal bases of rank ``r``.
+
+        The bases are placeholders: the ``parallel`` integrator's first step
+        replaces them by the gradient's dominant subspaces (ALGORITHMS §3).
+        """
         lora = self.lora
         r = lora.rank if r is None else r
         kw = {"device": lora.U.device, "dtype": linalg._qr_dtype(lora.U.dtype)}
         U = linalg.orth(torch.randn(lora.out_dim, r, **kw)).to(lora.U.dtype)
         V = linalg.orth(torch.randn(lora.in_dim, r, **kw)).to(lora.U.dtype)
         lora.set_factors(U, U.new_zeros(r, r), V)
+        lora.pending_growth = True
 
     @property
     def rank(self) -> int:

@@ -114,6 +114,9 @@ class LowRankLayer(nn.Module):
         self.S = nn.Parameter(torch.empty(rank, rank, **kw))
         self.V = nn.Parameter(torch.empty(self.in_dim, rank, **kw))
         self.grad_request: frozenset[str] | None = None
+        # Set for a fresh adapter (S = 0 on placeholder bases): the parallel integrator's
+        # next step grows the bases from the gradient instead of augmenting them.
+        self.pending_growth = False
         self.grad_K: Tensor | None = None
         self.grad_L: Tensor | None = None
 

@@ -206,6 +206,7 @@ class GeoLoRAModel(nn.Module):
                 a.scaling = info["scaling"]
                 U, S, V = (tensors[f"{name}.{k}"] for k in ("U", "S", "V"))
                 lora.set_factors(U, S, V)
+                lora.pending_growth = False
             for name in meta["modules_to_save"]:
                 prefix = f"modules_to_save.{name}."
                 sd = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
