@@ -158,6 +158,15 @@ def test_cli_finetune(tmp_path, capsys):
     assert "valid keys" in capsys.readouterr().err
 
 
+def test_report_on_two_finetune_runs(tmp_path, capsys):
+    a = finetune(tiny_cfg(tmp_path, epochs=1, name="a", plots=False)).run_dir
+    b = finetune(tiny_cfg(tmp_path, epochs=1, name="b", tau=0.3, plots=False)).run_dir
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "geolora lr=0.01" in out and "adapter params" in out
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_minilm_geolora_learns_rotten_tomatoes(tmp_path):
     """The shipped MiniLM with GeoLoRA: 120 steps beat the majority class; merge and reload agree."""

@@ -76,12 +76,27 @@ def _report(args: argparse.Namespace) -> int:
         cfg = s["config"]
         rows.append((run, cfg, s))
         if len(args.run_dirs) == 1:
-            plot_run(run)
-    print(f"{'run':<40} {'method':<18} {'test acc':>9} {'compression':>12} {'ranks'}")
-    for run, cfg, s in rows:
-        method = "dense" if cfg.get("dense") else f"{cfg['integrator']} tau={cfg['tau']:g}"
-        acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
-        print(f"{Path(run).name[:40]:<40} {method:<18} {acc:>9} {100 * s['compression']:>11.1f}% {s['ranks']}")
+            if "method" in s:
+                from .training.plots import plot_finetune
+
+                plot_finetune(run)
+            else:
+                plot_run(run)
+    kinds = {"finetune" if "method" in s else "train" for _, _, s in rows}
+    if len(kinds) > 1:
+        raise ValueError("dlrt report: pass either `dlrt train` runs or `dlrt finetune` runs, not both")
+    if kinds == {"finetune"}:
+        print(f"{'run':<40} {'method':<22} {'test acc':>9} {'adapter params':>15} {'total rank':>11}")
+        for run, cfg, s in rows:
+            method = f"{s['method']} lr={cfg['lr']:g}"
+            acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
+            print(f"{Path(run).name[:40]:<40} {method:<22} {acc:>9} {s['adapter_params']:>15,d} {s['total_rank']:>11}")
+    else:
+        print(f"{'run':<40} {'method':<18} {'test acc':>9} {'compression':>12} {'ranks'}")
+        for run, cfg, s in rows:
+            method = "dense" if cfg.get("dense") else f"{cfg['integrator']} tau={cfg['tau']:g}"
+            acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
+            print(f"{Path(run).name[:40]:<40} {method:<18} {acc:>9} {100 * s['compression']:>11.1f}% {s['ranks']}")
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "report.png"
     print(f"plot: {plot_report(args.run_dirs, out)}")
     return 0

@@ -72,17 +72,27 @@ def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) ->
 
 
 def plot_report(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
-    """Accuracy against compression, one point per run (from each ``summary.json``)."""
+    """Accuracy against compression (``dlrt train`` runs) or against adapter parameters
+    (``dlrt finetune`` runs), one point per run (from each ``summary.json``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    finetune = False
     for run_dir in run_dirs:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
         if summary.get("test_acc") is None:
             continue
         cfg = summary["config"]
+        if "method" in summary:
+            finetune = True
+            label = f"{summary['method']} lr={cfg['lr']:g}"
+            ax.scatter(summary["adapter_params"], 100 * summary["test_acc"], label=label)
+            continue
         label = "dense" if cfg.get("dense") else f"{cfg['integrator']} τ={cfg['tau']:g}"
         ax.scatter(100 * summary["compression"], 100 * summary["test_acc"], label=label)
-    ax.set(xlabel="compression (%)", ylabel="test accuracy (%)", title="accuracy vs compression")
+    if finetune:
+        ax.set(xlabel="adapter parameters", ylabel="test accuracy (%)", title="accuracy vs adapter size")
+    else:
+        ax.set(xlabel="compression (%)", ylabel="test accuracy (%)", title="accuracy vs compression")
     ax.legend(fontsize="small")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
