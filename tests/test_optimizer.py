@@ -364,3 +364,24 @@ def test_a_layer_the_loss_does_not_reach_keeps_its_weights(integrator):
     for _ in range(3):
         opt.step(closure)
     torch.testing.assert_close(unused.matrix().detach(), W, atol=1e-12, rtol=0)
+
+
+def test_adam_bias_correction_is_per_entry_across_basis_changes():
+    """An entry in a new direction takes Adam's first step (±lr), however many steps the old ones had."""
+    from dlrt.optim.inner import Adam, transport_state
+
+    rule, group = Adam(), {"lr": 0.1, "betas": (0.9, 0.999), "eps": 0.0, "weight_decay": 0.0}
+    x, state = torch.zeros(2, 2, dtype=DT), {}
+    for _ in range(50):
+        rule.step(x, torch.ones(2, 2, dtype=DT), state, group)
+    embed = torch.eye(3, 2, dtype=DT)  # augmentation: the old 2×2 block sits in a 3×3 core
+    state = transport_state(state, rule, embed, embed.T)
+    torch.testing.assert_close(state["weight2"][:2, :2], torch.full((2, 2), 1 - 0.999**50, dtype=DT))
+    assert not state["weight2"][2].any() and not state["weight2"][:, 2].any()
+    g = torch.full((3, 3), -2.0, dtype=DT)
+    delta = rule.step(torch.zeros(3, 3, dtype=DT), g, state, group)
+    torch.testing.assert_close(delta[2], torch.full((3,), 0.1, dtype=DT))  # sign(−g)·lr, not 3.2·lr
+    torch.testing.assert_close(delta[:, 2], torch.full((3,), 0.1, dtype=DT))
+    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=DT)  # a rotation keeps uniform weights
+    moved = transport_state({"weight1": torch.full((2, 2), 0.5, dtype=DT)}, rule, rotation, rotation.T)
+    torch.testing.assert_close(moved["weight1"], torch.full((2, 2), 0.5, dtype=DT))

@@ -9,6 +9,7 @@ import torch
 import dlrt
 from dlrt import cli
 from dlrt.training import TrainConfig, load_config, read_metrics, train
+from dlrt.training.config import FinetuneConfig
 
 from .test_data_demo import write_idx
 
@@ -141,7 +142,8 @@ def test_shipped_configs_parse():
     configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        load_config(path)
+        # configs/finetune_*.yaml are `dlrt finetune` configs (tests/test_finetune.py).
+        load_config(path, cls=FinetuneConfig if path.name.startswith("finetune_") else TrainConfig)
 
 
 @pytest.mark.slow

@@ -17,6 +17,9 @@ from torch import Tensor
 
 LINEAR = "linear"
 SQUARE = "square"
+#: A per-entry weight in [0, 1]: moved with the squared transport matrices, so a
+#: rotation among old coordinates keeps it and a new direction starts at 0.
+WEIGHT = "weight"
 
 
 class InnerRule:
@@ -83,7 +86,12 @@ class Adam(InnerRule):
     """Adam (coupled L2 weight decay), as torch.optim.Adam without amsgrad."""
 
     name = "adam"
-    transports: ClassVar[dict[str, str]] = {"exp_avg": LINEAR, "exp_avg_sq": SQUARE}
+    transports: ClassVar[dict[str, str]] = {
+        "exp_avg": LINEAR,
+        "exp_avg_sq": SQUARE,
+        "weight1": WEIGHT,
+        "weight2": WEIGHT,
+    }
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
     decoupled: ClassVar[bool] = False
 
@@ -104,13 +112,22 @@ class Adam(InnerRule):
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(x)
             state["exp_avg_sq"] = torch.zeros_like(x)
+        if "weight1" not in state:  # fresh, or a state saved before per-entry bias correction
+            t0 = state["step"]
+            state["weight1"] = torch.full_like(x, 1.0 - b1**t0)
+            state["weight2"] = torch.full_like(x, 1.0 - b2**t0)
         state["step"] += 1
-        t = state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        w1, w2 = state["weight1"], state["weight2"]
         m.lerp_(g, 1.0 - b1)
         v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        denom = (v / (1.0 - b2**t)).sqrt_().add_(eps)
-        delta = (m / denom).mul_(-lr / (1.0 - b1**t))
+        # Bias correction per entry: w = 1 − βᵗ for an entry with t updates. After a basis
+        # change an entry in a new direction has w ≈ 0 and its first step is sign(g)·lr,
+        # as Adam's first step, not (1−β1)/√(1−β2) ≈ 3.2 times that (ALGORITHMS §5).
+        w1.mul_(b1).add_(1.0 - b1)
+        w2.mul_(b2).add_(1.0 - b2)
+        denom = (v / w2).sqrt_().add_(eps)
+        delta = (m / w1).div_(denom).mul_(-lr)
         if wd and self.decoupled:
             delta.add_(x, alpha=-lr * wd)
         return delta
@@ -141,7 +158,9 @@ def transport_state(
     """Move optimizer state to new factor coordinates (ALGORITHMS §5).
 
     A buffer ``m`` in old coordinates becomes ``left @ m @ right`` (either side
-    may be absent); a second moment ``v`` becomes ``(left @ √v @ right)²``.
+    may be absent); a second moment ``v`` becomes ``(left @ √v @ right)²``; a
+    per-entry weight ``w`` (Adam's bias-correction mass) becomes
+    ``(left∘left) @ w @ (right∘right)``, clamped to [0, 1].
     For an S-buffer ``left = U1ᵀU0`` and ``right = V0ᵀV1``; for a K-buffer only
     ``right = V0ᵀV1``; for an L-buffer only ``right = U0ᵀU1``.
     """
@@ -158,5 +177,13 @@ def transport_state(
         t = state.get(key)
         if t is None:
             continue
-        out[key] = move(t) if kind == LINEAR else move(t.sqrt()).square()
+        if kind == LINEAR:
+            out[key] = move(t)
+        elif kind == SQUARE:
+            out[key] = move(t.sqrt()).square()
+        else:  # WEIGHT
+            sq_left = None if left is None else left.square()
+            sq_right = None if right is None else right.square()
+            w = t if sq_left is None else sq_left @ t
+            out[key] = (w if sq_right is None else w @ sq_right).clamp_(0.0, 1.0)
     return out
