@@ -169,17 +169,23 @@ def test_report_on_two_finetune_runs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_minilm_geolora_learns_rotten_tomatoes(tmp_path):
-    """The shipped MiniLM with GeoLoRA: 120 steps beat the majority class; merge and reload agree."""
+    """The shipped MiniLM with the shipped GeoLoRA config: 150 steps clearly beat the majority class."""
     pytest.importorskip("transformers")
-    torch.set_num_threads(2)
-    cfg = FinetuneConfig(
-        max_steps=120, batch_size=16, lr=1e-3, limit=1000, runs_dir=str(tmp_path), progress=False, plots=False
+    cfg = load_config(
+        CONFIGS / "finetune_minilm_rt.yaml",
+        ["max_steps=150", "limit=1500", f"runs_dir={tmp_path}", "progress=false", "plots=false", "threads=2"],
+        cls=FinetuneConfig,
     )
     try:
         result = finetune(cfg)
     finally:
         torch.set_num_threads(1)
     s = result.summary
-    majority = 0.58
-    assert s["test_acc"] > majority + 0.05, s
-    assert s["total_rank"] < 8 * 12
+    from dlrt.data import load_rotten_tomatoes
+
+    _, test = load_rotten_tomatoes(seed=cfg.seed)
+    share = sum(label for _, label in test[: cfg.limit]) / min(cfg.limit, len(test))
+    majority = max(share, 1 - share)
+    assert s["test_acc"] > majority + 0.05, (s["test_acc"], majority)
+    assert s["total_rank"] <= cfg.budget
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()

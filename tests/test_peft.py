@@ -144,7 +144,7 @@ def test_unload_restores_the_original_function():
 
 
 def test_save_load_round_trip_after_ranks_changed(tmp_path):
-    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.3, modules_to_save=["head"]))
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.3, coefficient_steps=1, modules_to_save=["head"]))
     history = train(model, steps=6)
     assert any(r != {"body.0": 4, "body.2": 4, "conv": 4} for r in history), "ranks never changed"
     model.eval()
@@ -193,7 +193,7 @@ def test_loading_into_a_different_base_names_the_module(tmp_path):
 
 
 def test_global_budget_holds_after_every_truncation():
-    model = get_geolora_model(make_net(), GeoLoRAConfig(r=6, tau=0.0, budget=7))
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=6, tau=0.0, budget=7, coefficient_steps=1))
     history = train(model, steps=6, lr=2e-2)
     assert sum(history[0].values()) == 4 * 4 + 6  # step 1 grows bases, no truncation (head is 4×32)
     for ranks in history[1:]:
@@ -331,7 +331,9 @@ def bert_batch(n: int = 8):
 
 
 def test_tiny_bert_train_merge_save_load(tmp_path):
-    cfg = GeoLoRAConfig(r=4, tau=0.1, budget=12, target_modules=["query", "value"], modules_to_save=["classifier"])
+    cfg = GeoLoRAConfig(
+        r=4, tau=0.1, budget=12, coefficient_steps=1, target_modules=["query", "value"], modules_to_save=["classifier"]
+    )
     model = get_geolora_model(tiny_bert_model(), cfg)
     assert len(model.adapters()) == 4
     assert model.config.num_labels == 2  # attributes fall through to the base model
@@ -397,3 +399,21 @@ def test_callback_warns_when_trainer_uses_its_own_optimizer(tmp_path):
     model = get_geolora_model(tiny_bert_model(), GeoLoRAConfig(r=4, target_modules=["query"]))
     with pytest.warns(RuntimeWarning, match="integrator will NEVER run"):
         _trainer(model, tmp_path, (None, None), [GeoLoRACallback()]).train()
+
+
+def test_coefficient_steps_truncate_once_per_cycle_and_finish_cycle():
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.2, budget=6, coefficient_steps=3))
+    opt = model.make_optimizer(lr=1e-2)
+    x, y = batch()
+    totals = []
+    # Cycle 1: the growth step, two S-steps, truncation; cycle 2: augmentation, an S-step, ...
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        totals.append(sum(model.ranks().values()))
+    assert totals[0] == totals[1] == 4 * 4 and totals[2] <= 6  # truncated at the end of the cycle
+    assert totals[3] > totals[2] and totals[4] == totals[3]  # augmented again, then frozen bases
+    assert opt.phase == 2
+    opt.finish_cycle()
+    assert opt.phase == 0 and sum(model.ranks().values()) <= 6

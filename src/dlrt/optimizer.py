@@ -263,6 +263,23 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.phase = phase
         self._set_request(self.integrator.request(phase))
 
+    @torch.no_grad()
+    def finish_cycle(self) -> None:
+        """End a coefficient phase early (``coefficient_steps > 1``): truncate now.
+
+        Between truncations the layers sit on their augmented bases (up to twice
+        the rank); call this before saving or merging a model mid-cycle. Nothing
+        happens at phase 0.
+        """
+        if self.phase == 0:
+            return
+        if self.integrator.adaptive:
+            from .integrators.base import truncate
+
+            truncate(self, self.lowrank_layers, self.lowrank_group)
+        self.phase = 0
+        self._set_request(self.integrator.request(0))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         for layer in self.lowrank_layers:

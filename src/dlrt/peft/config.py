@@ -42,7 +42,13 @@ class GeoLoRAConfig:
         default="global",
         metadata={"help": "global: pool σ of all adapters (GeoLoRA); local: each adapter by its own σ"},
     )
-    lora_alpha: float = field(default=8.0, metadata={"help": "the update is scaled by lora_alpha / r"})
+    lora_alpha: float = field(
+        default=128.0,
+        metadata={
+            "help": "the update is scaled by lora_alpha / r (GeoLoRA wants ~8× LoRA's: Adam moves S by ~lr "
+            "per entry, so W moves by (lora_alpha / r)·lr per direction, where LoRA's B·A grows quadratically)"
+        },
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
     target_modules: list[str] | str | None = field(
         default=None,
@@ -58,7 +64,8 @@ class GeoLoRAConfig:
         default=None, metadata={"help": "modules trained in full and saved with the adapter (e.g. a new head)"}
     )
     coefficient_steps: int = field(
-        default=1, metadata={"help": "S-steps on a frozen augmented basis between truncations"}
+        default=10,
+        metadata={"help": "S-steps on a frozen augmented basis between truncations (GeoLoRA uses 10–30)"},
     )
     integrator: str = field(default="parallel", metadata={"help": "parallel (one pass per step) | bug"})
 

@@ -111,8 +111,11 @@ class FinetuneConfig:
     tau: float = field(default=0.1, metadata={"help": "relative truncation tolerance (geolora)"})
     budget: int | None = field(default=None, metadata={"help": "total rank of all adapters (geolora)"})
     integrator: str = field(default="parallel", metadata={"help": "parallel | bug (geolora)"})
-    coefficient_steps: int = field(default=1, metadata={"help": "S-steps between truncations (geolora)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "update scaling numerator (scaling = alpha / r)"})
+    coefficient_steps: int = field(default=10, metadata={"help": "S-steps between truncations (geolora)"})
+    lora_alpha: float | None = field(
+        default=None,
+        metadata={"help": "scaling = lora_alpha / r (default: 128 for geolora, 16 for lora/adalora)"},
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
     target_modules: list[str] | None = field(default=None, metadata={"help": "modules to adapt (default: per model)"})
     modules_to_save: list[str] | None = field(
@@ -144,6 +147,8 @@ class FinetuneConfig:
         for key in ("r", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "max_length"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 128.0 if self.method == "geolora" else 16.0
         for key in ("max_steps", "limit", "budget", "max_rank"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")

@@ -434,6 +434,8 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     except NonFiniteError:
         print(f"stopped: {message}", flush=True)
 
+    if status != "diverged" and hasattr(opt, "finish_cycle"):
+        opt.finish_cycle()  # GeoLoRA mid coefficient phase: truncate before counting and saving
     if status != "diverged" and cfg.method != "full":
         with contextlib.suppress(Exception) if status == "interrupted" else contextlib.nullcontext():
             model.save_pretrained(run_dir / ADAPTER_DIR)
