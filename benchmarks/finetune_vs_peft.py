@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs/finetune_vs_peft")
     p.add_argument("--out", default="benchmarks/results/finetune_vs_peft.json")
     p.add_argument("--resume", action="store_true", help="skip runs already in --out")
+    p.add_argument(
+        "--timing-rounds", type=int, default=5, help="interleaved timing: rounds of --timing-steps steps per method"
+    )
+    p.add_argument("--timing-steps", type=int, default=8)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,23 +110,28 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs}, indent=2))
 
+    timing = interleaved_step_times(args, task, pristine, budget) if args.timing_rounds > 0 else {}
+    out.write_text(
+        json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs, "timing": timing}, indent=2)
+    )
     by_key = {r["key"]: r for r in runs}
     print(
         f"\nMiniLM-L6 on Rotten Tomatoes (split by movie, seed {args.seed}), {args.steps} steps of batch "
         f"{args.batch_size}, {torch.get_num_threads()} threads\n"
     )
     print(
-        "| method | lr | s/step (median) | vs LoRA | training-state MB | trainable params | "
+        "| method | lr | s/step (interleaved median) | vs LoRA | training-state MB | trainable params | "
         "final adapter params | final total rank | test acc |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    lora = by_key.get(f"lora-lr{args.lr:g}")
     for method, lr in plan[: len(args.methods)]:
         r = by_key[f"{method}-lr{lr:g}"]
-        ratio = f"{r['median_step_seconds'] / lora['median_step_seconds']:.2f}" if lora else "-"
+        t = timing.get(method)
+        step = f"{t:.3f}" if t else f"({r['median_step_seconds']:.3f} in its run)"
+        ratio = f"{t / timing['lora']:.2f}" if t and timing.get("lora") else "-"
         acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f} %"
         print(
-            f"| {method} | {lr:g} | {r['median_step_seconds']:.3f} | {ratio} | "
+            f"| {method} | {lr:g} | {step} | {ratio} | "
             f"{r['training_state_bytes'] / 2**20:.1f} | {r['trainable_params']:,d} | {r['adapter_params']:,d} | "
             f"{r['total_rank'] if method != 'full' else '-'} | {acc} |"
         )
@@ -141,6 +150,54 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {m} | {cells} | {spread:.2f} pt (std {100 * statistics.pstdev(accs):.2f}) |")
     print(f"\nwrote {out}")
     return 0
+
+
+def interleaved_step_times(args: argparse.Namespace, task, pristine, budget: int) -> dict[str, float]:
+    """Median seconds per training step of each method, timed round-robin in this process.
+
+    Every method gets a fresh model and optimizer; steps are timed in rounds of
+    ``--timing-steps`` (after one warm-up round), methods interleaved, so all see the
+    same machine load. The per-run medians above depend on the load during each run.
+    """
+    from dlrt.training.finetune import apply_method
+
+    loader = torch.utils.data.DataLoader(
+        task.train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=task.collate,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    batches = [b for _, b in zip(range(args.timing_steps), loader)]
+    setups = {}
+    for method in args.methods:
+        cfg = FinetuneConfig(
+            method=method,
+            lr=args.full_lr if method == "full" else args.lr,
+            tau=args.tau,
+            budget=budget if method == "geolora" else None,
+            max_steps=args.steps,
+            epochs=100,
+        )
+        model, opt, after = apply_method(cfg, copy.deepcopy(pristine), args.steps)
+        setups[method] = (model.train(), opt, after)
+    times: dict[str, list[float]] = {m: [] for m in setups}
+    for rnd in range(args.timing_rounds + 1):
+        for method, (model, opt, after) in setups.items():
+            for i, batch in enumerate(batches):
+
+                def closure(batch=batch, model=model, opt=opt):
+                    opt.zero_grad()
+                    loss = task.forward(model, batch)[2]
+                    loss.backward()
+                    return loss
+
+                t0 = time.perf_counter()
+                opt.step(closure)
+                after(rnd * len(batches) + i)
+                if rnd > 0:
+                    times[method].append(time.perf_counter() - t0)
+    return {m: statistics.median(t) for m, t in times.items()}
 
 
 if __name__ == "__main__":
