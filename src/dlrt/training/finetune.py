@@ -403,6 +403,8 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
                 )
                 bar.update(1, loss=f"{run_loss / seen:.4f}", acc=f"{correct / seen:.3f}", rank=total_rank)
             bar.close()
+            if (step >= total_steps or epoch == cfg.epochs - 1) and hasattr(opt, "finish_cycle"):
+                opt.finish_cycle()  # GeoLoRA mid coefficient cycle: truncate before the final evaluation
             test_loss, test_acc = evaluate(task, model, cfg.eval_batch_size, device)
             ranks = {_short(k): v for k, v in adapter_ranks(model).items()}
             row = {
@@ -434,8 +436,8 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     except NonFiniteError:
         print(f"stopped: {message}", flush=True)
 
-    if status != "diverged" and hasattr(opt, "finish_cycle"):
-        opt.finish_cycle()  # GeoLoRA mid coefficient phase: truncate before counting and saving
+    if status == "interrupted" and hasattr(opt, "finish_cycle"):
+        opt.finish_cycle()  # truncate before counting and saving
     if status != "diverged" and cfg.method != "full":
         with contextlib.suppress(Exception) if status == "interrupted" else contextlib.nullcontext():
             model.save_pretrained(run_dir / ADAPTER_DIR)
