@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for setting in settings:
         runs = results[str(setting)]
-        pub = PUBLISHED.get(setting)
+        pub = PUBLISHED.get(setting) if args.model == "lenet5" else None
         pub_text = f"{pub[0]:.2f}% / {pub[1]:.1f}%" if pub else "-"
         print(
             f"{setting!s:>6} {100 * mean(runs, 'final_acc'):>9.2f}% {100 * mean(runs, 'best_acc'):>8.2f}% "
