@@ -246,15 +246,16 @@ class DLRTOptimizer(torch.optim.Optimizer):
                     self.rule.update_(p.data, p.grad, self.state[p], group)
 
     def _snapshot(self) -> tuple[Any, ...]:
-        factors = [(m.U.data, m.S.data, m.V.data) for m in self.lowrank_layers]
+        factors = [(m.U.data, m.S.data, m.V.data, m.pending_growth) for m in self.lowrank_layers]
         states = {p: self.state[p] for p in self.param_groups[0]["params"] if p in self.state}
         return factors, states, self.phase
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         factors, states, phase = saved
-        for m, (U, S, V) in zip(self.lowrank_layers, factors):
+        for m, (U, S, V, pending) in zip(self.lowrank_layers, factors):
             if m.U.data is not U or m.S.data is not S or m.V.data is not V:
                 m.set_factors(U, S, V)
+            m.pending_growth = pending
         for p in self.param_groups[0]["params"]:
             if p in states:
                 self.state[p] = states[p]
