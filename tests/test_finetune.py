@@ -169,11 +169,12 @@ def test_report_on_two_finetune_runs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_minilm_geolora_learns_rotten_tomatoes(tmp_path):
-    """The shipped MiniLM with the shipped GeoLoRA config: 150 steps clearly beat the majority class."""
+    """The shipped MiniLM with the shipped GeoLoRA config: 300 steps (the benchmark's run, 73.9 %)
+    clearly beat the majority class of the full test split."""
     pytest.importorskip("transformers")
     cfg = load_config(
         CONFIGS / "finetune_minilm_rt.yaml",
-        ["epochs=3", "max_steps=150", "limit=1500", f"runs_dir={tmp_path}", "progress=false", "plots=false"],
+        ["max_steps=300", f"runs_dir={tmp_path}", "progress=false", "plots=false"],
         cls=FinetuneConfig,
     )
     torch.set_num_threads(2)
@@ -185,9 +186,9 @@ def test_minilm_geolora_learns_rotten_tomatoes(tmp_path):
     from dlrt.data import load_rotten_tomatoes
 
     _, test = load_rotten_tomatoes(seed=cfg.seed)
-    share = sum(label for _, label in test[: cfg.limit]) / min(cfg.limit, len(test))
+    share = sum(label for _, label in test) / len(test)
     majority = max(share, 1 - share)
-    assert s["steps"] == 150
+    assert s["steps"] == 300
     assert s["test_acc"] > majority + 0.05, (s["test_acc"], majority)
     assert s["total_rank"] <= cfg.budget
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
