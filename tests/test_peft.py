@@ -310,18 +310,10 @@ def test_print_trainable_parameters(capsys):
 
 # ------------------------------------------------------------------ transformers
 def tiny_bert_model():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return transformers.BertForSequenceClassification(config)
+    pytest.importorskip("transformers")
+    from dlrt.models import tiny_bert
+
+    return tiny_bert(seed=0).train()
 
 
 def bert_batch(n: int = 8):

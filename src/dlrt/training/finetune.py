@@ -13,7 +13,6 @@ PNG plots.
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import statistics
 import time
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import FinetuneConfig
-from .loop import CONFIG, METRICS, SUMMARY, _Progress, _write_json, new_run_dir, resolve_device
+from .loop import CONFIG, METRICS, SUMMARY, _Progress, _write_json, new_run_dir, resolve_device, write_csv
 
 __all__ = ["FinetuneResult", "Task", "build_task", "finetune"]
 
@@ -296,19 +295,6 @@ def _to(batch: Any, device: torch.device) -> Any:
     return tuple(t.to(device) for t in batch)
 
 
-def _write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            out = dict(row)
-            if isinstance(out.get("ranks"), dict):
-                out["ranks"] = ";".join(f"{k}:{v}" for k, v in out["ranks"].items())
-            writer.writerow(out)
-    tmp.replace(path)
-
-
 def _short(name: str) -> str:
     # "base_model.model.bert.encoder.layer.3.attention.self.query" -> "layer.3.attention.self.query"
     parts = name.split(".")
@@ -422,8 +408,8 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
                 "seconds": time.perf_counter() - t_epoch,
             }
             rows.append(row)
-            _write_csv(run_dir / METRICS, FINETUNE_METRIC_FIELDS, rows)
-            _write_csv(run_dir / STEPS, ["step", "loss", "seconds", "total_rank"], step_rows)
+            write_csv(run_dir / METRICS, FINETUNE_METRIC_FIELDS, rows)
+            write_csv(run_dir / STEPS, ["step", "loss", "seconds", "total_rank"], step_rows)
             print(
                 f"epoch {epoch + 1}/{cfg.epochs} ({cfg.method}): train loss {row['train_loss']:.4f}, "
                 f"test {100 * test_acc:.2f}%, total rank {row['total_rank']}, "

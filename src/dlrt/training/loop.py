@@ -221,15 +221,21 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = run_dir / f".{METRICS}.tmp"
+    write_csv(run_dir / METRICS, METRIC_FIELDS, rows)
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as CSV through a temporary file; a ``ranks`` dict becomes ``name:rank;…``."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             out = dict(row)
-            out["ranks"] = ";".join(f"{k}:{v}" for k, v in row["ranks"].items())
+            if isinstance(out.get("ranks"), dict):
+                out["ranks"] = ";".join(f"{k}:{v}" for k, v in out["ranks"].items())
             writer.writerow(out)
-    os.replace(tmp, run_dir / METRICS)
+    os.replace(tmp, path)
 
 
 class _Progress:
