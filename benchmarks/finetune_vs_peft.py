@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of full fine-tuning")
     p.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 5e-4, 1e-3, 5e-3], help="sweep (AdaLoRA, GeoLoRA)")
     p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="what the classifier reads")
+    p.add_argument("--warmup", type=float, default=0.0, help="share of steps with lr warm-up (every method)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use only N train/test snippets (smoke runs)")
     p.add_argument("--threads", type=int, default=None)
@@ -69,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         done = {r["key"]: r for r in json.loads(out.read_text())["runs"]}
 
     base_cfg = FinetuneConfig(
-        limit=args.limit, seed=args.seed, batch_size=args.batch_size, epochs=100, max_steps=args.steps
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        epochs=100,
+        max_steps=args.steps,
+        pooling=args.pooling,
     )
     task = build_task(base_cfg)
     pristine = copy.deepcopy(task.model)
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             r=8,
             tau=args.tau,
             budget=budget if method == "geolora" else None,
+            warmup=args.warmup,
+            pooling=args.pooling,
             init_r=12,
             target_r=8,
             epochs=100,
@@ -116,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     by_key = {r["key"]: r for r in runs}
     print(
-        f"\nMiniLM-L6 on Rotten Tomatoes (split by movie, seed {args.seed}), {args.steps} steps of batch "
-        f"{args.batch_size}, {torch.get_num_threads()} threads\n"
+        f"\nMiniLM-L6 on Rotten Tomatoes (split by movie, seed {args.seed}), {args.pooling}-pooled head, "
+        f"{args.steps} steps of batch {args.batch_size}, {torch.get_num_threads()} threads\n"
     )
     print(
         "| method | lr | s/step (interleaved median) | vs LoRA | training-state MB | trainable params | "

@@ -126,6 +126,29 @@ def test_cnn_adapted_to_generated_fashion_mnist(tmp_path):
     assert set(result.summary["ranks"]) == {"features.0", "features.3", "classifier.0"}
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_schedule_with_warmup(schedule):
+    from dlrt.training.finetune import build_scheduler
+
+    cfg = FinetuneConfig(lr=1.0, schedule=schedule, warmup=0.2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # 2 warm-up steps, then the peak
+    tail = {"linear": [1 - k / 8 for k in range(8)], "constant": [1.0] * 8}
+    import math
+
+    tail["cosine"] = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert lrs[2:] == pytest.approx(tail[schedule])
+    assert build_scheduler(FinetuneConfig(schedule="constant"), opt, 10) is None
+    with pytest.raises(ValueError, match=r"warmup is a share of the steps in \[0, 1\)"):
+        FinetuneConfig(warmup=1.0)
+
+
 def test_config_files_and_errors():
     for name in ("finetune_minilm_rt.yaml", "finetune_cnn_fashion.yaml"):
         cfg = load_config(CONFIGS / name, cls=FinetuneConfig)

