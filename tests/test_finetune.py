@@ -84,7 +84,7 @@ def test_full_finetuning_saves_no_adapter(tmp_path):
     assert result.summary["adapter_params"] == 0
     assert not (result.run_dir / "adapter").exists()
     assert result.summary["trainable_params"] == sum(
-        p.numel() for p in __import__("dlrt").models.tiny_bert().parameters()
+        p.numel() for p in __import__("dlrt").models.tiny_bert(pooling="mean").parameters()
     )
 
 
@@ -99,6 +99,35 @@ def test_peft_baselines_run_in_the_same_loop(tmp_path, method):
     if method == "lora":
         assert set(s["ranks"].values()) == {8}
         assert s["adapter_params"] == 4 * 8 * (32 + 32)
+
+
+@pytest.mark.parametrize("method", ["geolora", "full"])
+def test_max_grad_norm_reaches_every_optimizer(tmp_path, method, monkeypatch):
+    from dlrt.training import finetune as ft
+
+    cfg = tiny_cfg(tmp_path, method=method, max_steps=3, name=method, max_grad_norm=0.01, plots=False)
+    clipped = []
+    if method == "full":
+        real = torch.nn.utils.clip_grad_norm_
+
+        def spy(params, max_norm):
+            clipped.append(max_norm)
+            return real(params, max_norm)
+
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    else:
+        real_apply = ft.apply_method
+
+        def spy_apply(*args):
+            model, opt, after = real_apply(*args)
+            clipped.append(opt.max_grad_norm)
+            return model, opt, after
+
+        monkeypatch.setattr(ft, "apply_method", spy_apply)
+    assert finetune(cfg).summary["steps"] == 3
+    assert clipped and set(clipped) == {0.01}
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        FinetuneConfig(max_grad_norm=0)
 
 
 def test_max_steps_and_diverged_run(tmp_path):

@@ -292,6 +292,7 @@ def test_on_nonfinite_skip_warns_and_skips():
         (dict(coefficient_steps=0), "coefficient_steps"),
         (dict(on_nonfinite="ignore"), "on_nonfinite"),
         (dict(tau_mode="sometimes"), "tau_mode"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, match):
@@ -385,3 +386,60 @@ def test_adam_bias_correction_is_per_entry_across_basis_changes():
     rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=DT)  # a rotation keeps uniform weights
     moved = transport_state({"weight1": torch.full((2, 2), 0.5, dtype=DT)}, rule, rotation, rotation.T)
     torch.testing.assert_close(moved["weight1"], torch.full((2, 2), 0.5, dtype=DT))
+
+
+def _twins():
+    torch.manual_seed(3)
+    template = net()
+    models = [net(), net()]
+    for m in models:
+        m.load_state_dict(template.state_dict())
+    return models
+
+
+def test_max_grad_norm_clips_by_the_tangent_norm():
+    """Clipping = the same step on a loss scaled by max_norm / ‖grad‖, with ‖·‖ the tangent-space norm."""
+    x, y = data()
+    models = _twins()
+    clipped = dlrt.DLRTOptimizer(models[0], integrator="parallel", optimizer="sgd", lr=0.5, max_grad_norm=0.05)
+    plain = dlrt.DLRTOptimizer(models[1], integrator="parallel", optimizer="sgd", lr=0.5)
+
+    # The norm by hand: ‖P(G)‖² = ‖GV‖² + ‖GᵀU‖² − ‖UᵀGV‖² for the low-rank layer (G formed
+    # densely, float64), plus the dense gradients.
+    layer = models[0][0]
+    W = layer.matrix().detach().clone().requires_grad_(True)
+    h = torch.tanh(x @ W.T + layer.bias)
+    loss = ((models[0][2](h) - y) ** 2).mean()
+    G, *dense = torch.autograd.grad(loss, [W, layer.bias, *models[0][2].parameters()])
+    U, V = layer.U.detach(), layer.V.detach()
+    P = U @ U.T @ G + G @ V @ V.T - U @ U.T @ G @ V @ V.T
+    expected = (P.square().sum() + sum(g.square().sum() for g in dense)).sqrt()
+
+    clipped.step(closure_for(models[0], clipped, x, y))
+    torch.testing.assert_close(torch.tensor(clipped.last_grad_norm, dtype=DT), expected)
+    scale = 0.05 / clipped.last_grad_norm
+    assert scale < 1
+
+    def scaled():
+        plain.zero_grad()
+        loss = ((models[1](x) - y) ** 2).mean() * scale
+        loss.backward()
+        return loss
+
+    plain.step(scaled)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("integrator", ["bug", "parallel"])
+def test_max_grad_norm_above_the_norm_changes_nothing(integrator):
+    x, y = data()
+    models = _twins()
+    loose = dlrt.DLRTOptimizer(models[0], integrator=integrator, optimizer="sgd", lr=0.5, max_grad_norm=1e6)
+    free = dlrt.DLRTOptimizer(models[1], integrator=integrator, optimizer="sgd", lr=0.5)
+    for _ in range(2):
+        loose.step(closure_for(models[0], loose, x, y))
+        free.step(closure_for(models[1], free, x, y))
+    assert 0 < loose.last_grad_norm < 1e6 and free.last_grad_norm is None
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)

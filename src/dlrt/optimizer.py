@@ -53,6 +53,14 @@ class DLRTOptimizer(torch.optim.Optimizer):
             (the sum of all ranks) are kept.
         max_rank, min_rank: override the bounds stored in every layer.
         coefficient_steps: S-steps per augmentation (ALGORITHMS §8).
+        max_grad_norm: clip every pass's gradients to this global norm (None:
+            no clipping). The norm is the Riemannian one the integrator steps
+            along: per low-rank layer the tangent projection of ``G``,
+            ``‖P(G)‖² = ‖GV‖² + ‖GᵀU‖² − ‖UᵀGV‖²`` (only ``‖UᵀGV‖²`` in an
+            S-only pass), plus the dense gradients; all of them are scaled by
+            ``min(1, max_grad_norm / norm)``. The norm before clipping is
+            kept in :attr:`last_grad_norm`. (``torch.nn.utils.clip_grad_norm_``
+            and Trainer's ``max_grad_norm`` see only ``.grad``, not ``GV``, ``GᵀU``.)
         on_nonfinite: ``"raise"`` a :class:`NonFiniteError`, or ``"skip"``
             the step with a warning; either way nothing changes.
 
@@ -82,6 +90,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         max_rank: int | None = None,
         min_rank: int | None = None,
         coefficient_steps: int = 1,
+        max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -116,6 +125,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        #: Global gradient norm of the last pass, before clipping (see ``max_grad_norm``).
+        self.last_grad_norm: float | None = None
 
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLayer) and m.S.requires_grad]
         if not named:
@@ -174,7 +188,42 @@ class DLRTOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_finite(loss, request, what)
+        self._clip()
         return loss
+
+    def _pass_grads(self) -> tuple[list[Tensor], Tensor | None]:
+        """The gradients of the last pass, and the squared global norm (tangent norm per layer)."""
+        grads: list[Tensor] = []
+        squares: list[Tensor] = []
+        for layer in self.lowrank_layers:
+            gS, gK, gL = layer.S.grad, layer.grad_K, layer.grad_L
+            present = [g for g in (gS, gK, gL) if g is not None]
+            grads += present
+            if gK is not None and gL is not None and gS is not None:
+                squares.append(gK.square().sum() + gL.square().sum() - gS.square().sum())
+            else:
+                squares += [g.square().sum() for g in present]
+        for group in self.param_groups[1:]:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    squares.append(p.grad.square().sum())
+        if not squares:
+            return grads, None
+        return grads, torch.stack([q.to(squares[0].device, torch.float64) for q in squares]).sum().clamp_min(0.0)
+
+    def _clip(self) -> None:
+        if self.max_grad_norm is None:
+            return
+        grads, square = self._pass_grads()
+        if square is None:
+            return
+        norm = float(square.sqrt())
+        self.last_grad_norm = norm
+        if norm > self.max_grad_norm:
+            scale = self.max_grad_norm / norm
+            for g in grads:
+                g.mul_(scale)
 
     def S_grad(self, layer: LowRankLayer) -> Tensor:
         """``Uᵀ G V`` of the last pass (zeros for a layer the loss did not reach)."""

@@ -2,7 +2,7 @@
 
 Give the Trainer the optimizer and the callback::
 
-    opt = model.make_optimizer(lr=5e-4)
+    opt = model.make_optimizer(lr=5e-4, max_grad_norm=1.0)  # clipping belongs in the optimizer
     trainer = Trainer(model=model, args=TrainingArguments(..., max_grad_norm=0.0),
                       optimizers=(opt, None), callbacks=[GeoLoRACallback(opt)])
 
@@ -78,7 +78,8 @@ class GeoLoRACallback(TrainerCallback):
         if getattr(args, "max_grad_norm", 0) and args.max_grad_norm > 0:
             warnings.warn(
                 f"GeoLoRA: TrainingArguments.max_grad_norm={args.max_grad_norm} clips only the parameters' "
-                "gradients, not the projected basis gradients the integrator uses; set max_grad_norm=0.0",
+                "gradients, not the projected basis gradients the integrator uses; set max_grad_norm=0.0 there "
+                "and pass max_grad_norm= to make_optimizer() instead",
                 UserWarning,
                 stacklevel=2,
             )

@@ -130,6 +130,9 @@ class FinetuneConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (never on GeoLoRA's bases)"})
     schedule: str = field(default="linear", metadata={"help": "constant | linear | cosine (per step)"})
     warmup: float = field(default=0.0, metadata={"help": "share of the steps with a linear lr warm-up from 0"})
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "clip gradients to this global norm (geolora: the tangent-space norm)"}
+    )
     epochs: int = field(default=1, metadata={"help": "training epochs"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
     batch_size: int = field(default=16, metadata={"help": "training batch size"})
@@ -151,6 +154,8 @@ class FinetuneConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.lora_alpha is None:
             self.lora_alpha = 128.0 if self.method == "geolora" else 16.0
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or none), got {self.max_grad_norm}")
         for key in ("max_steps", "limit", "budget", "max_rank"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")

@@ -170,7 +170,9 @@ def apply_method(
             integrator=cfg.integrator,
         )
         geo = get_geolora_model(model, config)
-        opt = geo.make_optimizer(optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = geo.make_optimizer(
+            optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm
+        )
         return geo, opt, lambda step: None
     if cfg.method == "full":
         model.requires_grad_(True)
@@ -342,7 +344,8 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     model, opt, after_step = apply_method(cfg, task.model.to(device), total_steps)
     model.to(device).train()
     scheduler = build_scheduler(cfg, opt, total_steps)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in trainable_params)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -374,6 +377,9 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
                     if loss is None:
                         loss = nn.functional.cross_entropy(logits, labels)
                     loss.backward()
+                    if cfg.max_grad_norm is not None and not hasattr(opt, "max_grad_norm"):
+                        # torch optimizers; GeoLoRA's DLRTOptimizer clips by the tangent norm itself
+                        torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm)
                     held["logits"], held["labels"], held["loss"] = logits.detach(), labels, loss.detach()
                     return loss
 
