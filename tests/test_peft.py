@@ -167,6 +167,25 @@ def test_save_load_round_trip_after_ranks_changed(tmp_path):
     train(trainable, steps=1)
 
 
+def test_whole_model_pickles_and_deep_copies(tmp_path):
+    import copy
+    import inspect
+    import io
+
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.3, coefficient_steps=1))
+    train(model, steps=3)
+    model.eval()
+    x, _ = batch()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # pickle: the per-base-class wrapper class is rebuilt on loading
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert type(other) is type(model) and isinstance(other, GeoLoRAModel)
+        assert other.ranks() == model.ranks()
+        assert list(inspect.signature(other.forward).parameters) == ["x"]
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+
+
 def test_loading_into_a_different_base_names_the_module(tmp_path):
     model = get_geolora_model(make_net(), GeoLoRAConfig(r=2))
     model.save_pretrained(tmp_path)

@@ -43,8 +43,17 @@ class GeoLoRAModel(nn.Module):
         # requires_grad of every base parameter before freezing, restored by unload().
         self._requires_grad = requires_grad
 
+    _dynamic = False  # True on the per-base-class subclasses made by _wrapper_class
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # pickle (torch.save(model), multiprocessing) finds classes by name, and the
+        # per-base-class subclass has none of its own: rebuild it from the base class.
+        if not type(self)._dynamic:
+            return super().__reduce_ex__(protocol)
+        return _new_wrapper, (type(self.base_model),), self.__getstate__()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -322,20 +331,26 @@ def _inject(model: nn.Module, config: GeoLoRAConfig, targets: list[str]) -> GeoL
         _set_child(model, name, adapter)
     for name in _modules_to_save(model, config):
         model.get_submodule(name).requires_grad_(True)
-    return _wrapper_class(model)(model, config, requires_grad)
+    return _wrapper_class(type(model))(model, config, requires_grad)
 
 
 _CLASSES: dict[type, type[GeoLoRAModel]] = {}
 
 
-def _wrapper_class(model: nn.Module) -> type[GeoLoRAModel]:
-    """A ``GeoLoRAModel`` subclass whose ``forward`` has the signature of ``model``'s.
+def _new_wrapper(base_cls: type) -> GeoLoRAModel:
+    """An empty instance of the wrapper class for ``base_cls`` (pickle then sets its state)."""
+    cls = _wrapper_class(base_cls)
+    return cls.__new__(cls)
+
+
+def _wrapper_class(base_cls: type) -> type[GeoLoRAModel]:
+    """A ``GeoLoRAModel`` subclass whose ``forward`` has the signature of ``base_cls.forward``.
 
     ``transformers.Trainer`` reads the model's forward signature to decide which
     dataset columns (and which label names) to pass; a bare ``*args, **kwargs``
-    would make it drop every input column.
+    would make it drop every input column. One class per base class; instances
+    pickle through :meth:`GeoLoRAModel.__reduce_ex__`, which names the base class.
     """
-    base_cls = type(model)
     cls = _CLASSES.get(base_cls)
     if cls is not None:
         return cls
@@ -349,6 +364,6 @@ def _wrapper_class(model: nn.Module) -> type[GeoLoRAModel]:
 
     forward.__signature__ = signature  # type: ignore[attr-defined]
     forward.__doc__ = base_cls.forward.__doc__
-    cls = type("GeoLoRAModel", (GeoLoRAModel,), {"forward": forward, "__module__": __name__})
+    cls = type("GeoLoRAModel", (GeoLoRAModel,), {"forward": forward, "__module__": __name__, "_dynamic": True})
     _CLASSES[base_cls] = cls
     return cls
