@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import FinetuneConfig
-from .loop import CONFIG, METRICS, SUMMARY, _Progress, _write_json, new_run_dir, resolve_device, write_csv
+from .loop import CONFIG, METRICS, SUMMARY, _Progress, _write_json, new_run_dir, resolve_device, to_device, write_csv
+from .loop import evaluate as loop_evaluate
 
 __all__ = ["FinetuneResult", "Task", "build_task", "finetune"]
 
@@ -288,25 +289,11 @@ def training_state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     return total
 
 
-@torch.no_grad()
 def evaluate(task: Task, model: nn.Module, batch_size: int, device: torch.device) -> tuple[float, float]:
-    was_training = model.training
-    model.eval()
-    loader = torch.utils.data.DataLoader(task.test_set, batch_size=batch_size, collate_fn=task.collate)
-    total_loss, correct, seen = 0.0, 0, 0
-    for batch in loader:
-        logits, labels, _ = task.forward(model, _to(batch, device))
-        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        seen += labels.numel()
-    model.train(was_training)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    return tuple(t.to(device) for t in batch)
+    """Test loss and accuracy of ``model`` on ``task.test_set``."""
+    return loop_evaluate(
+        model, task.test_set, batch_size, device, forward=lambda m, b: task.forward(m, b)[:2], collate=task.collate
+    )
 
 
 def _short(name: str) -> str:
@@ -368,7 +355,7 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
             for batch in loader:
                 if step >= total_steps:
                     break
-                batch = _to(batch, device)
+                batch = to_device(batch, device)
                 held: dict[str, Tensor] = {}
 
                 def closure(batch: Any = batch, held: dict[str, Tensor] = held) -> Tensor:

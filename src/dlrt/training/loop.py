@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,19 +138,41 @@ def _batches(cfg: TrainConfig, dataset: Any, epoch: int) -> Iterator[tuple[Tenso
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Any, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``dataset``."""
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int,
+    device: torch.device,
+    *,
+    forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] | None = None,
+    collate: Callable[[list[Any]], Any] | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``dataset``, in eval mode.
+
+    Batches are ``(x, y)`` pairs unless ``forward(model, batch) -> (logits,
+    labels)`` says how to run one (batches are moved to ``device`` first:
+    tensors, tuples of tensors or dicts of tensors); ``collate`` builds them.
+    """
     was_training = model.training
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        total_loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        batch = to_device(batch, device)
+        logits, y = forward(model, batch) if forward is not None else (model(batch[0]), batch[1])
+        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
         seen += y.numel()
     model.train(was_training)
     return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, a tuple/list of tensors, or a dict of tensors) on ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(t.to(device) for t in batch)
+    return batch.to(device)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
