@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         max_steps=args.steps,
         pooling=args.pooling,
     )
+    torch.manual_seed(args.seed)  # the new classifier head's initialisation, shared by every method
     task = build_task(base_cfg)
     pristine = copy.deepcopy(task.model)
     n_targets = sum(1 for n, _ in pristine.named_modules() if n.endswith((".query", ".value")))
