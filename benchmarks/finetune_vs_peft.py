@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
             seed=args.seed,
             runs_dir=args.runs_dir,
-            name=f"{stamp}-{key}",
+            name=f"{stamp}-{key}-seed{args.seed}",
             progress=False,
             plots=False,
         )

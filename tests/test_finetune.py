@@ -221,8 +221,8 @@ def test_report_on_two_finetune_runs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_minilm_geolora_learns_rotten_tomatoes(tmp_path):
-    """The shipped MiniLM with the shipped GeoLoRA config: 300 steps (the benchmark's run, 73.9 %)
-    clearly beat the majority class of the full test split."""
+    """The shipped MiniLM with the shipped GeoLoRA config: 300 steps (the benchmark's run: about
+    76 %) beat the majority class of the full test split (56.3 %) by more than 12 points."""
     pytest.importorskip("transformers")
     cfg = load_config(
         CONFIGS / "finetune_minilm_rt.yaml",
@@ -241,6 +241,6 @@ def test_minilm_geolora_learns_rotten_tomatoes(tmp_path):
     share = sum(label for _, label in test) / len(test)
     majority = max(share, 1 - share)
     assert s["steps"] == 300
-    assert s["test_acc"] > majority + 0.05, (s["test_acc"], majority)
+    assert s["test_acc"] > majority + 0.12, (s["test_acc"], majority)
     assert s["total_rank"] <= cfg.budget
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
