@@ -191,9 +191,9 @@ def mnist_cnn_dataset(name: str = "mnist", split: str = "test", root: str | os.P
 class MeanPoolClassifier(nn.Module):
     """A BERT encoder with a linear head on the mean of its token states (padding excluded).
 
-    Built from a ``transformers`` ``BertForSequenceClassification``: keeps its
-    ``bert`` encoder (the [CLS] pooler is dropped), ``dropout`` and
-    ``classifier``, so module names, ``target_modules`` and
+    Built from a ``transformers`` ``BertForSequenceClassification``: takes over
+    its ``bert`` encoder (setting its [CLS] pooler to None), ``dropout`` and
+    ``classifier`` (shared, not copied), so module names, ``target_modules`` and
     ``modules_to_save=["classifier"]`` are the same as for the original. Mean
     pooling is how sentence encoders such as all-MiniLM-L6-v2 were trained; their
     [CLS] state and pooler were not, and a head on them starts from features that
