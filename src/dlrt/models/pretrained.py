@@ -243,10 +243,9 @@ class MeanPoolClassifier(nn.Module):
 POOLINGS = ("mean", "cls")
 
 
-def _pooled(model: nn.Module, pooling: str) -> nn.Module:
+def _check_pooling(pooling: str) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    return MeanPoolClassifier(model) if pooling == "mean" else model
 
 
 def load_minilm(
@@ -279,8 +278,7 @@ def load_minilm(
         FileNotFoundError: no model folder, with how to install it.
         ValueError: an unknown ``pooling``.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    _check_pooling(pooling)
     if path is None:
         config = package_file(
             MINILM_PACKAGE,
@@ -298,7 +296,7 @@ def load_minilm(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=int(num_labels))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    return _pooled(model, pooling), tokenizer
+    return (MeanPoolClassifier(model) if pooling == "mean" else model), tokenizer
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0, pooling: str = "cls") -> nn.Module:
@@ -318,6 +316,7 @@ def tiny_bert(num_labels: int = 2, seed: int = 0, pooling: str = "cls") -> nn.Mo
     Raises:
         ImportError: transformers is not installed.
     """
+    _check_pooling(pooling)
     transformers = _transformers("tiny_bert")
     config = transformers.BertConfig(
         vocab_size=100,
@@ -330,5 +329,5 @@ def tiny_bert(num_labels: int = 2, seed: int = 0, pooling: str = "cls") -> nn.Mo
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.BertForSequenceClassification(config)
-    return _pooled(model.eval(), pooling)
+        model = transformers.BertForSequenceClassification(config).eval()
+    return MeanPoolClassifier(model) if pooling == "mean" else model

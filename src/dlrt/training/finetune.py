@@ -310,7 +310,7 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     model is modified. Ctrl-C stops with status ``"interrupted"`` after writing
     the summary and the adapter; a non-finite loss stops with ``"diverged"``.
     """
-    from ..optimizer import NonFiniteError
+    from ..optimizer import DLRTOptimizer, NonFiniteError
 
     cfg = cfg or FinetuneConfig()
     if cfg.threads is not None:
@@ -333,6 +333,8 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     scheduler = build_scheduler(cfg, opt, total_steps)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in trainable_params)
+    # torch optimizers clip here; a DLRTOptimizer clips by the tangent-space norm itself
+    torch_clip = cfg.max_grad_norm is not None and not isinstance(opt, DLRTOptimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -364,8 +366,7 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
                     if loss is None:
                         loss = nn.functional.cross_entropy(logits, labels)
                     loss.backward()
-                    if cfg.max_grad_norm is not None and not hasattr(opt, "max_grad_norm"):
-                        # torch optimizers; GeoLoRA's DLRTOptimizer clips by the tangent norm itself
+                    if torch_clip:
                         torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm)
                     held["logits"], held["labels"], held["loss"] = logits.detach(), labels, loss.detach()
                     return loss
@@ -394,7 +395,7 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
                 )
                 bar.update(1, loss=f"{run_loss / seen:.4f}", acc=f"{correct / seen:.3f}", rank=total_rank)
             bar.close()
-            if (step >= total_steps or epoch == cfg.epochs - 1) and hasattr(opt, "finish_cycle"):
+            if (step >= total_steps or epoch == cfg.epochs - 1) and isinstance(opt, DLRTOptimizer):
                 opt.finish_cycle()  # GeoLoRA mid coefficient cycle: truncate before the final evaluation
             test_loss, test_acc = evaluate(task, model, cfg.eval_batch_size, device)
             ranks = {_short(k): v for k, v in adapter_ranks(model).items()}
@@ -427,7 +428,7 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     except NonFiniteError:
         print(f"stopped: {message}", flush=True)
 
-    if status == "interrupted" and hasattr(opt, "finish_cycle"):
+    if status == "interrupted" and isinstance(opt, DLRTOptimizer):
         opt.finish_cycle()  # truncate before counting and saving
     if status != "diverged" and cfg.method != "full":
         with contextlib.suppress(Exception) if status == "interrupted" else contextlib.nullcontext():

@@ -176,9 +176,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2) + "\n"
+    io.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
@@ -248,16 +247,18 @@ def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` as CSV through a temporary file; a ``ranks`` dict becomes ``name:rank;…``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            out = dict(row)
-            if isinstance(out.get("ranks"), dict):
-                out["ranks"] = ";".join(f"{k}:{v}" for k, v in out["ranks"].items())
-            writer.writerow(out)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for row in rows:
+                out = dict(row)
+                if isinstance(out.get("ranks"), dict):
+                    out["ranks"] = ";".join(f"{k}:{v}" for k, v in out["ranks"].items())
+                writer.writerow(out)
+
+    io.atomic_write(path, write)
 
 
 class _Progress:
