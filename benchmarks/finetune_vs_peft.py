@@ -11,11 +11,12 @@ through the same loop as ``dlrt finetune``:
 * GeoLoRA (parallel integrator, AdamW), r = 8 initial, tau = 0.1 pooled over all
   adapters, total-rank budget = AdaLoRA's final total rank (8 × modules).
 
-Reported: median seconds per step (all steps of the run), training-state memory
-(parameters + gradients + optimizer state; on CUDA also the allocator's peak),
-trainable parameters, final adapter parameters (GeoLoRA at its final ranks,
-AdaLoRA at its unmasked ranks), final test accuracy; then the lr sweep for
-AdaLoRA and GeoLoRA. Results are appended to a JSON file as runs finish, so an
+Reported: median seconds per step (timed round-robin), peak memory of a step
+(measured: weights, optimizer state and everything the step allocates, on CPU
+through ``torch.profiler``), training-state memory (parameters + gradients +
+optimizer state), trainable parameters, final adapter parameters (GeoLoRA at its
+final ranks, AdaLoRA at its unmasked ranks), final test accuracy; then the lr
+sweep for AdaLoRA and GeoLoRA. Results are appended to a JSON file as runs finish, so an
 interrupted benchmark continues with ``--resume``.
 
 Rerun::
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of full fine-tuning")
     p.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 5e-4, 1e-3, 5e-3], help="sweep (AdaLoRA, GeoLoRA)")
     p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--geolora-alpha", type=float, default=None, help="GeoLoRA's lora_alpha (default: FinetuneConfig's)")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="what the classifier reads")
     p.add_argument("--warmup", type=float, default=0.0, help="share of steps with lr warm-up (every method)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             r=8,
             tau=args.tau,
             budget=budget if method == "geolora" else None,
+            lora_alpha=args.geolora_alpha if method == "geolora" else None,
             warmup=args.warmup,
             pooling=args.pooling,
             init_r=12,
@@ -120,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs}, indent=2))
 
-    timing = interleaved_step_times(args, task, pristine, budget) if args.timing_rounds > 0 else {}
+    timing, peak = interleaved_step_times(args, task, pristine, budget) if args.timing_rounds > 0 else ({}, {})
     out.write_text(
-        json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs, "timing": timing}, indent=2)
+        json.dumps(
+            {"command": " ".join(sys.argv), "args": vars(args), "runs": runs, "timing": timing, "peak_bytes": peak},
+            indent=2,
+        )
     )
     by_key = {r["key"]: r for r in runs}
     print(
@@ -130,18 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps of batch {args.batch_size}, {torch.get_num_threads()} threads\n"
     )
     print(
-        "| method | lr | s/step (interleaved median) | vs LoRA | training-state MB | trainable params | "
+        "| method | lr | s/step (interleaved median) | vs LoRA | peak MB | training-state MB | trainable params | "
         "final adapter params | final total rank | test acc |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for method, lr in plan[: len(args.methods)]:
         r = by_key[f"{method}-lr{lr:g}"]
         t = timing.get(method)
         step = f"{t:.3f}" if t else f"({r['median_step_seconds']:.3f} in its run)"
         ratio = f"{t / timing['lora']:.2f}" if t and timing.get("lora") else "-"
         acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f} %"
+        mb = f"{peak[method] / 2**20:.0f}" if method in peak else "-"
         print(
-            f"| {method} | {lr:g} | {step} | {ratio} | "
+            f"| {method} | {lr:g} | {step} | {ratio} | {mb} | "
             f"{r['training_state_bytes'] / 2**20:.1f} | {r['trainable_params']:,d} | {r['adapter_params']:,d} | "
             f"{r['total_rank'] if method != 'full' else '-'} | {acc} |"
         )
@@ -162,14 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def interleaved_step_times(args: argparse.Namespace, task, pristine, budget: int) -> dict[str, float]:
-    """Median seconds per training step of each method, timed round-robin in this process.
+def interleaved_step_times(
+    args: argparse.Namespace, task, pristine, budget: int
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Median seconds per training step of each method, timed round-robin in this process, and peak bytes.
 
     Every method gets a fresh model and optimizer; steps are timed in rounds of
     ``--timing-steps`` (after one warm-up round), methods interleaved, so all see the
     same machine load. The per-run medians above depend on the load during each run.
+    Then one more step per method measures its peak memory: what the model and
+    optimizer hold (frozen weights included) plus the peak allocated during the
+    step (:mod:`dlrt.training.memory`; CPU through ``torch.profiler``).
     """
     from dlrt.training.finetune import apply_method
+    from dlrt.training.memory import peak_step_bytes, resident_bytes
 
     loader = torch.utils.data.DataLoader(
         task.train_set,
@@ -186,6 +199,7 @@ def interleaved_step_times(args: argparse.Namespace, task, pristine, budget: int
             lr=args.full_lr if method == "full" else args.lr,
             tau=args.tau,
             budget=budget if method == "geolora" else None,
+            lora_alpha=args.geolora_alpha if method == "geolora" else None,
             max_steps=args.steps,
             epochs=100,
         )
@@ -207,7 +221,20 @@ def interleaved_step_times(args: argparse.Namespace, task, pristine, budget: int
                 after(rnd * len(batches) + i)
                 if rnd > 0:
                     times[method].append(time.perf_counter() - t0)
-    return {m: statistics.median(t) for m, t in times.items()}
+    memory = {}
+    for method, (model, opt, _) in setups.items():
+        batch = batches[0]
+
+        def closure(batch=batch, model=model, opt=opt):
+            opt.zero_grad()
+            loss = task.forward(model, batch)[2]
+            loss.backward()
+            return loss
+
+        opt.zero_grad()  # gradients are allocated during the measured step, so counted once
+        step_peak = peak_step_bytes(lambda opt=opt, closure=closure: opt.step(closure), next(model.parameters()).device)
+        memory[method] = resident_bytes(model, opt) + step_peak
+    return {m: statistics.median(t) for m, t in times.items()}, memory
 
 
 if __name__ == "__main__":
