@@ -1,6 +1,7 @@
 """Training pipeline and CLI on small generated MNIST files."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,39 @@ def test_lenet5_on_real_mnist_one_epoch(tmp_path):
     assert result.status == "completed"
     assert result.summary["test_acc"] >= 0.97
     assert result.summary["compression"] >= 0.80
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_train_schedule_with_warmup(schedule):
+    from dlrt.training.loop import build_scheduler
+
+    # 2 epochs of 5 steps; 20 % warm-up = 2 steps; schedule=step decays every epoch (5 steps)
+    cfg = TrainConfig(lr=1.0, schedule=schedule, warmup=0.2, epochs=2, step_size=1, gamma=0.5)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt, steps_per_epoch=5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    tail = {
+        "cosine": [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)],
+        "step": [1.0] * 5 + [0.5] * 3,
+        "constant": [1.0] * 8,
+    }
+    assert lrs[2:] == pytest.approx(tail[schedule])
+    with pytest.raises(ValueError, match=r"warmup is a share of the steps in \[0, 1\)"):
+        TrainConfig(warmup=-0.1)
+
+
+def test_train_schedule_without_warmup_is_torchs():
+    # checkpoints written before `warmup` hold these schedulers' states; they must still load
+    from dlrt.training.loop import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert isinstance(
+        build_scheduler(TrainConfig(schedule="cosine"), opt, 5), torch.optim.lr_scheduler.CosineAnnealingLR
+    )
+    assert isinstance(build_scheduler(TrainConfig(schedule="step"), opt, 5), torch.optim.lr_scheduler.StepLR)
+    assert build_scheduler(TrainConfig(schedule="constant"), opt, 5) is None

@@ -46,6 +46,7 @@ class TrainConfig:
     schedule: str = field(default="cosine", metadata={"help": "constant | cosine | step (per step)"})
     step_size: int = field(default=10, metadata={"help": "epochs between decays (schedule=step)"})
     gamma: float = field(default=0.1, metadata={"help": "decay factor (schedule=step)"})
+    warmup: float = field(default=0.0, metadata={"help": "share of the steps with a linear lr warm-up from 0"})
     # loop
     epochs: int = field(default=3, metadata={"help": "training epochs"})
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
@@ -82,6 +83,8 @@ class TrainConfig:
         _check_choice("integrator", self.integrator, ("bug", "fixed", "parallel"))
         _check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
         _check_choice("schedule", self.schedule, ("constant", "cosine", "step"))
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

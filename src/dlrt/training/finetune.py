@@ -13,6 +13,7 @@ PNG plots.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import statistics
 import time
@@ -25,7 +26,18 @@ import torch
 from torch import Tensor, nn
 
 from .config import FinetuneConfig
-from .loop import CONFIG, METRICS, SUMMARY, _Progress, _write_json, new_run_dir, resolve_device, to_device, write_csv
+from .loop import (
+    CONFIG,
+    METRICS,
+    SUMMARY,
+    _Progress,
+    _write_json,
+    lr_factor,
+    new_run_dir,
+    resolve_device,
+    to_device,
+    write_csv,
+)
 from .loop import evaluate as loop_evaluate
 
 __all__ = ["FinetuneResult", "Task", "build_task", "finetune"]
@@ -216,20 +228,9 @@ def apply_method(
 def build_scheduler(cfg: FinetuneConfig, opt: torch.optim.Optimizer, total_steps: int) -> Any:
     """Per-step schedule: ``cfg.warmup`` of the steps rise linearly from 0, the rest follow ``cfg.schedule``."""
     warm = int(cfg.warmup * total_steps)
-    decay = max(1, total_steps - warm)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        t = min(step - warm, decay) / decay
-        if cfg.schedule == "linear":
-            return max(0.0, 1.0 - t)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * t))
-        return 1.0
-
     if cfg.schedule == "constant" and warm == 0:
         return None
+    factor = functools.partial(lr_factor, total=total_steps, schedule=cfg.schedule, warmup_steps=warm)
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 

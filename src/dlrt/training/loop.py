@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -116,8 +117,46 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     )
 
 
+def lr_factor(
+    step: int, total: int, schedule: str, warmup_steps: int = 0, step_size: int = 1, gamma: float = 1.0
+) -> float:
+    """Multiplier of the base learning rate at ``step`` (counted from 0).
+
+    The first ``warmup_steps`` rise linearly towards 1; the remaining steps follow
+    ``schedule``: ``linear`` (to 0), ``cosine`` (to 0), ``step`` (× ``gamma`` every
+    ``step_size`` steps) or ``constant``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    span = max(1, total - warmup_steps)
+    t = min(step - warmup_steps, span)
+    if schedule == "linear":
+        return 1.0 - t / span
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t / span))
+    if schedule == "step":
+        return gamma ** ((step - warmup_steps) // step_size)
+    return 1.0
+
+
 def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-    """A per-step learning-rate schedule (``None`` for constant)."""
+    """A per-step learning-rate schedule (``None`` for constant without warm-up).
+
+    Without warm-up these are torch's own schedulers, as in checkpoints written
+    before ``warmup`` existed, so those runs still resume.
+    """
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup * total)
+    if warm:
+        factor = functools.partial(
+            lr_factor,
+            total=total,
+            schedule=cfg.schedule,
+            warmup_steps=warm,
+            step_size=cfg.step_size * steps_per_epoch,
+            gamma=cfg.gamma,
+        )
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     if cfg.schedule == "step":
