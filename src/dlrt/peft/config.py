@@ -45,8 +45,10 @@ class GeoLoRAConfig:
     lora_alpha: float = field(
         default=128.0,
         metadata={
-            "help": "the update is scaled by lora_alpha / r (GeoLoRA wants ~8× LoRA's: Adam moves S by ~lr "
-            "per entry, so W moves by (lora_alpha / r)·lr per direction, where LoRA's B·A grows quadratically)"
+            "help": "the update is scaled by lora_alpha / r. Adam moves each entry of S by about lr, so "
+            "lr·lora_alpha/r sets how fast W moves: at 128 (r 8) GeoLoRA moves MiniLM's attention weights "
+            "about 1.4-1.9x as far per step as PEFT LoRA at alpha 16 and the same lr "
+            "(benchmarks/adapter_step_size.py)"
         },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter's input"})
