@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timing-rounds", type=int, default=5, help="interleaved timing: rounds of --timing-steps steps per method"
     )
     p.add_argument("--timing-steps", type=int, default=8)
+    p.add_argument("--memory-steps", type=int, default=10, help="steps per method measured for peak memory")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,9 +178,9 @@ def interleaved_step_times(
     Every method gets a fresh model and optimizer; steps are timed in rounds of
     ``--timing-steps`` (after one warm-up round), methods interleaved, so all see the
     same machine load. The per-run medians above depend on the load during each run.
-    Then one more step per method measures its peak memory: what the model and
-    optimizer hold (frozen weights included) plus the peak allocated during the
-    step (:mod:`dlrt.training.memory`; CPU through ``torch.profiler``).
+    Then ``--memory-steps`` more steps per method measure its peak memory: what the
+    model and optimizer hold (frozen weights included) plus the peak allocated during
+    a step (:mod:`dlrt.training.memory`; CPU through ``torch.profiler``).
     """
     from dlrt.training.finetune import apply_method
     from dlrt.training.memory import peak_step_bytes, resident_bytes
@@ -221,19 +222,25 @@ def interleaved_step_times(
                 after(rnd * len(batches) + i)
                 if rnd > 0:
                     times[method].append(time.perf_counter() - t0)
+    # Peak memory: the largest over --memory-steps further steps, so that a whole GeoLoRA
+    # coefficient cycle (its augmentation step included) is measured.
     memory = {}
     for method, (model, opt, _) in setups.items():
-        batch = batches[0]
+        device = next(model.parameters()).device
+        peaks = []
+        for i in range(args.memory_steps):
+            batch = batches[i % len(batches)]
 
-        def closure(batch=batch, model=model, opt=opt):
-            opt.zero_grad()
-            loss = task.forward(model, batch)[2]
-            loss.backward()
-            return loss
+            def closure(batch=batch, model=model, opt=opt):
+                opt.zero_grad()
+                loss = task.forward(model, batch)[2]
+                loss.backward()
+                return loss
 
-        opt.zero_grad()  # gradients are allocated during the measured step, so counted once
-        step_peak = peak_step_bytes(lambda opt=opt, closure=closure: opt.step(closure), next(model.parameters()).device)
-        memory[method] = resident_bytes(model, opt) + step_peak
+            opt.zero_grad()  # gradients are allocated during the measured step, so counted once
+            step_peak = peak_step_bytes(lambda opt=opt, closure=closure: opt.step(closure), device)
+            peaks.append(resident_bytes(model, opt) + step_peak)
+        memory[method] = max(peaks)
     return {m: statistics.median(t) for m, t in times.items()}, memory
 
 
