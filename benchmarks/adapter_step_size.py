@@ -22,7 +22,7 @@ import sys
 import torch
 
 from dlrt.training.config import FinetuneConfig
-from dlrt.training.finetune import apply_method, build_task
+from dlrt.training.finetune import apply_method, build_task, step_closure
 
 
 def delta_weights(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,14 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         norms0 = [torch.linalg.matrix_norm(w0.detach().float(), 2) for _, w0 in delta_weights(model)]
         rows = []
         for i, batch in enumerate(batches):
-
-            def closure(batch=batch, model=model, opt=opt):
-                opt.zero_grad()
-                loss = task.forward(model, batch)[2]
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            opt.step(step_closure(task, model, opt, batch))
             after(i)
             with torch.no_grad():
                 rel = [

@@ -182,7 +182,7 @@ def interleaved_step_times(
     model and optimizer hold (frozen weights included) plus the peak allocated during
     a step (:mod:`dlrt.training.memory`; CPU through ``torch.profiler``).
     """
-    from dlrt.training.finetune import apply_method
+    from dlrt.training.finetune import apply_method, step_closure
     from dlrt.training.memory import peak_step_bytes, resident_bytes
 
     loader = torch.utils.data.DataLoader(
@@ -210,13 +210,7 @@ def interleaved_step_times(
     for rnd in range(args.timing_rounds + 1):
         for method, (model, opt, after) in setups.items():
             for i, batch in enumerate(batches):
-
-                def closure(batch=batch, model=model, opt=opt):
-                    opt.zero_grad()
-                    loss = task.forward(model, batch)[2]
-                    loss.backward()
-                    return loss
-
+                closure = step_closure(task, model, opt, batch)
                 t0 = time.perf_counter()
                 opt.step(closure)
                 after(rnd * len(batches) + i)
@@ -229,14 +223,7 @@ def interleaved_step_times(
         device = next(model.parameters()).device
         peaks = []
         for i in range(args.memory_steps):
-            batch = batches[i % len(batches)]
-
-            def closure(batch=batch, model=model, opt=opt):
-                opt.zero_grad()
-                loss = task.forward(model, batch)[2]
-                loss.backward()
-                return loss
-
+            closure = step_closure(task, model, opt, batches[i % len(batches)])
             opt.zero_grad()  # gradients are allocated during the measured step, so counted once
             step_peak = peak_step_bytes(lambda opt=opt, closure=closure: opt.step(closure), device)
             peaks.append(resident_bytes(model, opt) + step_peak)

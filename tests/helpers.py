@@ -64,3 +64,13 @@ class LeastSquares:
             return loss
 
         return closure
+
+
+def scheduled_lrs(opt, scheduler, steps):
+    """The learning rate of ``opt``'s first group at each of ``steps`` steps under ``scheduler``."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return lrs

@@ -15,6 +15,7 @@ from dlrt.cli import main
 from dlrt.training.config import FinetuneConfig, load_config
 from dlrt.training.finetune import finetune
 
+from .helpers import scheduled_lrs
 from .test_datasets import write_idx
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -162,11 +163,7 @@ def test_schedule_with_warmup(schedule):
     cfg = FinetuneConfig(lr=1.0, schedule=schedule, warmup=0.2)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     sched = build_scheduler(cfg, opt, total_steps=10)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = scheduled_lrs(opt, sched, 10)
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # 2 warm-up steps, then the peak
     tail = {"linear": [1 - k / 8 for k in range(8)], "constant": [1.0] * 8}
     import math
@@ -244,3 +241,23 @@ def test_minilm_geolora_learns_rotten_tomatoes(tmp_path):
     assert s["test_acc"] > majority + 0.12, (s["test_acc"], majority)
     assert s["total_rank"] <= cfg.budget
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_step_closure_uses_the_models_loss_or_cross_entropy():
+    from dlrt.training.finetune import Task, step_closure
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = torch.nn.functional.cross_entropy(model(x), y)
+    (g_expected,) = torch.autograd.grad(expected, model.weight)
+
+    own = Task(model, None, None, None, lambda m, b: (m(b[0]), b[1], 2.0 * m(b[0]).sum()))
+    ce = Task(model, None, None, None, lambda m, b: (m(b[0]), b[1], None))
+    model.weight.grad = torch.ones_like(model.weight)  # stale: the closure must zero it
+    loss = step_closure(ce, model, opt, (x, y))()
+    assert loss.item() == pytest.approx(expected.item())
+    assert torch.allclose(model.weight.grad, g_expected)
+    step_closure(own, model, opt, (x, y))()
+    assert torch.allclose(model.weight.grad, 2.0 * x.sum(0).expand(3, 4))

@@ -12,6 +12,7 @@ from dlrt import cli
 from dlrt.training import TrainConfig, load_config, read_metrics, train
 from dlrt.training.config import FinetuneConfig
 
+from .helpers import scheduled_lrs
 from .test_data_demo import write_idx
 
 pytest.importorskip("yaml")
@@ -170,11 +171,7 @@ def test_train_schedule_with_warmup(schedule):
     cfg = TrainConfig(lr=1.0, schedule=schedule, warmup=0.2, epochs=2, step_size=1, gamma=0.5)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     sched = build_scheduler(cfg, opt, steps_per_epoch=5)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = scheduled_lrs(opt, sched, 10)
     assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     tail = {
         "cosine": [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)],

@@ -148,6 +148,24 @@ def build_task(cfg: FinetuneConfig) -> Task:
     return Task(model, train_set, test_set, None, forward_image)
 
 
+def step_closure(task: Task, model: nn.Module, opt: torch.optim.Optimizer, batch: Any) -> Callable[[], Tensor]:
+    """A closure for ``opt.step``: zero the gradients, forward ``batch``, backpropagate the loss.
+
+    The loss is the model's own when it returns one, else the cross-entropy (the
+    benchmarks' training step; :func:`finetune` adds clipping and bookkeeping).
+    """
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        logits, labels, loss = task.forward(model, batch)
+        if loss is None:
+            loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def _modules(cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
     targets, save = DEFAULT_MODULES[cfg.model]
     return (
