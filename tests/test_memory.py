@@ -1,3 +1,5 @@
+"""dlrt.training.memory: the measured peak of a step, checked on allocations of known size."""
+
 import torch
 from torch import nn
 
