@@ -443,3 +443,47 @@ def test_max_grad_norm_above_the_norm_changes_nothing(integrator):
     assert 0 < loose.last_grad_norm < 1e6 and free.last_grad_norm is None
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_ramp_new_directions_drops_only_the_first_moment_correction():
+    """Fresh entries step by (1 − β1ᵗ)·lr; entries with a long history as plain Adam."""
+    from dlrt.optim.inner import Adam
+
+    rule = Adam()
+    group = {"lr": 0.1, "betas": (0.9, 0.999), "eps": 0.0, "weight_decay": 0.0}
+    ramp = {**group, "ramp_new_directions": True}
+    g = torch.tensor([[2.0, -3.0]], dtype=DT)
+    fresh, plain = {}, {}
+    for t in (1, 2, 3):
+        d_ramp = rule.step(torch.zeros(1, 2, dtype=DT), g, fresh, ramp)
+        d_plain = rule.step(torch.zeros(1, 2, dtype=DT), g, plain, group)
+        torch.testing.assert_close(d_plain, -0.1 * g.sign())
+        torch.testing.assert_close(d_ramp, -0.1 * (1 - 0.9**t) * g.sign())
+    for _ in range(200):
+        d_ramp = rule.step(torch.zeros(1, 2, dtype=DT), g, fresh, ramp)
+    torch.testing.assert_close(d_ramp, -0.1 * g.sign(), rtol=1e-8, atol=1e-9)
+
+
+def test_ramp_new_directions_ramps_the_augmented_core_not_the_dense_parameters():
+    torch.manual_seed(0)
+    model, (x, y) = net(), data()
+    S0 = model[0].S.detach().clone()
+    opt = dlrt.DLRTOptimizer(
+        model, integrator="parallel", optimizer="adam", lr=0.01, coefficient_steps=2, ramp_new_directions=True
+    )
+    dense0 = model[2].weight.detach().clone()
+    opt.step(closure_for(model, opt, x, y))  # augmentation step: every core entry is new to Adam
+    r = S0.shape[0]
+    step = model[0].S.detach().clone()
+    step[:r, :r] -= S0
+    assert step.shape == (2 * r, 2 * r)
+    nonzero = step.abs() > 1e-6  # entries of the triangular blocks Ũᵀ(GV) are zero up to rounding
+    assert nonzero[:r, :r].all() and nonzero[r:, :r].any() and nonzero[:r, r:].any()  # old block and new ones
+    torch.testing.assert_close(
+        step.abs()[nonzero], torch.full((int(nonzero.sum()),), 0.001, dtype=DT), rtol=1e-3, atol=0
+    )
+    dense_step = (model[2].weight.detach() - dense0).abs()
+    # Adam's first step, ±lr (up to eps against the smallest gradients)
+    torch.testing.assert_close(dense_step, torch.full_like(dense_step, 0.01), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="ramp_new_directions=True needs optimizer='adam' or 'adamw'"):
+        dlrt.DLRTOptimizer(net(), optimizer="sgd", lr=0.1, ramp_new_directions=True)
