@@ -261,11 +261,3 @@ def test_step_closure_uses_the_models_loss_or_cross_entropy():
     assert torch.allclose(model.weight.grad, g_expected)
     step_closure(own, model, opt, (x, y))()
     assert torch.allclose(model.weight.grad, 2.0 * x.sum(0).expand(3, 4))
-
-
-def test_ramp_new_directions_is_a_geolora_adam_option():
-    assert FinetuneConfig(ramp_new_directions=True).ramp_new_directions is True
-    with pytest.raises(ValueError, match="ramp_new_directions applies to method=geolora with adam/adamw"):
-        FinetuneConfig(method="lora", ramp_new_directions=True)
-    with pytest.raises(ValueError, match="ramp_new_directions applies to method=geolora with adam/adamw"):
-        FinetuneConfig(optimizer="sgd", ramp_new_directions=True)

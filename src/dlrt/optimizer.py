@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .integrators import INTEGRATORS, Integrator
 from .layers import LowRankLayer
-from .optim.inner import RULES, Adam, InnerRule
+from .optim.inner import RULES, InnerRule
 
 
 class NonFiniteError(FloatingPointError):
@@ -61,13 +61,6 @@ class DLRTOptimizer(torch.optim.Optimizer):
             ``min(1, max_grad_norm / norm)``. The norm before clipping is
             kept in :attr:`last_grad_norm`. (``torch.nn.utils.clip_grad_norm_``
             and Trainer's ``max_grad_norm`` see only ``.grad``, not ``GV``, ``GᵀU``.)
-        ramp_new_directions: Adam only. Drop the first-moment bias correction on
-            the low-rank factors, so an entry in a direction new since the last
-            augmentation steps by ``(1 − β1ᵗ)·lr`` in its t-th step instead of
-            ``lr`` from the first: each new direction warms up over about
-            ``1/(1 − β1)`` steps. Entries with a history (correction ≈ 1) and the
-            dense parameters are unaffected. Rescued GeoLoRA at lr 5e-3 where the
-            default collapses (README, fine-tuning benchmark).
         on_nonfinite: ``"raise"`` a :class:`NonFiniteError`, or ``"skip"``
             the step with a warning; either way nothing changes.
 
@@ -98,7 +91,6 @@ class DLRTOptimizer(torch.optim.Optimizer):
         min_rank: int | None = None,
         coefficient_steps: int = 1,
         max_grad_norm: float | None = None,
-        ramp_new_directions: bool = False,
         on_nonfinite: str = "raise",
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -122,8 +114,6 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if "betas" in hyper:
             hyper["betas"] = tuple(hyper["betas"])
         self.rule.validate(hyper)
-        if ramp_new_directions and not isinstance(self.rule, Adam):
-            raise ValueError(f"ramp_new_directions=True needs optimizer='adam' or 'adamw', not {optimizer!r}")
         if tau is None or tau < 0:
             raise ValueError(f"tau must be >= 0, got {tau}")
         if tau_mode not in ("relative", "absolute"):
@@ -169,7 +159,6 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 "tau_mode": tau_mode,
                 "truncation": truncation,
                 "budget": budget,
-                "ramp_new_directions": bool(ramp_new_directions),
             }
         ]
         if dense:

@@ -127,9 +127,7 @@ class Adam(InnerRule):
         w1.mul_(b1).add_(1.0 - b1)
         w2.mul_(b2).add_(1.0 - b2)
         denom = (v / w2).sqrt_().add_(eps)
-        # ramp_new_directions (set by DLRTOptimizer on the low-rank group): no first-moment
-        # correction, so an entry's t-th step is (1 − β1ᵗ)·lr-sized: new directions ramp in.
-        delta = (m if group.get("ramp_new_directions") else m / w1).div(denom).mul_(-lr)
+        delta = (m / w1).div_(denom).mul_(-lr)
         if wd and self.decoupled:
             delta.add_(x, alpha=-lr * wd)
         return delta

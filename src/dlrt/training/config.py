@@ -133,9 +133,6 @@ class FinetuneConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (never on GeoLoRA's bases)"})
     schedule: str = field(default="linear", metadata={"help": "constant | linear | cosine (per step)"})
     warmup: float = field(default=0.0, metadata={"help": "share of the steps with a linear lr warm-up from 0"})
-    ramp_new_directions: bool = field(
-        default=False, metadata={"help": "geolora + adam/adamw: each new direction's steps ramp in (DLRTOptimizer)"}
-    )
     max_grad_norm: float | None = field(
         default=None, metadata={"help": "clip gradients to this global norm (geolora: the tangent-space norm)"}
     )
@@ -172,11 +169,6 @@ class FinetuneConfig:
             raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
-        if self.ramp_new_directions and (self.method != "geolora" or self.optimizer == "sgd"):
-            raise ValueError(
-                f"ramp_new_directions applies to method=geolora with adam/adamw, not method={self.method!r} "
-                f"with optimizer={self.optimizer!r}"
-            )
         if self.target_r > self.init_r:
             raise ValueError(f"target_r={self.target_r} exceeds init_r={self.init_r}")
         _check_choice("model", self.model, ("minilm", "mnist-cnn", "tiny-bert"))

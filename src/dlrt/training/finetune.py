@@ -202,11 +202,7 @@ def apply_method(
         )
         geo = get_geolora_model(model, config)
         opt = geo.make_optimizer(
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            ramp_new_directions=cfg.ramp_new_directions,
+            optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm
         )
         return geo, opt, lambda step: None
     if cfg.method == "full":
