@@ -95,22 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         key = f"{method}-lr{lr:g}"
         if key in done:
             continue
-        cfg = FinetuneConfig(
-            method=method,
-            lr=lr,
-            r=8,
-            tau=args.tau,
-            budget=budget if method == "geolora" else None,
-            lora_alpha=args.geolora_alpha if method == "geolora" else None,
-            warmup=args.warmup,
-            pooling=args.pooling,
-            init_r=12,
-            target_r=8,
-            epochs=100,
-            max_steps=args.steps,
-            batch_size=args.batch_size,
-            limit=args.limit,
-            seed=args.seed,
+        cfg = method_config(
+            args,
+            method,
+            lr,
+            budget,
             runs_dir=args.runs_dir,
             name=f"{stamp}-{key}-seed{args.seed}",
             progress=False,
@@ -170,6 +159,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def method_config(args: argparse.Namespace, method: str, lr: float, budget: int, **extra) -> FinetuneConfig:
+    """The benchmark's settings for one method (r 8, GeoLoRA's budget and α, AdaLoRA's 12 → 8), plus ``extra``."""
+    return FinetuneConfig(
+        method=method,
+        lr=lr,
+        r=8,
+        tau=args.tau,
+        budget=budget if method == "geolora" else None,
+        lora_alpha=args.geolora_alpha if method == "geolora" else None,
+        warmup=args.warmup,
+        pooling=args.pooling,
+        init_r=12,
+        target_r=8,
+        epochs=100,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        seed=args.seed,
+        **extra,
+    )
+
+
 def interleaved_step_times(
     args: argparse.Namespace, task, pristine, budget: int
 ) -> tuple[dict[str, float], dict[str, int]]:
@@ -195,15 +206,7 @@ def interleaved_step_times(
     batches = [b for _, b in zip(range(args.timing_steps), loader)]
     setups = {}
     for method in args.methods:
-        cfg = FinetuneConfig(
-            method=method,
-            lr=args.full_lr if method == "full" else args.lr,
-            tau=args.tau,
-            budget=budget if method == "geolora" else None,
-            lora_alpha=args.geolora_alpha if method == "geolora" else None,
-            max_steps=args.steps,
-            epochs=100,
-        )
+        cfg = method_config(args, method, args.full_lr if method == "full" else args.lr, budget)
         model, opt, after = apply_method(cfg, copy.deepcopy(pristine), args.steps)
         setups[method] = (model.train(), opt, after)
     times: dict[str, list[float]] = {m: [] for m in setups}

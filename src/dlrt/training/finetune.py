@@ -148,11 +148,20 @@ def build_task(cfg: FinetuneConfig) -> Task:
     return Task(model, train_set, test_set, None, forward_image)
 
 
-def step_closure(task: Task, model: nn.Module, opt: torch.optim.Optimizer, batch: Any) -> Callable[[], Tensor]:
+def step_closure(
+    task: Task,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Any,
+    *,
+    clip: tuple[list[nn.Parameter], float] | None = None,
+    held: dict[str, Tensor] | None = None,
+) -> Callable[[], Tensor]:
     """A closure for ``opt.step``: zero the gradients, forward ``batch``, backpropagate the loss.
 
-    The loss is the model's own when it returns one, else the cross-entropy (the
-    benchmarks' training step; :func:`finetune` adds clipping and bookkeeping).
+    The loss is the model's own when it returns one, else the cross-entropy.
+    ``clip=(params, max_norm)`` clips their gradients after the backward pass;
+    ``held`` receives the detached ``logits``, ``labels`` and ``loss``.
     """
 
     def closure() -> Tensor:
@@ -161,6 +170,10 @@ def step_closure(task: Task, model: nn.Module, opt: torch.optim.Optimizer, batch
         if loss is None:
             loss = nn.functional.cross_entropy(logits, labels)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(*clip)
+        if held is not None:
+            held["logits"], held["labels"], held["loss"] = logits.detach(), labels, loss.detach()
         return loss
 
     return closure
@@ -352,8 +365,9 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     scheduler = build_scheduler(cfg, opt, total_steps)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in trainable_params)
-    # torch optimizers clip here; a DLRTOptimizer clips by the tangent-space norm itself
+    # torch optimizers clip in the closure; a DLRTOptimizer clips by the tangent-space norm itself
     torch_clip = cfg.max_grad_norm is not None and not isinstance(opt, DLRTOptimizer)
+    clip = (trainable_params, cfg.max_grad_norm) if torch_clip else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -378,18 +392,7 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
                     break
                 batch = to_device(batch, device)
                 held: dict[str, Tensor] = {}
-
-                def closure(batch: Any = batch, held: dict[str, Tensor] = held) -> Tensor:
-                    opt.zero_grad()
-                    logits, labels, loss = task.forward(model, batch)
-                    if loss is None:
-                        loss = nn.functional.cross_entropy(logits, labels)
-                    loss.backward()
-                    if torch_clip:
-                        torch.nn.utils.clip_grad_norm_(trainable_params, cfg.max_grad_norm)
-                    held["logits"], held["labels"], held["loss"] = logits.detach(), labels, loss.detach()
-                    return loss
-
+                closure = step_closure(task, model, opt, batch, clip=clip, held=held)
                 t0 = time.perf_counter()
                 try:
                     opt.step(closure)
