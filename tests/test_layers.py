@@ -181,3 +181,25 @@ def test_set_factors_changes_rank_after_a_graph_was_kept():
     layer(torch.randn(3, 6)).sum().backward()
     assert layer.S.grad.shape == (4, 4)
     assert dlrt.ranks(nn.Sequential(layer)) == {"0": 4}
+
+
+def test_an_overflow_in_G_V_alone_makes_S_grad_non_finite():
+    # U has no weight on output 0, so ΔU (and with it Uᵀ G V and Gᵀ U) ignores that output, while
+    # G V = Δᵀ (X V) overflows there. S.grad must carry the overflow: GradScaler checks only .grad.
+    layer = LowRankLinear(6, 5, 2, bias=False)
+    U = torch.zeros(5, 2)
+    U[1, 0] = U[2, 1] = 1.0
+    layer.set_factors(U, torch.eye(2), dlrt.linalg.orth(torch.randn(6, 2)))
+    layer.grad_request = frozenset({"K", "L"})
+    x = torch.randn(16, 6)
+    dy = torch.zeros(16, 5)
+    dy[:, 0] = 3e38
+    layer(x).backward(dy)
+    assert not torch.isfinite(layer.grad_K).all() and torch.isfinite(layer.grad_L).all()
+    assert torch.isnan(layer.S.grad).all()
+    # Finite projected gradients leave S.grad as it was.
+    layer.zero_grad()
+    layer.grad_K = layer.grad_L = None
+    dy[:, 0] = 1.0
+    layer(x).backward(dy)
+    torch.testing.assert_close(layer.S.grad, layer.U.detach().T @ dy.T @ x @ layer.V.detach())

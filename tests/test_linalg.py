@@ -120,6 +120,19 @@ def test_global_truncation_pools_singular_values():
         linalg.global_truncation_ranks([s1, s2], budget=1)
 
 
+@pytest.mark.parametrize("absolute", [False, True])
+def test_global_truncation_of_one_layer_is_the_local_rule_even_when_max_rank_binds(absolute):
+    """Values beyond max_rank are dropped anyway; they count towards the dropped norm as in the local rule."""
+    sigma = torch.tensor([3.0, 2.0, 1.0, 1.0], dtype=DT)
+    for tau in (0.05, 0.2, 0.3, 0.5, 1.2, 1.5) if absolute else (0.05, 0.2, 0.3, 0.4, 0.6):
+        for max_rank in (1, 2, 3, 4):
+            local = linalg.truncation_rank(sigma, tau, absolute=absolute, max_rank=max_rank)
+            pooled = linalg.global_truncation_ranks([sigma], tau=tau, absolute=absolute, max_ranks=[max_rank])
+            assert pooled == [local], (tau, max_rank)
+    # σ = [3, 2, 1, 1], max_rank 3, ϑ = 1.2: the forced drop (1) leaves room for nothing more.
+    assert linalg.global_truncation_ranks([sigma], tau=1.2, absolute=True, max_ranks=[3]) == [3]
+
+
 def test_tangent_transport_equals_dense_tangent_projection():
     n, m, r0, r1 = 14, 10, 3, 4
     U0, V0 = linalg.orth(torch.randn(n, r0, dtype=DT)), linalg.orth(torch.randn(m, r0, dtype=DT))
@@ -134,3 +147,13 @@ def test_tangent_transport_equals_dense_tangent_projection():
     torch.testing.assert_close(M1, linalg.tangent_project(U1, V1, M), atol=1e-12, rtol=0)
     torch.testing.assert_close(U1.T @ dU1, torch.zeros(r1, r1, dtype=DT), atol=1e-12, rtol=0)
     torch.testing.assert_close(V1.T @ dV1, torch.zeros(r1, r1, dtype=DT), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("tau", [float("nan"), float("inf"), -0.1])
+def test_non_finite_or_negative_tau_is_a_clear_error(tau):
+    # NaN once slipped past "tau < 0" and failed as an IndexError in the first truncation.
+    sigma = torch.tensor([3.0, 2.0, 1.0], dtype=DT)
+    with pytest.raises(ValueError, match="tau must be a finite number"):
+        linalg.truncation_rank(sigma, tau)
+    with pytest.raises(ValueError, match="tau must be a finite number"):
+        linalg.global_truncation_ranks([sigma, sigma], tau=tau)

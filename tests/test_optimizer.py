@@ -120,7 +120,7 @@ def _states(opt, layer):
 
 @pytest.mark.parametrize("grow", [True, False])
 def test_transport_keeps_the_full_matrix_momentum_projected_on_the_new_bases(grow):
-    # ALGORITHMS §5: after a basis change the buffers represent the old full-matrix directions projected
+    # docs/algorithms.md §5: after a basis change the buffers represent the old full-matrix directions projected
     # onto the new bases; when the new bases contain the old ones nothing is lost.
     layer = LowRankLinear(9, 12, 3, bias=False, dtype=DT)
     opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=0.1, momentum=0.9)
@@ -157,34 +157,51 @@ def test_transport_keeps_the_full_matrix_momentum_projected_on_the_new_bases(gro
     )
 
 
-def test_adam_second_moments_are_transported_through_square_roots():
+def test_adam_state_follows_a_relabelling_of_the_basis_and_the_step_in_W_is_unchanged():
+    # Permuting and sign-flipping basis vectors only relabels coordinates: the transported Adam state must
+    # be the relabelled state (second moments and weights without the signs), and the next step, seen as
+    # a full matrix U ΔS Vᵀ, must be the same step in either labelling.
     layer = LowRankLinear(9, 12, 3, bias=False, dtype=DT)
-    opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="adam")
-    U0, V0 = layer.U.detach().clone(), layer.V.detach().clone()
-    m, v = torch.randn(3, 3, dtype=DT), torch.rand(3, 3, dtype=DT)
-    opt.state[layer.S] = {"step": 7, "exp_avg": m, "exp_avg_sq": v}
-    U1, V1 = dlrt.linalg.orth(torch.randn(12, 4, dtype=DT)), dlrt.linalg.orth(torch.randn(9, 5, dtype=DT))
-    change_basis(opt, layer, U1, V1)
-    st = opt.state[layer.S]
-    A, B = U1.T @ U0, V0.T @ V1
-    assert st["step"] == 7
-    torch.testing.assert_close(st["exp_avg"], A @ m @ B)
-    torch.testing.assert_close(st["exp_avg_sq"], (A @ v.sqrt() @ B) ** 2)
-    assert (st["exp_avg_sq"] >= 0).all()
+    opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="adam", lr=0.1)
+    rule, group = opt.rule, opt.lowrank_group
+    U0, V0, S0 = layer.U.detach().clone(), layer.V.detach().clone(), layer.S.detach().clone()
+    state = {}
+    for _ in range(4):  # a genuine Adam state after a few steps
+        rule.step(S0, torch.randn(3, 3, dtype=DT), state, group)
+    opt.state[layer.S] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+    pu, pv = [2, 0, 1], [1, 2, 0]
+    su, sv = torch.tensor([1.0, -1.0, -1.0], dtype=DT), torch.tensor([-1.0, 1.0, -1.0], dtype=DT)
+    change_basis(opt, layer, U0[:, pu] * su, V0[:, pv] * sv)
+    moved = opt.state[layer.S]
+    signs = su[:, None] * sv[None, :]
+    assert moved["step"] == 4
+    torch.testing.assert_close(moved["exp_avg"], state["exp_avg"][pu][:, pv] * signs, atol=1e-14, rtol=0)
+    for key in ("exp_avg_sq", "weight1", "weight2"):
+        torch.testing.assert_close(moved[key], state[key][pu][:, pv], atol=1e-14, rtol=0)
+    G = torch.randn(12, 9, dtype=DT)  # one full-matrix gradient, seen in both labellings
+    d_old = rule.step(S0, U0.T @ G @ V0, {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}, group)
+    U1, V1 = layer.U.detach(), layer.V.detach()
+    d_new = rule.step(layer.S.detach(), U1.T @ G @ V1, moved, group)
+    torch.testing.assert_close(U1 @ d_new @ V1.T, U0 @ d_old @ V0.T, atol=1e-12, rtol=0)
 
 
 def test_momentum_survives_truncation_events():
-    problem = LeastSquares(16, 12, rank=3)
-    layer = LowRankLinear(12, 16, 6, bias=False, dtype=DT)
-    opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=0.1, momentum=0.9, tau=0.05)
+    # At full rank on a square layer the bases span everything, so rank-adaptive BUG with tau=0 must follow
+    # dense heavy-ball SGD exactly, although every step rotates the bases twice (augmentation, truncation)
+    # and the momentum is transported each time.
+    problem = LeastSquares(8, 8)
+    layer = LowRankLinear(8, 8, 8, bias=False, dtype=DT)
+    W = layer.matrix().detach().clone().requires_grad_(True)
+    dense = torch.optim.SGD([W], lr=0.1, momentum=0.9)
+    opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=0.1, momentum=0.9, tau=0.0)
     closure = problem.closure(layer, opt)
-    for _ in range(5):
+    for _ in range(6):
         opt.step(closure)
-        K, S, L = _states(opt, layer)
-        r = layer.rank
-        assert S["momentum_buffer"].shape == (r, r)
-        assert K["momentum_buffer"].shape == (16, r) and L["momentum_buffer"].shape == (12, r)
-        assert float(S["momentum_buffer"].norm()) > 0
+        W.grad = problem.G(W.detach())
+        dense.step()
+        assert layer.rank == 8
+        torch.testing.assert_close(layer.matrix().detach(), W.detach(), atol=1e-10, rtol=0)
+    assert float((W.detach() - problem.W_target).norm()) < 0.5 * float(problem.W_target.norm())
 
 
 def test_state_dict_round_trip():
@@ -443,3 +460,244 @@ def test_max_grad_norm_above_the_norm_changes_nothing(integrator):
     assert 0 < loose.last_grad_norm < 1e6 and free.last_grad_norm is None
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ regressions (issue 10)
+@pytest.fixture(params=[torch.float64, torch.float16, torch.bfloat16])
+def default_dtype(request):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("integrator", ["bug", "parallel"])
+def test_step_works_under_any_default_dtype(default_dtype, integrator):
+    # The fused non-finite check once built its flag in the default dtype: "inv_scale must be a float tensor".
+    model = net(torch.float32)
+    x, y = data(torch.float32)
+    opt = dlrt.DLRTOptimizer(model, integrator=integrator, optimizer="sgd", lr=0.1)
+    W0 = model[0].matrix().detach().clone()
+    opt.step(closure_for(model, opt, x, y))
+    assert opt.steps == 1 and not torch.equal(model[0].matrix().detach(), W0)
+    # ... and a non-finite gradient is still caught.
+    with pytest.raises(NonFiniteError):
+        opt.step(lambda: closure_for(model, opt, x, y)() * float("nan"))
+
+
+def bn_net():
+    return nn.Sequential(
+        LowRankLinear(10, 8, 3, dtype=DT), nn.BatchNorm1d(8, dtype=DT), nn.Tanh(), nn.Linear(8, 4, dtype=DT)
+    )
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+@pytest.mark.parametrize("with_closure", [True, False])
+def test_a_failed_step_restores_batchnorm_statistics(on_nonfinite, with_closure):
+    model = bn_net()
+    x, y = data()
+    opt = dlrt.DLRTOptimizer(model, integrator="parallel", optimizer="sgd", lr=0.1, on_nonfinite=on_nonfinite)
+    opt.step(closure_for(model, opt, x, y))
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")
+    bad = closure_for(model, opt, bad_x, y)
+    expectation = pytest.raises(NonFiniteError) if on_nonfinite == "raise" else pytest.warns(UserWarning)
+    with expectation:
+        if with_closure:
+            opt.step(bad)
+        else:
+            bad()  # the forward (which updates the statistics) runs before step()
+            opt.step()
+    for k, v in model.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+
+
+def test_buffer_rollback_is_small_and_survives_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    model = bn_net()
+    opt = dlrt.DLRTOptimizer(model, integrator="parallel", optimizer="sgd", lr=0.1)
+    x, y = data()
+    opt.step(closure_for(model, opt, x, y))
+    assert opt._buffer_guard.nbytes() == 0  # a finished step drops its copies
+    model(x)  # a forward before a closure-free step() saves the statistics it is about to change
+    # Only the BatchNorm buffers are copied (2×8 floats and one counter), not the parameters.
+    assert opt._buffer_guard.nbytes() == (8 + 8) * 8 + 8
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x), model(x))
+    pickle.loads(pickle.dumps(model))(x)
+
+
+@pytest.mark.parametrize("integrator", ["parallel", "bug", "fixed"])
+def test_a_step_that_makes_parameters_non_finite_is_rolled_back(integrator):
+    # float32, finite gradients (~1e9), lr 1e30: the update overflows. Caught in this step, not the next.
+    model = net(torch.float32)
+    x, y = data(torch.float32)
+    opt = dlrt.DLRTOptimizer(model, integrator=integrator, optimizer="sgd", lr=1e30)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean() * 1e10
+        loss.backward()
+        return loss
+
+    snap = _snapshot(model, opt)
+    with pytest.raises(NonFiniteError, match=r"step 0 .*non-finite"):
+        opt.step(closure)
+    _assert_unchanged(model, opt, snap)
+    assert opt.steps == 0
+
+
+def test_a_factor_made_non_finite_is_named():
+    model = net(torch.float32)
+    x, y = data(torch.float32)
+    opt = dlrt.DLRTOptimizer(model, integrator="parallel", optimizer="sgd", lr=1e30)
+
+    def closure():
+        loss = closure_for(model, opt, x, y)()
+        model[0].S.grad.mul_(1e10)  # only the core's step overflows
+        return loss
+
+    with pytest.raises(NonFiniteError, match=r"step 0 .*factors of layer '0' non-finite.*lower lr"):
+        opt.step(closure)
+
+
+def test_a_dense_parameter_made_non_finite_is_named_and_rolled_back():
+    model = net()
+    x, y = data()
+    opt = dlrt.DLRTOptimizer(model, integrator="fixed", optimizer="sgd", lr=10.0, on_nonfinite="skip")
+    snap = _snapshot(model, opt)
+
+    def closure():
+        loss = closure_for(model, opt, x, y)()
+        model[2].weight.grad[0, 0] = 1e308  # finite, but the step overflows the parameter
+        return loss
+
+    with pytest.warns(UserWarning, match=r"parameter '2\.weight'.*skipped"):
+        assert opt.step(closure) is None
+    _assert_unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(tau=float("nan")), "tau"),
+        (dict(tau=float("inf")), "tau"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=float("inf")), "lr"),
+        (dict(optimizer="sgd", momentum=float("nan")), "momentum"),
+        (dict(optimizer="sgd", momentum=0.9, dampening=float("nan")), "dampening"),
+        (dict(optimizer="sgd", dampening=1.5), "dampening"),
+        (dict(optimizer="adam", betas=(float("nan"), 0.9)), "betas"),
+        (dict(optimizer="adam", betas=(0.9,)), "betas"),
+        (dict(optimizer="adam", eps=float("nan")), "eps"),
+        (dict(optimizer="adam", eps=float("inf")), "eps"),
+        (dict(weight_decay=float("nan")), "weight_decay"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm"),
+        (dict(max_grad_norm=float("inf")), "max_grad_norm"),
+        (dict(truncation="global", budget=float("nan")), "budget"),
+        (dict(truncation="global", budget=2.5), "budget"),
+        (dict(lr="0.1"), "lr"),
+        (dict(max_rank=2.5), "max_rank"),
+    ],
+)
+def test_non_finite_or_mistyped_hyper_parameters_are_clear_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        dlrt.DLRTOptimizer(net(), **kwargs)
+
+
+@pytest.mark.parametrize("integrator", ["fixed", "bug", "parallel"])
+def test_a_starting_rank_above_max_rank_is_a_clear_error(integrator):
+    layer = LowRankLinear(10, 8, 6, max_rank=6, dtype=DT)
+    layer.max_rank = 3  # as a checkpoint or a hand-edited layer can leave it
+    model = nn.Sequential(layer)
+    with pytest.raises(ValueError, match=r"layer '0'.*rank 6.*max_rank=3"):
+        dlrt.DLRTOptimizer(model, integrator=integrator)
+    assert layer.rank == 6 and layer.max_rank == 3  # validated, not mutated
+    with pytest.raises(ValueError, match=r"layer '0'.*rank 6.*max_rank=4"):
+        dlrt.DLRTOptimizer(nn.Sequential(LowRankLinear(10, 8, 6, dtype=DT)), integrator=integrator, max_rank=4)
+
+
+# --------------------------------------------- truncation rules through the optimizer, against dense SVDs
+def _square_full_rank(n, seed):
+    torch.manual_seed(seed)
+    return LowRankLinear(n, n, n, bias=False, dtype=DT), LeastSquares(n, n, rank=2)
+
+
+def _dense_sgd_step(layer, problem, lr):
+    """W̃ = W − lr·G(W): at full rank on a square layer, BUG's augmented point before truncation."""
+    W = layer.matrix().detach()
+    return W - lr * problem.G(W)
+
+
+def _best_rank(W, r):
+    P, s, Qh = torch.linalg.svd(W)
+    return P[:, :r] @ torch.diag(s[:r]) @ Qh[:r]
+
+
+def test_absolute_tau_through_the_optimizer():
+    layer, problem = _square_full_rank(8, 0)
+    sigma = torch.linalg.svdvals(_dense_sgd_step(layer, problem, 0.3))
+    tails = [float(sigma[k:].norm()) for k in range(9)]
+    tau = 0.5 * (tails[3] + tails[2])  # ‖σ[3:]‖ <= τ < ‖σ[2:]‖: the absolute rule keeps 3
+    assert tails[3] <= tau < tails[2]
+    assert next(k for k in range(9) if tails[k] <= tau * tails[0]) != 3  # as a relative τ it would keep another rank
+    W_tilde = _dense_sgd_step(layer, problem, 0.3)
+    opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=0.3, tau=tau, tau_mode="absolute")
+    opt.step(problem.closure(layer, opt))
+    assert layer.rank == 3
+    torch.testing.assert_close(layer.matrix().detach(), _best_rank(W_tilde, 3), atol=1e-10, rtol=0)
+
+
+def _pooled_ranks(sigmas, keep_extra):
+    """Each layer keeps its largest σ (min_rank 1); of the rest, pooled, the largest ``keep_extra``."""
+    pool = sorted(((float(s), i) for i, sig in enumerate(sigmas) for s in sig[1:]), reverse=True)
+    ranks = [1] * len(sigmas)
+    for _, i in pool[:keep_extra]:
+        ranks[i] += 1
+    return ranks
+
+
+@pytest.mark.parametrize("budget", [None, 7])
+def test_global_truncation_through_the_optimizer(budget):
+    (a, pa), (b, pb) = _square_full_rank(8, 1), _square_full_rank(6, 2)
+    for layer in (a, b):  # different scales, so the pooled cut differs from two local ones
+        layer.set_factors(layer.U.detach(), layer.S.detach() * (3.0 if layer is a else 0.5), layer.V.detach())
+    lr = 0.2
+    W_tilde = [_dense_sgd_step(a, pa, lr), _dense_sgd_step(b, pb, lr)]
+    sigmas = [torch.linalg.svdvals(W) for W in W_tilde]
+    if budget is None:
+        tau = 0.2
+        pool = torch.cat([s[1:] for s in sigmas]).sort(descending=True).values
+        theta = tau * float(torch.cat(sigmas).norm())
+        keep = next(k for k in range(pool.numel() + 1) if float(pool[k:].norm()) <= theta)
+    else:
+        tau, keep = 0.0, budget - 2
+    expected = _pooled_ranks(sigmas, keep)
+    local = [next(k for k in range(1, s.numel() + 1) if float(s[k:].norm()) <= tau * float(s.norm())) for s in sigmas]
+    assert expected != local or budget is not None  # the pooled rule is not the local one here
+
+    model = nn.ModuleDict({"a": a, "b": b})
+    opt = dlrt.DLRTOptimizer(
+        model, integrator="bug", optimizer="sgd", lr=lr, tau=tau, truncation="global", budget=budget
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = pa.loss(a(pa.X)) + pb.loss(b(pb.X))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert [a.rank, b.rank] == expected
+    if budget is not None:
+        assert sum(expected) == budget
+    for layer, W, r in zip((a, b), W_tilde, expected):
+        torch.testing.assert_close(layer.matrix().detach(), _best_rank(W, r), atol=1e-10, rtol=0)

@@ -4,14 +4,21 @@ One file: the tensors of the model (and optimizer) in safetensors format, and
 in its metadata a JSON document with every layer's ranks and bounds, the
 optimizer's hyper-parameters and integrator state, and the caller's extras.
 Nothing is unpickled. The file is written next to its destination and renamed
-over it, so a crash never leaves a half-written checkpoint.
+over it, so a crash never leaves a half-written checkpoint; the temporary file a
+killed writer leaves behind is removed by the next save or load of that
+destination (:func:`remove_stale_temporaries`). :func:`load` validates the whole
+file against the model and optimizer before it changes either, and restores
+both if applying it still fails (docs/algorithms.md §7).
 """
 
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .conversion import lowrank_layers
+from .integrators.base import LAYER_FLAGS, layer_flags, restore_layer_flags
 from .layers import LowRankLayer
-from .model import lowrank_layers
 
 FORMAT = "dlrt-checkpoint"
 VERSION = 1
+#: A temporary file of :func:`atomic_write` untouched for this long belongs to a dead writer.
+STALE_TMP_SECONDS = 300.0
 
 
 def save(
@@ -70,6 +80,8 @@ def save(
                 "core": list(layer.S.shape),
                 "min_rank": layer.min_rank,
                 "max_rank": layer.max_rank,
+                # Where the layer is in a coefficient cycle (a fresh adapter, bases just grown).
+                "flags": dict(zip(LAYER_FLAGS, layer_flags(layer))),
             }
             for name, layer in lowrank_layers(model)
         },
@@ -98,10 +110,14 @@ def save(
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash or an exception leaves ``path`` as it was (and no temporary file behind).
+    An exception leaves ``path`` as it was and no temporary file behind; a
+    killed process leaves ``path`` as it was and its temporary file, which the
+    next write (or :func:`load`) of the same ``path`` removes once it is stale
+    (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -115,6 +131,41 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> P
     return path
 
 
+def remove_stale_temporaries(path: str | os.PathLike[str], *, older_than: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` of ``path`` left behind; return them.
+
+    Only files named exactly as :func:`atomic_write` names its temporaries for
+    this destination (``.NAME.XXXXXXXX.tmp`` beside it) are candidates, and only
+    those not modified for ``older_than`` seconds are removed. A live writer
+    modifies its file as it writes it and renames it away within moments of
+    finishing, so a file untouched for minutes has no writer; a younger one may
+    belong to another process saving the same destination right now and is
+    left alone (the next save or load removes it once it has aged).
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            if (
+                not entry.is_file(follow_symlinks=False)
+                or now - entry.stat(follow_symlinks=False).st_mtime < older_than
+            ):
+                continue
+            os.unlink(entry.path)
+        except OSError:  # gone already, or not ours to remove
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
 def load(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -126,14 +177,24 @@ def load(
     any rank loads a checkpoint taken after rank adaptation. Returns the
     ``extra`` dict given to :func:`save`.
 
+    Everything is validated before anything changes: the header (layer names,
+    types, shapes, rank bounds ``1 <= min_rank <= max_rank <= min(n, m)`` and
+    the core against them), every tensor's shape against the header and the
+    model, and, with ``optimizer``, the optimizer's metadata (integrator, inner
+    optimizer, coefficient steps, layers and cores), its parameter groups and
+    the shape of every state tensor against the parameter it belongs to. If
+    applying still fails, model and optimizer are restored: a failed load
+    leaves both exactly as they were.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not a dlrt checkpoint, or its layer names, types or shapes
-            do not match ``model`` (the message names the layer).
+        ValueError: not a dlrt checkpoint, or it does not match ``model`` or
+            ``optimizer`` (the message names the layer, tensor or setting).
     """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    remove_stale_temporaries(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -146,12 +207,19 @@ def load(
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     if raw is None:
         raise ValueError(f"{path} is a safetensors file but not a dlrt checkpoint (no 'dlrt' metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r} v{meta.get('version')}")
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: the checkpoint header is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        got = meta if not isinstance(meta, dict) else f"{meta.get('format')!r} v{meta.get('version')}"
+        raise ValueError(f"{path}: unsupported checkpoint format {got}")
 
+    # ---- validate: nothing below changes the model or the optimizer until "apply"
     mine = dict(lowrank_layers(model))
-    saved = meta["layers"]
+    saved = meta.get("layers")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: the checkpoint header has no 'layers' table")
     missing = sorted(set(saved) - set(mine))
     if missing:
         raise ValueError(
@@ -161,18 +229,18 @@ def load(
     unexpected = sorted(set(mine) - set(saved))
     if unexpected:
         raise ValueError(f"{path}: the model's low-rank layers {unexpected} are not in the checkpoint")
+    cores: dict[str, tuple[int, int]] = {}
+    phase = _saved_phase(meta)
     for name, info in saved.items():
-        layer = mine[name]
-        if type(layer).__name__ != info["type"] or list(layer.shape) != info["shape"]:
-            raise ValueError(
-                f"{path}: layer {name!r} is a {type(layer).__name__} of shape {list(layer.shape)} in the model "
-                f"but a {info['type']} of shape {info['shape']} in the checkpoint"
-            )
+        cores[name] = _check_layer_header(path, name, info, mine[name], phase)
 
     model_sd = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-    # Validate names and shapes of the dense part before touching anything.
     target = model.state_dict()
-    factor_keys = {f"{n}.{p}" if n else p for n in saved for p in ("U", "S", "V")}
+    factor_shapes: dict[str, tuple[int, ...]] = {}
+    for name, (r_u, r_v) in cores.items():
+        n, m = saved[name]["shape"]
+        prefix = f"{name}." if name else ""
+        factor_shapes.update({f"{prefix}U": (n, r_u), f"{prefix}S": (r_u, r_v), f"{prefix}V": (m, r_v)})
     missing_keys = sorted(set(target) - set(model_sd))
     unexpected_keys = sorted(set(model_sd) - set(target))
     if missing_keys or unexpected_keys:
@@ -181,29 +249,169 @@ def load(
             f"unexpected {unexpected_keys[:10]}"
         )
     for key, t in model_sd.items():
-        if key not in factor_keys and tuple(target[key].shape) != tuple(t.shape):
-            raise ValueError(
-                f"{path}: {key!r} has shape {tuple(t.shape)} in the checkpoint "
-                f"but {tuple(target[key].shape)} in the model"
-            )
+        want = factor_shapes.get(key, tuple(target[key].shape))
+        if tuple(t.shape) != want:
+            where = "the checkpoint's header" if key in factor_shapes else "the model"
+            raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)} in the checkpoint but {want} in {where}")
+        if not (t.is_floating_point() == target[key].is_floating_point()):
+            raise ValueError(f"{path}: {key!r} is {t.dtype} in the checkpoint but {target[key].dtype} in the model")
 
-    for name, info in saved.items():
-        layer: LowRankLayer = mine[name]
-        r_u, r_v = info["core"]
-        n, m = info["shape"]
-        empty = layer.U.new_empty
-        layer.set_factors(empty(n, r_u), empty(r_u, r_v), empty(m, r_v))
-        layer.min_rank, layer.max_rank = info["min_rank"], info["max_rank"]
-    model.load_state_dict(model_sd, strict=True)
-
+    osd = None
     if optimizer is not None:
-        if "optimizer" not in meta:
-            raise ValueError(f"{path} holds no optimizer state (it was saved without optimizer=)")
-        osd = dict(meta["optimizer"])
-        state: dict[int, dict[str, Any]] = {int(i): dict(st) for i, st in osd.pop("state").items()}
-        for key, t in tensors.items():
-            if key.startswith("optimizer/"):
-                _, idx, name = key.split("/", 2)
-                state.setdefault(int(idx), {})[name] = t
-        optimizer.load_state_dict({"state": state, **osd})
+        osd = _optimizer_state_dict(path, meta, tensors)
+        _check_optimizer_state(path, osd, optimizer, model, cores, factor_shapes)
+
+    # ---- apply, restoring model and optimizer if anything still fails
+    undo_layers = {
+        name: (layer.U.data, layer.S.data, layer.V.data, layer.min_rank, layer.max_rank, layer_flags(layer))
+        for name, layer in mine.items()
+    }
+    undo_dense = {k: v.clone() for k, v in target.items() if k not in factor_shapes}
+    undo_opt = _optimizer_undo(optimizer) if optimizer is not None else None
+    try:
+        for name, info in saved.items():
+            layer: LowRankLayer = mine[name]
+            r_u, r_v = cores[name]
+            n, m = info["shape"]
+            empty = layer.U.new_empty
+            layer.set_factors(empty(n, r_u), empty(r_u, r_v), empty(m, r_v))
+            layer.min_rank, layer.max_rank = int(info["min_rank"]), int(info["max_rank"])
+            restore_layer_flags(layer, tuple(bool(info.get("flags", {}).get(f, False)) for f in LAYER_FLAGS))
+        model.load_state_dict(model_sd, strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(osd)
+    except BaseException:
+        for name, (U, S, V, lo, hi, flags) in undo_layers.items():
+            mine[name].set_factors(U, S, V)
+            mine[name].min_rank, mine[name].max_rank = lo, hi
+            restore_layer_flags(mine[name], flags)
+        model.load_state_dict(undo_dense, strict=False)
+        if optimizer is not None:
+            _optimizer_redo(optimizer, undo_opt)
+        raise
     return meta.get("extra", {})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _saved_phase(meta: dict[str, Any]) -> int | None:
+    """The integrator phase the checkpoint was taken in, when it holds a DLRTOptimizer's state."""
+    info = meta.get("optimizer")
+    dl = info.get("dlrt") if isinstance(info, dict) else None
+    phase = dl.get("phase") if isinstance(dl, dict) else None
+    return phase if _is_int(phase) else None
+
+
+def _check_layer_header(path: Path, name: str, info: Any, layer: LowRankLayer, phase: int | None) -> tuple[int, int]:
+    """Validate one layer's header entry against the model's layer; return its core shape."""
+    where = f"{path}: layer {name!r}"
+    if not isinstance(info, dict) or not {"type", "shape", "core", "min_rank", "max_rank"} <= set(info):
+        raise ValueError(f"{where}: the header entry must have type, shape, core, min_rank and max_rank, got {info!r}")
+    if type(layer).__name__ != info["type"] or list(layer.shape) != info["shape"]:
+        raise ValueError(
+            f"{where} is a {type(layer).__name__} of shape {list(layer.shape)} in the model "
+            f"but a {info['type']} of shape {info['shape']} in the checkpoint"
+        )
+    n, m = layer.shape
+    full = min(n, m)
+    lo, hi, core = info["min_rank"], info["max_rank"], info["core"]
+    if not (_is_int(lo) and _is_int(hi) and 1 <= lo <= hi <= full):
+        raise ValueError(
+            f"{where}: rank bounds min_rank={lo!r}, max_rank={hi!r} in the checkpoint must be ints with "
+            f"1 <= min_rank <= max_rank <= {full} (min(n, m)); the file is damaged or was not written by dlrt.save"
+        )
+    if not (isinstance(core, list) and len(core) == 2 and all(_is_int(r) for r in core)):
+        raise ValueError(f"{where}: core must be [r_u, r_v], got {core!r}")
+    flags = info.get("flags", {})
+    known = isinstance(flags, dict) and set(flags) <= set(LAYER_FLAGS)
+    if not known or not all(type(v) is bool for v in flags.values()):
+        raise ValueError(f"{where}: flags must map some of {list(LAYER_FLAGS)} to true/false, got {flags!r}")
+    r_u, r_v = core
+    # At phase 0 a layer sits on its square rank-r core within its bounds; mid-cycle on an
+    # augmented basis (at most r new directions per side, so at most 2·max_rank).
+    cap_u, cap_v = (hi, hi) if phase == 0 else (min(n, 2 * hi), min(m, 2 * hi))
+    square = phase != 0 or r_u == r_v
+    if not (1 <= r_u <= cap_u and 1 <= r_v <= cap_v and square):
+        state = "at phase 0 (square, within [1, max_rank])" if phase == 0 else f"(r_u <= {cap_u}, r_v <= {cap_v})"
+        raise ValueError(f"{where}: core {core} is outside its bounds {state}, max_rank={hi}")
+    return int(r_u), int(r_v)
+
+
+def _optimizer_state_dict(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if "optimizer" not in meta:
+        raise ValueError(f"{path} holds no optimizer state (it was saved without optimizer=)")
+    osd = dict(meta["optimizer"])
+    if not isinstance(osd.get("state"), dict) or not isinstance(osd.get("param_groups"), list):
+        raise ValueError(f"{path}: the optimizer entry of the header has no 'state' table or 'param_groups' list")
+    try:
+        state: dict[int, dict[str, Any]] = {int(i): dict(st) for i, st in osd.pop("state").items()}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the optimizer state of the header is malformed: {err}") from err
+    for key, t in tensors.items():
+        if key.startswith("optimizer/"):
+            parts = key.split("/", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise ValueError(f"{path}: unexpected tensor {key!r} in the checkpoint")
+            state.setdefault(int(parts[1]), {})[parts[2]] = t
+    return {"state": state, **osd}
+
+
+def _check_optimizer_state(
+    path: Path,
+    osd: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    cores: dict[str, tuple[int, int]],
+    factor_shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """Check the optimizer state against ``optimizer`` and the shapes the parameters will have."""
+    from .optimizer import DLRTOptimizer
+
+    if isinstance(optimizer, DLRTOptimizer):
+        try:
+            optimizer.check_state_dict(osd, cores=cores)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+        return
+    # Any other torch optimizer: the groups must match, and a state tensor is a scalar or has its parameter's shape.
+    groups, saved_groups = optimizer.param_groups, osd["param_groups"]
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in saved_groups]
+    if sizes != [len(g["params"]) for g in groups]:
+        raise ValueError(
+            f"{path}: the optimizer state has parameter groups of sizes {sizes}, the optimizer "
+            f"{[len(g['params']) for g in groups]}: it belongs to another model or optimizer"
+        )
+    flat = [p for g in groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for idx, st in osd["state"].items():
+        if not 0 <= idx < len(flat):
+            raise ValueError(f"{path}: optimizer state for parameter #{idx}, the optimizer has {len(flat)}")
+        name = names.get(id(flat[idx]), f"#{idx}")
+        want = factor_shapes.get(name, tuple(flat[idx].shape))
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and tuple(val.shape) != want:
+                raise ValueError(
+                    f"{path}: optimizer state {key!r} of parameter {name!r} has shape {tuple(val.shape)}, "
+                    f"expected {want}"
+                )
+
+
+def _optimizer_undo(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    # load_state_dict replaces state and param_groups with new objects: keeping the old ones is enough.
+    undo = {"state": optimizer.state, "param_groups": optimizer.param_groups}
+    for attr in ("phase", "steps"):
+        if hasattr(optimizer, attr):
+            undo[attr] = getattr(optimizer, attr)
+    return undo
+
+
+def _optimizer_redo(optimizer: torch.optim.Optimizer, undo: dict[str, Any]) -> None:
+    optimizer.state = undo["state"]
+    optimizer.param_groups = undo["param_groups"]
+    for attr in ("phase", "steps"):
+        if attr in undo:
+            setattr(optimizer, attr, undo[attr])
+    if hasattr(optimizer, "_set_request"):
+        optimizer._set_request(optimizer.integrator.request(optimizer.phase))

@@ -1,12 +1,14 @@
 """Pure tensor functions shared by every layer format and integrator.
 
-Notation follows docs/ALGORITHMS (one vocabulary for all methods): a matrix
+Notation follows docs/algorithms.md (one vocabulary for all methods): a matrix
 ``W = U S Vᵀ`` with orthonormal ``U`` (n×r), ``V`` (m×r) and core ``S`` (r×r).
 Nothing in this module knows about modules, optimizers or data.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,7 +69,7 @@ def orth(A: Tensor) -> Tensor:
     """Orthonormal basis of ``range(A)`` by reduced QR with a sign fix.
 
     Column signs are chosen so that ``diag(R) >= 0``, which makes the result
-    deterministic across runs and processes (ALGORITHMS §0).
+    deterministic across runs and processes (docs/algorithms.md §0).
 
     Args:
         A: an ``n×k`` matrix.
@@ -89,7 +91,7 @@ def augment_basis_with_projection(U0: Tensor, X: Tensor, max_new: int | None = N
     Built from ``QR([U0, X]) = [Q₁, Q₂] R``, never by appending
     ``orth((I − U0U0ᵀ) X)``: when the part of ``X`` outside ``range(U0)`` is
     rank-deficient, QR of the projected matrix returns columns that are not
-    orthogonal to ``U0`` (ALGORITHMS §0). Householder QR of the stacked matrix
+    orthogonal to ``U0`` (docs/algorithms.md §0). Householder QR of the stacked matrix
     always returns an orthonormal completion ``Q₂``, but where ``X`` adds fewer
     than ``k`` directions some of its columns are arbitrary (a near-zero
     diagonal entry of ``R₂₂ = Q₂ᵀX``). Then, and when ``max_new`` caps the
@@ -149,7 +151,7 @@ def truncation_rank(
     min_rank: int = 1,
     max_rank: int | None = None,
 ) -> int:
-    """The truncation rule of ALGORITHMS §1.
+    """The truncation rule of docs/algorithms.md §1.
 
     The new rank is the smallest ``k`` with ``‖σ[k:]‖₂ ≤ ϑ``, where
     ``ϑ = τ‖σ‖₂`` (relative, the default) or ``ϑ = τ`` (absolute), clamped to
@@ -162,8 +164,7 @@ def truncation_rank(
         min_rank: smallest rank returned.
         max_rank: largest rank returned (default: ``len(σ)``).
     """
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0, got {tau}")
+    _check_tau(tau)
     s = sigma.detach().double()
     full = s.numel()
     # tail[k] = ‖σ[k:]‖₂ for k = 0..full (tail[full] = 0).
@@ -172,6 +173,12 @@ def truncation_rank(
     k = int(torch.nonzero(tail <= theta)[0])
     hi = full if max_rank is None else min(max_rank, full)
     return max(min(k, hi), min(min_rank, hi))
+
+
+def _check_tau(tau: float) -> None:
+    # NaN passes "tau < 0" and then matches no tail norm (an IndexError); inf keeps rank min_rank silently.
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
 
 
 def global_truncation_ranks(
@@ -183,11 +190,13 @@ def global_truncation_ranks(
     min_ranks: Sequence[int] | None = None,
     max_ranks: Sequence[int | None] | None = None,
 ) -> list[int]:
-    """Ranks for several layers truncated together (GeoLoRA, ALGORITHMS §1).
+    """Ranks for several layers truncated together (GeoLoRA, docs/algorithms.md §1).
 
     The singular values of all layers are pooled. With ``tau``, the smallest
     values are dropped while their joint 2-norm stays ``≤ ϑ`` (``ϑ = τ‖σ_all‖₂``,
-    or ``τ`` with ``absolute``). With ``budget``, at most ``budget`` values are
+    or ``τ`` with ``absolute``); values beyond a layer's ``max_rank`` are always
+    dropped and count towards that norm, so one layer alone gets its
+    :func:`truncation_rank`. With ``budget``, at most ``budget`` values are
     kept in total, the largest first. Every layer keeps at least its
     ``min_rank`` and at most its ``max_rank``.
 
@@ -217,12 +226,15 @@ def global_truncation_ranks(
     allv, own = allv[order], own[order]
     keep = allv.numel()
     if tau is not None:
-        if tau < 0:
-            raise ValueError(f"tau must be >= 0, got {tau}")
+        _check_tau(tau)
         total = torch.cat([s.detach().double() for s in sigmas]).norm()
         theta = tau if absolute else tau * float(total)
-        tail = torch.cat([allv.flip(0).square().cumsum(0).flip(0), allv.new_zeros(1)]).sqrt()
-        keep = int(torch.nonzero(tail <= theta)[0])
+        # Values beyond a layer's max_rank are dropped whatever the threshold; they count
+        # towards the dropped norm, as in the per-layer rule (a single layer gets its local rank).
+        forced = sum(float(s.detach().double()[h:].square().sum()) for s, h in zip(sigmas, hi))
+        tail = (torch.cat([allv.flip(0).square().cumsum(0).flip(0), allv.new_zeros(1)]) + forced).sqrt()
+        within = torch.nonzero(tail <= theta)
+        keep = int(within[0]) if within.numel() else allv.numel()
     if budget is not None:
         keep = min(keep, budget - sum(lo))
     ranks = list(lo)
@@ -250,7 +262,7 @@ class Truncation:
 
 
 def svd_truncate(S_hat: Tensor, rank: int | None = None, **rule) -> Truncation:
-    """SVD of an augmented core and the kept singular vectors (ALGORITHMS §1).
+    """SVD of an augmented core and the kept singular vectors (docs/algorithms.md §1).
 
     ``torch.linalg.svd`` returns ``Qᴴ``; the right singular vectors are the
     *columns* of ``Q = (Qᴴ)ᵀ``. Taking rows of ``Qᴴ`` instead is the transpose
@@ -288,7 +300,7 @@ def tangent_transport(
     U1: Tensor,
     V1: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Transport a factored tangent vector from ``(U0, V0)`` to ``(U1, V1)`` (ALGORITHMS §5).
+    """Transport a factored tangent vector from ``(U0, V0)`` to ``(U1, V1)`` (docs/algorithms.md §5).
 
     The vector is ``M = dU V0ᵀ + U0 dS V0ᵀ + U0 dVᵀ``. The result is the factored
     form of the tangent projection ``P_{W1}(M)`` at the new point,

@@ -2,13 +2,17 @@
 
 It owns the bookkeeping (which layers, which dense parameters, optimizer
 state, the integrator's phase), runs the forward/backward passes an integrator
-asks for, checks them, and makes every step all-or-nothing: a non-finite loss
-or gradient leaves factors and optimizer state exactly as they were.
+asks for, checks them, and makes every step all-or-nothing: a non-finite loss,
+gradient or updated parameter leaves factors, dense parameters, optimizer state
+and the model's buffers exactly as they were (docs/algorithms.md §7).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from .integrators import INTEGRATORS, Integrator
+from .integrators.base import layer_flags, restore_layer_flags
 from .layers import LowRankLayer
-from .optim.inner import RULES, InnerRule
+from .optim.inner import RULES, InnerRule, check_real, clone_state
 
 
 class NonFiniteError(FloatingPointError):
-    """A pass produced a non-finite loss or gradient; the step was not taken."""
+    """A pass produced a non-finite loss or gradient, or the update non-finite parameters; the step was not taken."""
 
 
 _UNSET: Any = object()
@@ -46,13 +51,17 @@ class DLRTOptimizer(torch.optim.Optimizer):
         weight_decay: L2 (SGD, Adam) or decoupled (AdamW) decay. On K, L, S it
             is the projected gradient of ``‖W‖²/2``; the bases U, V never decay.
         tau: truncation tolerance ϑ = τ‖σ‖₂ (``tau_mode="relative"``) or ϑ = τ
-            (``"absolute"``).
+            (``"absolute"``). Every float hyper-parameter must be finite and in
+            its range; a bad one is a ``ValueError`` naming it.
         truncation: ``"local"`` (each layer by its own σ) or ``"global"``
             (σ of all layers pooled, GeoLoRA).
         budget: with global truncation, at most this many singular values
             (the sum of all ranks) are kept.
-        max_rank, min_rank: override the bounds stored in every layer.
-        coefficient_steps: S-steps per augmentation (ALGORITHMS §8).
+        max_rank, min_rank: override the bounds stored in every layer. A
+            layer whose current rank exceeds its (resulting) ``max_rank`` is an
+            error naming the layer: truncate it first, or raise the bound.
+        coefficient_steps: S-steps per augmentation (docs/algorithms.md §8); default 1, or
+            the integrator instance's own when ``integrator`` is an instance.
         max_grad_norm: clip every pass's gradients to this global norm (None:
             no clipping). The norm is the Riemannian one the integrator steps
             along: per low-rank layer the tangent projection of ``G``,
@@ -62,13 +71,38 @@ class DLRTOptimizer(torch.optim.Optimizer):
             kept in :attr:`last_grad_norm`. (``torch.nn.utils.clip_grad_norm_``
             and Trainer's ``max_grad_norm`` see only ``.grad``, not ``GV``, ``GᵀU``.)
         on_nonfinite: ``"raise"`` a :class:`NonFiniteError`, or ``"skip"``
-            the step with a warning; either way nothing changes.
+            the step with a warning; either way nothing changes. A step fails
+            on a non-finite loss or gradient, and on finite gradients whose
+            update makes a factor or dense parameter non-finite (a step size
+            far too large). "Nothing changes" covers the factors, the dense
+            parameters, the optimizer state and the model's buffers (BatchNorm
+            statistics updated by the failed forward passes, including a
+            forward run before a closure-free ``step()``).
 
     A step is ``loss = opt.step(closure)``; the closure zeroes the gradients,
     computes the loss, calls ``backward()`` and returns the loss, and the
     integrator calls it as often as its method needs. ``parallel`` also
     accepts ``opt.step()`` after a plain ``loss.backward()``.
+
+    Mixed precision: bf16 autocast (``torch.autocast(device, dtype=torch.bfloat16)``)
+    works with every integrator and needs no scaler. fp16 autocast with
+    ``torch.amp.GradScaler`` works with ``integrator="parallel"``: call
+    ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``.
+    The optimizer follows GradScaler's protocol for optimizers that unscale
+    themselves (``_step_supports_amp_scaling``): it unscales the projected
+    gradients ``G V``, ``Gᵀ U``, ``Uᵀ G V`` and the dense gradients, and skips the
+    step (changing nothing) when the scaler found an overflow, so the scaler
+    lowers its scale. Each layer's ``S.grad`` carries the non-finiteness of its
+    ``G V``/``Gᵀ U``, so the scaler's check sees an overflow in them too.
+    The two-pass ``bug``/``fixed`` integrators need a closure, which
+    GradScaler cannot drive: they raise a clear error (use bf16 autocast, or
+    ``parallel``). ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` is
+    refused: it unscales only ``.grad``, not ``G V``/``Gᵀ U``; clip with
+    ``max_grad_norm=`` instead, which acts after the unscaling.
     """
+
+    #: torch.amp.GradScaler sets ``grad_scale`` and ``found_inf`` and lets ``step`` unscale and skip.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -89,7 +123,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         budget: int | None = None,
         max_rank: int | None = None,
         min_rank: int | None = None,
-        coefficient_steps: int = 1,
+        coefficient_steps: int | None = None,
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
@@ -111,25 +145,24 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if lr is not None:
             hyper["lr"] = lr
         hyper["weight_decay"] = weight_decay
-        if "betas" in hyper:
+        if "betas" in hyper and isinstance(hyper["betas"], (tuple, list)):
             hyper["betas"] = tuple(hyper["betas"])
-        self.rule.validate(hyper)
-        if tau is None or tau < 0:
-            raise ValueError(f"tau must be >= 0, got {tau}")
+        self.rule.validate(hyper)  # every float finite and in range, named in the message
+        tau = check_real("tau", tau, low=0.0)
         if tau_mode not in ("relative", "absolute"):
             raise ValueError(f"tau_mode must be 'relative' or 'absolute', got {tau_mode!r}")
         if truncation not in ("local", "global"):
             raise ValueError(f"truncation must be 'local' or 'global', got {truncation!r}")
-        if budget is not None and (truncation != "global" or budget < 1):
-            raise ValueError("budget= needs truncation='global' and a positive total rank")
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+                raise TypeError(f"budget must be an int (a total rank) or None, got {budget!r}")
+            if truncation != "global" or budget < 1:
+                raise ValueError("budget= needs truncation='global' and a positive total rank")
+            budget = int(budget)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        self.on_nonfinite = on_nonfinite
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        #: Global gradient norm of the last pass, before clipping (see ``max_grad_norm``).
-        self.last_grad_norm: float | None = None
+        if max_grad_norm is not None:
+            max_grad_norm = check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
 
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLayer) and m.S.requires_grad]
         if not named:
@@ -140,6 +173,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         bounds = [_rank_bounds(name, layer, min_rank, max_rank) for name, layer in named]
         if budget is not None and budget < sum(lo for lo, _ in bounds):
             raise ValueError(f"budget={budget} is below the sum of min_rank over {len(named)} layers")
+        # Everything is validated: from here on the model and this object change.
+        self.on_nonfinite = on_nonfinite
+        self.max_grad_norm = max_grad_norm
+        #: Global gradient norm of the last pass, before clipping (see ``max_grad_norm``).
+        self.last_grad_norm: float | None = None
         for (_, layer), (lo, hi) in zip(named, bounds):
             layer.min_rank, layer.max_rank = lo, hi
         self.layer_names = [n for n, _ in named]
@@ -166,6 +204,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         super().__init__(groups, hyper)
         self.phase = 0
         self.steps = 0
+        self._buffer_guard = _BufferGuard(model)
         self._set_request(self.integrator.request(0))
 
     # ------------------------------------------------------------- properties
@@ -250,7 +289,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         where = f"step {self.steps} ({self.integrator.name!r} integrator, {what} pass)"
         if isinstance(loss, Tensor) and not bool(torch.isfinite(loss.detach()).all()):
             raise NonFiniteError(f"{where}: non-finite loss ({loss.detach().flatten()[:1].item()})")
-        if isinstance(loss, float) and not torch.isfinite(torch.tensor(loss)):
+        if isinstance(loss, float) and not math.isfinite(loss):
             raise NonFiniteError(f"{where}: non-finite loss ({loss})")
         names, grads = [], []
         for name, layer in zip(self.layer_names, self.lowrank_layers):
@@ -271,40 +310,137 @@ class DLRTOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One integrator step; see the class docstring. Returns the closure's last loss."""
+        if "found_inf" in self.__dict__:  # called by torch.amp.GradScaler.step
+            try:
+                overflow = self._amp_unscale(closure)
+            except BaseException:
+                # GradScaler deletes these only after a step that returns.
+                self.__dict__.pop("grad_scale", None)
+                self.__dict__.pop("found_inf", None)
+                raise
+            if overflow:  # the scaler lowers its scale in update(); this step changes nothing
+                self._buffer_guard.clear()
+                return None
+        if closure is not None:
+            self._buffer_guard.clear()  # the closure's own forward passes are this step's
         saved = self._snapshot()
         try:
-            loss = self.integrator.step(self, closure)
-            self._dense_step()
+            try:
+                loss = self.integrator.step(self, closure)
+            except torch.linalg.LinAlgError as err:
+                # A factorization of non-finite factors: the update itself blew up.
+                self._check_updated(None, cause=err)
+                if "non-finite" not in str(err):
+                    raise
+                raise NonFiniteError(
+                    f"step {self.steps} ({self.integrator.name!r} integrator): the update met non-finite values "
+                    f"although the gradients were finite ({err}): the step is far too large "
+                    "(lower lr, or clip with max_grad_norm=)"
+                ) from err
+            self._check_updated(dense := self._dense_updates())
+            for p, value, state in dense:
+                p.copy_(value)
+                self.state[p] = state
         except NonFiniteError as err:
             self._restore(saved)
             if self.on_nonfinite == "raise":
                 raise
-            warnings.warn(f"{err}; step skipped, factors and optimizer state unchanged", stacklevel=2)
+            warnings.warn(f"{err}; step skipped, parameters, buffers and optimizer state unchanged", stacklevel=2)
             return None
         except BaseException:
             self._restore(saved)
             raise
+        self._buffer_guard.clear()
         self.steps += 1
         self._set_request(self.integrator.request(self.phase))
         return loss
 
-    def _dense_step(self) -> None:
+    def _dense_updates(self) -> list[tuple[Tensor, Tensor, dict[str, Any]]]:
+        """The inner step of every dense parameter, not yet applied: ``(p, new value, new state)``."""
+        out = []
         for group in self.param_groups[1:]:
             for p in group["params"]:
                 if p.grad is not None:
-                    self.rule.update_(p.data, p.grad, self.state[p], group)
+                    state = clone_state(self.state.get(p, {}))  # no entry is created before the commit
+                    x = p.detach()
+                    out.append((p, x + self.rule.step(x, p.grad, state, group), state))
+        return out
+
+    def _check_updated(
+        self, dense: list[tuple[Tensor, Tensor, dict[str, Any]]] | None, cause: BaseException | None = None
+    ) -> None:
+        """Raise :class:`NonFiniteError` if the update made a factor or a dense parameter non-finite.
+
+        One fused pass over the new factors and dense values (docs/algorithms.md §7): finite
+        gradients with a step far too large are caught before they are committed.
+        """
+        names, tensors = [], []
+        for name, layer in zip(self.layer_names, self.lowrank_layers):
+            names += [f"factors of layer {name!r}"] * 3
+            tensors += [layer.U.detach(), layer.S.detach(), layer.V.detach()]
+        for p, value, _ in dense or ():
+            names.append(f"parameter {self._dense_names[id(p)]!r}")
+            tensors.append(value)
+        if not _any_nonfinite(tensors):
+            return
+        bad = next(i for i, t in enumerate(tensors) if not bool(torch.isfinite(t).all()))
+        where = f"step {self.steps} ({self.integrator.name!r} integrator)"
+        raise NonFiniteError(
+            f"{where}: the update made the {names[bad]} non-finite although the gradients were finite: "
+            "the step is far too large (lower lr, or clip with max_grad_norm=)"
+        ) from cause
+
+    def _amp_unscale(self, closure: Callable[[], Any] | None) -> bool:
+        """GradScaler's protocol (``_step_supports_amp_scaling``): validate, then unscale or report an overflow.
+
+        Returns whether the scaler found an overflow (the step must then be skipped).
+        Nothing is changed when this raises.
+        """
+        scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__["found_inf"]
+        if self.integrator.passes_per_step > 1:
+            raise RuntimeError(
+                f"integrator {self.integrator.name!r} takes two forward/backward passes per step (a closure), "
+                "which torch.amp.GradScaler cannot drive: use bf16 autocast without a scaler "
+                "(torch.autocast(device, dtype=torch.bfloat16)), or integrator='parallel' with fp16 and GradScaler"
+            )
+        if closure is not None:
+            raise RuntimeError(
+                "torch.amp.GradScaler cannot drive a step with a closure (the closure's loss is not scaled): "
+                "call scaler.scale(loss).backward(), then scaler.step(optimizer) without a closure"
+            )
+        if scale is None:
+            raise RuntimeError(
+                "scaler.unscale_(optimizer) was called before scaler.step(optimizer): it unscales only .grad, "
+                "not the projected gradients G V and Gᵀ U this optimizer steps with. Drop the unscale_ call; "
+                "to clip gradients pass max_grad_norm= to DLRTOptimizer (it clips after unscaling)"
+            )
+        if bool(found_inf):
+            return True
+        grads: list[Tensor] = []
+        for layer in self.lowrank_layers:
+            grads += [g for g in (layer.grad_K, layer.grad_L, layer.S.grad) if g is not None]
+        for group in self.param_groups[1:]:
+            grads += [p.grad for p in group["params"] if p.grad is not None]
+        # As GradScaler.unscale_: the reciprocal in float64, applied in float32.
+        inv = scale.double().reciprocal().float()
+        for (device, _), ts in _by_device_and_dtype(grads).items():
+            torch._foreach_mul_(ts, inv.to(device))
+        return False
 
     def _snapshot(self) -> tuple[Any, ...]:
-        factors = [(m.U.data, m.S.data, m.V.data, m.pending_growth) for m in self.lowrank_layers]
+        # Factors are replaced, never written in place, and state dicts are replaced, never
+        # mutated (integrators/base.py); dense parameters are written only after every check.
+        factors = [(m.U.data, m.S.data, m.V.data, layer_flags(m)) for m in self.lowrank_layers]
         states = {p: self.state[p] for p in self.param_groups[0]["params"] if p in self.state}
         return factors, states, self.phase
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
+        self._buffer_guard.restore()
         factors, states, phase = saved
-        for m, (U, S, V, pending) in zip(self.lowrank_layers, factors):
+        for m, (U, S, V, flags) in zip(self.lowrank_layers, factors):
             if m.U.data is not U or m.S.data is not S or m.V.data is not V:
                 m.set_factors(U, S, V)
-            m.pending_growth = pending
+            restore_layer_flags(m, flags)
         for p in self.param_groups[0]["params"]:
             if p in states:
                 self.state[p] = states[p]
@@ -315,7 +451,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def finish_cycle(self) -> None:
-        """End a coefficient phase early (``coefficient_steps > 1``): truncate now.
+        """End the current coefficient cycle now (``coefficient_steps > 1``), by the integrator's
+        end-of-cycle rule (:meth:`~dlrt.integrators.Integrator.end_cycle`): the same one a full
+        cycle ends with, so a layer whose bases were just grown from the gradient keeps its rank.
 
         Between truncations the layers sit on their augmented bases (up to twice
         the rank); call this before saving or merging a model mid-cycle. Nothing
@@ -323,12 +461,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         """
         if self.phase == 0:
             return
-        if self.integrator.adaptive:
-            from .integrators.base import truncate
-
-            truncate(self, self.lowrank_layers, self.lowrank_group)
-        self.phase = 0
-        self._set_request(self.integrator.request(0))
+        self.integrator.end_cycle(self)
+        self._set_request(self.integrator.request(self.phase))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -348,77 +482,242 @@ class DLRTOptimizer(torch.optim.Optimizer):
         }
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sd = dict(state_dict)
-        meta = sd.pop("dlrt", None)
-        if meta is None:
+    def check_state_dict(self, state_dict: dict[str, Any], cores: dict[str, tuple[int, int]] | None = None) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` can be loaded; change nothing.
+
+        Checks the metadata (integrator, inner optimizer, coefficient steps,
+        phase, low-rank layers and their cores), the parameter groups, and the
+        shape of every state tensor against its parameter. ``cores`` gives the
+        core shape each layer will have (:func:`dlrt.load` validates before it
+        resizes the layers); default: their current shapes.
+        """
+        meta = state_dict.get("dlrt") if isinstance(state_dict, dict) else None
+        if not isinstance(meta, dict):
             raise ValueError("not a DLRTOptimizer state dict (no 'dlrt' entry)")
         for key, mine in (
             ("integrator", self.integrator.name),
             ("optimizer", self.rule.name),
             ("coefficient_steps", self.integrator.coefficient_steps),
         ):
-            if meta[key] != mine:
-                raise ValueError(f"the state dict was saved with {key}={meta[key]!r}, this optimizer has {mine!r}")
-        saved_layers = meta["layers"]
-        mine_layers = {n: list(m.S.shape) for n, m in zip(self.layer_names, self.lowrank_layers)}
-        if list(saved_layers) != list(mine_layers):
-            missing = sorted(set(saved_layers) - set(mine_layers))
-            extra = sorted(set(mine_layers) - set(saved_layers))
+            if meta.get(key) != mine:
+                raise ValueError(
+                    f"the state dict was saved with {key}={meta.get(key)!r}, this optimizer has {mine!r}: "
+                    f"create the optimizer with {key}={meta.get(key)!r} to resume it"
+                )
+        for key in ("phase", "steps"):
+            value = meta.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"the state dict's {key} must be an int >= 0, got {value!r}")
+        if meta["phase"] >= self.integrator.coefficient_steps:
+            raise ValueError(
+                f"the state dict's phase {meta['phase']} is not below coefficient_steps="
+                f"{self.integrator.coefficient_steps}"
+            )
+        saved_layers = meta.get("layers")
+        if not isinstance(saved_layers, dict):
+            raise ValueError("the state dict's 'dlrt' entry has no 'layers' table")
+        if cores is None:
+            cores = {n: tuple(m.S.shape) for n, m in zip(self.layer_names, self.lowrank_layers)}
+        if list(saved_layers) != self.layer_names:
+            missing = sorted(set(saved_layers) - set(self.layer_names))
+            extra = sorted(set(self.layer_names) - set(saved_layers))
             raise ValueError(
                 f"the state dict's low-rank layers do not match the model's: missing in the model {missing}, "
                 f"not in the state dict {extra}"
             )
         for name, shape in saved_layers.items():
-            if list(shape) != mine_layers[name]:
+            if list(shape) != list(cores[name]):
                 raise ValueError(
-                    f"layer {name!r} has core shape {mine_layers[name]} but the state dict has {list(shape)}: "
+                    f"layer {name!r} has core shape {list(cores[name])} but the state dict has {list(shape)}: "
                     "load the model's factors first (dlrt.load restores both)"
                 )
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != [
+            len(g["params"]) for g in self.param_groups
+        ]:
+            raise ValueError("the state dict's parameter groups do not match this optimizer's")
+        shapes: list[tuple[int, ...]] = []
+        for name, layer in zip(self.layer_names, self.lowrank_layers):
+            (r_u, r_v), (n, m) = cores[name], layer.shape
+            # K-state n×r_v under U, S-state r_u×r_v under S, L-state m×r_u under V (integrators/base.py).
+            shapes += [(n, r_v), (r_u, r_v), (m, r_u)]
+        for group in self.param_groups[1:]:
+            shapes += [tuple(p.shape) for p in group["params"]]
+        names = [f"{n}.{k}" for n in self.layer_names for k in ("U", "S", "V")]
+        names += [self._dense_names[id(p)] for g in self.param_groups[1:] for p in g["params"]]
+        state = state_dict.get("state")
+        if not isinstance(state, dict):
+            raise ValueError("the state dict has no 'state' table")
+        for idx, st in state.items():
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(shapes):
+                raise ValueError(f"the state dict has state for parameter #{idx!r}, this optimizer has {len(shapes)}")
+            for key, val in st.items():
+                if isinstance(val, Tensor) and tuple(val.shape) != shapes[idx]:
+                    raise ValueError(
+                        f"optimizer state {key!r} of {names[idx]!r} has shape {tuple(val.shape)}, "
+                        f"expected {shapes[idx]}"
+                    )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
+        sd = dict(state_dict)
+        meta = sd.pop("dlrt")
         super().load_state_dict(sd)
+        self._buffer_guard.clear()
         self.phase = int(meta["phase"])
         self.steps = int(meta["steps"])
         self._set_request(self.integrator.request(self.phase))
 
 
-def _any_nonfinite(tensors: list[Tensor]) -> bool:
-    """Whether any tensor holds inf or NaN: one fused pass per (device, dtype), one sync."""
+def _by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[Any, Any], list[Tensor]]:
     groups: dict[tuple[Any, Any], list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def _any_nonfinite(tensors: list[Tensor]) -> bool:
+    """Whether any tensor holds inf or NaN: one fused pass per (device, dtype), one sync."""
     flags = []
-    for (device, dtype), ts in groups.items():
+    for (device, dtype), ts in _by_device_and_dtype(tensors).items():
         if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            found = torch.zeros(1, device=device)
+            # float32 explicitly: the kernel refuses any other dtype, and the default dtype may be another.
+            found = torch.zeros(1, dtype=torch.float32, device=device)
             # GradScaler's fused inf/NaN check; with a scale of 1 it leaves the tensors as they are.
-            torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, device=device))
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                ts, found, torch.ones(1, dtype=torch.float32, device=device)
+            )
             flags.append(found)
         else:
-            flags.extend((~torch.isfinite(t).all()).float().reshape(1) for t in ts)
-    return bool(torch.cat(flags).any())
+            flags.extend((~torch.isfinite(t).all()).to(torch.float32).reshape(1) for t in ts)
+    return bool(torch.cat(flags).any()) if flags else False
 
 
-def _make_integrator(integrator: str | Integrator, coefficient_steps: int) -> Integrator:
+def _inert_hook(*_: Any) -> None:
+    """What a buffer hook becomes in a pickled or deep-copied model: nothing."""
+
+
+def _make_inert_hook() -> Callable[..., None]:
+    return _inert_hook
+
+
+class _BufferHook:
+    """Forward pre-hook of a module with buffers: hands the module to its guard before the forward."""
+
+    def __init__(self, guard: _BufferGuard) -> None:
+        self.guard = weakref.ref(guard)
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        guard = self.guard()
+        if guard is not None:
+            guard.save(module)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy of the model (pickle, deepcopy) is not guarded by this optimizer.
+        return (_make_inert_hook, ())
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
+
+
+class _BufferGuard:
+    """Rolls the model's buffers (BatchNorm statistics and counters) back with a failed step (docs/algorithms.md §7).
+
+    A forward pre-hook on every module that has floating or integer buffers copies
+    them the first time the module runs in training mode since the last step (a
+    module in eval mode does not update its buffers). A failed step copies them
+    back; a finished one drops the copies. So the rollback covers the forward
+    passes of a closure and the forward a closure-free ``step()`` follows, and
+    costs one copy of those buffers per step: for BatchNorm two floats per channel
+    and a counter, a few KiB for a ResNet, against megabytes of parameters.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved: dict[int, tuple[nn.Module, list[tuple[str, Tensor, Tensor]]]] = {}
+        handles = []
+        for module in model.modules():
+            if any(_guarded(b) for _, b in module.named_buffers(recurse=False)):
+                handles.append(module.register_forward_pre_hook(_BufferHook(self)))
+        weakref.finalize(self, _remove_hooks, handles)
+
+    def save(self, module: nn.Module) -> None:
+        if not module.training or id(module) in self.saved:
+            return
+        with torch.no_grad():
+            copies = [(n, b, b.clone()) for n, b in module.named_buffers(recurse=False) if _guarded(b)]
+        self.saved[id(module)] = (module, copies)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, copies in self.saved.values():
+                for name, buf, copy in copies:
+                    buf.copy_(copy)
+                    if module._buffers.get(name) is not buf:  # the forward replaced the tensor
+                        module._buffers[name] = buf
+        self.saved.clear()
+
+    def clear(self) -> None:
+        self.saved.clear()
+
+    def nbytes(self) -> int:
+        """Bytes held by the current copies."""
+        return sum(c.nbytes for _, copies in self.saved.values() for _, _, c in copies)
+
+
+def _guarded(buf: Tensor | None) -> bool:
+    return buf is not None and buf.numel() > 0 and (buf.is_floating_point() or _is_int(buf.dtype))
+
+
+def _is_int(dtype: torch.dtype) -> bool:
+    return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _make_integrator(integrator: str | Integrator, coefficient_steps: int | None) -> Integrator:
+    """The integrator by name (with ``coefficient_steps``, default 1), or the instance given.
+
+    An instance carries its own ``coefficient_steps``; a different value passed
+    beside it is an error, never silently dropped (``None`` means not given).
+    """
     if isinstance(integrator, Integrator):
+        if coefficient_steps is not None and coefficient_steps != integrator.coefficient_steps:
+            cls = type(integrator).__name__
+            raise ValueError(
+                f"coefficient_steps={coefficient_steps!r} disagrees with the integrator instance's "
+                f"{cls}(coefficient_steps={integrator.coefficient_steps}): pass it to one of them only, "
+                f"e.g. integrator={cls}(coefficient_steps={coefficient_steps!r}) or integrator={integrator.name!r}"
+            )
         return integrator
-    if integrator not in INTEGRATORS:
-        raise ValueError(f"unknown integrator {integrator!r}; choose one of {sorted(INTEGRATORS)}")
-    return INTEGRATORS[integrator](coefficient_steps=coefficient_steps)
+    if not isinstance(integrator, str) or integrator not in INTEGRATORS:
+        raise ValueError(
+            f"unknown integrator {integrator!r}; choose one of {sorted(INTEGRATORS)} or pass an Integrator instance"
+        )
+    return INTEGRATORS[integrator](coefficient_steps=1 if coefficient_steps is None else coefficient_steps)
 
 
 def _rank_bounds(name: str, layer: LowRankLayer, min_rank: int | None, max_rank: int | None) -> tuple[int, int]:
     """The layer's ``(min_rank, max_rank)`` after the optimizer's overrides, validated."""
     full = min(layer.shape)
+    for key, value in (("max_rank", max_rank), ("min_rank", min_rank)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{key} must be an int or None, got {type(value).__name__} {value!r}")
     hi = layer.max_rank
     if max_rank is not None:
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-        hi = min(max_rank, full)
+        hi = min(int(max_rank), full)
     lo = layer.min_rank
     if min_rank is not None:
         if not 1 <= min_rank <= full:
             raise ValueError(f"min_rank={min_rank} is out of range for layer {name!r}: it must be in [1, {full}]")
-        lo = min_rank
+        lo = int(min_rank)
     if lo > hi:
         raise ValueError(f"layer {name!r}: min_rank={lo} exceeds max_rank={hi}")
+    if layer.rank > hi:
+        source = "the optimizer's max_rank" if max_rank is not None else "its own max_rank"
+        raise ValueError(
+            f"layer {name!r} has rank {layer.rank}, above {source} (max_rank={hi}): truncate it first "
+            f"(layer.init_from_matrix(layer.matrix(), rank={hi})), or raise max_rank"
+        )
     return lo, hi

@@ -3,7 +3,7 @@
 A layer holds ``W = U S Vᵀ`` as three parameters and computes its forward in
 two thin products (``x ↦ xV ↦ (xV)Sᵀ Uᵀ``), never forming ``W``. Its backward
 returns, besides the input gradient, the projected gradients the integrators
-need (ALGORITHMS §0), from the same two thin products:
+need (docs/algorithms.md §0), from the same two thin products:
 
 * ``G V   = Δᵀ (X V)``       — the K-gradient (``n×r``), kept in ``grad_K``
 * ``Gᵀ U  = Xᵀ (Δ U)``       — the L-gradient (``m×r``), kept in ``grad_L``
@@ -69,7 +69,25 @@ class _LowRankFunction(torch.autograd.Function):
             gV = gL @ S if need_V else None
         else:
             layer._accumulate(gK, gL)
+            if gS is not None:
+                gS = _carry_nonfinite(gS, gK, gL)
         return gx, gU, gS, gV, gb, None
+
+
+def _carry_nonfinite(gS: Tensor, *others: Tensor | None) -> Tensor:
+    """``gS``, made NaN if any of ``others`` holds inf/NaN; no host sync.
+
+    ``G V`` and ``Gᵀ U`` are not ``.grad`` of any parameter, so a check that reads
+    only ``.grad`` (``torch.amp.GradScaler``'s overflow check, ``clip_grad_norm_``'s
+    ``error_if_nonfinite``) would miss an overflow in them; through ``S.grad`` it
+    sees it.
+    """
+    bad = None
+    for g in others:
+        if g is not None:
+            flag = ~torch.isfinite(g).all()
+            bad = flag if bad is None else bad | flag
+    return gS if bad is None else gS.masked_fill(bad, float("nan"))
 
 
 class LowRankLayer(nn.Module):
@@ -117,6 +135,7 @@ class LowRankLayer(nn.Module):
         # Set for a fresh adapter (S = 0 on placeholder bases): the parallel integrator's
         # next step grows the bases from the gradient instead of augmenting them.
         self.pending_growth = False
+        self.just_grown = False  # bases just grown from the gradient: the cycle's end keeps the rank
         self.grad_K: Tensor | None = None
         self.grad_L: Tensor | None = None
 
@@ -154,7 +173,7 @@ class LowRankLayer(nn.Module):
     def init_from_matrix(self, W: Tensor, rank: int | None = None, tau: float | None = None) -> None:
         """Set the factors to a truncated SVD of the dense matrix ``W`` (``n×m``).
 
-        With ``tau`` the rank follows the truncation rule of ALGORITHMS §1
+        With ``tau`` the rank follows the truncation rule of docs/algorithms.md §1
         (relative), clamped to ``[min_rank, rank or max_rank]``; otherwise it is
         ``rank`` (default: the current rank).
         """

@@ -1,7 +1,7 @@
 """``LowRankConv2d``: a conv kernel in matrix format, applied as two convolutions.
 
 The kernel ``(out, in, kh, kw)`` is the matrix ``W`` of shape
-``out × (in·kh·kw)`` (ALGORITHMS §0). The forward is a ``kh×kw`` convolution
+``out × (in·kh·kw)`` (docs/algorithms.md §0). The forward is a ``kh×kw`` convolution
 with the ``r`` filters ``Vᵀ`` followed by a ``1×1`` convolution with ``U S``;
 the kernel is never formed.
 """

@@ -61,7 +61,7 @@ class LowRankLinear(LowRankLayer):
         """Factorize ``linear`` by a truncated SVD of its weight.
 
         Give ``rank``, or ``tau`` to pick the rank by the truncation rule
-        (relative tolerance, ALGORITHMS §1), or both (``tau``'s rank, at most
+        (relative tolerance, docs/algorithms.md §1), or both (``tau``'s rank, at most
         ``rank``).
         """
         if not isinstance(linear, nn.Linear):

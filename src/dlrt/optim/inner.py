@@ -1,4 +1,4 @@
-"""Inner optimizers: the "−λ∇" of every integrator step (ALGORITHMS §0, §5).
+"""Inner optimizers: the "−λ∇" of every integrator step (docs/algorithms.md §0, §5).
 
 A rule updates one tensor in place from its gradient and its state. The same
 rule steps the factor quantities K, L, S of every low-rank layer and the dense
@@ -10,6 +10,8 @@ through their square roots.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +24,33 @@ SQUARE = "square"
 WEIGHT = "weight"
 
 
+def check_real(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a float, after checking it is a finite real number in the given range.
+
+    The message names ``name`` and the valid range, so a NaN/inf or out-of-range
+    hyper-parameter fails where it is given, not as an ``IndexError`` or a LAPACK
+    error steps later.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    lo_ok = low is None or (v > low if low_open else v >= low)
+    hi_ok = high is None or (v < high if high_open else v <= high)
+    if not math.isfinite(v) or not (lo_ok and hi_ok):
+        lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{name} must be finite and in {lo}, {hi}, got {value!r}")
+    return v
+
+
 class InnerRule:
     """One step of an elementwise first-order optimizer on a single tensor."""
 
@@ -31,10 +60,9 @@ class InnerRule:
     defaults: ClassVar[dict[str, Any]]
 
     def validate(self, group: dict[str, Any]) -> None:
-        if group["lr"] < 0:
-            raise ValueError(f"lr must be >= 0, got {group['lr']}")
-        if group["weight_decay"] < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+        """Check the rule's hyper-parameters in ``group`` (finite, in range), naming the bad key."""
+        check_real("lr", group["lr"], low=0.0)
+        check_real("weight_decay", group["weight_decay"], low=0.0)
 
     def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         """The step ``Δ`` (``x ← x + Δ``) for gradient ``g``; ``state`` is updated in place, ``x`` is not.
@@ -64,8 +92,10 @@ class SGD(InnerRule):
 
     def validate(self, group: dict[str, Any]) -> None:
         super().validate(group)
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+        check_real("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_real("dampening", group["dampening"], low=0.0, high=1.0)
+        if not isinstance(group["nesterov"], bool):
+            raise TypeError(f"nesterov must be True or False, got {group['nesterov']!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 
@@ -97,11 +127,12 @@ class Adam(InnerRule):
 
     def validate(self, group: dict[str, Any]) -> None:
         super().validate(group)
-        b1, b2 = group["betas"]
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {tuple(group['betas'])}")
-        if group["eps"] < 0:
-            raise ValueError(f"eps must be >= 0, got {group['eps']}")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
+            check_real(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+        check_real("eps", group["eps"], low=0.0)
 
     def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -123,7 +154,7 @@ class Adam(InnerRule):
         v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
         # Bias correction per entry: w = 1 − βᵗ for an entry with t updates. After a basis
         # change an entry in a new direction has w ≈ 0 and its first step is sign(g)·lr,
-        # as Adam's first step, not (1−β1)/√(1−β2) ≈ 3.2 times that (ALGORITHMS §5).
+        # as Adam's first step, not (1−β1)/√(1−β2) ≈ 3.2 times that (docs/algorithms.md §5).
         w1.mul_(b1).add_(1.0 - b1)
         w2.mul_(b2).add_(1.0 - b2)
         denom = (v / w2).sqrt_().add_(eps)
@@ -155,7 +186,7 @@ def transport_state(
     left: Tensor | None = None,
     right: Tensor | None = None,
 ) -> dict[str, Any]:
-    """Move optimizer state to new factor coordinates (ALGORITHMS §5).
+    """Move optimizer state to new factor coordinates (docs/algorithms.md §5).
 
     A buffer ``m`` in old coordinates becomes ``left @ m @ right`` (either side
     may be absent); a second moment ``v`` becomes ``(left @ √v @ right)²``; a
