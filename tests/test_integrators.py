@@ -1,4 +1,4 @@
-"""Every integrator step against a float64 dense computation (ALGORITHMS §1–3, §8)."""
+"""Every integrator step against a float64 dense computation (docs/algorithms.md §1–3, §8)."""
 
 import pytest
 import torch

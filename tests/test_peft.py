@@ -94,7 +94,7 @@ def test_adapter_gradients_are_the_scaled_projected_dense_gradient():
 
 
 def test_one_sgd_step_matches_the_dense_parallel_bug_formula():
-    """ALGORITHMS §3 on an adapter, float64: the new U S Vᵀ equals the augmented core truncated at tau=0."""
+    """docs/algorithms.md §3 on an adapter, float64: the new U S Vᵀ equals the augmented core truncated at tau=0."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(10, 8)).double()
     model = get_geolora_model(base, GeoLoRAConfig(r=2, tau=0.0, truncation="local", lora_alpha=2.0))
@@ -211,6 +211,69 @@ def test_loading_into_a_different_base_names_the_module(tmp_path):
         GeoLoRAModel.from_pretrained(make_net(), tmp_path / "nowhere")
 
 
+def _corrupt(directory, what: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights, config = directory / "adapter_model.safetensors", directory / "adapter_config.json"
+    tensors = load_file(str(weights))
+    meta = json.loads(config.read_text())
+    if what == "missing weights":
+        weights.unlink()
+    elif what == "corrupt weights":
+        weights.write_bytes(b"\x10\x00\x00\x00not a safetensors header")
+    elif what == "tensor of the wrong shape":
+        tensors["body.2.V"] = torch.zeros(31, tensors["body.2.V"].shape[1])
+    elif what == "missing tensor":
+        del tensors["conv.S"]
+    elif what == "saved module of the wrong shape":
+        tensors["modules_to_save.head.weight"] = torch.zeros(5, 32)
+    elif what == "core of another shape in the config":
+        core = meta["dlrt"]["adapters"]["body.0"]["core"]
+        meta["dlrt"]["adapters"]["body.0"]["core"] = [core[0] + 1, core[1]]
+    elif what == "rank bounds out of range":
+        meta["dlrt"]["adapters"]["conv"]["min_rank"] = 50
+    elif what == "non-finite tensor":
+        tensors["body.0.S"][0, 0] = float("nan")
+    elif what == "modules_to_save entry the model lacks":
+        meta["modules_to_save"] = ["classifier"]
+    if what not in ("missing weights", "corrupt weights"):
+        save_file(tensors, str(weights))
+    config.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "what",
+    [
+        "missing weights",
+        "corrupt weights",
+        "tensor of the wrong shape",
+        "missing tensor",
+        "saved module of the wrong shape",
+        "core of another shape in the config",
+        "rank bounds out of range",
+        "non-finite tensor",
+        "modules_to_save entry the model lacks",
+    ],
+)
+def test_loading_a_broken_adapter_dir_leaves_the_base_model_unchanged(tmp_path, what):
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.3, coefficient_steps=1, modules_to_save=["head"]))
+    train(model, steps=3)
+    model.save_pretrained(tmp_path)
+    _corrupt(tmp_path, what)
+    base = make_net(seed=1)
+    base.body[0].weight.requires_grad_(False)  # flags are restored as they were, not set to a default
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    types = {n: type(m) for n, m in base.named_modules()}
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    with pytest.raises((ValueError, FileNotFoundError)):
+        GeoLoRAModel.from_pretrained(base, tmp_path)
+    assert {n: type(m) for n, m in base.named_modules()} == types
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    after = base.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
 def test_global_budget_holds_after_every_truncation():
     model = get_geolora_model(make_net(), GeoLoRAConfig(r=6, tau=0.0, budget=7, coefficient_steps=1))
     history = train(model, steps=6, lr=2e-2)
@@ -249,18 +312,114 @@ def test_first_step_grows_bases_from_the_gradient_float64():
 
 
 def test_scaling_is_fixed_when_ranks_change():
-    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, lora_alpha=8, tau=0.3))
-    train(model, steps=3)
-    assert {a.scaling for a in model.adapters().values()} == {2.0}
+    """After the ranks changed, every adapter still adds (lora_alpha / initial r)·U S Vᵀ x: 8 / 4 = 2."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6)).double()
+    ref = copy.deepcopy(base)
+    model = get_geolora_model(base, GeoLoRAConfig(r=4, lora_alpha=8, tau=0.3, truncation="local", coefficient_steps=1))
+    opt = model.make_optimizer(lr=5e-2)
+    x, y = torch.randn(16, 12, dtype=torch.float64), torch.randn(16, 6, dtype=torch.float64)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    assert any(r != 4 for r in model.ranks().values()), "ranks never changed"
+    lo = model.adapters()
+
+    def update(name: str, h: torch.Tensor) -> torch.Tensor:
+        U, S, V = (t.detach() for t in (lo[name].lora.U, lo[name].lora.S, lo[name].lora.V))
+        return 2.0 * h @ V @ S.T @ U.T
+
+    h = torch.tanh(ref[0](x) + update("0", x))
+    expected = ref[2](h) + update("2", h)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
 
 
-def test_bases_stay_orthonormal_and_never_decay_under_adamw():
+def test_weight_decay_shrinks_the_core_and_never_the_bases():
+    """AdamW, float64: one step with weight decay differs from the same step without it by exactly −λ·wd·W₀
+    (decoupled decay of S on the augmented core, tau = 0); decaying U or V as well would shrink W by (1−λ·wd)³."""
+    lr, wd = 0.05, 0.4
+    results = []
+    for decay in (wd, 0.0):
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(10, 8)).double()
+        model = get_geolora_model(base, GeoLoRAConfig(r=2, tau=0.0, truncation="local", coefficient_steps=1))
+        lora = model.adapters()["0"].lora
+        with torch.no_grad():
+            lora.S.copy_(torch.tensor([[0.7, 0.1], [0.0, 0.3]], dtype=torch.float64))
+        lora.pending_growth = False
+        W0 = lora.matrix().detach().clone()
+        opt = model.make_optimizer(optimizer="adamw", lr=lr, weight_decay=decay)
+        x = torch.randn(5, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+        U, V = lora.U.detach(), lora.V.detach()
+        torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(V.T @ V, torch.eye(V.shape[1], dtype=torch.float64), rtol=0, atol=1e-12)
+        results.append(lora.matrix().detach())
+    torch.testing.assert_close(results[0] - results[1], -lr * wd * W0, rtol=0, atol=1e-12)
+
+
+def test_bases_stay_orthonormal_under_adamw_with_weight_decay():
     model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.05))
     train(model, steps=20, optimizer="adamw", weight_decay=0.5, lr=1e-2)
     for a in model.adapters().values():
         U, V = a.lora.U.detach(), a.lora.V.detach()
         torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1]), rtol=0, atol=1e-5)
         torch.testing.assert_close(V.T @ V, torch.eye(V.shape[1]), rtol=0, atol=1e-5)
+
+
+def test_adapter_dropout_acts_on_the_update_input_in_training_only():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9).double()
+    adapter = LowRankAdapter(copy.deepcopy(lin), 3, scaling=1.5, dropout=0.5)
+    with torch.no_grad():
+        adapter.lora.S.copy_(torch.randn(3, 3, dtype=torch.float64))
+    U, S, V = (t.detach() for t in (adapter.lora.U, adapter.lora.S, adapter.lora.V))
+    x = torch.randn(64, 12, dtype=torch.float64)
+
+    def expected(x_update: torch.Tensor) -> torch.Tensor:
+        return lin(x) + 1.5 * x_update @ V @ S.T @ U.T
+
+    adapter.train()
+    torch.manual_seed(7)
+    y = adapter(x)
+    torch.manual_seed(7)
+    mask_x = nn.functional.dropout(x, 0.5, training=True)  # the same mask: the same generator state
+    assert (mask_x == 0).any() and not torch.equal(mask_x, x)
+    torch.testing.assert_close(y, expected(mask_x), rtol=0, atol=1e-12)
+    adapter.eval()
+    torch.testing.assert_close(adapter(x), expected(x), rtol=0, atol=1e-12)
+
+
+def test_reset_adapter_restarts_the_update_and_training_continues():
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=4, tau=0.2, coefficient_steps=1))
+    opt = model.make_optimizer(optimizer="adamw", lr=1e-2)
+    x, y = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    adapter = model.adapters()["body.0"]
+    assert adapter.lora.S.detach().any()
+    adapter.reset_adapter(2)
+    lora = adapter.lora
+    assert lora.rank == 2 and lora.pending_growth and not lora.S.detach().any()
+    torch.testing.assert_close(lora.U.T @ lora.U, torch.eye(2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(lora.V.T @ lora.V, torch.eye(2), rtol=0, atol=1e-6)
+    h = torch.relu(model.base_model.conv(x)).mean(-1).flatten(1)
+    torch.testing.assert_close(adapter(h), adapter.base_layer(h), rtol=0, atol=0)  # the update is zero again
+    # The optimizer still holds state of the old rank-4 factors: the next step grows afresh from the gradient.
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert lora.rank == 2 and not lora.pending_growth and not lora.S.detach().any()
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert lora.S.detach().any()
 
 
 @pytest.mark.parametrize(

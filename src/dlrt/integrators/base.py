@@ -1,19 +1,52 @@
-"""What every integrator shares: the geometric operations, written once.
+"""What every integrator shares: the integrator ↔ optimizer contract and the geometric operations.
 
-An integrator orchestrates passes (``opt.evaluate``) and these operations; it
-never touches data. Each operation moves a layer's factors and transports the
-optimizer state that lives in factor coordinates (ALGORITHMS §5):
+The contract
+------------
+A :class:`~dlrt.DLRTOptimizer` owns the bookkeeping; an :class:`Integrator`
+owns the method. In one call of :meth:`Integrator.step` the integrator may
 
-* K-state (``n×r``, stored under ``layer.U``): columns in V-coordinates;
-* L-state (``m×r``, stored under ``layer.V``): columns in U-coordinates;
-* S-state (``r×r``, stored under ``layer.S``): ``U``-rows, ``V``-columns.
+* **read** ``opt.lowrank_layers`` (the layers it drives, in a fixed order),
+  ``opt.lowrank_group`` (their hyper-parameters: ``lr``, ``tau``, ``tau_mode``,
+  ``truncation``, ``budget``, ...; read-only) and ``opt.phase`` (its position
+  in the coefficient cycle, docs/algorithms.md §8);
+* **run passes** only through ``opt.evaluate(closure, request, what)``, which
+  runs (or checks the presence of) one forward/backward pass, checks it for
+  non-finite values and clips it; it reads the pass's gradients through
+  :func:`KL_grads` and ``opt.S_grad(layer)``;
+* **move layers** only through the operations of this module
+  (:func:`change_basis`, :func:`augment`, :func:`grow_from_gradient`,
+  :func:`S_step`, :func:`truncate`), which keep every layer's optimizer state
+  in step with its factors (docs/algorithms.md §5), and set the per-layer cycle flags
+  (:data:`LAYER_FLAGS`: ``pending_growth``, ``just_grown``);
+* **change optimizer state** only of its layers' factor quantities, through
+  :func:`state_key` / :func:`factor_state` / :func:`set_factor_state`, and only
+  by *replacing* a state dict, never mutating one (the optimizer's rollback
+  keeps the old dicts by reference);
+* **advance** ``opt.phase`` through :meth:`Integrator.advance`, and end a cycle
+  only through :meth:`Integrator.end_cycle` (the one end-of-cycle rule, also
+  used by :meth:`DLRTOptimizer.finish_cycle`).
 
-State dicts are replaced, never mutated, so a failed step can be rolled back.
+It never touches the dense parameters or their state (the optimizer steps
+them after the integrator), ``opt.steps``, the layers' ``grad_request`` (the
+optimizer sets it from :meth:`Integrator.request` after every step), the
+param groups, or the data. Everything it changes is covered by the
+optimizer's step rollback: factors, the flags of :data:`LAYER_FLAGS`, the
+state dicts of the low-rank group and ``opt.phase``.
+
+Optimizer state in factor coordinates
+-------------------------------------
+``torch.optim`` keys state by parameter, so each factor quantity's state lives
+under one of the layer's parameters; :func:`state_key` is the one place that
+says which (checkpoints keep these keys):
+
+* K-state (``n×r``, the state of ``K = U S``) under ``layer.U``; its columns are in V-coordinates;
+* L-state (``m×r``, the state of ``L = V Sᵀ``) under ``layer.V``; its columns are in U-coordinates;
+* S-state (``r×r``) under ``layer.S``: ``U``-rows, ``V``-columns.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -28,20 +61,84 @@ if TYPE_CHECKING:
 KL = frozenset({"K", "L"})
 NONE: frozenset[str] = frozenset()
 
+Kind = Literal["K", "L", "S"]
+#: Per-layer integrator state kept on the layer (booleans); the optimizer's step
+#: rollback saves and restores them with :func:`layer_flags` / :func:`restore_layer_flags`.
+#:
+#: * ``pending_growth``: the layer is a fresh adapter (``S = 0`` on placeholder
+#:   bases); the ``parallel`` integrator leaves it alone until a pass reaches
+#:   it, then grows its bases from the gradient (docs/algorithms.md §3).
+#: * ``just_grown``: the bases were grown from the gradient in this cycle and
+#:   the core is still the zero core of that step; the end of the cycle keeps
+#:   the layer's rank (a zero core has no spectrum to truncate by). Cleared by
+#:   the layer's next S-step and by the end of the cycle.
+LAYER_FLAGS = ("pending_growth", "just_grown")
+
+
+def layer_flags(layer: LowRankLayer) -> tuple[bool, ...]:
+    """The values of :data:`LAYER_FLAGS` on ``layer`` (for a snapshot)."""
+    return tuple(bool(getattr(layer, name, False)) for name in LAYER_FLAGS)
+
+
+def restore_layer_flags(layer: LowRankLayer, flags: tuple[bool, ...]) -> None:
+    """Set :data:`LAYER_FLAGS` on ``layer`` from :func:`layer_flags`' result."""
+    for name, value in zip(LAYER_FLAGS, flags, strict=True):
+        setattr(layer, name, value)
+
+
+def state_key(layer: LowRankLayer, kind: Kind) -> Tensor:
+    """The parameter under which the optimizer keeps the state of ``kind`` (``"K"``, ``"L"`` or ``"S"``)."""
+    if kind == "K":
+        return layer.U
+    if kind == "L":
+        return layer.V
+    if kind == "S":
+        return layer.S
+    raise ValueError(f"unknown factor quantity {kind!r}: expected 'K', 'L' or 'S'")
+
+
+def factor_state(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind) -> dict[str, Any]:
+    """The inner-optimizer state of ``kind`` on ``layer`` (empty if none); do not mutate it."""
+    return opt.state.get(state_key(layer, kind), {})
+
+
+def set_factor_state(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, state: dict[str, Any] | None) -> None:
+    """Replace the state of ``kind`` on ``layer`` (``None`` drops it)."""
+    key = state_key(layer, kind)
+    if state is None:
+        opt.state.pop(key, None)
+    else:
+        opt.state[key] = state
+
+
+def drop_state(opt: DLRTOptimizer, layer: LowRankLayer) -> None:
+    """Forget the layer's K-, L- and S-state (a layer that starts afresh, e.g. after ``reset_adapter``)."""
+    for kind in ("K", "L", "S"):
+        set_factor_state(opt, layer, kind, None)
+
 
 class Integrator:
-    """Base class: one ``step`` = one call of :meth:`DLRTOptimizer.step`.
+    """Base class: one ``step`` = one call of :meth:`DLRTOptimizer.step`; see the module docstring for
+    what an integrator may read and change on the optimizer.
+
+    A *cycle* is one augmentation (or growth) followed by ``coefficient_steps``
+    S-steps in all, each a separate optimizer step with its own batch, and
+    ends in the rule of :meth:`end_cycle`. ``opt.phase`` counts the steps taken
+    in the current cycle (0 at its start).
 
     Args:
         coefficient_steps: number of updates of the core ``S`` on a frozen
-            augmented basis before the next truncation (ALGORITHMS §8). Each
+            augmented basis before the next truncation (docs/algorithms.md §8). Each
             one is a separate optimizer step (its own batch); 1 gives the
             integrators of the papers, one S-update per augmentation.
     """
 
     name: ClassVar[str]
-    #: Whether steps end in a truncation (rank adaptation).
+    #: Whether cycles end in a truncation (rank adaptation).
     adaptive: ClassVar[bool] = True
+    #: Forward/backward passes per step (the first step of a cycle). Above 1 the step needs a
+    #: closure, so torch.amp.GradScaler (which refuses closures) cannot drive it.
+    passes_per_step: ClassVar[int] = 1
 
     def __init__(self, coefficient_steps: int = 1) -> None:
         if isinstance(coefficient_steps, bool) or not isinstance(coefficient_steps, int) or coefficient_steps < 1:
@@ -55,24 +152,60 @@ class Integrator:
     def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
         raise NotImplementedError
 
+    def advance(self, opt: DLRTOptimizer) -> None:
+        """Count one step of the cycle; after ``coefficient_steps`` of them, end it (:meth:`end_cycle`)."""
+        opt.phase += 1
+        if opt.phase >= self.coefficient_steps:
+            self.end_cycle(opt)
+
+    def end_cycle(self, opt: DLRTOptimizer) -> None:
+        """The end-of-cycle rule (docs/algorithms.md §1, §3, §4), the only place it is written.
+
+        A rank-adaptive integrator truncates every layer that is on a trained
+        core in this cycle, i.e. all layers except
+
+        * fresh adapters still waiting for growth (``pending_growth``): they
+          were not moved, and keep their placeholder rank;
+        * layers whose bases were grown from the gradient in this cycle and
+          whose core is still zero (``just_grown``): a zero core has no
+          spectrum, and truncating it would cut the layer to ``min_rank``.
+
+        Layers not truncated keep their rank and, with ``truncation="global"``
+        and a ``budget``, count against it: the truncated layers share
+        ``budget − Σ(ranks kept)``, but never less than their ``min_rank`` s
+        (so the total stays within the budget whenever the ranks kept allow
+        it). Then the flags are cleared and ``opt.phase`` returns to 0.
+        Called by :meth:`advance` at the end of a full cycle and by
+        :meth:`DLRTOptimizer.finish_cycle` to end one early.
+        """
+        layers = opt.lowrank_layers
+        if self.adaptive:
+            held = [any(layer_flags(m)) for m in layers]  # pending_growth or just_grown
+            cut = [m for m, h in zip(layers, held) if not h]
+            kept = sum(m.rank for m, h in zip(layers, held) if h)
+            truncate(opt, cut, opt.lowrank_group, held_rank=kept)
+        for m in layers:
+            m.just_grown = False
+        opt.phase = 0
+
 
 # --------------------------------------------------------------------------- ops
-def factor_step(opt: DLRTOptimizer, key: Tensor, x: Tensor, grad: Tensor, group: dict[str, Any]) -> Tensor:
-    """The inner-optimizer step ``Δ`` for the factor quantity ``x`` whose state lives under ``key``.
+def factor_step(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, x: Tensor, grad: Tensor) -> Tensor:
+    """The inner-optimizer step ``Δ`` for the factor quantity ``x`` (``kind`` of ``layer``).
 
     ``x`` is not modified; the new state replaces the old one.
     """
-    state = clone_state(opt.state.get(key, {}))
-    delta = opt.rule.step(x, grad.to(x.dtype), state, group)
-    opt.state[key] = state
+    state = clone_state(factor_state(opt, layer, kind))
+    delta = opt.rule.step(x, grad.to(x.dtype), state, opt.lowrank_group)
+    set_factor_state(opt, layer, kind, state)
     return delta
 
 
-def transport(opt: DLRTOptimizer, key: Tensor, left: Tensor | None, right: Tensor | None) -> None:
-    """Transport the state stored under ``key`` (if any) by ``left @ m @ right``."""
-    state = opt.state.get(key)
+def transport(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, left: Tensor | None, right: Tensor | None) -> None:
+    """Transport the state of ``kind`` on ``layer`` (if any) by ``left @ m @ right``."""
+    state = factor_state(opt, layer, kind)
     if state:
-        opt.state[key] = transport_state(state, opt.rule, left, right)
+        set_factor_state(opt, layer, kind, transport_state(state, opt.rule, left, right))
 
 
 def KL_grads(layer: LowRankLayer) -> tuple[Tensor, Tensor]:
@@ -85,10 +218,8 @@ def KL_grads(layer: LowRankLayer) -> tuple[Tensor, Tensor]:
     )
 
 
-def K_and_L_steps(
-    opt: DLRTOptimizer, layer: LowRankLayer, group: dict[str, Any]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """ALGORITHMS §2.2: ``K₁ = U₀S₀ − λ G₀V₀`` and ``L₁ = V₀S₀ᵀ − λ G₀ᵀU₀``.
+def K_and_L_steps(opt: DLRTOptimizer, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """docs/algorithms.md §2.2: ``K₁ = U₀S₀ − λ G₀V₀`` and ``L₁ = V₀S₀ᵀ − λ G₀ᵀU₀``.
 
     Returns ``(K₁, L₁, ΔK, ΔL)`` with the steps ``ΔK = K₁ − U₀S₀``,
     ``ΔL = L₁ − V₀S₀ᵀ`` computed directly (``range([U₀, K₁]) = range([U₀, ΔK])``).
@@ -96,8 +227,8 @@ def K_and_L_steps(
     U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
     gK, gL = KL_grads(layer)
     K0, L0 = U0 @ S0, V0 @ S0.mT
-    dK = factor_step(opt, layer.U, K0, gK, group)
-    dL = factor_step(opt, layer.V, L0, gL, group)
+    dK = factor_step(opt, layer, "K", K0, gK)
+    dL = factor_step(opt, layer, "L", L0, gL)
     return K0 + dK, L0 + dL, dK, dL
 
 
@@ -120,14 +251,14 @@ def change_basis(
     B = V0.mT @ V1 if B is None else B  # r0×r1
     if S1 is None:
         S1 = A @ S0 @ B
-    transport(opt, layer.S, A, B)
-    transport(opt, layer.U, None, B)  # K-state: columns follow V
-    transport(opt, layer.V, None, A.mT)  # L-state: columns follow U
+    transport(opt, layer, "S", A, B)
+    transport(opt, layer, "K", None, B)  # K-state: columns follow V
+    transport(opt, layer, "L", None, A.mT)  # L-state: columns follow U
     layer.set_factors(U1, S1, V1)
 
 
 def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> tuple[Tensor, Tensor]:
-    """Move the layer to ``Û = orth([U₀, KU])``, ``V̂ = orth([V₀, LV])`` (ALGORITHMS §0).
+    """Move the layer to ``Û = orth([U₀, KU])``, ``V̂ = orth([V₀, LV])`` (docs/algorithms.md §0).
 
     The core becomes the Galerkin projection ``(ÛᵀU₀) S₀ (V₀ᵀV̂)`` and all state
     is transported. At most ``r`` new directions per side, fewer when the layer is
@@ -141,43 +272,59 @@ def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> 
 
 
 def grow_from_gradient(opt: DLRTOptimizer, layer: LowRankLayer, gK: Tensor, gL: Tensor) -> None:
-    """Bases from the gradient for a layer whose core is zero (a fresh adapter, ALGORITHMS §3).
+    """Bases from the gradient for a fresh adapter (``pending_growth``, core zero, docs/algorithms.md §3).
 
     At ``S₀ = 0`` the tangent space at the random starting bases holds only
     about ``r/n + r/m`` of the gradient, so a parallel step would barely move
     the layer. ``G V₀`` and ``Gᵀ U₀`` are a two-sided randomized sketch of ``G``
     (Halko et al. 2011): ``U₁ = orth(G V₀)`` and ``V₁ = orth(Gᵀ U₀)`` span
     (approximately) its dominant column and row spaces. The core stays zero,
-    so the layer's function is unchanged by this step.
+    so the layer's function is unchanged by this step, and the layer starts
+    afresh: state left from before a ``reset_adapter`` is dropped. Sets
+    ``just_grown`` (the end of this cycle keeps the rank) and clears
+    ``pending_growth``.
     """
     U1, V1 = linalg.orth(gK), linalg.orth(gL)
-    S1 = U1.new_zeros(U1.shape[1], V1.shape[1])
-    change_basis(opt, layer, U1, V1, S1=S1)
+    drop_state(opt, layer)
+    layer.set_factors(U1, U1.new_zeros(U1.shape[1], V1.shape[1]), V1)
+    layer.pending_growth = False
+    layer.just_grown = True
 
 
-def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor, group: dict[str, Any]) -> None:
-    """``S ← S − λ ∇_S`` with the inner optimizer (the Galerkin/coefficient step)."""
+def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor) -> None:
+    """``S ← S − λ ∇_S`` with the inner optimizer (the Galerkin/coefficient step).
+
+    The core is then no longer a freshly grown zero core (``just_grown`` is cleared).
+    """
     S0 = layer.S.detach()
-    layer.set_factors(layer.U.detach(), S0 + factor_step(opt, layer.S, S0, grad, group), layer.V.detach())
+    layer.set_factors(layer.U.detach(), S0 + factor_step(opt, layer, "S", S0, grad), layer.V.detach())
+    layer.just_grown = False
 
 
-def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, Any]) -> None:
-    """ALGORITHMS §1 on every layer of one truncation event (each layer exactly once).
+def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, Any], held_rank: int = 0) -> None:
+    """docs/algorithms.md §1 on every layer of one truncation event (each layer exactly once).
 
     Per layer with the group's ``tau``, or jointly over all layers with
-    ``truncation="global"`` (and an optional total-rank ``budget``).
+    ``truncation="global"`` (and an optional total-rank ``budget``, of which
+    ``held_rank`` is already taken by layers not truncated now; the layers here
+    keep at least their ``min_rank`` s even when that exceeds the rest).
     """
     if not layers:
         return
     svds = [linalg.svd_truncate(layer.S.detach(), rank=min(layer.S.shape)) for layer in layers]
     absolute = group["tau_mode"] == "absolute"
     if group["truncation"] == "global":
+        min_ranks = [layer.min_rank for layer in layers]
+        budget = group["budget"]
+        if budget is not None:
+            floor = sum(min(lo, layer.max_rank, t.sigma.numel()) for lo, layer, t in zip(min_ranks, layers, svds))
+            budget = max(budget - held_rank, floor)
         ranks = linalg.global_truncation_ranks(
             [t.sigma for t in svds],
             tau=group["tau"],
-            budget=group["budget"],
+            budget=budget,
             absolute=absolute,
-            min_ranks=[layer.min_rank for layer in layers],
+            min_ranks=min_ranks,
             max_ranks=[layer.max_rank for layer in layers],
         )
     else:

@@ -1,4 +1,4 @@
-"""The parallel BUG integrator of GeoLoRA (Schotthöfer et al., ICLR 2025), ALGORITHMS §3.
+"""The parallel BUG integrator of GeoLoRA (Schotthöfer et al., ICLR 2025), docs/algorithms.md §3.
 
 All three projected gradients come from one forward/backward pass at ``W₀``,
 so a step costs one pass plus small QR/SVDs. ``G₀V₀`` and ``G₀ᵀU₀`` are taken
@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import KL, NONE, Integrator, KL_grads, S_step, augment, grow_from_gradient, truncate
+from .base import KL, NONE, Integrator, KL_grads, S_step, augment, grow_from_gradient
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
 
 
 class ParallelBUG(Integrator):
-    """Parallel rank-adaptive BUG (ALGORITHMS §3).
+    """Parallel rank-adaptive BUG (docs/algorithms.md §3).
 
     Phase 0: one pass → ``G₀V₀``, ``G₀ᵀU₀``, ``U₀ᵀG₀V₀``; new directions
     ``Ũ`` from ``orth([U₀, G₀V₀])``, ``Ṽ`` from ``orth([V₀, G₀ᵀU₀])``; the augmented
@@ -29,25 +29,25 @@ class ParallelBUG(Integrator):
     so ``step()`` also works after a plain ``loss.backward()``.
 
     A fresh adapter (``S₀ = 0`` on placeholder bases, ``layer.pending_growth``)
-    instead gets bases grown from the gradient
+    instead gets bases grown from the gradient at the start of a cycle
     (:func:`~dlrt.integrators.base.grow_from_gradient`), keeping its rank and
-    function; that step does not truncate.
+    function; until a pass reaches it, it is left alone. The end of the cycle
+    in which it grew does not truncate it while its core is still zero
+    (:meth:`~dlrt.integrators.base.Integrator.end_cycle`); the other layers of
+    the same step are truncated as usual.
     """
 
     name = "parallel"
 
     def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
-        group = opt.lowrank_group
         layers = opt.lowrank_layers
-        grown = False
         if opt.phase == 0:
             loss = opt.evaluate(closure, KL, "augmentation")
             for layer in layers:
                 gK, gL = KL_grads(layer)
-                if layer.pending_growth and bool(gK.any()) and bool(gL.any()):
-                    grow_from_gradient(opt, layer, gK, gL)
-                    layer.pending_growth = False
-                    grown = True
+                if layer.pending_growth:
+                    if bool(gK.any()) and bool(gL.any()):
+                        grow_from_gradient(opt, layer, gK, gL)
                     continue
                 gS = opt.S_grad(layer)
                 r_u, r_v = layer.S.shape
@@ -57,16 +57,11 @@ class ParallelBUG(Integrator):
                 G_hat[:r_u, :r_v] = gS
                 G_hat[:r_u, r_v:] = gL.mT @ V_new  # U₀ᵀ G Ṽ
                 G_hat[r_u:, :r_v] = U_new.mT @ gK  # Ũᵀ G V₀
-                S_step(opt, layer, G_hat, group)
+                S_step(opt, layer, G_hat)
         else:
             loss = opt.evaluate(closure, NONE, "coefficient")
             for layer in layers:
-                S_step(opt, layer, opt.S_grad(layer), group)
-        opt.phase += 1
-        if opt.phase == self.coefficient_steps:
-            # A step that grew bases from the gradient does not truncate: those cores are
-            # still zero, and truncating them would cut the layers to min_rank.
-            if not grown:
-                truncate(opt, layers, group)
-            opt.phase = 0
+                if not layer.pending_growth:  # placeholder bases: nothing to step until they grow
+                    S_step(opt, layer, opt.S_grad(layer))
+        self.advance(opt)
         return loss

@@ -1,6 +1,6 @@
 """``LowRankAdapter``: a frozen layer plus a rank-adaptive low-rank update.
 
-``y = W₀x + b + s·U S Vᵀ x`` (ALGORITHMS §3, adapter form). The update is a
+``y = W₀x + b + s·U S Vᵀ x`` (docs/algorithms.md §3, adapter form). The update is a
 bias-free :class:`LowRankLinear` / :class:`LowRankConv2d` held as the child
 ``lora``, so the integrators drive it like any other low-rank layer and its
 backward yields the projected gradients of ``s·G`` directly; the frozen layer
@@ -14,9 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import linalg
-from .base import LowRankLayer
-from .conv import LowRankConv2d
-from .linear import LowRankLinear
+from .ranks import check_rank
+from .registry import lowrank_spec
 
 
 class LowRankAdapter(nn.Module):
@@ -46,30 +45,15 @@ class LowRankAdapter(nn.Module):
         min_rank: int = 1,
     ) -> None:
         super().__init__()
-        w = base_layer.weight
-        kw = {"max_rank": max_rank, "min_rank": min_rank, "device": w.device, "dtype": w.dtype}
-        lora: LowRankLayer
-        if isinstance(base_layer, nn.Linear):
-            _check_rank(r, max_rank, base_layer.out_features, base_layer.in_features)
-            lora = LowRankLinear(base_layer.in_features, base_layer.out_features, rank=r, bias=False, **kw)
-        elif isinstance(base_layer, nn.Conv2d):
-            if base_layer.groups != 1:
-                raise ValueError(f"LowRankAdapter supports groups=1 convolutions only, got groups={base_layer.groups}")
-            _check_rank(r, max_rank, base_layer.out_channels, w[0].numel())
-            lora = LowRankConv2d(
-                base_layer.in_channels,
-                base_layer.out_channels,
-                base_layer.kernel_size,
-                rank=r,
-                stride=base_layer.stride,
-                padding=base_layer.padding,
-                dilation=base_layer.dilation,
-                bias=False,
-                padding_mode=base_layer.padding_mode,
-                **kw,
+        spec = lowrank_spec(base_layer)
+        reason = spec.unsupported(base_layer)
+        if reason is not None or spec.like is None:
+            raise ValueError(
+                f"LowRankAdapter cannot adapt this {type(base_layer).__name__}: "
+                + (f"it is {reason}" if reason is not None else f"{spec.describe()} has no like= constructor")
             )
-        else:
-            raise TypeError(f"LowRankAdapter wraps nn.Linear or nn.Conv2d, got {type(base_layer).__name__}")
+        check_rank(r, spec.matrix_shape(base_layer), what="r", min_rank=min_rank, max_rank=max_rank)
+        lora = spec.like(base_layer, r, bias=False, max_rank=max_rank, min_rank=min_rank)
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.base_layer = base_layer
@@ -80,18 +64,27 @@ class LowRankAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_adapter(self, r: int | None = None) -> None:
-        """Restart the update at zero: ``S = 0`` on random orthonormal bases of rank ``r``.
+        """Restart the update at zero: ``S = 0`` on random orthonormal bases of rank ``r`` (default: the current).
 
-        The bases are placeholders: the ``parallel`` integrator's first step
-        replaces them by the gradient's dominant subspaces (ALGORITHMS §3).
+        The bases are placeholders (``pending_growth``): the integrator's next
+        step replaces them by the gradient's dominant subspaces (docs/algorithms.md §3)
+        and drops the optimizer state left from the old factors.
+
+        Raises:
+            ValueError: ``r`` is not an int in ``[1, max_rank]``.
         """
         lora = self.lora
         r = lora.rank if r is None else r
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= lora.max_rank:
+            raise ValueError(
+                f"adapter rank r={r!r} is out of range: it must be an int in [1, max_rank={lora.max_rank}]"
+            )
         kw = {"device": lora.U.device, "dtype": linalg._qr_dtype(lora.U.dtype)}
         U = linalg.orth(torch.randn(lora.out_dim, r, **kw)).to(lora.U.dtype)
         V = linalg.orth(torch.randn(lora.in_dim, r, **kw)).to(lora.U.dtype)
         lora.set_factors(U, U.new_zeros(r, r), V)
         lora.pending_growth = True
+        lora.just_grown = False
 
     @property
     def rank(self) -> int:
@@ -118,11 +111,3 @@ class LowRankAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}"
-
-
-def _check_rank(r: int, max_rank: int | None, n: int, m: int) -> None:
-    full = min(n, m)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= full:
-        raise ValueError(f"adapter rank r={r!r} is out of range for a {n}×{m} layer: it must be in [1, {full}]")
-    if max_rank is not None and max_rank < r:
-        raise ValueError(f"r={r} exceeds max_rank={max_rank}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,9 @@ import torch
 from torch import nn
 
 from ..io import atomic_write
-from ..layers import LowRankAdapter
-from ..model import _excluded, _matches, _set_child
+from ..layers import LowRankAdapter, dense_types
 from ..optimizer import DLRTOptimizer
+from ..selection import excluded, matches, set_submodule
 from .config import CONFIG_NAME, GeoLoRAConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -161,10 +163,17 @@ class GeoLoRAModel(nn.Module):
         The adapters get the saved ranks. With ``is_trainable=False`` (PEFT's
         default) the result is in eval mode with nothing trainable.
 
+        Everything is checked before ``model`` is touched: the config, the
+        weights file, every tensor's presence, shape and finiteness, the rank
+        bounds and the fit to ``model``. A load that fails for any reason
+        leaves ``model`` exactly as it was (same modules, parameters, buffers
+        and ``requires_grad`` flags).
+
         Raises:
             FileNotFoundError: ``directory`` lacks the config or the weights.
-            ValueError: ``model`` is not the base the adapters were saved from
-                (the message names the first mismatched module).
+            ValueError: the directory is malformed or inconsistent, or ``model``
+                is not the base the adapters were saved from (the message names
+                the first mismatched module or tensor).
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -172,7 +181,7 @@ class GeoLoRAModel(nn.Module):
         directory = Path(directory)
         config = GeoLoRAConfig.from_pretrained(directory)
         meta = json.loads((directory / CONFIG_NAME).read_text()).get("dlrt")
-        if not meta or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{directory / CONFIG_NAME} was not written by GeoLoRAModel.save_pretrained")
         if meta.get("version") != VERSION:
             raise ValueError(f"{directory}: unsupported adapter format version {meta.get('version')}")
@@ -181,45 +190,23 @@ class GeoLoRAModel(nn.Module):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
         try:
             tensors = load_file(str(weights))
-        except SafetensorError as err:
+        except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+        if isinstance(model, GeoLoRAModel) or any(isinstance(m, LowRankAdapter) for m in model.modules()):
+            raise ValueError("the model already carries adapters: load into a fresh copy of the base model")
 
-        modules = dict(model.named_modules())
-        for name, info in meta["adapters"].items():
-            m = modules.get(name)
-            if m is None:
-                raise ValueError(f"the adapter for module {name!r} does not fit this model: it has no module {name!r}")
-            shape = list(m.weight.shape) if isinstance(m, (nn.Linear, nn.Conv2d)) else None
-            if type(m).__name__ != info["kind"] or shape != info["weight_shape"]:
-                raise ValueError(
-                    f"the adapter for module {name!r} does not fit this model: it was saved for a {info['kind']} "
-                    f"with weight {info['weight_shape']}, the model has a {type(m).__name__}"
-                    + (f" with weight {shape}" if shape else "")
-                )
-        for name, shapes in meta["modules_to_save"].items():
-            m = modules.get(name)
-            if m is None:
-                raise ValueError(f"modules_to_save entry {name!r} does not fit this model: it has no such module")
-            mine = {k: list(t.shape) for k, t in m.state_dict().items()}
-            if mine != shapes:
-                raise ValueError(
-                    f"modules_to_save entry {name!r} does not fit this model: saved tensors {shapes}, model {mine}"
-                )
+        adapters, saved_modules = _check_saved(model, meta, tensors, directory)
+        _modules_to_save(model, config)  # raises if an entry of the config matches no module
 
-        geo = _inject(model, config, list(meta["adapters"]))
-        with torch.no_grad():
-            for name, a in geo.adapters().items():
-                lora = a.lora
-                info = meta["adapters"][name]
-                lora.min_rank, lora.max_rank = info["min_rank"], info["max_rank"]
-                a.scaling = info["scaling"]
-                U, S, V = (tensors[f"{name}.{k}"] for k in ("U", "S", "V"))
-                lora.set_factors(U, S, V)
-                lora.pending_growth = False
-            for name in meta["modules_to_save"]:
-                prefix = f"modules_to_save.{name}."
-                sd = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
-                model.get_submodule(name).load_state_dict(sd, strict=True)
+        def load(name: str, a: LowRankAdapter) -> None:
+            U, S, V, info = adapters[name]
+            lora = a.lora
+            lora.set_factors(U, S, V)
+            lora.min_rank, lora.max_rank = info["min_rank"], info["max_rank"]
+            lora.pending_growth = False
+            a.scaling = float(info["scaling"])
+
+        geo = _inject(model, config, list(adapters), load=load, state=saved_modules)
         if not is_trainable:
             geo.eval()
             geo.requires_grad_(False)
@@ -237,7 +224,7 @@ class GeoLoRAModel(nn.Module):
     def _unwrap(self, merge: bool) -> nn.Module:
         base = self.base_model
         for name, a in list(self.adapters().items()):
-            _set_child(base, name, a.merged() if merge else a.base_layer)
+            set_submodule(base, name, a.merged() if merge else a.base_layer)
         for name, p in base.named_parameters():
             if name in self._requires_grad:
                 p.requires_grad_(self._requires_grad[name])
@@ -273,23 +260,23 @@ def _find_targets(model: nn.Module, config: GeoLoRAConfig) -> list[str]:
     saved = _modules_to_save(model, config)
     candidates = []
     for name, m in model.named_modules():
-        if name == "" or not isinstance(m, (nn.Linear, nn.Conv2d)):
+        if name == "" or not isinstance(m, dense_types()):
             continue
-        if saved and _excluded(name, saved):
+        if saved and excluded(name, saved):
             continue
-        if config.exclude_modules and _excluded(name, config.exclude_modules):
+        if config.exclude_modules and excluded(name, config.exclude_modules):
             continue
         candidates.append(name)
     if config.target_modules is None:
         targets = candidates
     else:
-        targets = [n for n in candidates if _matches(n, config.target_modules)]
+        targets = [n for n in candidates if matches(n, config.target_modules)]
     grouped = [n for n in targets if getattr(model.get_submodule(n), "groups", 1) != 1]
     if grouped and config.target_modules is not None:
         raise ValueError(f"modules {grouped} are grouped convolutions, which adapters do not support; exclude them")
     targets = [n for n in targets if n not in grouped]
     if not targets:
-        layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = [n for n, m in model.named_modules() if isinstance(m, dense_types())]
         shown = ", ".join(layers[:12]) + (", ..." if len(layers) > 12 else "")
         raise ValueError(
             f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no "
@@ -304,34 +291,158 @@ def _modules_to_save(model: nn.Module, config: GeoLoRAConfig) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     found = []
     for entry in config.modules_to_save:
-        hits = [n for n in names if _matches(n, [entry])]
+        hits = [n for n in names if matches(n, [entry])]
         if not hits:
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
         found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
     return sorted(set(found))
 
 
-def _inject(model: nn.Module, config: GeoLoRAConfig, targets: list[str]) -> GeoLoRAModel:
+def _inject(
+    model: nn.Module,
+    config: GeoLoRAConfig,
+    targets: list[str],
+    load: Callable[[str, LowRankAdapter], None] | None = None,
+    state: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> GeoLoRAModel:
+    """Put adapters on ``targets`` (``load`` fills each before it is attached) and load
+    ``state`` into the ``modules_to_save``; all or nothing: on any error ``model`` is
+    restored (modules, requires_grad flags, the saved modules' tensors) and the error raised."""
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    built = {}
-    for name in targets:
-        layer = model.get_submodule(name)
-        # Ranks are capped at a small layer's full rank (a full-rank update is the most there is).
-        full = min(layer.weight.shape[0], layer.weight[0].numel())
-        built[name] = LowRankAdapter(
-            layer,
-            min(config.r, full),
-            scaling=config.scaling,
-            dropout=config.lora_dropout,
-            max_rank=min(config.max_rank or full, full),
-            min_rank=min(config.min_rank, full),
-        )
-    model.requires_grad_(False)
-    for name, adapter in built.items():
-        _set_child(model, name, adapter)
-    for name in _modules_to_save(model, config):
-        model.get_submodule(name).requires_grad_(True)
+    saved = _modules_to_save(model, config)
+    originals = {name: model.get_submodule(name) for name in targets}
+    backup = {
+        name: {k: t.detach().clone() for k, t in model.get_submodule(name).state_dict().items()}
+        for name in (state or {})
+    }
+    try:
+        built = {}
+        for name, layer in originals.items():
+            # Ranks are capped at a small layer's full rank (a full-rank update is the most there is).
+            full = min(layer.weight.shape[0], layer.weight[0].numel())
+            built[name] = LowRankAdapter(
+                layer,
+                min(config.r, full),
+                scaling=config.scaling,
+                dropout=config.lora_dropout,
+                max_rank=min(config.max_rank or full, full),
+                min_rank=min(config.min_rank, full),
+            )
+            if load is not None:
+                load(name, built[name])
+        model.requires_grad_(False)
+        for name, adapter in built.items():
+            set_submodule(model, name, adapter)
+        for name in saved:
+            model.get_submodule(name).requires_grad_(True)
+        with torch.no_grad():
+            for name, sd in (state or {}).items():
+                model.get_submodule(name).load_state_dict(sd, strict=True)
+    except BaseException:
+        for name, layer in originals.items():
+            set_submodule(model, name, layer)
+        with torch.no_grad():
+            for name, sd in backup.items():
+                model.get_submodule(name).load_state_dict(sd, strict=True)
+        for n, p in model.named_parameters():
+            if n in requires_grad:
+                p.requires_grad_(requires_grad[n])
+        raise
     return _wrapper_class(type(model))(model, config, requires_grad)
+
+
+def _check_saved(
+    model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Path
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Validate a saved adapter directory against ``model`` without changing anything.
+
+    Returns the factors ``(U, S, V, info)`` of every adapter and the state dict of
+    every ``modules_to_save`` entry.
+    """
+    where = directory / CONFIG_NAME
+    adapters_meta, modules_meta = meta.get("adapters"), meta.get("modules_to_save")
+    if not isinstance(adapters_meta, dict) or not adapters_meta or not isinstance(modules_meta, dict):
+        raise ValueError(f"{where}: the 'dlrt' entry lacks its 'adapters' / 'modules_to_save' tables")
+    modules = dict(model.named_modules())
+    expected: set[str] = set()
+    adapters = {}
+    for name, info in adapters_meta.items():
+        keys = {"kind", "weight_shape", "core", "scaling", "min_rank", "max_rank"}
+        if not isinstance(info, dict) or not keys <= set(info):
+            raise ValueError(f"{where}: the entry of adapter {name!r} lacks some of {sorted(keys)}")
+        m = modules.get(name)
+        if m is None:
+            raise ValueError(f"the adapter for module {name!r} does not fit this model: it has no module {name!r}")
+        shape = list(m.weight.shape) if isinstance(m, dense_types()) else None
+        if type(m).__name__ != info["kind"] or shape != info["weight_shape"]:
+            raise ValueError(
+                f"the adapter for module {name!r} does not fit this model: it was saved for a {info['kind']} "
+                f"with weight {info['weight_shape']}, the model has a {type(m).__name__}"
+                + (f" with weight {shape}" if shape else "")
+            )
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise ValueError(f"the adapter for module {name!r} does not fit this model: it is a grouped convolution")
+        n, k = m.weight.shape[0], m.weight[0].numel()
+        full = min(n, k)
+        core = info["core"]
+        if not (isinstance(core, list) and len(core) == 2 and all(_is_int(c) and 1 <= c for c in core)):
+            raise ValueError(f"{where}: adapter {name!r} has core shape {core!r}, expected [r_u, r_v] of ints >= 1")
+        lo, hi = info["min_rank"], info["max_rank"]
+        if not (_is_int(lo) and _is_int(hi) and 1 <= lo <= hi <= full):
+            raise ValueError(
+                f"{where}: adapter {name!r} has min_rank={lo!r}, max_rank={hi!r}; they must satisfy "
+                f"1 <= min_rank <= max_rank <= {full} (the layer's full rank)"
+            )
+        scaling = info["scaling"]
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            raise ValueError(f"{where}: adapter {name!r} has scaling={scaling!r}, expected a finite number")
+        want = {"U": (n, core[0]), "S": (core[0], core[1]), "V": (k, core[1])}
+        factors = []
+        for key, dims in want.items():
+            t = tensors.get(f"{name}.{key}")
+            expected.add(f"{name}.{key}")
+            if t is None:
+                raise ValueError(f"{directory / WEIGHTS_NAME} has no tensor {name}.{key} for adapter {name!r}")
+            if tuple(t.shape) != dims:
+                raise ValueError(
+                    f"{directory / WEIGHTS_NAME}: tensor {name}.{key} has shape {list(t.shape)}, adapter {name!r} "
+                    f"(core {core}, weight {shape}) needs {list(dims)}"
+                )
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{directory / WEIGHTS_NAME}: tensor {name}.{key} is not a finite float tensor")
+            factors.append(t)
+        adapters[name] = (*factors, info)
+    state = {}
+    for name, shapes in modules_meta.items():
+        m = modules.get(name)
+        if m is None:
+            raise ValueError(f"modules_to_save entry {name!r} does not fit this model: it has no such module")
+        mine = {k: list(t.shape) for k, t in m.state_dict().items()}
+        if mine != shapes:
+            raise ValueError(
+                f"modules_to_save entry {name!r} does not fit this model: saved tensors {shapes}, model {mine}"
+            )
+        sd = {}
+        for k, dims in shapes.items():
+            key = f"modules_to_save.{name}.{k}"
+            expected.add(key)
+            t = tensors.get(key)
+            if t is None or list(t.shape) != dims:
+                got = "missing" if t is None else f"of shape {list(t.shape)}"
+                raise ValueError(f"{directory / WEIGHTS_NAME}: tensor {key} is {got}, expected shape {dims}")
+            sd[k] = t
+        state[name] = sd
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ValueError(
+            f"{directory / WEIGHTS_NAME} holds tensors {extra[:5]} that {CONFIG_NAME} does not describe: "
+            "the two files come from different saves"
+        )
+    return adapters, state
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 _CLASSES: dict[type, type[GeoLoRAModel]] = {}
