@@ -25,6 +25,7 @@ from dlrt.data import (
     dataset_info,
     get_dataset,
     random_crop_flip,
+    standardized_dataset,
 )
 from dlrt.data import datasets as ds_mod
 from dlrt.data.mnist import IDX_FILES, UnsafePickleError
@@ -359,3 +360,21 @@ def test_registry_names_and_info() -> None:
 def test_import_dlrt_does_not_import_data() -> None:
     code = "import sys, dlrt; assert 'dlrt.data' not in sys.modules, sorted(m for m in sys.modules if 'dlrt' in m)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_standardized_dataset_uses_the_given_constants(tmp_path: Path) -> None:
+    raw = write_idx(tmp_path)
+    ds = standardized_dataset("fashion-mnist", "train", tmp_path, mean=(0.5,), std=(0.25,), input_shape=(1, 28, 28))
+    torch.testing.assert_close(ds.data[:, 0], (raw.float() / 255 - 0.5) / 0.25)
+    assert ds.normalize and (ds.MEAN, ds.STD) == ((0.5,), (0.25,))
+    assert FashionMNIST.MEAN == (0.2860,)  # the class keeps its own constants
+    fresh = FashionMNIST("train", root=tmp_path, normalize=False)  # the shared cache is untouched
+    torch.testing.assert_close(fresh.data[:, 0], raw.float() / 255)
+    for kwargs, message in [
+        ({"mean": (0.5,), "std": (0.0,)}, "std positive and finite"),
+        ({"mean": (float("nan"),), "std": (1.0,)}, "mean must be finite"),
+        ({"mean": (0.5, 0.5), "std": (1.0,)}, "mean has 2 values; 'fashion-mnist' has 1 channel"),
+        ({"mean": (0.5,), "std": (1.0,), "input_shape": (3, 32, 32)}, r"has \(1, 28, 28\) images, \(3, 32, 32\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            standardized_dataset("fashion-mnist", "train", tmp_path, **kwargs)

@@ -1,4 +1,4 @@
-"""``dlrt.models.pretrained``: the ccexam MNIST CNN, MNIST-normalised datasets, MiniLM and the tiny BERT."""
+"""``dlrt.models.pretrained``: the ccexam MNIST CNN, MiniLM and the tiny BERT; the data they expect."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from dlrt.data import mnist_cnn_dataset
 from dlrt.models import (
     MNIST_CNN_MEAN,
     MNIST_CNN_STD,
@@ -18,7 +19,6 @@ from dlrt.models import (
     MnistCNN,
     load_minilm,
     load_pretrained_mnist_cnn,
-    mnist_cnn_dataset,
     tiny_bert,
 )
 from dlrt.models import pretrained as pre_mod
@@ -107,6 +107,23 @@ def test_mnist_cnn_dataset_uses_the_cnn_normalisation(tmp_path: Path) -> None:
     torch.testing.assert_close(mnist.data, expected)
     with pytest.raises(ValueError, match="1×28×28"):
         mnist_cnn_dataset("cifar10")
+
+
+def test_models_do_not_load_data() -> None:
+    # A model module builds networks; datasets live in dlrt.data (the zoo's layering).
+    import ast
+
+    import dlrt.models
+
+    for path in Path(dlrt.models.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert target not in ("dlrt.data", "..data") and not target.startswith(("dlrt.data.", "..data.")), (
+                    f"{path.name} imports {target}"
+                )
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("dlrt.data") for a in node.names), f"{path.name} imports dlrt.data"
 
 
 @pytest.mark.slow

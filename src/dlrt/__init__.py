@@ -11,10 +11,10 @@ integrators that adapt the rank on the fly::
 """
 
 from . import linalg
+from .conversion import compression, convert, lowrank_layers, parameter_counts, ranks, to_dense
 from .integrators import INTEGRATORS, Integrator
 from .io import load, save
 from .layers import LowRankConv2d, LowRankLayer, LowRankLinear
-from .model import compression, convert, lowrank_layers, parameter_counts, ranks, to_dense
 from .optimizer import DLRTOptimizer, NonFiniteError
 
 __version__ = "0.1.0"

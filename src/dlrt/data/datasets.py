@@ -13,7 +13,8 @@ training loop can use them directly; ``ds[i]`` returns ``(image, label)``.
 * ``"digits"``, :class:`Digits`, ``(1, 8, 8)``: scikit-learn's bundled 8×8 digits.
 
 :func:`get_dataset` builds one by name and :func:`dataset_info` describes it
-without loading anything. Pickled CIFAR batches are read with the restricted
+without loading anything; :func:`standardized_dataset` builds one on the scale
+a pretrained network expects. Pickled CIFAR batches are read with the restricted
 unpickler of :mod:`dlrt.data.mnist` (only numpy-array reconstruction is allowed).
 """
 
@@ -47,7 +48,9 @@ __all__ = [
     "ImageDataset",
     "dataset_info",
     "get_dataset",
+    "mnist_cnn_dataset",
     "random_crop_flip",
+    "standardized_dataset",
 ]
 
 MNIST_ENV = "DLRT_MNIST_DIR"
@@ -593,3 +596,68 @@ def get_dataset(
             raise ValueError("digits comes with scikit-learn and takes no root")
         kwargs["root"] = root
     return DATASETS[key](split, **kwargs)
+
+
+def standardized_dataset(
+    name: str,
+    split: str = "train",
+    root: str | os.PathLike[str] | None = None,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    input_shape: tuple[int, ...] | None = None,
+) -> ImageDataset:
+    """The dataset ``name`` standardised with the given ``mean`` / ``std`` instead of its own.
+
+    A pretrained network expects inputs on the scale it was trained on: e.g.
+    Fashion-MNIST fed to a network trained on MNIST is standardised with
+    MNIST's constants. The instance's ``MEAN``/``STD`` record the constants used.
+
+    Args:
+        name, split, root: as for :func:`get_dataset`.
+        mean, std: per-channel constants (one value, or one per channel); ``std > 0``.
+        input_shape: when given, the ``(C, H, W)`` the images must have.
+
+    Returns:
+        The dataset, ``normalize`` true, ``data = (images − mean) / std`` on images in ``[0, 1]``.
+
+    Raises:
+        ValueError: an unknown name, images not of ``input_shape``, or ``mean``/``std``
+            of the wrong length or a ``std`` that is not a positive finite number.
+        FileNotFoundError: the data is not installed, with how to get it.
+    """
+    info = dataset_info(name)
+    if input_shape is not None and tuple(info.input_shape) != tuple(input_shape):
+        raise ValueError(f"{info.name!r} has {info.input_shape} images, {tuple(input_shape)} are needed")
+    channels = info.input_shape[0]
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    for what, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(f"{what} has {len(values)} values; {info.name!r} has {channels} channel(s)")
+    if not all(torch.isfinite(torch.tensor(mean + std))) or min(std) <= 0:
+        raise ValueError(f"mean must be finite and std positive and finite, got mean={mean}, std={std}")
+    ds = get_dataset(info.name, split, root=root, normalize=False)  # a fresh copy in [0, 1]
+    ds.data = ds.data.sub_(torch.tensor(mean).view(-1, 1, 1)).div_(torch.tensor(std).view(-1, 1, 1))
+    ds.normalize = True
+    ds.MEAN, ds.STD = mean, std
+    return ds
+
+
+def mnist_cnn_dataset(
+    name: str = "mnist", split: str = "test", root: str | os.PathLike[str] | None = None
+) -> ImageDataset:
+    """MNIST or Fashion-MNIST on the scale of a network trained on MNIST (e.g. ``dlrt.models.MnistCNN``).
+
+    Both are standardised with MNIST's constants (:attr:`MNIST.MEAN`,
+    :attr:`MNIST.STD`), not Fashion-MNIST's own; see :func:`standardized_dataset`.
+
+    Raises:
+        ValueError: a dataset whose images are not 1×28×28.
+        FileNotFoundError: the data is not installed, with how to get it.
+    """
+    if dataset_info(name).input_shape != (1, 28, 28):
+        raise ValueError(
+            f"an MNIST network takes 1×28×28 images; {name!r} has {dataset_info(name).input_shape}: "
+            "use mnist or fashion-mnist"
+        )
+    return standardized_dataset(name, split, root, mean=MNIST.MEAN, std=MNIST.STD)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..layers.registry import find_lowrank
 from .lenet import LeNet5
 from .mlp import MLP
 from .pretrained import (
@@ -33,7 +34,6 @@ from .pretrained import (
     MnistCNN,
     load_minilm,
     load_pretrained_mnist_cnn,
-    mnist_cnn_dataset,
     tiny_bert,
 )
 from .resnet import ResNet20
@@ -53,7 +53,6 @@ __all__ = [
     "list_models",
     "load_minilm",
     "load_pretrained_mnist_cnn",
-    "mnist_cnn_dataset",
     "register_model",
     "tiny_bert",
 ]
@@ -99,9 +98,9 @@ def default_exclude(model: nn.Module, rank: int | None = None, head: str = "head
     """Names of the layers to leave dense when converting ``model`` at ``rank``.
 
     That is the classifier ``head`` plus, when ``rank`` is given, every
-    ``nn.Linear`` / ``nn.Conv2d`` too small for it (full rank
-    ``min(out, in·kh·kw) < rank``), for which :func:`dlrt.convert` would
-    raise. Pass the result as ``dlrt.convert(model, rank=rank, exclude=...)``.
+    layer of a registered type (:func:`dlrt.layers.register_lowrank`) too
+    small for it (full rank ``min(out, in·kh·kw) < rank``), for which
+    :func:`dlrt.convert` would raise. Pass the result as ``dlrt.convert(model, rank=rank, exclude=...)``.
 
     Args:
         model: a dense model.
@@ -114,15 +113,32 @@ def default_exclude(model: nn.Module, rank: int | None = None, head: str = "head
         Full module names (``convert`` also matches them as name suffixes,
         so the zoo's models give their top-level layers names that are not
         suffixes of nested ones).
+
+    Raises:
+        ValueError: ``rank`` is not a positive int, or it exceeds the full
+            rank of every layer (the message lists each layer's range).
     """
     modules = dict(model.named_modules())
     names = [head] if head and head in modules else []
     if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got rank={rank!r}")
+        layers = []
         for name, m in modules.items():
-            if not isinstance(m, (nn.Linear, nn.Conv2d)) or name in names:
+            spec = find_lowrank(m)
+            if spec is None or name in names or not name:
                 continue
-            if min(m.weight.shape[0], m.weight[0].numel()) < rank:
+            shape = spec.matrix_shape(m)
+            layers.append((name, shape))
+            if min(shape) < rank:
                 names.append(name)
+        if layers and all(min(shape) < rank for _, shape in layers):
+            # Leaving every layer dense would only move the error to convert's "nothing to convert".
+            ranges = "; ".join(f"{name!r} ({n}×{m}) takes 1 <= rank <= {min(n, m)}" for name, (n, m) in layers)
+            raise ValueError(
+                f"rank={rank} fits no layer of {type(model).__name__}: {ranges}. "
+                f"Pass a rank <= {max(min(shape) for _, shape in layers)} or a fraction such as rank=0.5"
+            )
     return tuple(names)
 
 

