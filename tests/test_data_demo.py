@@ -207,6 +207,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert all(1 <= int(r) <= 8 for r in row[3].split("/"))
     assert set(result) == {"loss", "accuracy", "compression"}
     assert 0.0 <= result["accuracy"] <= 1.0 and result["compression"] > 0.9
+    # the returned dict is the last printed row
+    assert rows[-1][1] == f"{result['loss']:.4f}" and rows[-1][2] == f"{100 * result['accuracy']:.2f}%"
 
 
 def test_demo_sgd_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,12 +217,21 @@ def test_demo_sgd_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     write_idx(tmp_path, n_train=32, n_test=8)
     argv = ["--data-root", str(tmp_path), "--epochs", "1", "--rank", "4", "--batch-size", "16"]
     threads = torch.get_num_threads()
+    flags = ["--optimizer", "sgd", "--integrator", "parallel", "--schedule", "constant", "--threads", "1"]
     try:
-        main([*argv, "--optimizer", "sgd", "--integrator", "parallel", "--schedule", "constant", "--threads", "1"])
+        result = main([*argv, *flags, "--run-dir", str(tmp_path / "run"), "--log-every", "1"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "integrator parallel, optimizer sgd (lr 0.1, momentum 0.9, constant schedule)" in out
+    # the run went through the driver's writer: the constant schedule kept lr 0.1 at every step
+    from dlrt.training.loop import read_metrics, read_steps
+
+    (row,) = read_metrics(tmp_path / "run")
+    assert row["lr"] == 0.1 and row["test_acc"] == result["accuracy"] and row["train_loss"] == result["loss"]
+    steps = read_steps(tmp_path / "run")
+    assert [r["step"] for r in steps] == [1, 2] and {r["lr"] for r in steps} == {0.1}
+    assert all(set(r["ranks"]) == {"fc1", "fc2", "fc3", "fc4"} for r in steps)
     with pytest.raises(SystemExit):
         main([*argv, "--epochs", "0"])
 

@@ -72,12 +72,20 @@ def test_geolora_run_writes_every_artifact(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all("layer.0.attention.self.query:" in r["ranks"] for r in rows)
-    # The saved adapter loads onto a fresh base model and reproduces the logits.
-    from dlrt.models import tiny_bert
+    # steps.csv: a row every log_every=10 steps and after the last, with every adapter's rank
+    steps = list(csv.DictReader((run / "steps.csv").open()))
+    assert [int(r["step"]) for r in steps] == [10, 20, 24]
+    last = dict(p.split(":") for p in steps[-1]["ranks"].split(";"))
+    assert {k: int(v) for k, v in last.items()} == summary["ranks"]
+    # The saved adapter loads onto a fresh base model and reproduces the run's final evaluation.
     from dlrt.peft import GeoLoRAModel
+    from dlrt.training.finetune import build_task, evaluate
 
-    loaded = GeoLoRAModel.from_pretrained(tiny_bert(seed=0), run / "adapter")
+    task = build_task(tiny_cfg(tmp_path, tau=0.2))
+    loaded = GeoLoRAModel.from_pretrained(task.model, run / "adapter")
     assert {k.split("bert.encoder.")[-1]: v for k, v in loaded.ranks().items()} == summary["ranks"]
+    loss, acc = evaluate(task, loaded, 256, torch.device("cpu"))
+    assert (loss, acc) == (float(rows[-1]["test_loss"]), summary["test_acc"])
 
 
 def test_full_finetuning_saves_no_adapter(tmp_path):
@@ -100,6 +108,9 @@ def test_peft_baselines_run_in_the_same_loop(tmp_path, method):
     if method == "lora":
         assert set(s["ranks"].values()) == {8}
         assert s["adapter_params"] == 4 * 8 * (32 + 32)
+    else:  # the per-step hook (update_and_allocate) pruned init_r=12 per module to the target budget
+        assert s["total_rank"] <= 4 * 8 < 4 * 12
+        assert s["adapter_params"] == (32 + 32 + 1) * s["total_rank"]
 
 
 @pytest.mark.parametrize("method", ["geolora", "full"])

@@ -37,8 +37,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from . import conversion as model_tools
     from . import io
-    from . import model as model_tools
     from .training.config import load_config
     from .training.loop import CHECKPOINT, CONFIG, build_data, build_model, evaluate, resolve_device
 

