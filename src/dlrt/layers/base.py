@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import linalg
+from .ranks import check_rank
 
 GRAD_KINDS = frozenset({"K", "L"})
 
@@ -118,11 +119,12 @@ class LowRankLayer(nn.Module):
         dtype: Any,
     ) -> None:
         full = min(self.out_dim, self.in_dim)
-        _check_rank("rank", rank, full)
+        shape = (self.out_dim, self.in_dim)
+        check_rank(rank, shape)
         if max_rank is None:
             max_rank = full
-        _check_rank("max_rank", max_rank, full)
-        _check_rank("min_rank", min_rank, full)
+        check_rank(max_rank, shape, what="max_rank")
+        check_rank(min_rank, shape, what="min_rank")
         if min_rank > max_rank:
             raise ValueError(f"min_rank={min_rank} is larger than max_rank={max_rank}")
         self.max_rank = int(max_rank)
@@ -181,7 +183,7 @@ class LowRankLayer(nn.Module):
         if tuple(W.shape) != self.shape:
             raise ValueError(f"W has shape {tuple(W.shape)}, the layer is {self.out_dim}×{self.in_dim}")
         if rank is not None:
-            _check_rank("rank", rank, min(self.shape))
+            check_rank(rank, self.shape)
         r_cap = self.max_rank if rank is None else rank
         if tau is None:
             r = self.rank if rank is None else rank
@@ -258,13 +260,6 @@ def _replace_data(p: nn.Parameter, t: Tensor) -> None:
         p.data = torch.empty(0, dtype=other, device=p.device)
     p.data = t
     p.grad = None
-
-
-def _check_rank(name: str, value: Any, full: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 1 <= value <= full:
-        raise ValueError(f"{name}={value} is out of range: it must satisfy 1 <= {name} <= min(out, in) = {full}")
 
 
 def default_dense_init(out_dim: int, in_dim: int, device: Any = None, dtype: Any = None) -> Tensor:
