@@ -37,8 +37,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from . import conversion as model_tools
-    from . import io
+    from . import conversion, io
     from .training.config import load_config
     from .training.loop import CHECKPOINT, CONFIG, build_data, build_model, evaluate, resolve_device
 
@@ -51,12 +50,12 @@ def _eval(args: argparse.Namespace) -> int:
     model = build_model(cfg).to(device)
     io.load(run_dir / CHECKPOINT, model)
     loss, acc = evaluate(model, test_set, cfg.eval_batch_size, device)
-    stored, dense = model_tools.parameter_counts(model)
+    stored, dense = conversion.parameter_counts(model)
     out = {
         "test_loss": loss,
         "test_acc": acc,
-        "compression": model_tools.compression(model),
-        "ranks": model_tools.ranks(model),
+        "compression": conversion.compression(model),
+        "ranks": conversion.ranks(model),
         "params_stored": stored,
         "params_dense": dense,
     }

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import conversion as model_tools
+from .. import conversion
 from ..optimizer import DLRTOptimizer
 from .config import TrainConfig, load_config
 from .driver import (
@@ -105,7 +105,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if not cfg.dense:
         small = default_exclude(model, rank=cfg.rank, head="") if isinstance(cfg.rank, int) else ()
         exclude = tuple(dict.fromkeys([*cfg.exclude, *small]))
-        model_tools.convert(model, rank=cfg.rank, max_rank=cfg.max_rank, min_rank=cfg.min_rank, exclude=exclude)
+        conversion.convert(model, rank=cfg.rank, max_rank=cfg.max_rank, min_rank=cfg.min_rank, exclude=exclude)
     return model
 
 
@@ -251,8 +251,8 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         seed=cfg.seed,
         scheduler=scheduler,
         log_every=cfg.log_every,
-        ranks=model_tools.ranks,
-        extra_metrics=lambda m: {"compression": model_tools.compression(m)},
+        ranks=conversion.ranks,
+        extra_metrics=lambda m: {"compression": conversion.compression(m)},
         describe=functools.partial(_describe, cfg),
         checkpoint=True,
     )
@@ -261,7 +261,7 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         saved = "checkpoint saved" if out.checkpointed else "stopped inside a step, nothing saved"
         print(f"interrupted: {saved}; continue with `dlrt train --resume {run_dir}`", flush=True)
 
-    stored, dense = model_tools.parameter_counts(model)
+    stored, dense = conversion.parameter_counts(model)
     rows = out.rows
     summary = {
         "status": out.status,
@@ -269,8 +269,8 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         "epochs_completed": len(rows),
         "test_acc": rows[-1]["test_acc"] if rows else None,
         "best_test_acc": max((r["test_acc"] for r in rows), default=None),
-        "compression": model_tools.compression(model),
-        "ranks": model_tools.ranks(model),
+        "compression": conversion.compression(model),
+        "ranks": conversion.ranks(model),
         "params_stored": stored,
         "params_dense": dense,
         "wall_seconds": out.wall_seconds,
