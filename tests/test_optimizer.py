@@ -1,5 +1,7 @@
 """The torch.optim contract, state transport, dense parameters and failure handling of DLRTOptimizer."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -485,6 +487,34 @@ def test_step_works_under_any_default_dtype(default_dtype, integrator):
     # ... and a non-finite gradient is still caught.
     with pytest.raises(NonFiniteError):
         opt.step(lambda: closure_for(model, opt, x, y)() * float("nan"))
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("integrator", ["bug", "parallel"])
+def test_adam_on_half_precision_factors_matches_float32(half, integrator, tmp_path):
+    """Adam keeps float32 moments for half-precision values: in float16, g² and eps underflow and a zero
+    gradient entry stepped by 0/0 (NaN on the first step). The steps follow the float32 run to half precision."""
+    torch.manual_seed(0)
+    ref = net(torch.float32)
+    x, y = data(torch.float32)
+    with torch.no_grad():
+        ref[0].S[0, 0] = 0.0  # exact zeros in the first gradients too
+    model = copy.deepcopy(ref).to(half)
+    opts = [dlrt.DLRTOptimizer(m, integrator=integrator, optimizer="adam", lr=1e-2) for m in (ref, model)]
+    for _ in range(3):
+        for m, opt, inp, out in ((ref, opts[0], x, y), (model, opts[1], x.to(half), y.to(half))):
+            opt.step(closure_for(m, opt, inp, out))
+    W_ref, W = ref[0].matrix().detach(), model[0].matrix().detach().float()
+    assert model[0].U.dtype == half and torch.isfinite(W).all()
+    assert (W - W_ref).norm() <= 0.05 * W_ref.norm()
+    state = opts[1].state[model[0].S]
+    assert state["exp_avg_sq"].dtype == torch.float32
+    # The float32 moments survive a checkpoint of the half-precision model.
+    dlrt.save(tmp_path / "half.safetensors", model, opts[1])
+    twin = copy.deepcopy(model)
+    twin_opt = dlrt.DLRTOptimizer(twin, integrator=integrator, optimizer="adam", lr=1e-2)
+    dlrt.load(tmp_path / "half.safetensors", twin, twin_opt)
+    assert torch.equal(twin_opt.state[twin[0].S]["exp_avg_sq"], state["exp_avg_sq"])
 
 
 def bn_net():

@@ -563,6 +563,15 @@ class DLRTOptimizer(torch.optim.Optimizer):
         sd = dict(state_dict)
         meta = sd.pop("dlrt")
         super().load_state_dict(sd)
+        # torch casts floating state to its parameter's dtype; the inner rules choose their own
+        # (Adam keeps float32 moments for half-precision factors), so keep the saved dtypes.
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, p in zip(saved_ids, params):
+            for key, value in sd["state"].get(idx, {}).items():
+                mine = self.state[p].get(key)
+                if isinstance(value, Tensor) and isinstance(mine, Tensor) and mine.dtype != value.dtype:
+                    self.state[p][key] = value.to(device=mine.device, copy=True)
         self._buffer_guard.clear()
         self.phase = int(meta["phase"])
         self.steps = int(meta["steps"])

@@ -137,6 +137,12 @@ class Adam(InnerRule):
     def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         b1, b2 = group["betas"]
+        # Half-precision values keep their moments and compute their step in float32: in
+        # float16, g² and eps = 1e-8 underflow to 0, and an entry with a zero gradient would
+        # step by 0/0.
+        out_dtype = x.dtype
+        if out_dtype in (torch.float16, torch.bfloat16):
+            x, g = x.float(), g.float()
         if wd and not self.decoupled:
             g = g.add(x, alpha=wd)
         if "exp_avg" not in state:
@@ -147,6 +153,9 @@ class Adam(InnerRule):
             t0 = state["step"]
             state["weight1"] = torch.full_like(x, 1.0 - b1**t0)
             state["weight2"] = torch.full_like(x, 1.0 - b2**t0)
+        for key in ("exp_avg", "exp_avg_sq", "weight1", "weight2"):
+            if state[key].dtype != x.dtype:  # e.g. a state saved from a float32 run
+                state[key] = state[key].to(x.dtype)
         state["step"] += 1
         m, v = state["exp_avg"], state["exp_avg_sq"]
         w1, w2 = state["weight1"], state["weight2"]
@@ -161,7 +170,7 @@ class Adam(InnerRule):
         delta = (m / w1).div_(denom).mul_(-lr)
         if wd and self.decoupled:
             delta.add_(x, alpha=-lr * wd)
-        return delta
+        return delta.to(out_dtype)
 
 
 class AdamW(Adam):
@@ -197,10 +206,11 @@ def transport_state(
     """
 
     def move(t: Tensor) -> Tensor:
+        # State may be kept at a higher precision than the factors (Adam's moments of half-precision factors).
         if left is not None:
-            t = left @ t
+            t = left.to(t.dtype) @ t
         if right is not None:
-            t = t @ right
+            t = t @ right.to(t.dtype)
         return t
 
     out = dict(state)
@@ -213,8 +223,8 @@ def transport_state(
         elif kind == SQUARE:
             out[key] = move(t.sqrt()).square()
         else:  # WEIGHT
-            sq_left = None if left is None else left.square()
-            sq_right = None if right is None else right.square()
+            sq_left = None if left is None else left.to(t.dtype).square()
+            sq_right = None if right is None else right.to(t.dtype).square()
             w = t if sq_left is None else sq_left @ t
             out[key] = (w if sq_right is None else w @ sq_right).clamp_(0.0, 1.0)
     return out
