@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import signal
+import sys
 
 import pytest
 import torch
@@ -244,3 +245,24 @@ def test_config_choices_come_from_the_registries(monkeypatch):
         TrainConfig(model="nonet")
     with pytest.raises(ValueError, match="unknown dataset 'nodata'; valid names: mnist"):
         TrainConfig(dataset="nodata")
+
+
+def test_cli_run_missing_an_optional_package_is_one_line_and_no_run_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError, as when it is not installed
+    runs = tmp_path / "runs"
+    argv = ["finetune", f"runs_dir={runs}", "name=r", "method=lora", "model=tiny-bert", "max_steps=1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dlrt finetune: method='lora' needs PEFT: pip install peft") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not runs.exists()
+
+
+def test_cli_names_a_missing_module(tmp_path, capsys, monkeypatch):
+    def fail(args):
+        raise ModuleNotFoundError("No module named 'yaml'", name="yaml")
+
+    monkeypatch.setattr(cli, "_train", fail)
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dlrt train: this run needs the package 'yaml', which is not installed; install")

@@ -128,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"dlrt {args.command}: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:  # an optional dependency of the chosen model, method or plot
+        hint = "install the optional dependencies with pip install 'dlrt[cli,data,finetune]'"
+        what = f"this run needs the package {err.name!r}, which is not installed" if err.name else str(err)
+        print(f"dlrt {args.command}: {what}; {hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ class Integrator:
             self.end_cycle(opt)
 
     def end_cycle(self, opt: DLRTOptimizer) -> None:
-        """The end-of-cycle rule (docs/algorithms.md §1, §3, §4), the only place it is written.
+        """The end-of-cycle rule (docs/algorithms.md §8, with §1, §3, §4), the only place it is written.
 
         A rank-adaptive integrator truncates every layer that is on a trained
         core in this cycle, i.e. all layers except
