@@ -230,7 +230,7 @@ def test_demo_sgd_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     (row,) = read_metrics(tmp_path / "run")
     assert row["lr"] == 0.1 and row["test_acc"] == result["accuracy"] and row["train_loss"] == result["loss"]
     steps = read_steps(tmp_path / "run")
-    assert [r["step"] for r in steps] == [1, 2] and {r["lr"] for r in steps} == {0.1}
+    assert [r["step"] for r in steps] == [0, 1, 2] and {r["lr"] for r in steps} == {0.1}
     assert all(set(r["ranks"]) == {"fc1", "fc2", "fc3", "fc4"} for r in steps)
     with pytest.raises(SystemExit):
         main([*argv, "--epochs", "0"])

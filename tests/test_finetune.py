@@ -72,9 +72,9 @@ def test_geolora_run_writes_every_artifact(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all("layer.0.attention.self.query:" in r["ranks"] for r in rows)
-    # steps.csv: a row every log_every=10 steps and after the last, with every adapter's rank
+    # steps.csv: a row at the start, every log_every=10 steps and after the last, with every adapter's rank
     steps = list(csv.DictReader((run / "steps.csv").open()))
-    assert [int(r["step"]) for r in steps] == [10, 20, 24]
+    assert [int(r["step"]) for r in steps] == [0, 10, 20, 24]
     last = dict(p.split(":") for p in steps[-1]["ranks"].split(";"))
     assert {k: int(v) for k, v in last.items()} == summary["ranks"]
     # The saved adapter loads onto a fresh base model and reproduces the run's final evaluation.

@@ -11,8 +11,8 @@ which owns everything that is the same for all of them:
 * the step: ``opt.step(closure)`` for a :class:`~dlrt.DLRTOptimizer` as for any
   torch optimizer, the per-step hooks, the scheduler, the counters;
 * running train metrics, one evaluation per epoch, the ``metrics.csv`` rows,
-  a ``steps.csv`` row every ``log_every`` steps (loss, learning rate, the rank of
-  every layer), TensorBoard scalars and the progress bar (through the writer);
+  a ``steps.csv`` row at the start and every ``log_every`` steps (loss, learning
+  rate, the rank of every layer), TensorBoard scalars and the progress bar (through the writer);
 * checkpoint/resume, Ctrl-C (status ``"interrupted"``) and divergence
   (:class:`~dlrt.optimizer.NonFiniteError` or a non-finite loss: status
   ``"diverged"``).
@@ -72,7 +72,7 @@ STEPS = "steps.csv"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.safetensors"
 
-#: Columns of ``steps.csv``: one row every ``log_every`` steps (and after the last step).
+#: Columns of ``steps.csv``: a row before the first step (loss NaN), every ``log_every`` steps and after the last.
 STEP_FIELDS = ["step", "epoch", "loss", "lr", "seconds", "total_rank", "ranks"]
 
 MATPLOTLIB_HINT = "plots=true needs matplotlib: pip install matplotlib (or pip install dlrt[cli])"
@@ -507,11 +507,15 @@ class Driver:
         if self.step == self.total_steps and isinstance(self.opt, DLRTOptimizer):
             self.opt.finish_cycle()  # the last step ends a coefficient cycle (GeoLoRA): truncate now
         if self.step % self.log_every == 0 or self.step == self.total_steps:
-            ranks = self.ranks(self.model)
-            lr = self.opt.param_groups[0]["lr"]
-            row = {"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr, "seconds": seconds}
-            self.step_rows.append({**row, "total_rank": sum(ranks.values()), "ranks": ranks})
+            self._log_step(loss, seconds)
         return seconds
+
+    def _log_step(self, loss: float, seconds: float) -> None:
+        """A ``steps.csv`` row: the ranks of every layer after step ``self.step`` (0: the starting ranks)."""
+        ranks = self.ranks(self.model)
+        lr = self.opt.param_groups[0]["lr"]
+        row = {"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr, "seconds": seconds}
+        self.step_rows.append({**row, "total_rank": sum(ranks.values()), "ranks": ranks})
 
     def _end_epoch(self, seconds: float) -> dict[str, Any]:
         """Section 2: evaluation, the epoch's row, checkpoint, CSV files."""
@@ -558,6 +562,8 @@ class Driver:
         self._reset_position()
         if resume:
             self._restore()
+        if self.step == 0 and not self.step_rows:
+            self._log_step(float("nan"), 0.0)  # the starting ranks, before any step (no loss yet)
         status, message = "completed", ""
         step_seconds: list[float] = []
         in_section = checkpointed = False
