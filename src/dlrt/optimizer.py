@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .integrators import INTEGRATORS, Integrator
 from .integrators.base import layer_flags, restore_layer_flags
-from .layers import LowRankLayer
+from .layers import LowRankLayer, check_rank
 from .optim.inner import RULES, InnerRule, check_real, clone_state
 
 
@@ -716,11 +716,7 @@ def _rank_bounds(name: str, layer: LowRankLayer, min_rank: int | None, max_rank:
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         hi = min(int(max_rank), full)
-    lo = layer.min_rank
-    if min_rank is not None:
-        if not 1 <= min_rank <= full:
-            raise ValueError(f"min_rank={min_rank} is out of range for layer {name!r}: it must be in [1, {full}]")
-        lo = int(min_rank)
+    lo = layer.min_rank if min_rank is None else check_rank(min_rank, layer.shape, what="min_rank", layer=name)
     if lo > hi:
         raise ValueError(f"layer {name!r}: min_rank={lo} exceeds max_rank={hi}")
     if layer.rank > hi:
