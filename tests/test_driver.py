@@ -88,6 +88,9 @@ def reference(tmp_path_factory):
 def _interrupt(how):
     if how == "signal":  # what Ctrl-C does: SIGINT arrives while this code runs
         signal.raise_signal(signal.SIGINT)
+    elif how == "twice":  # Ctrl-C pressed twice: the second one stops the run right here
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
     else:
         raise KeyboardInterrupt
 
@@ -105,7 +108,7 @@ POINTS = [
 ]
 
 
-@pytest.mark.parametrize("how", ["signal", "raise"])
+@pytest.mark.parametrize("how", ["signal", "twice", "raise"])
 @pytest.mark.parametrize(("point", "k"), POINTS)
 def test_resume_after_ctrl_c_anywhere_is_exact(reference, tmp_path, monkeypatch, point, k, how):
     calls = {"n": 0}
@@ -274,3 +277,15 @@ def test_cli_names_a_missing_module(tmp_path, capsys, monkeypatch):
     assert cli.main(["train"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dlrt train: this run needs the package 'yaml', which is not installed; install")
+
+
+def test_a_second_ctrl_c_stops_at_once(capsys):
+    from dlrt.training.driver import _Interrupts
+
+    with _Interrupts() as interrupts:
+        signal.raise_signal(signal.SIGINT)  # the first only asks for a stop at the next safe point
+        assert interrupts.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "press Ctrl-C again to stop now" in capsys.readouterr().err

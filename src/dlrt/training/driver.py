@@ -263,7 +263,12 @@ class _Progress:
 
 
 class _Interrupts:
-    """While active (main thread only), SIGINT sets :attr:`requested` instead of raising."""
+    """While active (main thread only), SIGINT sets :attr:`requested` instead of raising; a second one raises.
+
+    A :class:`KeyboardInterrupt` raised inside a section leaves that section
+    half done, so the driver saves nothing then and a resume continues from the
+    last checkpoint (step and checkpoint writes roll themselves back).
+    """
 
     def __init__(self) -> None:
         self.requested = False
@@ -279,8 +284,11 @@ class _Interrupts:
             signal.signal(signal.SIGINT, self._previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if not self.requested:
-            print("\ninterrupt: stopping at the next safe point (end of this step)", file=sys.stderr, flush=True)
+        if self.requested:  # a second Ctrl-C: stop now; the last checkpoint stays as it was
+            print("\ninterrupt again: stopping now, without a new checkpoint", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        message = "\ninterrupt: stopping at the next safe point (press Ctrl-C again to stop now)"
+        print(message, file=sys.stderr, flush=True)
         self.requested = True
 
     def check(self) -> None:
