@@ -99,6 +99,29 @@ class LowRankConv2d(LowRankLayer):
         return (left, right, top, bottom)
 
     @classmethod
+    def like(
+        cls, conv: nn.Conv2d, rank: int, *, bias: bool = False, max_rank: int | None = None, min_rank: int = 1
+    ) -> LowRankConv2d:
+        """A fresh layer with ``conv``'s geometry, device and dtype (factors initialised, not copied)."""
+        w = conv.weight
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            rank=rank,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=bias,
+            padding_mode=conv.padding_mode,
+            groups=conv.groups,
+            max_rank=max_rank,
+            min_rank=min_rank,
+            device=w.device,
+            dtype=w.dtype,
+        )
+
+    @classmethod
     def from_conv(
         cls,
         conv: nn.Conv2d,
@@ -114,22 +137,7 @@ class LowRankConv2d(LowRankLayer):
         if rank is None and tau is None:
             raise ValueError("from_conv needs rank=, tau= or both")
         W = conv.weight
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            rank=min_rank,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            groups=conv.groups,
-            max_rank=max_rank,
-            min_rank=min_rank,
-            device=W.device,
-            dtype=W.dtype,
-        )
+        layer = cls.like(conv, min_rank, bias=conv.bias is not None, max_rank=max_rank, min_rank=min_rank)
         layer.init_from_matrix(W.reshape(W.shape[0], -1), rank=rank, tau=tau)
         if conv.bias is not None:
             layer.bias.data.copy_(conv.bias.detach())

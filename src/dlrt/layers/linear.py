@@ -49,6 +49,23 @@ class LowRankLinear(LowRankLayer):
         self.init_from_matrix(default_dense_init(out_features, in_features, device, dtype), rank)
 
     @classmethod
+    def like(
+        cls, linear: nn.Linear, rank: int, *, bias: bool = False, max_rank: int | None = None, min_rank: int = 1
+    ) -> LowRankLinear:
+        """A fresh layer with ``linear``'s shape, device and dtype (factors initialised, not copied)."""
+        w = linear.weight
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            rank=rank,
+            bias=bias,
+            max_rank=max_rank,
+            min_rank=min_rank,
+            device=w.device,
+            dtype=w.dtype,
+        )
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -70,16 +87,7 @@ class LowRankLinear(LowRankLayer):
             raise ValueError("from_linear needs rank=, tau= or both")
         W = linear.weight
         # Built at min_rank (a cheap init), then set from the SVD of W.
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            rank=min_rank,
-            bias=linear.bias is not None,
-            max_rank=max_rank,
-            min_rank=min_rank,
-            device=W.device,
-            dtype=W.dtype,
-        )
+        layer = cls.like(linear, min_rank, bias=linear.bias is not None, max_rank=max_rank, min_rank=min_rank)
         layer.init_from_matrix(W, rank=rank, tau=tau)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())

@@ -226,49 +226,11 @@ def lowrank_spec(module: nn.Module | type[nn.Module], format: str = DEFAULT_FORM
 
 
 # ------------------------------------------------------------------ built-ins
-def _linear_like(
-    linear: nn.Linear, rank: int, *, bias: bool = False, max_rank: int | None = None, min_rank: int = 1
-) -> LowRankLinear:
-    w = linear.weight
-    return LowRankLinear(
-        linear.in_features,
-        linear.out_features,
-        rank=rank,
-        bias=bias,
-        max_rank=max_rank,
-        min_rank=min_rank,
-        device=w.device,
-        dtype=w.dtype,
-    )
-
-
-def _conv_like(
-    conv: nn.Conv2d, rank: int, *, bias: bool = False, max_rank: int | None = None, min_rank: int = 1
-) -> LowRankConv2d:
-    w = conv.weight
-    return LowRankConv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        rank=rank,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        bias=bias,
-        padding_mode=conv.padding_mode,
-        groups=conv.groups,
-        max_rank=max_rank,
-        min_rank=min_rank,
-        device=w.device,
-        dtype=w.dtype,
-    )
-
-
 def _conv_unsupported(conv: Any) -> str | None:
     return f"a grouped convolution (groups={conv.groups})" if conv.groups != 1 else None
 
 
-register_lowrank(nn.Linear, LowRankLinear, from_dense=LowRankLinear.from_linear, like=_linear_like)
+register_lowrank(nn.Linear, LowRankLinear, from_dense=LowRankLinear.from_linear, like=LowRankLinear.like)
 register_lowrank(
-    nn.Conv2d, LowRankConv2d, from_dense=LowRankConv2d.from_conv, like=_conv_like, unsupported=_conv_unsupported
+    nn.Conv2d, LowRankConv2d, from_dense=LowRankConv2d.from_conv, like=LowRankConv2d.like, unsupported=_conv_unsupported
 )
