@@ -74,3 +74,15 @@ def scheduled_lrs(opt, scheduler, steps):
         opt.step()
         scheduler.step()
     return lrs
+
+
+def mse_closure(model, opt, x, y):
+    """A closure for ``opt.step``: zero the gradients, mean squared error of ``model(x)`` against ``y``, backward."""
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    return closure

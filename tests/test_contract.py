@@ -13,6 +13,8 @@ from dlrt import LowRankLinear
 from dlrt.integrators import BUG, ParallelBUG
 from dlrt.peft import GeoLoRAConfig, get_geolora_model
 
+from .helpers import mse_closure
+
 DT = torch.float64
 
 
@@ -114,15 +116,7 @@ def test_step_and_finish_cycle_end_a_cycle_by_the_same_rule(integrator, truncati
 
 
 def _closure(model, opt):
-    x, y = data()
-
-    def closure():
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        return loss
-
-    return closure
+    return mse_closure(model, opt, *data())
 
 
 def test_grown_layers_count_against_the_budget():

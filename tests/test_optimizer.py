@@ -11,7 +11,7 @@ from dlrt import LowRankLinear, NonFiniteError
 from dlrt.integrators.base import change_basis
 from dlrt.optim import RULES
 
-from .helpers import DT, LeastSquares
+from .helpers import DT, LeastSquares, mse_closure
 
 
 def net(dtype=DT):
@@ -20,16 +20,6 @@ def net(dtype=DT):
 
 def data(dtype=DT):
     return torch.randn(32, 10, dtype=dtype), torch.randn(32, 4, dtype=dtype)
-
-
-def closure_for(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def test_param_groups_hold_factors_and_dense_parameters():
@@ -48,9 +38,9 @@ def test_dense_parameters_take_the_same_inner_step():
     x, y = data()
     opt = dlrt.DLRTOptimizer(model, integrator="parallel", optimizer="sgd", lr=0.1)
     head_before = model[2].weight.detach().clone()
-    closure_for(model, opt, x, y)()
+    mse_closure(model, opt, x, y)()
     expected = head_before - 0.1 * model[2].weight.grad
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(mse_closure(model, opt, x, y))
     torch.testing.assert_close(model[2].weight.detach(), expected)
 
 
@@ -76,7 +66,7 @@ def test_closure_free_step_for_the_parallel_integrator_equals_step_with_closure(
     opt_a = dlrt.DLRTOptimizer(a, integrator="parallel", optimizer="adam", lr=0.01, tau=0.05)
     opt_b = dlrt.DLRTOptimizer(b, integrator="parallel", optimizer="adam", lr=0.01, tau=0.05)
     for _ in range(3):
-        opt_a.step(closure_for(a, opt_a, x, y))
+        opt_a.step(mse_closure(a, opt_a, x, y))
         opt_b.zero_grad()
         ((b(x) - y) ** 2).mean().backward()
         opt_b.step()
@@ -210,7 +200,7 @@ def test_state_dict_round_trip():
     model = net()
     x, y = data()
     opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="adam", lr=0.01, coefficient_steps=2)
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(mse_closure(model, opt, x, y))
     sd = opt.state_dict()
     assert sd["dlrt"]["phase"] == 1 and sd["dlrt"]["steps"] == 1
     opt2 = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="adam", lr=0.5, coefficient_steps=2)
@@ -245,7 +235,7 @@ def test_non_finite_loss_raises_naming_the_step_and_changes_nothing(integrator, 
     model = net()
     x, y = data()
     opt = dlrt.DLRTOptimizer(model, integrator=integrator, optimizer="sgd", lr=0.1, momentum=0.9)
-    good = closure_for(model, opt, x, y)
+    good = mse_closure(model, opt, x, y)
     for _ in range(2):
         opt.step(good)
     snap = _snapshot(model, opt)
@@ -288,7 +278,7 @@ def test_on_nonfinite_skip_warns_and_skips():
     snap = _snapshot(model, opt)
 
     def bad():
-        return closure_for(model, opt, x, y)() * float("inf")
+        return mse_closure(model, opt, x, y)() * float("inf")
 
     with pytest.warns(UserWarning, match="skipped"):
         assert opt.step(bad) is None
@@ -333,7 +323,7 @@ def test_global_budget_is_respected_after_every_truncation():
         model, integrator="parallel", optimizer="sgd", lr=0.2, tau=0.0, truncation="global", budget=7
     )
     for _ in range(6):
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(mse_closure(model, opt, x, y))
         assert sum(dlrt.ranks(model).values()) == 7
 
 
@@ -434,7 +424,7 @@ def test_max_grad_norm_clips_by_the_tangent_norm():
     P = U @ U.T @ G + G @ V @ V.T - U @ U.T @ G @ V @ V.T
     expected = (P.square().sum() + sum(g.square().sum() for g in dense)).sqrt()
 
-    clipped.step(closure_for(models[0], clipped, x, y))
+    clipped.step(mse_closure(models[0], clipped, x, y))
     torch.testing.assert_close(torch.tensor(clipped.last_grad_norm, dtype=DT), expected)
     scale = 0.05 / clipped.last_grad_norm
     assert scale < 1
@@ -457,8 +447,8 @@ def test_max_grad_norm_above_the_norm_changes_nothing(integrator):
     loose = dlrt.DLRTOptimizer(models[0], integrator=integrator, optimizer="sgd", lr=0.5, max_grad_norm=1e6)
     free = dlrt.DLRTOptimizer(models[1], integrator=integrator, optimizer="sgd", lr=0.5)
     for _ in range(2):
-        loose.step(closure_for(models[0], loose, x, y))
-        free.step(closure_for(models[1], free, x, y))
+        loose.step(mse_closure(models[0], loose, x, y))
+        free.step(mse_closure(models[1], free, x, y))
     assert 0 < loose.last_grad_norm < 1e6 and free.last_grad_norm is None
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b)
@@ -482,11 +472,11 @@ def test_step_works_under_any_default_dtype(default_dtype, integrator):
     x, y = data(torch.float32)
     opt = dlrt.DLRTOptimizer(model, integrator=integrator, optimizer="sgd", lr=0.1)
     W0 = model[0].matrix().detach().clone()
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(mse_closure(model, opt, x, y))
     assert opt.steps == 1 and not torch.equal(model[0].matrix().detach(), W0)
     # ... and a non-finite gradient is still caught.
     with pytest.raises(NonFiniteError):
-        opt.step(lambda: closure_for(model, opt, x, y)() * float("nan"))
+        opt.step(lambda: mse_closure(model, opt, x, y)() * float("nan"))
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
@@ -503,7 +493,7 @@ def test_adam_on_half_precision_factors_matches_float32(half, integrator, tmp_pa
     opts = [dlrt.DLRTOptimizer(m, integrator=integrator, optimizer="adam", lr=1e-2) for m in (ref, model)]
     for _ in range(3):
         for m, opt, inp, out in ((ref, opts[0], x, y), (model, opts[1], x.to(half), y.to(half))):
-            opt.step(closure_for(m, opt, inp, out))
+            opt.step(mse_closure(m, opt, inp, out))
     W_ref, W = ref[0].matrix().detach(), model[0].matrix().detach().float()
     assert model[0].U.dtype == half and torch.isfinite(W).all()
     assert (W - W_ref).norm() <= 0.05 * W_ref.norm()
@@ -529,11 +519,11 @@ def test_a_failed_step_restores_batchnorm_statistics(on_nonfinite, with_closure)
     model = bn_net()
     x, y = data()
     opt = dlrt.DLRTOptimizer(model, integrator="parallel", optimizer="sgd", lr=0.1, on_nonfinite=on_nonfinite)
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(mse_closure(model, opt, x, y))
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     bad_x = x.clone()
     bad_x[0, 0] = float("nan")
-    bad = closure_for(model, opt, bad_x, y)
+    bad = mse_closure(model, opt, bad_x, y)
     expectation = pytest.raises(NonFiniteError) if on_nonfinite == "raise" else pytest.warns(UserWarning)
     with expectation:
         if with_closure:
@@ -554,7 +544,7 @@ def test_buffer_rollback_is_small_and_survives_deepcopy_and_pickle():
     model = bn_net()
     opt = dlrt.DLRTOptimizer(model, integrator="parallel", optimizer="sgd", lr=0.1)
     x, y = data()
-    opt.step(closure_for(model, opt, x, y))
+    opt.step(mse_closure(model, opt, x, y))
     assert opt._buffer_guard.nbytes() == 0  # a finished step drops its copies
     model(x)  # a forward before a closure-free step() saves the statistics it is about to change
     # Only the BatchNorm buffers are copied (2×8 floats and one counter), not the parameters.
@@ -590,7 +580,7 @@ def test_a_factor_made_non_finite_is_named():
     opt = dlrt.DLRTOptimizer(model, integrator="parallel", optimizer="sgd", lr=1e30)
 
     def closure():
-        loss = closure_for(model, opt, x, y)()
+        loss = mse_closure(model, opt, x, y)()
         model[0].S.grad.mul_(1e10)  # only the core's step overflows
         return loss
 
@@ -605,7 +595,7 @@ def test_a_dense_parameter_made_non_finite_is_named_and_rolled_back():
     snap = _snapshot(model, opt)
 
     def closure():
-        loss = closure_for(model, opt, x, y)()
+        loss = mse_closure(model, opt, x, y)()
         model[2].weight.grad[0, 0] = 1e308  # finite, but the step overflows the parameter
         return loss
 
