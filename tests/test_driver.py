@@ -289,3 +289,22 @@ def test_a_second_ctrl_c_stops_at_once(capsys):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert "press Ctrl-C again to stop now" in capsys.readouterr().err
+
+
+def test_batch_order_is_the_shuffling_dataloaders(tmp_path):
+    """The epoch order is DataLoader(shuffle=True)'s under the same seed: earlier runs keep their batches."""
+    from dlrt.training.driver import Driver, RunWriter, Task, classify, seed_for
+
+    data = torch.utils.data.TensorDataset(torch.arange(50).float()[:, None], torch.arange(50))
+    model = torch.nn.Linear(1, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    task, writer = Task(model, data, None, None, classify), RunWriter(None, [])
+    driver = Driver(
+        task, opt, writer, device=torch.device("cpu"), epochs=2, batch_size=8, eval_batch_size=8, seed=3, ranks=dict
+    )
+    for epoch in range(2):
+        gen = torch.Generator().manual_seed(seed_for(3, epoch))
+        loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=gen)
+        expected = [y.tolist() for _, y in loader]
+        assert [y.tolist() for _, y in driver._batches(epoch, 0)] == expected
+        assert [y.tolist() for _, y in driver._batches(epoch, 2)] == expected[2:]  # resumed mid-epoch

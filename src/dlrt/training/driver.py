@@ -476,6 +476,9 @@ class Driver:
         """Epoch ``epoch``'s batches from number ``skip`` on; the RNG is seeded before each is fetched."""
         gen = torch.Generator().manual_seed(seed_for(self.seed, epoch))
         data = self.task.train_set
+        # The order of DataLoader(shuffle=True, generator=gen), which draws its worker base seed first:
+        # runs made before this driver (the README's tables) keep their batches.
+        torch.empty((), dtype=torch.int64).random_(generator=gen)
         order = torch.randperm(len(data), generator=gen)[skip * self.batch_size :]
         if isinstance(data, torch.utils.data.TensorDataset) and self.task.collate is None:
             # in-memory tensors: slice them (the same batches as the loader below, without per-item calls)
