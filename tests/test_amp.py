@@ -1,4 +1,4 @@
-"""Mixed precision: fp16 autocast with torch.amp.GradScaler (parallel integrator), bf16 autocast, refusals."""
+"""Mixed precision: fp16 autocast with torch.amp.GradScaler (bug, parallel), bf16 autocast, refusals."""
 
 import pytest
 import torch
@@ -46,10 +46,12 @@ def assert_unchanged(model, opt, snap):
             assert torch.equal(v, state[id(p)][k]) if torch.is_tensor(v) else v == state[id(p)][k]
 
 
-def test_parallel_step_with_grad_scaler_equals_the_unscaled_step():
-    # SGD (with momentum): its step is proportional to the gradient, so a missed unscaling shows.
+@pytest.mark.parametrize("integrator", ["parallel", "bug"])
+def test_step_with_grad_scaler_equals_the_unscaled_step(integrator):
+    # SGD (with momentum): its step is proportional to the gradient, so a missed unscaling shows,
+    # also in bug's S-step block contracted from the recorded output gradients.
     a, b = twins()
-    kw = dict(integrator="parallel", optimizer="sgd", lr=0.05, momentum=0.5, tau=0.1)
+    kw = dict(integrator=integrator, optimizer="sgd", lr=0.05, momentum=0.5, tau=0.1)
     opt_a, opt_b = dlrt.DLRTOptimizer(a, **kw), dlrt.DLRTOptimizer(b, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
     for i in range(3):
@@ -92,16 +94,15 @@ def test_an_overflowing_scale_skips_the_step_and_lowers_the_scale():
     assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
 
 
-@pytest.mark.parametrize("integrator", ["bug", "fixed"])
-def test_two_pass_integrators_refuse_grad_scaler_naming_the_alternatives(integrator):
+def test_the_two_pass_integrator_refuses_grad_scaler_naming_the_alternatives():
     model, _ = twins()
-    opt = dlrt.DLRTOptimizer(model, integrator=integrator)
+    opt = dlrt.DLRTOptimizer(model, integrator="fixed")
     scaler = torch.amp.GradScaler("cpu")
     x, y = batch()
     opt.zero_grad()
     scaler.scale(fp16_loss(model, x, y)).backward()
     snap = snapshot(model, opt)
-    with pytest.raises(RuntimeError, match=r"bfloat16.*integrator='parallel'"):
+    with pytest.raises(RuntimeError, match=r"bfloat16.*integrator='bug' or 'parallel'"):
         scaler.step(opt)
     assert_unchanged(model, opt, snap)
     assert not hasattr(opt, "found_inf")  # a later plain step is not mistaken for a scaled one

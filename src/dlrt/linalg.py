@@ -19,7 +19,7 @@ from torch import Tensor
 __all__ = [
     "Truncation",
     "augment_basis",
-    "augment_basis_with_projection",
+    "augment_basis_qr",
     "galerkin",
     "global_truncation_ranks",
     "orth",
@@ -66,10 +66,14 @@ def _qr(A: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def orth(A: Tensor) -> Tensor:
-    """Orthonormal basis of ``range(A)`` by reduced QR with a sign fix.
+    """Orthonormal basis of ``range(A)``: the ``Q`` of the reduced QR ``A = QR`` with ``diag(R) >= 0``.
 
     Column signs are chosen so that ``diag(R) >= 0``, which makes the result
-    deterministic across runs and processes (docs/algorithms.md §0).
+    deterministic across runs and processes (docs/algorithms.md §0). A
+    well-conditioned ``A`` takes two Cholesky-QR passes (matrix products, no
+    Householder reflections; :func:`_cholesky_qr2`), anything else (rank
+    deficient, ill-conditioned, wide, non-finite) Householder QR: both give the
+    same ``Q`` up to round-off where both apply.
 
     Args:
         A: an ``n×k`` matrix.
@@ -77,33 +81,116 @@ def orth(A: Tensor) -> Tensor:
     Returns:
         ``Q`` of shape ``n×min(n, k)`` with ``QᵀQ = I``.
     """
-    return _qr(A)[0].to(A.dtype)
+    work = A.to(_qr_dtype(A.dtype))
+    fast = _cholesky_qr2(work) if 0 < work.shape[1] <= work.shape[0] else None
+    Q = fast[0] if fast is not None else _qr(work)[0]
+    return Q.to(A.dtype)
+
+
+#: Largest ``‖YᵀY − I‖_F`` a second Cholesky-QR pass accepts: below it ``κ(Y)² ≤ 3``, so the
+#: pass leaves ``Q`` orthonormal to a small multiple of the unit round-off.
+_SECOND_PASS_GRAM_ERROR = 0.5
+
+
+def _cholesky_pass(Y: Tensor, *, near_orthonormal: bool, tol: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """One Cholesky-QR pass ``Y = Q R`` (``R`` the Cholesky factor of ``YᵀY``), or ``None`` where it is unreliable.
+
+    Fails when the Gram matrix is not numerically positive definite (a
+    rank-deficient or too ill-conditioned ``Y``, or non-finite values), when a
+    diagonal entry of ``R`` is at most ``tol``, and, with ``near_orthonormal``,
+    when ``‖YᵀY − I‖_F`` exceeds :data:`_SECOND_PASS_GRAM_ERROR` (non-finite
+    values fail this too). The products run on every thread, the small
+    Cholesky and triangular inverse on one (:func:`small_lapack`); the checks
+    cost one host sync.
+    """
+    G = Y.mT @ Y
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    with small_lapack(G):
+        L, info = torch.linalg.cholesky_ex(G)
+        R = L.mT
+        R_inv = torch.linalg.solve_triangular(R, eye, upper=True)
+    ok = info == 0
+    if near_orthonormal:
+        ok = ok & (torch.linalg.matrix_norm(G - eye) <= _SECOND_PASS_GRAM_ERROR)
+    if tol is not None:
+        ok = ok & (torch.diagonal(R) > tol).all()
+    if not bool(ok):
+        return None
+    return Y @ R_inv, R
+
+
+def _cholesky_qr2(A: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Reduced QR ``A = QR`` of a tall, well-conditioned ``A`` by CholeskyQR2 (Fukaya et al. 2014).
+
+    The first pass leaves ``Q₁`` orthonormal to ``O(κ(A)² ε)``; the second
+    starts from an almost orthonormal matrix and brings that to ``O(ε)``. It is
+    all matrix products (BLAS-3), against the BLAS-2 panels of Householder QR.
+    ``None`` when a pass is unreliable (:func:`_cholesky_pass`): the caller
+    falls back to Householder.
+    """
+    first = _cholesky_pass(A, near_orthonormal=False)
+    if first is None:
+        return None
+    Q1, R1 = first
+    second = _cholesky_pass(Q1, near_orthonormal=True)
+    if second is None:
+        return None
+    Q, R2 = second
+    return Q, R2 @ R1
+
+
+def _augment_cholesky(U0: Tensor, X: Tensor, tol: Tensor) -> tuple[Tensor, Tensor] | None:
+    """:func:`augment_basis_qr` for a full-rank, well-conditioned complement, in matrix products only.
+
+    Only the new directions are orthogonalized: ``X₁ = X − U0(U0ᵀX)`` and one
+    Cholesky-QR pass ``X₁ = Q₁R₁``. A second pass over all of ``Y = [U0, Q₁]``
+    then removes what round-off left of ``U0`` in ``Q₁``, the loss of
+    orthogonality of ``Q₁`` and that of ``U0`` itself (so it never accumulates
+    over steps). With ``Y = Û R₂`` and ``[U0, X] = Y [[I, U0ᵀX], [0, R₁]]``, the
+    triangular factor of ``[U0, X]`` is ``R₂ [[I, U0ᵀX], [0, R₁]]``. ``None`` (the
+    caller takes Householder QR) when a pass is unreliable or a new direction
+    is within round-off of ``range(U0)`` (a diagonal entry of ``R₁`` at most ``tol``).
+    """
+    r0 = U0.shape[1]
+    C = U0.mT @ X
+    first = _cholesky_pass(torch.addmm(X, U0, C, alpha=-1), near_orthonormal=False, tol=tol)
+    if first is None:
+        return None
+    Q1, R1 = first
+    second = _cholesky_pass(torch.cat([U0, Q1], dim=1), near_orthonormal=True)
+    if second is None:
+        return None
+    U_hat, R2 = second
+    left = R2[:, :r0]  # R₂ [I; 0]
+    return U_hat, torch.cat([left, torch.addmm(R2[:, r0:] @ R1, left, C)], dim=1)
 
 
 def augment_basis(U0: Tensor, X: Tensor, max_new: int | None = None) -> Tensor:
-    """See :func:`augment_basis_with_projection`; returns only ``Û``."""
-    return augment_basis_with_projection(U0, X, max_new)[0]
+    """See :func:`augment_basis_qr`; returns only ``Û``."""
+    return augment_basis_qr(U0, X, max_new)[0]
 
 
-def augment_basis_with_projection(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple[Tensor, Tensor]:
-    """Orthonormal basis ``Û`` of ``range([U0, X])`` whose first columns span ``U0``.
+def augment_basis_qr(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple[Tensor, Tensor]:
+    """Orthonormal basis ``Û`` of ``range([U0, X])`` whose first columns span ``U0``, and ``R = Ûᵀ[U0, X]``.
 
-    Built from ``QR([U0, X]) = [Q₁, Q₂] R``, never by appending
-    ``orth((I − U0U0ᵀ) X)``: when the part of ``X`` outside ``range(U0)`` is
-    rank-deficient, QR of the projected matrix returns columns that are not
-    orthogonal to ``U0`` (docs/algorithms.md §0). Householder QR of the stacked matrix
-    always returns an orthonormal completion ``Q₂``, but where ``X`` adds fewer
-    than ``k`` directions some of its columns are arbitrary (a near-zero
-    diagonal entry of ``R₂₂ = Q₂ᵀX``). Then, and when ``max_new`` caps the
-    count, the new directions are ``Q₂ P`` with ``P`` the left singular vectors
-    of ``R₂₂`` above round-off (``max(n, r0 + k)·ε·‖X‖_F``, the usual rank
-    tolerance): exactly ``range([U0, X])``, orthogonal to ``U0`` to machine
-    precision.
+    Never built by appending ``orth((I − U0U0ᵀ) X)``: when the part of ``X``
+    outside ``range(U0)`` is rank-deficient, QR of the projected matrix returns
+    columns that are not orthogonal to ``U0`` (docs/algorithms.md §0).
 
-    With the sign fix the first ``r0`` columns equal ``U0`` to round-off; they
-    are returned as computed, so every augmentation re-orthonormalizes the basis
-    and round-off never accumulates over steps. Callers project the core with
-    :func:`galerkin`.
+    The common case, a complement of full rank and moderate condition, takes
+    :func:`_augment_cholesky`: it orthogonalizes only the ``k`` new directions
+    and costs a handful of matrix products. Otherwise the basis comes from
+    Householder QR of the stacked ``[U0, X] = [Q₁, Q₂] R``, which always returns
+    an orthonormal completion ``Q₂``; where ``X`` adds fewer than ``k``
+    directions some of its columns are arbitrary (a near-zero diagonal entry of
+    ``R₂₂ = Q₂ᵀX``). Then, and when ``max_new`` caps the count, the new
+    directions are ``Q₂ P`` with ``P`` the left singular vectors of ``R₂₂`` above
+    round-off (``max(n, r0 + k)·ε·‖X‖_F``, the usual rank tolerance): exactly
+    ``range([U0, X])``, orthogonal to ``U0`` to machine precision.
+
+    The first ``r0`` columns equal ``U0`` to round-off (the sign fix makes
+    ``diag(R) ≥ 0``); they are returned as computed, so every augmentation
+    re-orthonormalizes the basis and round-off never accumulates over steps.
 
     Args:
         U0: orthonormal basis, ``n×r0``.
@@ -114,28 +201,37 @@ def augment_basis_with_projection(U0: Tensor, X: Tensor, max_new: int | None = N
             kept). At most ``min(k, n − r0)`` are ever added.
 
     Returns:
-        ``(Û, A)``: ``Û`` of shape ``n×(r0 + a)`` (the new directions are
-        ``Û[:, r0:]``) and ``A = ÛᵀU0`` (``(r0 + a)×r0``), read off the QR
-        factor (``[R₁₁; 0]``) instead of multiplied out.
+        ``(Û, R)``: ``Û`` of shape ``n×(r0 + a)`` (the new directions are
+        ``Û[:, r0:]``) and ``R = Ûᵀ[U0, X]`` (``(r0 + a)×(r0 + k)``), read off
+        the factorization instead of multiplied out: ``R[:, :r0] = ÛᵀU0`` (the
+        Galerkin projection of §0) and ``R[r0:, r0:] = Ûᵀ[:, r0:] X``.
     """
     n, r0 = U0.shape
     k = X.shape[1]
-    Q, R = _qr(torch.cat([U0, X.to(U0.dtype)], dim=1))
     dt = U0.dtype
+    work = U0.to(_qr_dtype(dt))
+    Xw = X.to(work.dtype)
+    tol = max(n, r0 + k) * torch.finfo(work.dtype).eps * torch.linalg.vector_norm(Xw)
+    if 0 < k and r0 + k <= n and (max_new is None or max_new >= k):
+        fast = _augment_cholesky(work, Xw, tol)
+        if fast is not None:
+            return fast[0].to(dt), fast[1].to(dt)
+    tol = float(tol)
+    Q, R = _qr(torch.cat([work, Xw], dim=1))
     if Q.shape[1] == r0:
-        return Q.to(dt), R[:, :r0].to(dt)
+        return Q.to(dt), R.to(dt)
     Q_new, R22 = Q[:, r0:], R[r0:, r0:]
-    tol = max(n, r0 + k) * torch.finfo(R.dtype).eps * float(X.norm())
     if (max_new is None or max_new >= R22.shape[0]) and bool((torch.diagonal(R22).abs() > tol).all()):
-        return Q.to(dt), R[:, :r0].to(dt)
+        return Q.to(dt), R.to(dt)
     with small_lapack(R22):
         P, sigma, _ = torch.linalg.svd(R22, full_matrices=False)
     a = int((sigma > tol).sum())
     if max_new is not None:
         a = min(a, max_new)
-    U_hat = torch.cat([Q[:, :r0], Q_new @ P[:, :a]], dim=1)
-    A = torch.cat([R[:r0, :r0], R.new_zeros(a, r0)])
-    return U_hat.to(dt), A.to(dt)
+    P = P[:, :a]
+    U_hat = torch.cat([Q[:, :r0], Q_new @ P], dim=1)
+    R_hat = torch.cat([R[:r0], torch.cat([R.new_zeros(a, r0), P.mT @ R22], dim=1)])
+    return U_hat.to(dt), R_hat.to(dt)
 
 
 def galerkin(U1: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, V1: Tensor) -> Tensor:

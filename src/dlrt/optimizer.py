@@ -40,8 +40,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             :func:`dlrt.convert`). Its other trainable parameters (biases,
             norms, layers left dense) are trained by the same inner optimizer
             in the same step.
-        integrator: ``"bug"`` (rank-adaptive BUG, two passes per step),
-            ``"fixed"`` (fixed-rank BUG) or ``"parallel"`` (one pass per step).
+        integrator: ``"bug"`` (rank-adaptive BUG) or ``"parallel"`` (both one
+            pass per step), or ``"fixed"`` (fixed-rank BUG, two passes per step).
         optimizer: inner optimizer for K, L, S and the dense parameters:
             ``"sgd"``, ``"adam"`` or ``"adamw"``.
         lr: learning rate λ (default: the inner optimizer's, 0.01 for SGD and
@@ -81,21 +81,22 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     A step is ``loss = opt.step(closure)``; the closure zeroes the gradients,
     computes the loss, calls ``backward()`` and returns the loss, and the
-    integrator calls it as often as its method needs. ``parallel`` also
-    accepts ``opt.step()`` after a plain ``loss.backward()``.
+    integrator calls it as often as its method needs. ``bug`` and ``parallel``
+    also accept ``opt.step()`` after a plain ``loss.backward()``.
 
     Mixed precision: bf16 autocast (``torch.autocast(device, dtype=torch.bfloat16)``)
     works with every integrator and needs no scaler. fp16 autocast with
-    ``torch.amp.GradScaler`` works with ``integrator="parallel"``: call
+    ``torch.amp.GradScaler`` works with ``bug`` and ``parallel``: call
     ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``.
     The optimizer follows GradScaler's protocol for optimizers that unscale
     themselves (``_step_supports_amp_scaling``): it unscales the projected
-    gradients ``G V``, ``Gᵀ U``, ``Uᵀ G V`` and the dense gradients, and skips the
+    gradients ``G V``, ``Gᵀ U``, ``Uᵀ G V`` (and what ``bug`` contracts from the
+    recorded output gradients) and the dense gradients, and skips the
     step (changing nothing) when the scaler found an overflow, so the scaler
     lowers its scale. Each layer's ``S.grad`` carries the non-finiteness of its
     ``G V``/``Gᵀ U``, so the scaler's check sees an overflow in them too.
-    The two-pass ``bug``/``fixed`` integrators need a closure, which
-    GradScaler cannot drive: they raise a clear error (use bf16 autocast, or
+    The two-pass ``fixed`` integrator needs a closure, which GradScaler
+    cannot drive: it raises a clear error (use bf16 autocast, or ``bug`` or
     ``parallel``). ``scaler.unscale_(opt)`` before ``scaler.step(opt)`` is
     refused: it unscales only ``.grad``, not ``G V``/``Gᵀ U``; clip with
     ``max_grad_norm=`` instead, which acts after the unscaling.
@@ -204,6 +205,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         super().__init__(groups, hyper)
         self.phase = 0
         self.steps = 0
+        #: Factor clipping and unscaling applied to the last pass's gradients (pass_grad applies it too).
+        self._pass_scale = 1.0
         self._buffer_guard = _BufferGuard(model)
         self._set_request(self.integrator.request(0))
 
@@ -224,6 +227,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             self._require_grads(request)
         else:
             self._set_request(request)
+            self._pass_scale = 1.0
             with torch.enable_grad():
                 loss = closure()
         self._check_finite(loss, request, what)
@@ -263,11 +267,23 @@ class DLRTOptimizer(torch.optim.Optimizer):
             scale = self.max_grad_norm / norm
             for g in grads:
                 g.mul_(scale)
+            self._pass_scale *= scale
 
     def S_grad(self, layer: LowRankLayer) -> Tensor:
         """``Uᵀ G V`` of the last pass (zeros for a layer the loss did not reach)."""
         g = layer.S.grad
         return torch.zeros_like(layer.S) if g is None else g
+
+    def pass_grad(self, layer: LowRankLayer, left: Tensor, right: Tensor) -> Tensor:
+        """``leftᵀ G right`` for the layer's gradient ``G`` of the last pass, clipped and unscaled as the pass was.
+
+        Needs a pass that recorded its inputs (``"X"`` in the request); zeros
+        for a layer the loss did not reach.
+        """
+        g = layer.project_grad(left, right)
+        if g is None:
+            return left.new_zeros(left.shape[1], right.shape[1])
+        return g * self._pass_scale if self._pass_scale != 1.0 else g
 
     def _require_grads(self, request: frozenset[str]) -> None:
         if all(layer.S.grad is None for layer in self.lowrank_layers):
@@ -278,10 +294,12 @@ class DLRTOptimizer(torch.optim.Optimizer):
         for name, layer in zip(self.layer_names, self.lowrank_layers):
             if layer.S.grad is None:
                 continue
-            for kind, g in (("K", layer.grad_K), ("L", layer.grad_L)):
-                if kind in request and g is None:
+            recorded = (("K", layer.grad_K is not None), ("L", layer.grad_L is not None), ("X", layer.pass_inputs))
+            for kind, present in recorded:
+                if kind in request and not present:
+                    what = "inputs" if kind == "X" else f"projected gradient {kind}"
                     raise RuntimeError(
-                        f"layer {name!r} has no recorded projected gradient {kind}: the backward pass ran "
+                        f"layer {name!r} has no recorded {what}: the backward pass ran "
                         "before this optimizer was created or after its grad_request was changed"
                     )
 
@@ -401,7 +419,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"integrator {self.integrator.name!r} takes two forward/backward passes per step (a closure), "
                 "which torch.amp.GradScaler cannot drive: use bf16 autocast without a scaler "
-                "(torch.autocast(device, dtype=torch.bfloat16)), or integrator='parallel' with fp16 and GradScaler"
+                "(torch.autocast(device, dtype=torch.bfloat16)), or integrator='bug' or 'parallel' with fp16 "
+                "and GradScaler"
             )
         if closure is not None:
             raise RuntimeError(
@@ -425,6 +444,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         inv = scale.double().reciprocal().float()
         for (device, _), ts in _by_device_and_dtype(grads).items():
             torch._foreach_mul_(ts, inv.to(device))
+        self._pass_scale *= float(inv)  # the recorded pass inputs (pass_grad) are unscaled lazily
         return False
 
     def _snapshot(self) -> tuple[Any, ...]:
@@ -467,7 +487,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         for layer in self.lowrank_layers:
-            layer.grad_K = layer.grad_L = None
+            layer.clear_pass()
+        self._pass_scale = 1.0
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:

@@ -263,12 +263,15 @@ def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> 
     The core becomes the Galerkin projection ``(ÛᵀU₀) S₀ (V₀ᵀV̂)`` and all state
     is transported. At most ``r`` new directions per side, fewer when the layer is
     close to full rank (the core may then be rectangular) or when ``KU``/``LV``
-    add fewer directions. Returns ``(Û, V̂)``.
+    add fewer directions. Returns the triangular factors
+    ``(Ûᵀ[U₀, KU], V̂ᵀ[V₀, LV])`` of :func:`~dlrt.linalg.augment_basis_qr`; the
+    new bases are the layer's ``U`` and ``V``.
     """
-    U_hat, A = linalg.augment_basis_with_projection(layer.U.detach(), KU)
-    V_hat, Bt = linalg.augment_basis_with_projection(layer.V.detach(), LV)
-    change_basis(opt, layer, U_hat, V_hat, A=A, B=Bt.mT)
-    return U_hat, V_hat
+    r_u, r_v = layer.S.shape
+    U_hat, RU = linalg.augment_basis_qr(layer.U.detach(), KU)
+    V_hat, RV = linalg.augment_basis_qr(layer.V.detach(), LV)
+    change_basis(opt, layer, U_hat, V_hat, A=RU[:, :r_u], B=RV[:, :r_v].mT)
+    return RU, RV
 
 
 def grow_from_gradient(opt: DLRTOptimizer, layer: LowRankLayer, gK: Tensor, gL: Tensor) -> None:

@@ -1,19 +1,28 @@
 """The basis-update & Galerkin integrators: rank-adaptive BUG and fixed-rank BUG.
 
 "Low-rank lottery tickets" (Schotthöfer et al., NeurIPS 2022), docs/algorithms.md §2.
-K and L share one forward/backward pass (both gradients are taken at W₀), the
-S-step takes a second: two passes per step, against three in the authors' code.
+In the rank-adaptive BUG the augmented bases contain the old ones, so the
+Galerkin point ``Û S̃ V̂ᵀ`` *is* ``W₀`` and the S-step's gradient ``Ûᵀ G₀ V̂`` is
+the gradient of the K/L pass: one forward/backward pass per step, against three
+in the authors' code. The fixed-rank BUG moves to bases that do not contain the
+old ones and takes a second pass there.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .. import linalg
-from .base import KL, NONE, Integrator, K_and_L_steps, S_step, augment, change_basis, drop_state
+from .base import KL, NONE, Integrator, K_and_L_steps, KL_grads, S_step, augment, change_basis, drop_state
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
+
+#: The K/L pass of the rank-adaptive BUG also keeps each layer's input and output gradient
+#: (``"X"``), for the block ``Ũᵀ G₀ Ṽ`` of the S-step's gradient in the new directions.
+KLX = frozenset({"K", "L", "X"})
 
 
 class BUG(Integrator):
@@ -21,13 +30,62 @@ class BUG(Integrator):
 
     Phase 0 (one pass at ``W₀``): ``K₁ = U₀S₀ − λG₀V₀``, ``L₁ = V₀S₀ᵀ − λG₀ᵀU₀``;
     ``Û = orth([U₀, K₁])``, ``V̂ = orth([V₀, L₁])``; Galerkin core
-    ``S̃ = (ÛᵀU₀)S₀(V₀ᵀV̂)``. Then ``coefficient_steps`` S-steps on the
-    augmented core (the first in the same call, each with its own pass), and
+    ``S̃ = (ÛᵀU₀)S₀(V₀ᵀV̂)``, which represents ``W₀`` exactly; the S-step along
+    ``ÛᵀG₀V̂``, from the same pass: ``U₀ᵀG₀V₀``, ``(G₀ᵀU₀)ᵀṼ``, ``Ũᵀ(G₀V₀)`` and
+    ``Ũᵀ G₀ Ṽ`` contracted from the layer's recorded input and output gradient.
+    Then ``coefficient_steps − 1`` further S-steps (each with its own pass) and
     the end of the cycle (:meth:`~dlrt.integrators.base.Integrator.end_cycle`:
-    truncation, §1).
+    truncation, §1). Every step needs only the gradient at the current point,
+    so ``step()`` also works after a plain ``loss.backward()``.
     """
 
     name = "bug"
+
+    def request(self, phase: int) -> frozenset[str]:
+        return KLX if phase == 0 else NONE
+
+    def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
+        layers = opt.lowrank_layers
+        if opt.phase == 0:
+            loss = opt.evaluate(closure, KLX, "K/L/S")
+            for layer in layers:
+                if layer.pending_growth:
+                    # A fresh adapter: the K/L step from S₀ = 0 moves its placeholder bases to
+                    # range(G V₀), range(Gᵀ U₀) (no separate growth); state of older factors is dropped.
+                    drop_state(opt, layer)
+                    layer.pending_growth = False
+                gS, (gK, gL) = opt.S_grad(layer), KL_grads(layer)
+                inputs = layer.pass_inputs  # cleared when the bases change
+                r_u, r_v = layer.S.shape
+                _, _, dK, dL = K_and_L_steps(opt, layer)
+                augment(opt, layer, dK, dL)
+                layer.pass_inputs = inputs
+                U_new, V_new = layer.U.detach()[:, r_u:], layer.V.detach()[:, r_v:]
+                G_hat = torch.empty_like(layer.S)
+                G_hat[:r_u, :r_v] = gS
+                G_hat[:r_u, r_v:] = gL.mT @ V_new  # U₀ᵀ G₀ Ṽ
+                G_hat[r_u:, :r_v] = U_new.mT @ gK  # Ũᵀ G₀ V₀
+                if U_new.shape[1] and V_new.shape[1]:
+                    G_hat[r_u:, r_v:] = opt.pass_grad(layer, U_new, V_new)  # Ũᵀ G₀ Ṽ
+                layer.pass_inputs = []
+                S_step(opt, layer, G_hat)
+        else:
+            loss = opt.evaluate(closure, NONE, "S")
+            for layer in layers:
+                S_step(opt, layer, opt.S_grad(layer))
+        self.advance(opt)
+        return loss
+
+
+class FixedRankBUG(Integrator):
+    """Fixed-rank BUG: ``U₁ = orth(K₁)``, ``V₁ = orth(L₁)``, Galerkin core, S-step at ``U₁ S̃ V₁ᵀ``; no truncation.
+
+    The new bases do not contain the old ones, so the S-step's gradient is
+    taken at a new point: two passes per step.
+    """
+
+    name = "fixed"
+    adaptive = False
     passes_per_step = 2
 
     def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
@@ -41,27 +99,12 @@ class BUG(Integrator):
             opt.evaluate(closure, KL, "K/L")
             for layer in layers:
                 if layer.pending_growth:
-                    # A fresh adapter: the K/L step from S₀ = 0 moves its placeholder bases to
-                    # range(G V₀), range(Gᵀ U₀) (no separate growth); state of older factors is dropped.
                     drop_state(opt, layer)
                     layer.pending_growth = False
-                self.new_bases(opt, layer, *K_and_L_steps(opt, layer))
+                K1, L1, _, _ = K_and_L_steps(opt, layer)
+                change_basis(opt, layer, linalg.orth(K1), linalg.orth(L1))
         loss = opt.evaluate(closure, NONE, "S")
         for layer in layers:
             S_step(opt, layer, opt.S_grad(layer))
         self.advance(opt)
         return loss
-
-    def new_bases(self, opt: DLRTOptimizer, layer: Any, K1: Any, L1: Any, dK: Any, dL: Any) -> None:
-        # range([U₀, K₁]) = range([U₀, ΔK]); the step is the better-conditioned input.
-        augment(opt, layer, dK, dL)
-
-
-class FixedRankBUG(BUG):
-    """Fixed-rank BUG: ``U₁ = orth(K₁)``, ``V₁ = orth(L₁)``, Galerkin core, S-step; no truncation."""
-
-    name = "fixed"
-    adaptive = False
-
-    def new_bases(self, opt: DLRTOptimizer, layer: Any, K1: Any, L1: Any, dK: Any, dL: Any) -> None:
-        change_basis(opt, layer, linalg.orth(K1), linalg.orth(L1))

@@ -51,12 +51,13 @@ class ParallelBUG(Integrator):
                     continue
                 gS = opt.S_grad(layer)
                 r_u, r_v = layer.S.shape
-                U_hat, V_hat = augment(opt, layer, gK, gL)
-                U_new, V_new = U_hat[:, r_u:], V_hat[:, r_v:]
-                G_hat = torch.zeros(U_hat.shape[1], V_hat.shape[1], dtype=gS.dtype, device=gS.device)
+                RU, RV = augment(opt, layer, gK, gL)
+                # Ûᵀ G V₀ and V̂ᵀ Gᵀ U₀ are the QR factors' last blocks (RU = Ûᵀ[U₀, G V₀]):
+                # Ũᵀ G V₀ = RU[r_u:, r_u:] and U₀ᵀ G Ṽ = (Ṽᵀ Gᵀ U₀)ᵀ = RV[r_v:, r_v:]ᵀ.
+                G_hat = torch.zeros(RU.shape[0], RV.shape[0], dtype=gS.dtype, device=gS.device)
                 G_hat[:r_u, :r_v] = gS
-                G_hat[:r_u, r_v:] = gL.mT @ V_new  # U₀ᵀ G Ṽ
-                G_hat[r_u:, :r_v] = U_new.mT @ gK  # Ũᵀ G V₀
+                G_hat[:r_u, r_v:] = RV[r_v:, r_v:].mT
+                G_hat[r_u:, :r_v] = RU[r_u:, r_u:]
                 S_step(opt, layer, G_hat)
         else:
             loss = opt.evaluate(closure, NONE, "coefficient")

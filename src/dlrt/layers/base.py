@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import linalg
 from .ranks import check_rank
 
-GRAD_KINDS = frozenset({"K", "L"})
+GRAD_KINDS = frozenset({"K", "L", "X"})
 
 
 class _LowRankFunction(torch.autograd.Function):
@@ -57,6 +57,9 @@ class _LowRankFunction(torch.autograd.Function):
         want_K = (plain and need_U) or (request is not None and "K" in request)
         want_L = (plain and need_V) or (request is not None and "L" in request)
 
+        if request is not None and "X" in request:
+            # Kept for Lᵀ G R in other bases later (LowRankLayer.project_grad): the BUG S-step.
+            layer.pass_inputs.append((x, dy))
         b = layer._project_out_adjoint(dy, U)  # Δ U
         gK = layer._contract(dy, a) if want_K else None  # G V
         gL = layer._basis_grad_in(x, b) if want_L else None  # Gᵀ U
@@ -99,12 +102,15 @@ class LowRankLayer(nn.Module):
             changes (the parameter objects stay the same).
         min_rank, max_rank: bounds the integrators keep the rank in.
         grad_request: ``None`` for plain autograd (true gradients of U, S, V);
-            a subset of ``{"K", "L"}`` when an integrator drives the layer: the
+            a subset of ``{"K", "L", "X"}`` when an integrator drives the layer: the
             backward then records ``G V`` in ``grad_K`` and/or ``Gᵀ U`` in
-            ``grad_L``, and U, V receive no ``.grad`` (the integrator moves them
-            on the manifold, never by a gradient step).
+            ``grad_L``, and with ``"X"`` keeps its input and output gradient
+            for :meth:`project_grad`; U, V receive no ``.grad`` (the
+            integrator moves them on the manifold, never by a gradient step).
         grad_K, grad_L: the recorded projected gradients (accumulated like
             ``.grad``), or ``None``.
+        pass_inputs: ``(input, output gradient)`` of every backward since the
+            gradients were last cleared, recorded under ``"X"``.
     """
 
     out_dim: int
@@ -140,6 +146,7 @@ class LowRankLayer(nn.Module):
         self.just_grown = False  # bases just grown from the gradient: the cycle's end keeps the rank
         self.grad_K: Tensor | None = None
         self.grad_L: Tensor | None = None
+        self.pass_inputs: list[tuple[Tensor, Tensor]] = []
 
     # ----------------------------------------------------------------- factors
     @property
@@ -169,7 +176,12 @@ class LowRankLayer(nn.Module):
             # Row-major always: BLAS rounds differently on other layouts (LAPACK returns Q
             # column-major), and a checkpoint must resume bit-identically.
             _replace_data(p, t.detach().to(dtype=p.dtype, device=p.device).contiguous())
+        self.clear_pass()
+
+    def clear_pass(self) -> None:
+        """Forget what the last backward passes recorded (projected gradients, pass inputs)."""
         self.grad_K = self.grad_L = None
+        self.pass_inputs = []
 
     @torch.no_grad()
     def init_from_matrix(self, W: Tensor, rank: int | None = None, tau: float | None = None) -> None:
@@ -211,6 +223,21 @@ class LowRankLayer(nn.Module):
     def projected_grads(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(G V, Gᵀ U, Uᵀ G V)`` recorded by the last backward passes."""
         return self.grad_K, self.grad_L, self.S.grad
+
+    def project_grad(self, left: Tensor, right: Tensor) -> Tensor | None:
+        """``leftᵀ G right`` for the layer's weight gradient ``G`` of the recorded passes (``grad_request`` ``"X"``).
+
+        ``G = Σ Δᵀ X`` over the backward passes since the gradients were cleared,
+        contracted through the same thin products as the backward (never
+        formed): ``(Δ left)ᵀ (X right)``. ``None`` when nothing was recorded.
+        """
+        out = None
+        for x, dy in self.pass_inputs:
+            b = self._project_out_adjoint(dy, left.to(dy.dtype))
+            a = self._project_in(x, right.to(x.dtype))
+            g = self._contract(b, a)
+            out = g if out is None else out + g
+        return None if out is None else out.to(left.dtype)
 
     def num_parameters(self) -> int:
         """Parameters stored by the layer: U, S, V and the bias."""
