@@ -201,11 +201,18 @@ def factor_step(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, x: Tensor, 
     return delta
 
 
-def transport(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, left: Tensor | None, right: Tensor | None) -> None:
-    """Transport the state of ``kind`` on ``layer`` (if any) by ``left @ m @ right``."""
+def transport(
+    opt: DLRTOptimizer,
+    layer: LowRankLayer,
+    kind: Kind,
+    left: Tensor | None,
+    right: Tensor | None,
+    pad: tuple[int, int] = (0, 0),
+) -> None:
+    """Transport the state of ``kind`` on ``layer`` (if any) by ``left @ m @ right``, then ``pad`` zero rows/columns."""
     state = factor_state(opt, layer, kind)
     if state:
-        set_factor_state(opt, layer, kind, transport_state(state, opt.rule, left, right))
+        set_factor_state(opt, layer, kind, transport_state(state, opt.rule, left, right, pad=pad))
 
 
 def KL_grads(layer: LowRankLayer) -> tuple[Tensor, Tensor]:
@@ -240,20 +247,28 @@ def change_basis(
     S1: Tensor | None = None,
     A: Tensor | None = None,
     B: Tensor | None = None,
+    new: tuple[int, int] = (0, 0),
 ) -> None:
     """Move the layer to bases ``(U1, V1)`` and transport all its state.
 
     The new core is the Galerkin projection ``(U1ᵀU₀) S₀ (V₀ᵀV₁)`` unless
     ``S1`` is given; ``A = U1ᵀU₀`` and ``B = V₀ᵀV₁`` are computed unless given.
+    ``new = (a, b)`` says that the last ``a`` columns of ``U1`` and ``b`` of
+    ``V1`` are new directions orthogonal to the old bases (an augmentation):
+    those rows of ``A`` and columns of ``B`` are zero, and the state is
+    transported by the old block and padded with zeros instead of multiplied
+    by them.
     """
     U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
     A = U1.mT @ U0 if A is None else A  # r1×r0
     B = V0.mT @ V1 if B is None else B  # r0×r1
     if S1 is None:
         S1 = A @ S0 @ B
-    transport(opt, layer, "S", A, B)
-    transport(opt, layer, "K", None, B)  # K-state: columns follow V
-    transport(opt, layer, "L", None, A.mT)  # L-state: columns follow U
+    a, b = new
+    A_old, B_old = A[: A.shape[0] - a], B[:, : B.shape[1] - b]
+    transport(opt, layer, "S", A_old, B_old, pad=(a, b))
+    transport(opt, layer, "K", None, B_old, pad=(0, b))  # K-state: columns follow V
+    transport(opt, layer, "L", None, A_old.mT, pad=(0, a))  # L-state: columns follow U
     layer.set_factors(U1, S1, V1)
 
 
@@ -270,7 +285,9 @@ def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> 
     r_u, r_v = layer.S.shape
     U_hat, RU = linalg.augment_basis_qr(layer.U.detach(), KU)
     V_hat, RV = linalg.augment_basis_qr(layer.V.detach(), LV)
-    change_basis(opt, layer, U_hat, V_hat, A=RU[:, :r_u], B=RV[:, :r_v].mT)
+    # ÛᵀU₀ = [R₁₁; 0]: the new directions are orthogonal to U₀.
+    new = (U_hat.shape[1] - r_u, V_hat.shape[1] - r_v)
+    change_basis(opt, layer, U_hat, V_hat, A=RU[:, :r_u], B=RV[:, :r_v].mT, new=new)
     return RU, RV
 
 

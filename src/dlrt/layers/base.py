@@ -86,12 +86,14 @@ def _carry_nonfinite(gS: Tensor, *others: Tensor | None) -> Tensor:
     ``error_if_nonfinite``) would miss an overflow in them; through ``S.grad`` it
     sees it.
     """
-    bad = None
+    total = None
     for g in others:
         if g is not None:
-            flag = ~torch.isfinite(g).all()
-            bad = flag if bad is None else bad | flag
-    return gS if bad is None else gS.masked_fill(bad, float("nan"))
+            # Half-precision sums of finite values could overflow: sum them in float32.
+            part = g.sum(dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16) else g.sum()
+            total = part if total is None else total + part
+    # 0·Σ is 0 for finite values and NaN for any inf/NaN; cheaper than isfinite().all() on n×r.
+    return gS if total is None else gS + total.to(gS.dtype) * 0
 
 
 class LowRankLayer(nn.Module):

@@ -194,6 +194,7 @@ def transport_state(
     rule: InnerRule,
     left: Tensor | None = None,
     right: Tensor | None = None,
+    pad: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     """Move optimizer state to new factor coordinates (docs/algorithms.md §5).
 
@@ -202,8 +203,15 @@ def transport_state(
     per-entry weight ``w`` (Adam's bias-correction mass) becomes
     ``(left∘left) @ w @ (right∘right)``, clamped to [0, 1].
     For an S-buffer ``left = U1ᵀU0`` and ``right = V0ᵀV1``; for a K-buffer only
-    ``right = V0ᵀV1``; for an L-buffer only ``right = U0ᵀU1``.
+    ``right = V0ᵀV1``; for an L-buffer only ``right = U0ᵀU1``. ``pad = (rows,
+    cols)`` appends zero rows and columns afterwards: the same as extending
+    ``left`` by zero rows and ``right`` by zero columns (new directions
+    orthogonal to the old ones), without multiplying by the zeros.
     """
+    rows, cols = pad
+
+    def padded(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, cols, 0, rows)) if rows or cols else t
 
     def move(t: Tensor) -> Tensor:
         # State may be kept at a higher precision than the factors (Adam's moments of half-precision factors).
@@ -219,12 +227,12 @@ def transport_state(
         if t is None:
             continue
         if kind == LINEAR:
-            out[key] = move(t)
+            out[key] = padded(move(t))
         elif kind == SQUARE:
-            out[key] = move(t.sqrt()).square()
+            out[key] = padded(move(t.sqrt()).square_())
         else:  # WEIGHT
             sq_left = None if left is None else left.to(t.dtype).square()
             sq_right = None if right is None else right.to(t.dtype).square()
             w = t if sq_left is None else sq_left @ t
-            out[key] = (w if sq_right is None else w @ sq_right).clamp_(0.0, 1.0)
+            out[key] = padded((w if sq_right is None else w @ sq_right).clamp_(0.0, 1.0))
     return out
