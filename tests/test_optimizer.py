@@ -592,6 +592,25 @@ def test_a_step_that_makes_parameters_non_finite_is_rolled_back(integrator):
     assert opt.steps == 0
 
 
+@pytest.mark.parametrize("integrator", ["parallel", "bug", "fixed"])
+@pytest.mark.parametrize("optimizer, kw", [("sgd", {"momentum": 0.9}), ("adam", {})])
+def test_a_failed_step_leaves_existing_optimizer_state_as_it_was(integrator, optimizer, kw):
+    # The rollback keeps the old state dicts by reference: a rule that wrote a state tensor
+    # in place (instead of replacing it) would corrupt them.
+    model = net(torch.float32)
+    x, y = data(torch.float32)
+    opt = dlrt.DLRTOptimizer(model, integrator=integrator, optimizer=optimizer, lr=0.01, **kw)
+    closure = mse_closure(model, opt, x, y)
+    for _ in range(2):
+        opt.step(closure)
+    snap = _snapshot(model, opt)
+    for group in opt.param_groups:
+        group["lr"] = 1e39  # overflows float32 in the update
+    with pytest.raises(NonFiniteError, match=r"step 2 .*non-finite"):
+        opt.step(closure)
+    _assert_unchanged(model, opt, snap)
+
+
 def test_a_factor_made_non_finite_is_named():
     model = net(torch.float32)
     x, y = data(torch.float32)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .integrators import INTEGRATORS, Integrator
 from .integrators.base import layer_flags, restore_layer_flags
 from .layers import LowRankLayer, check_rank
-from .optim.inner import RULES, InnerRule, check_real, clone_state
+from .optim.inner import RULES, InnerRule, check_real
 
 
 class NonFiniteError(FloatingPointError):
@@ -379,7 +379,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         for group in self.param_groups[1:]:
             for p in group["params"]:
                 if p.grad is not None:
-                    state = clone_state(self.state.get(p, {}))  # no entry is created before the commit
+                    # A shallow copy: the rule writes new tensors (InnerRule.step); no entry before the commit.
+                    state = dict(self.state.get(p, {}))
                     x = p.detach()
                     out.append((p, x + self.rule.step(x, p.grad, state, group), state))
         return out

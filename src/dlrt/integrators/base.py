@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .. import linalg
 from ..layers import LowRankLayer
-from ..optim.inner import clone_state, transport_state
+from ..optim.inner import transport_state
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -195,7 +195,7 @@ def factor_step(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, x: Tensor, 
 
     ``x`` is not modified; the new state replaces the old one.
     """
-    state = clone_state(factor_state(opt, layer, kind))
+    state = dict(factor_state(opt, layer, kind))  # the rule writes new tensors (InnerRule.step)
     delta = opt.rule.step(x, grad.to(x.dtype), state, opt.lowrank_group)
     set_factor_state(opt, layer, kind, state)
     return delta

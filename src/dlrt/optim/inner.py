@@ -65,15 +65,19 @@ class InnerRule:
         check_real("weight_decay", group["weight_decay"], low=0.0)
 
     def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        """The step ``Δ`` (``x ← x + Δ``) for gradient ``g``; ``state`` is updated in place, ``x`` is not.
+        """The step ``Δ`` (``x ← x + Δ``) for gradient ``g``; ``x`` is not modified.
 
-        Returning the step rather than the new value lets an integrator use it
-        without cancellation, e.g. to augment a basis by ``range(Δ)``.
+        The new state is written into the dict ``state`` as *new* tensors: a
+        tensor found in ``state`` is never modified in place, so a shallow copy
+        (``dict(state)``) is all a caller needs to keep the old state (the
+        optimizer's step rollback). Returning the step rather than the new
+        value lets an integrator use it without cancellation, e.g. to augment a
+        basis by ``range(Δ)``.
         """
         raise NotImplementedError
 
     def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """Step ``x`` in place along ``g``; ``state`` is updated in place too."""
+        """Step ``x`` in place along ``g``; ``state`` receives the new state."""
         x.add_(self.step(x, g, state, group))
 
 
@@ -105,9 +109,10 @@ class SGD(InnerRule):
         if mu:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = d.clone()
+                buf = d.clone()
             else:
-                buf.mul_(mu).add_(d, alpha=1.0 - group["dampening"])
+                buf = buf.mul(mu).add_(d, alpha=1.0 - group["dampening"])
+            state["momentum_buffer"] = buf
             d = d.add(buf, alpha=mu) if group["nesterov"] else buf
         return d.mul(-group["lr"])
 
@@ -157,15 +162,14 @@ class Adam(InnerRule):
             if state[key].dtype != x.dtype:  # e.g. a state saved from a float32 run
                 state[key] = state[key].to(x.dtype)
         state["step"] += 1
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        w1, w2 = state["weight1"], state["weight2"]
-        m.lerp_(g, 1.0 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        # New tensors, never in place (see InnerRule.step).
+        m = state["exp_avg"] = state["exp_avg"].lerp(g, 1.0 - b1)
+        v = state["exp_avg_sq"] = state["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1.0 - b2)
         # Bias correction per entry: w = 1 − βᵗ for an entry with t updates. After a basis
         # change an entry in a new direction has w ≈ 0 and its first step is sign(g)·lr,
         # as Adam's first step, not (1−β1)/√(1−β2) ≈ 3.2 times that (docs/algorithms.md §5).
-        w1.mul_(b1).add_(1.0 - b1)
-        w2.mul_(b2).add_(1.0 - b2)
+        w1 = state["weight1"] = state["weight1"].mul(b1).add_(1.0 - b1)
+        w2 = state["weight2"] = state["weight2"].mul(b2).add_(1.0 - b2)
         denom = (v / w2).sqrt_().add_(eps)
         delta = (m / w1).div_(denom).mul_(-lr)
         if wd and self.decoupled:
@@ -185,7 +189,7 @@ RULES: dict[str, type[InnerRule]] = {r.name: r for r in (SGD, Adam, AdamW)}
 
 
 def clone_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A copy whose tensors can be updated without touching ``state``."""
+    """A deep copy: tensors cloned. (A rule's step needs only ``dict(state)``: it never writes in place.)"""
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
