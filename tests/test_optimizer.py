@@ -289,6 +289,28 @@ def test_non_finite_gradient_names_the_layer():
     _assert_unchanged(model, opt, snap)
 
 
+def test_an_overflow_only_in_G_V_is_caught_and_named():
+    # The fused check reads S.grad, which carries G V's overflow (see test_layers); the message names G V.
+    layer = LowRankLinear(6, 5, 2, bias=False)
+    U = torch.zeros(5, 2)
+    U[1, 0] = U[2, 1] = 1.0
+    layer.set_factors(U, torch.eye(2), dlrt.linalg.orth(torch.randn(6, 2)))
+    opt = dlrt.DLRTOptimizer(layer, integrator="parallel")
+    x, dy = torch.randn(16, 6), torch.zeros(16, 5)
+    dy[:, 0] = 3e38
+
+    def closure():
+        opt.zero_grad()
+        out = layer(x)
+        out.backward(dy)
+        return out.detach().sum()
+
+    snap = _snapshot(layer, opt)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient in layer '' \(G V\)"):
+        opt.step(closure)
+    _assert_unchanged(layer, opt, snap)
+
+
 def test_on_nonfinite_skip_warns_and_skips():
     model = net()
     x, y = data()

@@ -309,20 +309,24 @@ class DLRTOptimizer(torch.optim.Optimizer):
             raise NonFiniteError(f"{where}: non-finite loss ({loss.detach().flatten()[:1].item()})")
         if isinstance(loss, float) and not math.isfinite(loss):
             raise NonFiniteError(f"{where}: non-finite loss ({loss})")
-        names, grads = [], []
+        # A layer's S.grad carries any inf/NaN of its G V and Gᵀ U (layers/base.py, _carry_nonfinite),
+        # so the fused check reads the small cores, not the n×r projected gradients.
+        grads: list[Tensor] = []
+        for layer in self.lowrank_layers:
+            if layer.S.grad is not None:
+                grads.append(layer.S.grad)
+            else:
+                grads += [g for g in (layer.grad_K, layer.grad_L) if g is not None]
+        grads += [p.grad for group in self.param_groups[1:] for p in group["params"] if p.grad is not None]
+        if not grads or not _any_nonfinite(grads):
+            return
+        named = []
         for name, layer in zip(self.layer_names, self.lowrank_layers):
             for label, g in (("G V", layer.grad_K), ("Gᵀ U", layer.grad_L), ("Uᵀ G V", layer.S.grad)):
-                if g is not None:
-                    names.append(f"layer {name!r} ({label})")
-                    grads.append(g)
-        for group in self.param_groups[1:]:
-            for p in group["params"]:
-                if p.grad is not None:
-                    names.append(f"parameter {self._dense_names[id(p)]!r}")
-                    grads.append(p.grad)
-        if grads and _any_nonfinite(grads):
-            bad = next(i for i, g in enumerate(grads) if not bool(torch.isfinite(g).all()))
-            raise NonFiniteError(f"{where}: non-finite gradient in {names[bad]}")
+                named.append((f"layer {name!r} ({label})", g))
+        named += [(f"parameter {self._dense_names[id(p)]!r}", p.grad) for g in self.param_groups[1:] for p in g["params"]]
+        bad = next(n for n, g in named if g is not None and not bool(torch.isfinite(g).all()))
+        raise NonFiniteError(f"{where}: non-finite gradient in {bad}")
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -218,11 +218,11 @@ def transport(
 def KL_grads(layer: LowRankLayer) -> tuple[Tensor, Tensor]:
     """``(G V, Gᵀ U)`` of the last pass; zeros for a layer the loss did not reach."""
     gK, gL = layer.grad_K, layer.grad_L
-    U, V, S = layer.U.detach(), layer.V.detach(), layer.S.detach()
-    return (
-        torch.zeros(U.shape[0], S.shape[1], dtype=U.dtype, device=U.device) if gK is None else gK,
-        torch.zeros(V.shape[0], S.shape[0], dtype=V.dtype, device=V.device) if gL is None else gL,
-    )
+    if gK is None:
+        gK = layer.U.new_zeros(layer.U.shape[0], layer.S.shape[1])
+    if gL is None:
+        gL = layer.V.new_zeros(layer.V.shape[0], layer.S.shape[0])
+    return gK, gL
 
 
 def K_and_L_steps(opt: DLRTOptimizer, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -317,7 +317,7 @@ def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor) -> None:
     The core is then no longer a freshly grown zero core (``just_grown`` is cleared).
     """
     S0 = layer.S.detach()
-    layer.set_factors(layer.U.detach(), S0 + factor_step(opt, layer, "S", S0, grad), layer.V.detach())
+    layer.set_core(S0 + factor_step(opt, layer, "S", S0, grad))
     layer.just_grown = False
 
 

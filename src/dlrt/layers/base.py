@@ -180,6 +180,14 @@ class LowRankLayer(nn.Module):
             _replace_data(p, t.detach().to(dtype=p.dtype, device=p.device).contiguous())
         self.clear_pass()
 
+    @torch.no_grad()
+    def set_core(self, S: Tensor) -> None:
+        """Replace the core only (same shape), e.g. after an S-step; clears all gradients like :meth:`set_factors`."""
+        if S.shape != self.S.shape:
+            raise ValueError(f"S{tuple(S.shape)} does not match the current core {tuple(self.S.shape)}")
+        _replace_data(self.S, S.detach().to(dtype=self.S.dtype, device=self.S.device).contiguous())
+        self.clear_pass()
+
     def clear_pass(self) -> None:
         """Forget what the last backward passes recorded (projected gradients, pass inputs)."""
         self.grad_K = self.grad_L = None
