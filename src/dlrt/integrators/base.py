@@ -247,28 +247,20 @@ def change_basis(
     S1: Tensor | None = None,
     A: Tensor | None = None,
     B: Tensor | None = None,
-    new: tuple[int, int] = (0, 0),
 ) -> None:
     """Move the layer to bases ``(U1, V1)`` and transport all its state.
 
     The new core is the Galerkin projection ``(U1ᵀU₀) S₀ (V₀ᵀV₁)`` unless
     ``S1`` is given; ``A = U1ᵀU₀`` and ``B = V₀ᵀV₁`` are computed unless given.
-    ``new = (a, b)`` says that the last ``a`` columns of ``U1`` and ``b`` of
-    ``V1`` are new directions orthogonal to the old bases (an augmentation):
-    those rows of ``A`` and columns of ``B`` are zero, and the state is
-    transported by the old block and padded with zeros instead of multiplied
-    by them.
     """
     U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
     A = U1.mT @ U0 if A is None else A  # r1×r0
     B = V0.mT @ V1 if B is None else B  # r0×r1
     if S1 is None:
         S1 = A @ S0 @ B
-    a, b = new
-    A_old, B_old = A[: A.shape[0] - a], B[:, : B.shape[1] - b]
-    transport(opt, layer, "S", A_old, B_old, pad=(a, b))
-    transport(opt, layer, "K", None, B_old, pad=(0, b))  # K-state: columns follow V
-    transport(opt, layer, "L", None, A_old.mT, pad=(0, a))  # L-state: columns follow U
+    transport(opt, layer, "S", A, B)
+    transport(opt, layer, "K", None, B)  # K-state: columns follow V
+    transport(opt, layer, "L", None, A.mT)  # L-state: columns follow U
     layer.set_factors(U1, S1, V1)
 
 
@@ -282,12 +274,23 @@ def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> 
     ``(Ûᵀ[U₀, KU], V̂ᵀ[V₀, LV])`` of :func:`~dlrt.linalg.augment_basis_qr`; the
     new bases are the layer's ``U`` and ``V``.
     """
-    r_u, r_v = layer.S.shape
-    U_hat, RU = linalg.augment_basis_qr(layer.U.detach(), KU)
-    V_hat, RV = linalg.augment_basis_qr(layer.V.detach(), LV)
-    # ÛᵀU₀ = [R₁₁; 0]: the new directions are orthogonal to U₀.
-    new = (U_hat.shape[1] - r_u, V_hat.shape[1] - r_v)
-    change_basis(opt, layer, U_hat, V_hat, A=RU[:, :r_u], B=RV[:, :r_v].mT, new=new)
+    U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+    r_u, r_v = S0.shape
+    U_hat, RU = linalg.augment_basis_qr(U0, KU)
+    V_hat, RV = linalg.augment_basis_qr(V0, LV)
+    a, b = U_hat.shape[1] - r_u, V_hat.shape[1] - r_v
+    # ÛᵀU₀ = [R₁₁; 0] and V₀ᵀV̂ = [R₁₁'ᵀ, 0]: the new directions are orthogonal to the old
+    # bases, and R₁₁, R₁₁' are the identity to round-off (the first columns of Û, V̂ are U₀, V₀
+    # re-orthonormalized). The S-state moves by the old blocks; the K- and L-states (columns in
+    # V- and U-coordinates, n×r and m×r) keep their columns: multiplying them by R₁₁ would cost
+    # an n×r×r product per state tensor and change them only by round-off. New directions
+    # start from zero state.
+    A, B = RU[:r_u, :r_u], RV[:r_v, :r_v].mT
+    transport(opt, layer, "S", A, B, pad=(a, b))
+    transport(opt, layer, "K", None, None, pad=(0, b))
+    transport(opt, layer, "L", None, None, pad=(0, a))
+    S_hat = torch.nn.functional.pad(A @ S0 @ B, (0, b, 0, a))
+    layer.set_factors(U_hat, S_hat, V_hat)
     return RU, RV
 
 

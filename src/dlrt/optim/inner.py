@@ -230,7 +230,9 @@ def transport_state(
         t = state.get(key)
         if t is None:
             continue
-        if kind == LINEAR:
+        if left is None and right is None:
+            out[key] = padded(t)  # no change of coordinates: no round trip through √v for second moments
+        elif kind == LINEAR:
             out[key] = padded(move(t))
         elif kind == SQUARE:
             out[key] = padded(move(t.sqrt()).square_())
