@@ -36,8 +36,10 @@ def _check_projected(layer, dense, x):
     assert layer.U.grad is None and layer.V.grad is None  # the integrator moves U, V; no gradient step
 
 
-def test_linear_projected_gradients_equal_dense_formulas():
+@pytest.mark.parametrize("route", ["thin", "dense"])
+def test_linear_projected_gradients_equal_dense_formulas(route):
     layer = LowRankLinear(13, 9, rank=4, dtype=DT)
+    layer.contraction = route
     _check_projected(layer, layer.to_dense(), torch.randn(3, 5, 13, dtype=DT))
 
 
@@ -53,16 +55,20 @@ def test_linear_projected_gradients_equal_dense_formulas():
         dict(stride=1, padding=(1, 2), padding_mode="circular", dilation=(1, 2)),
     ],
 )
-def test_conv_projected_gradients_equal_dense_formulas(kw):
+@pytest.mark.parametrize("route", ["thin", "dense"])
+def test_conv_projected_gradients_equal_dense_formulas(kw, route):
     layer = LowRankConv2d(3, 7, (3, 2), rank=4, dtype=DT, **kw)
+    layer.contraction = route
     dense = layer.to_dense()
     x = torch.randn(2, 3, 9, 8, dtype=DT)
     torch.testing.assert_close(layer(x), dense(x), atol=1e-12, rtol=0)
     _check_projected(layer, dense, x)
 
 
-def test_plain_mode_gives_the_true_factor_gradients():
+@pytest.mark.parametrize("route", ["thin", "dense"])
+def test_plain_mode_gives_the_true_factor_gradients(route):
     layer = LowRankLinear(6, 5, rank=3, dtype=DT)
+    layer.contraction = route
     x = torch.randn(4, 6, dtype=DT)
     U, S, V = (p.detach().clone().requires_grad_() for p in (layer.U, layer.S, layer.V))
     _loss(x @ V @ S.T @ U.T + layer.bias.detach()).backward()
@@ -159,10 +165,12 @@ def test_rank_type_and_bounds_errors():
         LowRankLinear.from_linear(nn.Linear(3, 3))
 
 
-def test_bf16_autocast_forward_and_backward():
+@pytest.mark.parametrize("route", ["thin", "dense"])
+def test_bf16_autocast_forward_and_backward(route):
     layer = LowRankLinear(16, 8, rank=4)
     conv = LowRankConv2d(2, 4, 3, rank=2, padding=1)
     for mod, x in ((layer, torch.randn(3, 16)), (conv, torch.randn(2, 2, 5, 5))):
+        mod.contraction = route
         mod.grad_request = frozenset({"K", "L"})
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = mod(x)
@@ -170,6 +178,39 @@ def test_bf16_autocast_forward_and_backward():
         y.float().square().sum().backward()
         assert mod.S.grad.dtype == torch.float32 and mod.grad_K.dtype == torch.float32
         assert mod.grad_L.dtype == torch.float32 and mod.bias.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("route", ["thin", "dense"])
+@pytest.mark.parametrize("make", [lambda: LowRankLinear(7, 6, 2, dtype=DT), lambda: LowRankConv2d(2, 6, 3, 2, dtype=DT)])
+def test_project_grad_contracts_the_recorded_passes_in_any_bases(make, route):
+    # Lᵀ G R for bases other than the layer's, G summed over two backward calls (what bug's S-step reads).
+    layer = make()
+    layer.contraction = route
+    dense = layer.to_dense()
+    layer.grad_request = frozenset({"K", "L", "X"})
+    xs = [torch.randn(4, 7, dtype=DT) if isinstance(layer, LowRankLinear) else torch.randn(2, 2, 5, 5, dtype=DT)]
+    xs.append(torch.randn_like(xs[0]))
+    for x in xs:
+        _loss(layer(x)).backward()
+        _loss(dense(x)).backward()
+    G = dense.weight.grad.reshape(layer.out_dim, -1)
+    L, R = torch.randn(layer.out_dim, 3, dtype=DT), torch.randn(layer.in_dim, 5, dtype=DT)
+    torch.testing.assert_close(layer.project_grad(L, R), L.T @ G @ R, atol=1e-10, rtol=1e-10)
+    layer.clear_pass()
+    assert layer.project_grad(L, R) is None
+
+
+def test_the_cheaper_route_is_chosen_by_shape_and_can_be_forced():
+    # LeNet5's conv1 (1→20, 5×5, rank 14): the 20×25 kernel is cheaper than rank-14 thin products;
+    # its fc1 (800→500, rank 20) is not.
+    conv1 = LowRankConv2d(1, 20, 5, rank=14)
+    fc1 = LowRankLinear(800, 500, rank=20)
+    assert conv1.uses_dense_kernel(torch.randn(128, 1, 28, 28))
+    assert not fc1.uses_dense_kernel(torch.randn(128, 800))
+    fc1.contraction = "dense"
+    assert fc1.uses_dense_kernel(torch.randn(128, 800))
+    with pytest.raises(ValueError, match="contraction must be 'auto', 'thin' or 'dense'"):
+        fc1.contraction = "fast"
 
 
 def test_set_factors_changes_rank_after_a_graph_was_kept():

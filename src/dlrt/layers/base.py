@@ -28,7 +28,13 @@ GRAD_KINDS = frozenset({"K", "L", "X"})
 
 
 class _LowRankFunction(torch.autograd.Function):
-    """y = project_out(project_in(x, V) Sᵀ, U) + b with the projected gradients in backward."""
+    """y = project_out(project_in(x, V) Sᵀ, U) + b with the projected gradients in backward.
+
+    Where the dense weight is the cheaper route (:meth:`LowRankLayer.uses_dense_kernel`),
+    the forward applies ``W = U S Vᵀ`` and the backward forms the weight gradient
+    ``G`` once and projects it: the same quantities, fewer operations for a
+    small weight such as a first convolution (1→20 channels, 5×5).
+    """
 
     @staticmethod
     def forward(ctx, x, U, S, V, bias, layer):  # type: ignore[override]
@@ -38,8 +44,12 @@ class _LowRankFunction(torch.autograd.Function):
             x, U, S, V = (t.to(dt) for t in (x, U, S, V))
             bias = bias.to(dt) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            a = layer._project_in(x, V)  # X V
-            y = layer._project_out(layer._mul_core(a, S.mT), U, bias)
+            if layer.uses_dense_kernel(x):
+                a = None
+                y = layer._dense_apply(x, (U @ S) @ V.mT, bias)
+            else:
+                a = layer._project_in(x, V)  # X V
+                y = layer._project_out(layer._mul_core(a, S.mT), U, bias)
         ctx.layer = layer
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
@@ -52,19 +62,30 @@ class _LowRankFunction(torch.autograd.Function):
         layer = ctx.layer
         request = layer.grad_request
         need_x, need_U, need_S, need_V, need_b, _ = ctx.needs_input_grad
-        dy = dy.to(a.dtype)
+        dy = dy.to(x.dtype)
         plain = request is None
         want_K = (plain and need_U) or (request is not None and "K" in request)
         want_L = (plain and need_V) or (request is not None and "L" in request)
+        keep = request is not None and "X" in request
 
-        if request is not None and "X" in request:
-            # Kept for Lᵀ G R in other bases later (LowRankLayer.project_grad): the BUG S-step.
-            layer.pass_inputs.append((x, dy))
-        b = layer._project_out_adjoint(dy, U)  # Δ U
-        gK = layer._contract(dy, a) if want_K else None  # G V
-        gL = layer._basis_grad_in(x, b) if want_L else None  # Gᵀ U
-        gS = layer._contract(b, a) if need_S else None  # Uᵀ G V
-        gx = layer._input_grad(layer._mul_core(b, S), V, ctx.x_shape) if need_x else None
+        if a is None:  # dense route: G once, then its projections
+            G = layer._dense_weight_grad(x, dy)  # n×m
+            GV = G @ V
+            gK = GV if want_K else None  # G V
+            gL = G.mT @ U if want_L else None  # Gᵀ U
+            gS = U.mT @ GV if need_S else None  # Uᵀ G V
+            gx = layer._dense_input_grad(dy, (U @ S) @ V.mT, ctx.x_shape) if need_x else None
+            if keep:
+                layer.pass_inputs.append(G)
+        else:
+            if keep:
+                # Kept for Lᵀ G R in other bases later (LowRankLayer.project_grad): the BUG S-step.
+                layer.pass_inputs.append((x, dy))
+            b = layer._project_out_adjoint(dy, U)  # Δ U
+            gK = layer._contract(dy, a) if want_K else None  # G V
+            gL = layer._basis_grad_in(x, b) if want_L else None  # Gᵀ U
+            gS = layer._contract(b, a) if need_S else None  # Uᵀ G V
+            gx = layer._input_grad(layer._mul_core(b, S), V, ctx.x_shape) if need_x else None
         gb = layer._bias_grad(dy) if (need_b and ctx.has_bias) else None
 
         gU = gV = None
@@ -111,8 +132,11 @@ class LowRankLayer(nn.Module):
             integrator moves them on the manifold, never by a gradient step).
         grad_K, grad_L: the recorded projected gradients (accumulated like
             ``.grad``), or ``None``.
-        pass_inputs: ``(input, output gradient)`` of every backward since the
-            gradients were last cleared, recorded under ``"X"``.
+        pass_inputs: what every backward since the gradients were last
+            cleared recorded under ``"X"``: ``(input, output gradient)``, or
+            the weight gradient ``G`` on the dense route.
+        contraction: ``"auto"`` (default), ``"thin"`` or ``"dense"``: how the
+            forward and backward contract (:meth:`uses_dense_kernel`).
     """
 
     out_dim: int
@@ -148,7 +172,8 @@ class LowRankLayer(nn.Module):
         self.just_grown = False  # bases just grown from the gradient: the cycle's end keeps the rank
         self.grad_K: Tensor | None = None
         self.grad_L: Tensor | None = None
-        self.pass_inputs: list[tuple[Tensor, Tensor]] = []
+        self.pass_inputs: list[tuple[Tensor, Tensor] | Tensor] = []
+        self._contraction = "auto"
 
     # ----------------------------------------------------------------- factors
     @property
@@ -242,12 +267,46 @@ class LowRankLayer(nn.Module):
         formed): ``(Δ left)ᵀ (X right)``. ``None`` when nothing was recorded.
         """
         out = None
-        for x, dy in self.pass_inputs:
-            b = self._project_out_adjoint(dy, left.to(dy.dtype))
-            a = self._project_in(x, right.to(x.dtype))
-            g = self._contract(b, a)
+        for entry in self.pass_inputs:
+            if isinstance(entry, Tensor):  # the dense route kept G itself
+                g = left.to(entry.dtype).mT @ entry @ right.to(entry.dtype)
+            else:
+                x, dy = entry
+                g = self._contract(self._project_out_adjoint(dy, left.to(dy.dtype)), self._project_in(x, right.to(x.dtype)))
             out = g if out is None else out + g
         return None if out is None else out.to(left.dtype)
+
+    @property
+    def contraction(self) -> str:
+        return getattr(self, "_contraction", "auto")
+
+    @contraction.setter
+    def contraction(self, value: str) -> None:
+        if value not in ("auto", "thin", "dense"):
+            raise ValueError(f"contraction must be 'auto', 'thin' or 'dense', got {value!r}")
+        self._contraction = value
+
+    def uses_dense_kernel(self, x: Tensor) -> bool:
+        """Whether a pass on input ``x`` goes through the dense weight ``W = U S Vᵀ`` rather than thin products.
+
+        Both routes compute the same output and the same projected gradients.
+        Per output position the thin route costs about ``m r_v + r_v r_u + r_u n``
+        multiply-adds, the dense one ``n m`` (plus ``n m r`` once to form ``W``),
+        for ``W`` of shape ``n×m`` and a core ``r_u×r_v``; ``"auto"`` takes the
+        cheaper. ``self.contraction`` set to ``"thin"`` or ``"dense"`` forces a route.
+        """
+        if self.contraction != "auto":
+            return self.contraction == "dense"
+        n, m = self.out_dim, self.in_dim
+        r_u, r_v = self.S.shape
+        positions = x.numel() // self._input_width(x)
+        thin = m * r_v + r_v * r_u + r_u * n
+        return n * m * (positions + min(r_u, r_v)) < thin * positions
+
+    @staticmethod
+    def _input_width(x: Tensor) -> int:
+        """Entries of ``x`` per position: ``x.numel()`` over it counts the positions the layer is applied at."""
+        raise NotImplementedError
 
     def num_parameters(self) -> int:
         """Parameters stored by the layer: U, S, V and the bias."""

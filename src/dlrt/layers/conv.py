@@ -228,6 +228,27 @@ class LowRankConv2d(LowRankLayer):
     def _bias_grad(dy: Tensor) -> Tensor:
         return dy.sum((0, 2, 3))
 
+    # The dense route (LowRankLayer.uses_dense_kernel): one convolution with the full kernel.
+    @staticmethod
+    def _input_width(x: Tensor) -> int:
+        return x.shape[1]  # channels: x.numel() / channels = the (input) positions
+
+    def _dense_kernel(self, W: Tensor) -> Tensor:
+        return W.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _dense_apply(self, x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, self._dense_kernel(W), bias, self.stride, self._conv_padding, self.dilation)
+
+    def _dense_weight_grad(self, x: Tensor, dy: Tensor) -> Tensor:
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        g = torch.nn.grad.conv2d_weight(x, shape, dy, self.stride, self._conv_padding, self.dilation)
+        return g.reshape(self.out_channels, -1)
+
+    def _dense_input_grad(self, dy: Tensor, W: Tensor, x_shape: torch.Size) -> Tensor:
+        return torch.nn.grad.conv2d_input(
+            x_shape, self._dense_kernel(W), dy, self.stride, self._conv_padding, self.dilation
+        )
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -146,3 +146,20 @@ class LowRankLinear(LowRankLayer):
     @staticmethod
     def _bias_grad(dy: Tensor) -> Tensor:
         return dy.reshape(-1, dy.shape[-1]).sum(0)
+
+    # The dense route (LowRankLayer.uses_dense_kernel): W itself, G = Δᵀ X.
+    @staticmethod
+    def _input_width(x: Tensor) -> int:
+        return x.shape[-1]
+
+    @staticmethod
+    def _dense_apply(x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.nn.functional.linear(x, W, bias)
+
+    @staticmethod
+    def _dense_weight_grad(x: Tensor, dy: Tensor) -> Tensor:
+        return dy.reshape(-1, dy.shape[-1]).mT @ x.reshape(-1, x.shape[-1])
+
+    @staticmethod
+    def _dense_input_grad(dy: Tensor, W: Tensor, x_shape: torch.Size) -> Tensor:
+        return dy @ W
