@@ -397,6 +397,34 @@ def test_inner_rules_match_torch_optimizers_on_dense_parameters():
         torch.testing.assert_close(x, x_ref.detach(), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("name, kw", [("sgd", {"momentum": 0.9}), ("adam", {"weight_decay": 0.1}), ("adamw", {})])
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_fused_steps_of_several_tensors_equal_their_single_steps_bit_for_bit(name, kw, dtype):
+    rule = RULES[name]()
+    group = {**rule.defaults, **kw}
+    shapes = [(5, 3), (4,), (6, 6)]
+    xs = [torch.randn(s, dtype=dtype) for s in shapes]
+    single = [{} for _ in shapes]
+    fused = [{} for _ in shapes]
+    fused[1] = {"step": 0}  # a state the rule has not filled yet, beside fresh ones
+    single[1] = {"step": 0}
+    for _ in range(3):
+        gs = [torch.randn(s, dtype=dtype) for s in shapes]
+        kept = [dict(st) for st in fused]
+        olds = [{k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for st in fused]
+        deltas = rule.step_many(xs, gs, fused, group)
+        for x, g, st, d in zip(xs, gs, single, deltas):
+            assert torch.equal(rule.step(x, g, st, group), d)
+        for st, ref in zip(fused, single):
+            assert st.keys() == ref.keys()
+            for k, v in st.items():
+                assert torch.equal(v, ref[k]) if torch.is_tensor(v) else v == ref[k]
+        for st, old in zip(kept, olds):  # never in place: a shallow copy keeps the old state
+            for k, v in old.items():
+                assert torch.equal(st[k], v)
+        xs = [x + d for x, d in zip(xs, deltas)]
+
+
 @pytest.mark.parametrize("integrator", ["bug", "parallel", "fixed"])
 def test_a_layer_the_loss_does_not_reach_keeps_its_weights(integrator):
     used, unused = LowRankLinear(6, 5, 2, dtype=DT), LowRankLinear(6, 5, 2, dtype=DT)

@@ -381,12 +381,12 @@ class DLRTOptimizer(torch.optim.Optimizer):
         """The inner step of every dense parameter, not yet applied: ``(p, new value, new state)``."""
         out = []
         for group in self.param_groups[1:]:
-            for p in group["params"]:
-                if p.grad is not None:
-                    # A shallow copy: the rule writes new tensors (InnerRule.step); no entry before the commit.
-                    state = dict(self.state.get(p, {}))
-                    x = p.detach()
-                    out.append((p, x + self.rule.step(x, p.grad, state, group), state))
+            params = [p for p in group["params"] if p.grad is not None]
+            # Shallow copies: the rule writes new tensors (InnerRule.step); no entry before the commit.
+            states = [dict(self.state.get(p, {})) for p in params]
+            xs = [p.detach() for p in params]
+            deltas = self.rule.step_many(xs, [p.grad for p in params], states, group)
+            out += [(p, x + d, st) for p, x, d, st in zip(params, xs, deltas, states)]
         return out
 
     def _check_updated(

@@ -15,7 +15,7 @@ owns the method. In one call of :meth:`Integrator.step` the integrator may
   :func:`KL_grads` and ``opt.S_grad(layer)``;
 * **move layers** only through the operations of this module
   (:func:`change_basis`, :func:`augment`, :func:`grow_from_gradient`,
-  :func:`S_step`, :func:`truncate`), which keep every layer's optimizer state
+  :func:`S_steps`, :func:`truncate`), which keep every layer's optimizer state
   in step with its factors (docs/algorithms.md §5), and set the per-layer cycle flags
   (:data:`LAYER_FLAGS`: ``pending_growth``, ``just_grown``);
 * **change optimizer state** only of its layers' factor quantities, through
@@ -190,15 +190,25 @@ class Integrator:
 
 
 # --------------------------------------------------------------------------- ops
-def factor_step(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, x: Tensor, grad: Tensor) -> Tensor:
-    """The inner-optimizer step ``Δ`` for the factor quantity ``x`` (``kind`` of ``layer``).
+def factor_steps(opt: DLRTOptimizer, items: list[tuple[LowRankLayer, Kind, Tensor, Tensor]]) -> list[Tensor]:
+    """The inner-optimizer steps ``Δ`` for factor quantities ``(layer, kind, x, grad)``, as one fused update.
 
-    ``x`` is not modified; the new state replaces the old one.
+    The ``x`` are not modified; each new state replaces the old one.
     """
-    state = dict(factor_state(opt, layer, kind))  # the rule writes new tensors (InnerRule.step)
-    delta = opt.rule.step(x, grad.to(x.dtype), state, opt.lowrank_group)
-    set_factor_state(opt, layer, kind, state)
-    return delta
+    if not items:
+        return []
+    states = [dict(factor_state(opt, layer, kind)) for layer, kind, _, _ in items]  # rules write new tensors
+    xs = [x for _, _, x, _ in items]
+    grads = [g.to(x.dtype) for (_, _, _, g), x in zip(items, xs)]
+    deltas = opt.rule.step_many(xs, grads, states, opt.lowrank_group)
+    for (layer, kind, _, _), state in zip(items, states):
+        set_factor_state(opt, layer, kind, state)
+    return deltas
+
+
+def factor_step(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, x: Tensor, grad: Tensor) -> Tensor:
+    """:func:`factor_steps` for one factor quantity."""
+    return factor_steps(opt, [(layer, kind, x, grad)])[0]
 
 
 def transport(
@@ -225,18 +235,24 @@ def KL_grads(layer: LowRankLayer) -> tuple[Tensor, Tensor]:
     return gK, gL
 
 
-def K_and_L_steps(opt: DLRTOptimizer, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """docs/algorithms.md §2.2: ``K₁ = U₀S₀ − λ G₀V₀`` and ``L₁ = V₀S₀ᵀ − λ G₀ᵀU₀``.
+def K_and_L_steps(opt: DLRTOptimizer, layers: list[LowRankLayer]) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """docs/algorithms.md §2.2 for every layer: ``K₁ = U₀S₀ − λ G₀V₀`` and ``L₁ = V₀S₀ᵀ − λ G₀ᵀU₀``.
 
-    Returns ``(K₁, L₁, ΔK, ΔL)`` with the steps ``ΔK = K₁ − U₀S₀``,
+    Returns ``(K₁, L₁, ΔK, ΔL)`` per layer, with the steps ``ΔK = K₁ − U₀S₀``,
     ``ΔL = L₁ − V₀S₀ᵀ`` computed directly (``range([U₀, K₁]) = range([U₀, ΔK])``).
     """
-    U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
-    gK, gL = KL_grads(layer)
-    K0, L0 = U0 @ S0, V0 @ S0.mT
-    dK = factor_step(opt, layer, "K", K0, gK)
-    dL = factor_step(opt, layer, "L", L0, gL)
-    return K0 + dK, L0 + dL, dK, dL
+    items: list[tuple[LowRankLayer, Kind, Tensor, Tensor]] = []
+    for layer in layers:
+        U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+        gK, gL = KL_grads(layer)
+        items += [(layer, "K", U0 @ S0, gK), (layer, "L", V0 @ S0.mT, gL)]
+    deltas = factor_steps(opt, items)
+    out = []
+    for i in range(len(layers)):
+        K0, L0 = items[2 * i][2], items[2 * i + 1][2]
+        dK, dL = deltas[2 * i], deltas[2 * i + 1]
+        out.append((K0 + dK, L0 + dL, dK, dL))
+    return out
 
 
 def change_basis(
@@ -314,14 +330,21 @@ def grow_from_gradient(opt: DLRTOptimizer, layer: LowRankLayer, gK: Tensor, gL: 
     layer.just_grown = True
 
 
-def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor) -> None:
-    """``S ← S − λ ∇_S`` with the inner optimizer (the Galerkin/coefficient step).
+def S_steps(opt: DLRTOptimizer, layers: list[LowRankLayer], grads: list[Tensor]) -> None:
+    """``S ← S − λ ∇_S`` on every layer with the inner optimizer (the Galerkin/coefficient step), fused.
 
-    The core is then no longer a freshly grown zero core (``just_grown`` is cleared).
+    The cores are then no longer freshly grown zero cores (``just_grown`` is cleared).
     """
-    S0 = layer.S.detach()
-    layer.set_core(S0 + factor_step(opt, layer, "S", S0, grad))
-    layer.just_grown = False
+    S0s = [layer.S.detach() for layer in layers]
+    deltas = factor_steps(opt, [(layer, "S", S0, g) for layer, S0, g in zip(layers, S0s, grads)])
+    for layer, S0, delta in zip(layers, S0s, deltas):
+        layer.set_core(S0 + delta)
+        layer.just_grown = False
+
+
+def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor) -> None:
+    """:func:`S_steps` for one layer."""
+    S_steps(opt, [layer], [grad])
 
 
 def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, Any], held_rank: int = 0) -> None:

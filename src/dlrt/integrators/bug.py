@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import linalg
-from .base import KL, NONE, Integrator, K_and_L_steps, KL_grads, S_step, augment, change_basis, drop_state
+from .base import KL, NONE, Integrator, K_and_L_steps, KL_grads, S_steps, augment, change_basis, drop_state
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -54,11 +54,11 @@ class BUG(Integrator):
                     # range(G V₀), range(Gᵀ U₀) (no separate growth); state of older factors is dropped.
                     drop_state(opt, layer)
                     layer.pending_growth = False
-                gS, (gK, gL) = opt.S_grad(layer), KL_grads(layer)
-                inputs = layer.pass_inputs  # cleared when the bases change
+            pass_grads = [(opt.S_grad(layer), *KL_grads(layer), layer.pass_inputs) for layer in layers]
+            G_hats = []
+            for layer, (gS, gK, gL, inputs), (_, _, dK, dL) in zip(layers, pass_grads, K_and_L_steps(opt, layers)):
                 r_u, r_v = layer.S.shape
-                _, _, dK, dL = K_and_L_steps(opt, layer)
-                augment(opt, layer, dK, dL)
+                augment(opt, layer, dK, dL)  # clears the pass's records: they were taken above
                 layer.pass_inputs = inputs
                 U_new, V_new = layer.U.detach()[:, r_u:], layer.V.detach()[:, r_v:]
                 G_hat = torch.empty_like(layer.S)
@@ -68,11 +68,11 @@ class BUG(Integrator):
                 if U_new.shape[1] and V_new.shape[1]:
                     G_hat[r_u:, r_v:] = opt.pass_grad(layer, U_new, V_new)  # Ũᵀ G₀ Ṽ
                 layer.pass_inputs = []
-                S_step(opt, layer, G_hat)
+                G_hats.append(G_hat)
+            S_steps(opt, layers, G_hats)
         else:
             loss = opt.evaluate(closure, NONE, "S")
-            for layer in layers:
-                S_step(opt, layer, opt.S_grad(layer))
+            S_steps(opt, layers, [opt.S_grad(layer) for layer in layers])
         self.advance(opt)
         return loss
 
@@ -101,10 +101,9 @@ class FixedRankBUG(Integrator):
                 if layer.pending_growth:
                     drop_state(opt, layer)
                     layer.pending_growth = False
-                K1, L1, _, _ = K_and_L_steps(opt, layer)
+            for layer, (K1, L1, _, _) in zip(layers, K_and_L_steps(opt, layers)):
                 change_basis(opt, layer, linalg.orth(K1), linalg.orth(L1))
         loss = opt.evaluate(closure, NONE, "S")
-        for layer in layers:
-            S_step(opt, layer, opt.S_grad(layer))
+        S_steps(opt, layers, [opt.S_grad(layer) for layer in layers])
         self.advance(opt)
         return loss

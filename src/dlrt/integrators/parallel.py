@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import KL, NONE, Integrator, KL_grads, S_step, augment, grow_from_gradient
+from .base import KL, NONE, Integrator, KL_grads, S_steps, augment, grow_from_gradient
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -41,6 +41,7 @@ class ParallelBUG(Integrator):
 
     def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
         layers = opt.lowrank_layers
+        stepped, grads = [], []
         if opt.phase == 0:
             loss = opt.evaluate(closure, KL, "augmentation")
             for layer in layers:
@@ -58,11 +59,14 @@ class ParallelBUG(Integrator):
                 G_hat[:r_u, :r_v] = gS
                 G_hat[:r_u, r_v:] = RV[r_v:, r_v:].mT
                 G_hat[r_u:, :r_v] = RU[r_u:, r_u:]
-                S_step(opt, layer, G_hat)
+                stepped.append(layer)
+                grads.append(G_hat)
         else:
             loss = opt.evaluate(closure, NONE, "coefficient")
             for layer in layers:
                 if not layer.pending_growth:  # placeholder bases: nothing to step until they grow
-                    S_step(opt, layer, opt.S_grad(layer))
+                    stepped.append(layer)
+                    grads.append(opt.S_grad(layer))
+        S_steps(opt, stepped, grads)
         self.advance(opt)
         return loss

@@ -76,6 +76,16 @@ class InnerRule:
         """
         raise NotImplementedError
 
+    def step_many(
+        self, xs: list[Tensor], gs: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    ) -> list[Tensor]:
+        """:meth:`step` for several tensors of one group at once; the same result, fewer Python round trips.
+
+        Rules may fuse the tensors' updates into multi-tensor (``torch._foreach``)
+        kernels; the steps equal those of :meth:`step` bit for bit.
+        """
+        return [self.step(x, g, st, group) for x, g, st in zip(xs, gs, states)]
+
     def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Step ``x`` in place along ``g``; ``state`` receives the new state."""
         x.add_(self.step(x, g, state, group))
@@ -139,17 +149,8 @@ class Adam(InnerRule):
             check_real(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
         check_real("eps", group["eps"], low=0.0)
 
-    def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    def _init_state(self, x: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         b1, b2 = group["betas"]
-        # Half-precision values keep their moments and compute their step in float32: in
-        # float16, g² and eps = 1e-8 underflow to 0, and an entry with a zero gradient would
-        # step by 0/0.
-        out_dtype = x.dtype
-        if out_dtype in (torch.float16, torch.bfloat16):
-            x, g = x.float(), g.float()
-        if wd and not self.decoupled:
-            g = g.add(x, alpha=wd)
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(x)
@@ -162,6 +163,51 @@ class Adam(InnerRule):
             if state[key].dtype != x.dtype:  # e.g. a state saved from a float32 run
                 state[key] = state[key].to(x.dtype)
         state["step"] += 1
+
+    def step_many(
+        self, xs: list[Tensor], gs: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]
+    ) -> list[Tensor]:
+        half = (torch.float16, torch.bfloat16)
+        if len(xs) < 2 or len({(x.device, x.dtype) for x in xs}) > 1 or xs[0].dtype in half:
+            return super().step_many(xs, gs, states, group)
+        # The operations of step(), each applied to all tensors by one multi-tensor kernel.
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        if wd and not self.decoupled:
+            gs = torch._foreach_add(gs, xs, alpha=wd)
+        for x, st in zip(xs, states):
+            self._init_state(x, st, group)
+        ms = torch._foreach_lerp([st["exp_avg"] for st in states], gs, 1.0 - b1)
+        vs = torch._foreach_mul([st["exp_avg_sq"] for st in states], b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
+        w1s = torch._foreach_mul([st["weight1"] for st in states], b1)
+        torch._foreach_add_(w1s, 1.0 - b1)
+        w2s = torch._foreach_mul([st["weight2"] for st in states], b2)
+        torch._foreach_add_(w2s, 1.0 - b2)
+        for st, m, v, w1, w2 in zip(states, ms, vs, w1s, w2s):
+            st["exp_avg"], st["exp_avg_sq"], st["weight1"], st["weight2"] = m, v, w1, w2
+        denoms = torch._foreach_div(vs, w2s)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, eps)
+        deltas = torch._foreach_div(ms, w1s)
+        torch._foreach_div_(deltas, denoms)
+        torch._foreach_mul_(deltas, -lr)
+        if wd and self.decoupled:
+            torch._foreach_add_(deltas, xs, alpha=-lr * wd)
+        return list(deltas)
+
+    def step(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        # Half-precision values keep their moments and compute their step in float32: in
+        # float16, g² and eps = 1e-8 underflow to 0, and an entry with a zero gradient would
+        # step by 0/0.
+        out_dtype = x.dtype
+        if out_dtype in (torch.float16, torch.bfloat16):
+            x, g = x.float(), g.float()
+        if wd and not self.decoupled:
+            g = g.add(x, alpha=wd)
+        self._init_state(x, state, group)
         # New tensors, never in place (see InnerRule.step).
         m = state["exp_avg"] = state["exp_avg"].lerp(g, 1.0 - b1)
         v = state["exp_avg_sq"] = state["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1.0 - b2)
