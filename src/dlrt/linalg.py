@@ -261,12 +261,17 @@ def truncation_rank(
         max_rank: largest rank returned (default: ``len(σ)``).
     """
     _check_tau(tau)
-    s = sigma.detach().double()
-    full = s.numel()
+    # A core has at most a few hundred singular values: one transfer, then plain floats
+    # (Python floats are float64), instead of a dozen tiny tensor operations.
+    s = sigma.detach().double().tolist()
+    full = len(s)
     # tail[k] = ‖σ[k:]‖₂ for k = 0..full (tail[full] = 0).
-    tail = torch.cat([s.flip(0).square().cumsum(0).flip(0), s.new_zeros(1)]).sqrt()
-    theta = tau if absolute else tau * float(tail[0])
-    k = int(torch.nonzero(tail <= theta)[0])
+    tail = [0.0] * (full + 1)
+    for i in range(full - 1, -1, -1):
+        tail[i] = tail[i + 1] + s[i] * s[i]
+    tail = [math.sqrt(t) for t in tail]
+    theta = tau if absolute else tau * tail[0]
+    k = next(i for i, t in enumerate(tail) if t <= theta)
     hi = full if max_rank is None else min(max_rank, full)
     return max(min(k, hi), min(min_rank, hi))
 

@@ -397,15 +397,12 @@ class DLRTOptimizer(torch.optim.Optimizer):
         One fused pass over the new factors and dense values (docs/algorithms.md §7): finite
         gradients with a step far too large are caught before they are committed.
         """
-        names, tensors = [], []
-        for name, layer in zip(self.layer_names, self.lowrank_layers):
-            names += [f"factors of layer {name!r}"] * 3
-            tensors += [layer.U.detach(), layer.S.detach(), layer.V.detach()]
-        for p, value, _ in dense or ():
-            names.append(f"parameter {self._dense_names[id(p)]!r}")
-            tensors.append(value)
+        tensors = [t.detach() for layer in self.lowrank_layers for t in (layer.U, layer.S, layer.V)]
+        tensors += [value for _, value, _ in dense or ()]
         if not _any_nonfinite(tensors):
             return
+        names = [f"factors of layer {name!r}" for name in self.layer_names for _ in range(3)]
+        names += [f"parameter {self._dense_names[id(p)]!r}" for p, _, _ in dense or ()]
         bad = next(i for i, t in enumerate(tensors) if not bool(torch.isfinite(t).all()))
         where = f"step {self.steps} ({self.integrator.name!r} integrator)"
         raise NonFiniteError(
