@@ -3,7 +3,7 @@ import torch
 
 from dlrt import linalg
 
-from .helpers import DT, ref_rank
+from .helpers import DT, ref_orth, ref_rank
 
 
 def eye(k):
@@ -59,6 +59,57 @@ def test_augment_basis_caps_new_directions_at_n_minus_r():
     torch.testing.assert_close(U_hat.T @ U_hat, eye(8), atol=1e-13, rtol=0)
     full = linalg.orth(torch.randn(8, 8, dtype=DT))
     assert linalg.augment_basis(full, torch.randn(8, 3, dtype=DT)).shape == (8, 8)
+
+
+def _no_householder(monkeypatch):
+    def refuse(A):
+        raise AssertionError("Householder QR ran for a well-conditioned input")
+
+    monkeypatch.setattr(linalg, "_qr", refuse)
+
+
+def test_well_conditioned_augmentation_is_cholesky_qr_equal_to_the_householder_result(monkeypatch):
+    U0 = linalg.orth(torch.randn(40, 5, dtype=DT))
+    X = torch.randn(40, 4, dtype=DT)
+    U_ref, R_ref = linalg.augment_basis_qr(U0, X)  # no patch yet: whichever path, the reference
+    Q, R = torch.linalg.qr(torch.cat([U0, X], 1))
+    signs = torch.sign(torch.diagonal(R))
+    _no_householder(monkeypatch)
+    U_hat, R_hat = linalg.augment_basis_qr(U0, X)
+    torch.testing.assert_close(U_hat, Q * signs, atol=1e-13, rtol=0)  # the QR factor with diag(R) >= 0
+    torch.testing.assert_close(R_hat, R * signs[:, None], atol=1e-13, rtol=0)
+    torch.testing.assert_close(R_hat, U_hat.T @ torch.cat([U0, X], 1), atol=1e-13, rtol=0)
+    torch.testing.assert_close(U_hat, U_ref, atol=1e-13, rtol=0)
+    torch.testing.assert_close(linalg.orth(X), ref_orth(X), atol=1e-13, rtol=0)
+
+
+def test_augmentation_re_orthonormalizes_a_drifted_basis(monkeypatch):
+    # U0 off orthonormality by 1e-6 (round-off built up elsewhere): Û is orthonormal to machine
+    # precision again, and its first columns still span range(U0).
+    U0 = linalg.orth(torch.randn(40, 5, dtype=DT))
+    U0 = U0 + 1e-6 * torch.randn_like(U0)
+    _no_householder(monkeypatch)
+    U_hat, R = linalg.augment_basis_qr(U0, torch.randn(40, 3, dtype=DT))
+    torch.testing.assert_close(U_hat.T @ U_hat, eye(8), atol=1e-14, rtol=0)
+    P = U_hat[:, :5] @ U_hat[:, :5].T
+    torch.testing.assert_close(P @ U0, U0, atol=1e-14, rtol=0)
+    torch.testing.assert_close(R[:, :5], U_hat.T @ U0, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_an_ill_conditioned_complement_falls_back_and_stays_orthonormal(dtype):
+    # The part of X outside range(U0) has condition number 1e9 (hopeless for a Gram matrix in
+    # either precision) but full rank above round-off in float64.
+    U0 = linalg.orth(torch.randn(50, 4, dtype=DT))
+    comp = torch.linalg.qr(torch.randn(50, 50, dtype=DT))[0][:, 4:7]
+    comp = comp - U0 @ (U0.T @ comp)
+    X = U0 @ torch.randn(4, 3, dtype=DT) + comp * torch.tensor([1.0, 1e-4, 1e-9], dtype=DT)
+    U_hat, R = linalg.augment_basis_qr(U0.to(dtype), X.to(dtype))
+    k = U_hat.shape[1]
+    tol = 1e-13 if dtype == DT else 1e-6
+    torch.testing.assert_close(U_hat.T @ U_hat, torch.eye(k, dtype=dtype), atol=tol, rtol=0)
+    torch.testing.assert_close(R, U_hat.T @ torch.cat([U0.to(dtype), X.to(dtype)], 1), atol=tol * 10, rtol=0)
+    assert k == (7 if dtype == DT else 6)  # float32 cannot resolve the 1e-9 direction above round-off
 
 
 def test_galerkin_matches_dense_projection():
