@@ -34,6 +34,7 @@ test: install lint
 
 bench: install
 	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/lenet_step_time.py --threads 2
 
 bench-finetune: install
 	$(PY) benchmarks/finetune_vs_peft.py

@@ -12,6 +12,11 @@ Variants: ``dense``; ``bug`` and ``parallel`` with every layer but the classifie
 low-rank (``dlrt train``'s default); ``parallel-conv1-dense`` also leaves the first
 convolution (1→20 channels, 500 weights) dense, where a factorization saves nothing.
 
+Targets (issue 11): ``bug`` ≤ 1.5× dense and ``parallel`` ≤ 0.9× dense; each is
+printed as PASS/FAIL (``--strict``: exit status 1 on a FAIL). The medians, every
+sample, the ratios, the environment and the load average before and after go to
+``benchmarks/results/lenet_step_time.json``.
+
 Rerun::
 
     python benchmarks/lenet_step_time.py --threads 2
@@ -21,6 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shlex
 import statistics
 import sys
 import time
@@ -29,8 +37,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import dlrt
 from dlrt.training import TrainConfig
 from dlrt.training.loop import build_data, build_model, build_optimizer
+
+TARGETS = {"bug": 1.5, "parallel": 0.9}  # at most this many times the dense step
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lenet_step_time.json"
 
 VARIANTS = {
     "dense": {"dense": True},
@@ -45,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="benchmarks/results/lenet_step_time.json")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    if load_start[0] > 0.5:
+        print(f"warning: load average {load_start[0]:.2f} before the run; other processes will skew the timings")
 
     train_set, _ = build_data(TrainConfig())
     loader = torch.utils.data.DataLoader(
@@ -78,22 +94,44 @@ def main(argv: list[str] | None = None) -> int:
                 if rnd > 0:
                     times[name].append(time.perf_counter() - t0)
     medians = {n: statistics.median(t) for n, t in times.items()}
+    ratios = {n: medians[n] / medians["dense"] for n in medians}
     steps_per_epoch = -(-len(train_set) // 128)
+    ranks = {name: dlrt.ranks(model) for name, (model, _) in setups.items()}
     print(f"LeNet5 / MNIST, batch 128, {torch.get_num_threads()} threads, {args.rounds}×{args.steps} steps each\n")
     print("| variant | s/step (median) | vs dense | s/epoch (steps only) | ranks |")
     print("|---|---|---|---|---|")
-    for name, (model, _) in setups.items():
-        import dlrt
-
-        ranks = dlrt.ranks(model)
+    for name in setups:
         print(
-            f"| {name} | {medians[name]:.4f} | {medians[name] / medians['dense']:.2f} | "
-            f"{medians[name] * steps_per_epoch:.1f} | {ranks or '-'} |"
+            f"| {name} | {medians[name]:.4f} | {ratios[name]:.2f} | "
+            f"{medians[name] * steps_per_epoch:.1f} | {ranks[name] or '-'} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "medians": medians, "samples": times}, indent=2))
-    return 0
+    checks = [
+        {"name": f"{v} <= {limit}x dense", "value": ratios[v], "ok": ratios[v] <= limit} for v, limit in TARGETS.items()
+    ]
+    print()
+    for c in checks:
+        print(f"{'PASS' if c['ok'] else 'FAIL'}: {c['name']} ({c['value']:.3f})")
+    load_end = os.getloadavg()
+    print(f"load average (1 min) before {load_start[0]:.2f}, after {load_end[0]:.2f}")
+    record = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "num_threads": torch.get_num_threads(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "medians_s": medians,
+        "ratio_to_dense": ratios,
+        "final_ranks": ranks,
+        "samples_s": times,
+        "checks": checks,
+        "loadavg_before": load_start,
+        "loadavg_after": load_end,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 1 if args.strict and not all(c["ok"] for c in checks) else 0
 
 
 if __name__ == "__main__":

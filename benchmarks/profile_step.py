@@ -1,23 +1,40 @@
-"""Where a training step's time goes: torch.profiler over the steps of ``step_time.py`` and ``lenet_step_time.py``.
+"""Where a training step's time goes: per phase and layer, and per operator (torch.profiler).
 
     python benchmarks/profile_step.py                       # MLP width 2048, rank 32, batch 256: every variant
     python benchmarks/profile_step.py --model lenet5        # LeNet5 (dlrt train's defaults), batches of 128
     python benchmarks/profile_step.py --variants parallel --width 4096 --rows 30
 
-For every variant it prints the operators by self CPU time per step (the profiler's
-own overhead included, so compare rows within one table, and wall times with
-``step_time.py``). Nothing is written; the trace is not kept.
+For every variant it prints two tables over the same steps as ``step_time.py`` and
+``lenet_step_time.py`` take:
+
+* **phases**: wall milliseconds per step of each part of a dlrt step — the
+  forward/backward pass, the K/L inner steps, each layer's augmentation, the BUG
+  block contracted from the kept pass inputs, the S-steps, each layer's truncation
+  (SVD, new bases, state transport), and the rest (checks, dense parameters,
+  bookkeeping) — timed by wrapping dlrt's integrator operations (no profiler);
+* **operators**: torch.profiler's operators by self CPU time per step (the
+  profiler's own overhead included, so compare rows within one table, and wall
+  times with the benchmarks).
+
+Nothing is written; the trace is not kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+
+import dlrt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lenet_step_time import VARIANTS as LENET_VARIANTS
@@ -42,7 +59,84 @@ def lenet_step(variant: str):
 
         return opt.step(closure)
 
+    step.optimizer = opt
     return step
+
+
+class PhaseTimer:
+    """Wall time per (phase, layer) of dlrt steps, by wrapping the integrators' operations."""
+
+    def __init__(self) -> None:
+        self.ms: dict[tuple[str, str], float] = defaultdict(float)
+        self.names: dict[int, str] = {}
+        self.stack: list[str] = []
+
+    def wrap(self, phase: str, fn: Callable[..., Any], layer_arg: int | None) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            layer = self.names.get(id(args[layer_arg]), "?") if layer_arg is not None else "all"
+            self.stack.append(phase)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = (time.perf_counter() - t0) * 1e3
+                self.stack.pop()
+                self.ms[(phase, layer)] += elapsed
+                if self.stack:  # report phases exclusive of the ones nested in them
+                    self.ms[(self.stack[-1], "nested")] -= elapsed
+
+        return timed
+
+    @contextmanager
+    def installed(self, opt: Any) -> Iterator[None]:
+        """Wrap the operations where every module that uses them looks them up."""
+        import dlrt.integrators.base as base
+        import dlrt.integrators.bug as bug
+        import dlrt.integrators.parallel as parallel
+
+        self.names = {id(m): n for n, m in zip(opt.layer_names, opt.lowrank_layers)}
+        # (phase, where the name is looked up, name, position of the layer argument after self)
+        targets = [
+            ("pass (forward/backward, checks)", type(opt), "evaluate", None),
+            ("K/L inner steps", base, "K_and_L_steps", None),
+            ("augment (bases, core, state)", base, "augment", 1),
+            ("BUG block from kept pass inputs", type(opt), "pass_grad", 0),
+            ("S-steps", base, "S_steps", None),
+            ("truncate: SVDs, ranks", base, "truncate", None),
+            ("new bases + state transport", base, "change_basis", 1),
+            ("step total", type(opt), "step", None),
+        ]
+        saved = []
+        for phase, owner, name, layer_arg in targets:
+            layer_arg = None if layer_arg is None else layer_arg + (1 if isinstance(owner, type) else 0)
+            for module in {owner, *((bug, parallel) if owner is base else ())}:
+                if hasattr(module, name):
+                    saved.append((module, name, getattr(module, name)))
+                    setattr(module, name, self.wrap(phase, getattr(module, name), layer_arg))
+        try:
+            yield
+        finally:
+            for module, name, fn in reversed(saved):
+                setattr(module, name, fn)
+
+    def table(self, steps: int) -> str:
+        total = self.ms.pop(("step total", "all"), 0.0)
+        self.ms.pop(("step total", "nested"), None)  # the step's direct children are the phases themselves
+        layers = sorted(
+            {layer for _, layer in self.ms if layer not in ("all", "nested", "?")}, key=list(self.names.values()).index
+        )
+        phases: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for (phase, layer), ms in self.ms.items():
+            phases[phase]["all" if layer in ("all", "nested", "?") else layer] += ms / steps
+        accounted = sum(sum(v.values()) for v in phases.values())
+        phases["rest (checks, dense parameters, bookkeeping)"]["all"] = total / steps - accounted
+        head = f"{'phase':<46}" + "".join(f"{name[:12]:>13}" for name in layers) + f"{'total':>10}"
+        lines = [head, "-" * len(head)]
+        for phase, per in phases.items():
+            cells = "".join(f"{per[name]:>13.3f}" if name in per else f"{'':>13}" for name in layers)
+            lines.append(f"{phase:<46}{cells}{sum(per.values()):>10.3f}")
+        lines.append(f"{'step':<46}{'':>{13 * len(layers)}}{total / steps:>10.3f}")
+        return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +169,16 @@ def main(argv: list[str] | None = None) -> int:
             step = lenet_step(variant)
         for _ in range(5):
             step(x, y)
+        opt = getattr(step, "optimizer", None)
+        if isinstance(opt, dlrt.DLRTOptimizer):
+            timer = PhaseTimer()
+            with timer.installed(opt):
+                for _ in range(args.steps):
+                    step(x, y)
+            print(
+                f"\n== {args.model} {variant}: wall ms per step by phase and layer ({torch.get_num_threads()} threads)"
+            )
+            print(timer.table(args.steps))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 step(x, y)

@@ -121,6 +121,7 @@ def build(variant: str, width: int, rank: int, seed: int) -> tuple[nn.Module, Ca
 
         return opt.step(closure)
 
+    dlrt_step.optimizer = opt  # for profile_step.py
     return model, dlrt_step
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 import dlrt
 from dlrt import LowRankLinear
-from dlrt.layers import LowRankLayer
 from dlrt.integrators import BUG, ParallelBUG
+from dlrt.layers import LowRankLayer
 from dlrt.peft import GeoLoRAConfig, get_geolora_model
 
 from .helpers import mse_closure

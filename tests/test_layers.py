@@ -181,7 +181,9 @@ def test_bf16_autocast_forward_and_backward(route):
 
 
 @pytest.mark.parametrize("route", ["thin", "dense"])
-@pytest.mark.parametrize("make", [lambda: LowRankLinear(7, 6, 2, dtype=DT), lambda: LowRankConv2d(2, 6, 3, 2, dtype=DT)])
+@pytest.mark.parametrize(
+    "make", [lambda: LowRankLinear(7, 6, 2, dtype=DT), lambda: LowRankConv2d(2, 6, 3, 2, dtype=DT)]
+)
 def test_project_grad_contracts_the_recorded_passes_in_any_bases(make, route):
     # Lᵀ G R for bases other than the layer's, G summed over two backward calls (what bug's S-step reads).
     layer = make()

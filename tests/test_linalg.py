@@ -71,7 +71,6 @@ def _no_householder(monkeypatch):
 def test_well_conditioned_augmentation_is_cholesky_qr_equal_to_the_householder_result(monkeypatch):
     U0 = linalg.orth(torch.randn(40, 5, dtype=DT))
     X = torch.randn(40, 4, dtype=DT)
-    U_ref, R_ref = linalg.augment_basis_qr(U0, X)  # no patch yet: whichever path, the reference
     Q, R = torch.linalg.qr(torch.cat([U0, X], 1))
     signs = torch.sign(torch.diagonal(R))
     _no_householder(monkeypatch)
@@ -79,7 +78,6 @@ def test_well_conditioned_augmentation_is_cholesky_qr_equal_to_the_householder_r
     torch.testing.assert_close(U_hat, Q * signs, atol=1e-13, rtol=0)  # the QR factor with diag(R) >= 0
     torch.testing.assert_close(R_hat, R * signs[:, None], atol=1e-13, rtol=0)
     torch.testing.assert_close(R_hat, U_hat.T @ torch.cat([U0, X], 1), atol=1e-13, rtol=0)
-    torch.testing.assert_close(U_hat, U_ref, atol=1e-13, rtol=0)
     torch.testing.assert_close(linalg.orth(X), ref_orth(X), atol=1e-13, rtol=0)
 
 

@@ -324,7 +324,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         for name, layer in zip(self.layer_names, self.lowrank_layers):
             for label, g in (("G V", layer.grad_K), ("Gᵀ U", layer.grad_L), ("Uᵀ G V", layer.S.grad)):
                 named.append((f"layer {name!r} ({label})", g))
-        named += [(f"parameter {self._dense_names[id(p)]!r}", p.grad) for g in self.param_groups[1:] for p in g["params"]]
+        for group in self.param_groups[1:]:
+            named += [(f"parameter {self._dense_names[id(p)]!r}", p.grad) for p in group["params"]]
         bad = next(n for n, g in named if g is not None and not bool(torch.isfinite(g).all()))
         raise NonFiniteError(f"{where}: non-finite gradient in {bad}")
 

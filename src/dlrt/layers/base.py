@@ -272,7 +272,8 @@ class LowRankLayer(nn.Module):
                 g = left.to(entry.dtype).mT @ entry @ right.to(entry.dtype)
             else:
                 x, dy = entry
-                g = self._contract(self._project_out_adjoint(dy, left.to(dy.dtype)), self._project_in(x, right.to(x.dtype)))
+                b = self._project_out_adjoint(dy, left.to(dy.dtype))  # Δ L
+                g = self._contract(b, self._project_in(x, right.to(x.dtype)))  # (Δ L)ᵀ (X R)
             out = g if out is None else out + g
         return None if out is None else out.to(left.dtype)
 
