@@ -22,6 +22,7 @@ Nothing is written; the trace is not kept.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -64,10 +65,15 @@ def lenet_step(variant: str):
 
 
 class PhaseTimer:
-    """Wall time per (phase, layer) of dlrt steps, by wrapping the integrators' operations."""
+    """Wall time per (phase, layer) of dlrt steps, by wrapping the integrators' operations.
+
+    Times are summed per step; the table shows the median over steps of each entry
+    (a single slow step, e.g. a page fault or another process, does not move it).
+    """
 
     def __init__(self) -> None:
         self.ms: dict[tuple[str, str], float] = defaultdict(float)
+        self.steps: list[dict[tuple[str, str], float]] = []
         self.names: dict[int, str] = {}
         self.stack: list[str] = []
 
@@ -84,6 +90,9 @@ class PhaseTimer:
                 self.ms[(phase, layer)] += elapsed
                 if self.stack:  # report phases exclusive of the ones nested in them
                     self.ms[(self.stack[-1], "nested")] -= elapsed
+                else:  # the step ended
+                    self.steps.append(dict(self.ms))
+                    self.ms.clear()
 
         return timed
 
@@ -119,23 +128,32 @@ class PhaseTimer:
             for module, name, fn in reversed(saved):
                 setattr(module, name, fn)
 
-    def table(self, steps: int) -> str:
-        total = self.ms.pop(("step total", "all"), 0.0)
-        self.ms.pop(("step total", "nested"), None)  # the step's direct children are the phases themselves
-        layers = sorted(
-            {layer for _, layer in self.ms if layer not in ("all", "nested", "?")}, key=list(self.names.values()).index
-        )
-        phases: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        for (phase, layer), ms in self.ms.items():
-            phases[phase]["all" if layer in ("all", "nested", "?") else layer] += ms / steps
-        accounted = sum(sum(v.values()) for v in phases.values())
-        phases["rest (checks, dense parameters, bookkeeping)"]["all"] = total / steps - accounted
+    def table(self) -> str:
+        order = list(self.names.values())
+        per_step: list[dict[str, dict[str, float]]] = []
+        for ms in self.steps:
+            phases: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+            total = ms.get(("step total", "all"), 0.0)
+            for (phase, layer), t in ms.items():
+                if phase != "step total":
+                    phases[phase][layer if layer in order else "all"] += t
+            accounted = sum(sum(v.values()) for v in phases.values())
+            phases["rest (checks, dense parameters, bookkeeping)"]["all"] = total - accounted
+            phases["step"]["all"] = total
+            per_step.append(phases)
+        keys = {(phase, layer) for phases in per_step for phase, per in phases.items() for layer in per}
+        median = {k: statistics.median(p.get(k[0], {}).get(k[1], 0.0) for p in per_step) for k in keys}
+        layers = [name for name in order if any(layer == name for _, layer in keys)]
+        phase_names = list(dict.fromkeys(phase for phases in per_step for phase in phases))
+        phase_names.remove("step")
         head = f"{'phase':<46}" + "".join(f"{name[:12]:>13}" for name in layers) + f"{'total':>10}"
         lines = [head, "-" * len(head)]
-        for phase, per in phases.items():
-            cells = "".join(f"{per[name]:>13.3f}" if name in per else f"{'':>13}" for name in layers)
-            lines.append(f"{phase:<46}{cells}{sum(per.values()):>10.3f}")
-        lines.append(f"{'step':<46}{'':>{13 * len(layers)}}{total / steps:>10.3f}")
+        for phase in phase_names:
+            cells = "".join(f"{median[(phase, n)]:>13.3f}" if (phase, n) in median else f"{'':>13}" for n in layers)
+            row_total = sum(v for (p, _), v in median.items() if p == phase)
+            lines.append(f"{phase:<46}{cells}{row_total:>10.3f}")
+        label = f"step (median of {len(per_step)})"
+        lines.append(f"{label:<46}{'':>{13 * len(layers)}}{median[('step', 'all')]:>10.3f}")
         return "\n".join(lines)
 
 
@@ -178,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"\n== {args.model} {variant}: wall ms per step by phase and layer ({torch.get_num_threads()} threads)"
             )
-            print(timer.table(args.steps))
+            print(timer.table())
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 step(x, y)
