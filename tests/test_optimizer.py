@@ -397,6 +397,40 @@ def test_inner_rules_match_torch_optimizers_on_dense_parameters():
         torch.testing.assert_close(x, x_ref.detach(), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_deferring_the_kl_state_transport_to_the_truncation_changes_nothing(optimizer, monkeypatch):
+    # bug moves the K/L states once, at the truncation that ends its one-step cycle, instead of padding them
+    # at the augmentation and multiplying the zeros at the truncation: the same states and factors.
+    import dlrt.integrators.base as base
+    import dlrt.integrators.bug as bug
+
+    runs = []
+    for defer in (True, False):
+        torch.manual_seed(0)
+        model = net()
+        x, y = data()
+        kw = {"momentum": 0.9} if optimizer == "sgd" else {}
+        opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer=optimizer, lr=0.05, tau=0.1, **kw)
+        if not defer:
+            monkeypatch.setattr(bug, "augment", lambda *a, **k: base.augment(*a, **{**k, "defer_kl_state": False}))
+        for _ in range(5):
+            opt.step(mse_closure(model, opt, x, y))
+        assert not opt.deferred_kl_state
+        runs.append((model, opt))
+        monkeypatch.undo()
+    (a, opt_a), (b, opt_b) = runs
+    assert dlrt.ranks(a) == dlrt.ranks(b)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=0)
+    layer_a, layer_b = a[0], b[0]
+    for key_a, key_b in ((layer_a.U, layer_b.U), (layer_a.V, layer_b.V), (layer_a.S, layer_b.S)):
+        sa, sb = opt_a.state[key_a], opt_b.state[key_b]
+        assert sa.keys() == sb.keys() and sa
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                torch.testing.assert_close(sa[k], sb[k], atol=1e-12, rtol=0, msg=k)
+
+
 @pytest.mark.parametrize("name, kw", [("sgd", {"momentum": 0.9}), ("adam", {"weight_decay": 0.1}), ("adamw", {})])
 @pytest.mark.parametrize("dtype", [torch.float32, DT])
 def test_fused_steps_of_several_tensors_equal_their_single_steps_bit_for_bit(name, kw, dtype):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .integrators import INTEGRATORS, Integrator
-from .integrators.base import layer_flags, restore_layer_flags
+from .integrators.base import layer_flags, restore_layer_flags, settle_kl_state
 from .layers import LowRankLayer, check_rank
 from .optim.inner import RULES, InnerRule, check_real
 
@@ -207,6 +207,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.steps = 0
         #: Factor clipping and unscaling applied to the last pass's gradients (pass_grad applies it too).
         self._pass_scale = 1.0
+        #: Layers whose K/L states an augmentation left in the old coordinates for a truncation later in
+        #: the same step (integrators/base.py, augment); empty between steps.
+        self.deferred_kl_state: dict[LowRankLayer, tuple[int, int]] = {}
         self._buffer_guard = _BufferGuard(model)
         self._set_request(self.integrator.request(0))
 
@@ -350,6 +353,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         try:
             try:
                 loss = self.integrator.step(self, closure)
+                settle_kl_state(self)
             except torch.linalg.LinAlgError as err:
                 # A factorization of non-finite factors: the update itself blew up.
                 self._check_updated(None, cause=err)
@@ -459,6 +463,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         self._buffer_guard.restore()
+        self.deferred_kl_state.clear()
         factors, states, phase = saved
         for m, (U, S, V, flags) in zip(self.lowrank_layers, factors):
             if m.U.data is not U or m.S.data is not S or m.V.data is not V:

@@ -275,20 +275,32 @@ def change_basis(
     if S1 is None:
         S1 = A @ S0 @ B
     transport(opt, layer, "S", A, B)
-    transport(opt, layer, "K", None, B)  # K-state: columns follow V
-    transport(opt, layer, "L", None, A.mT)  # L-state: columns follow U
+    # K-state: columns follow V; L-state: columns follow U. Still in the coordinates before this
+    # step's augmentation (augment(defer_kl_state=True)): only their first rows of B, Aᵀ apply.
+    r_u_old, r_v_old = opt.deferred_kl_state.pop(layer, (A.shape[1], B.shape[0]))
+    transport(opt, layer, "K", None, B[:r_v_old])
+    transport(opt, layer, "L", None, A.mT[:r_u_old])
     layer.set_factors(U1, S1, V1)
 
 
-def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> tuple[Tensor, Tensor]:
+def augment(
+    opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor, *, defer_kl_state: bool = False
+) -> tuple[Tensor, Tensor]:
     """Move the layer to ``Û = orth([U₀, KU])``, ``V̂ = orth([V₀, LV])`` (docs/algorithms.md §0).
 
     The core becomes the Galerkin projection ``(ÛᵀU₀) S₀ (V₀ᵀV̂)`` and all state
     is transported. At most ``r`` new directions per side, fewer when the layer is
     close to full rank (the core may then be rectangular) or when ``KU``/``LV``
-    add fewer directions. Returns the triangular factors
-    ``(Ûᵀ[U₀, KU], V̂ᵀ[V₀, LV])`` of :func:`~dlrt.linalg.augment_basis_qr`; the
-    new bases are the layer's ``U`` and ``V``.
+    add fewer directions. Returns the factors ``(Ûᵀ[U₀, KU], V̂ᵀ[V₀, LV])`` of
+    :func:`~dlrt.linalg.augment_basis_qr`; the new bases are the layer's ``U``
+    and ``V``.
+
+    ``defer_kl_state``: the caller truncates the layer later in the same step (a
+    cycle of one step), and nothing reads the K- and L-states before: they stay
+    in the old coordinates, and the truncation's :func:`change_basis` moves them
+    from there in one product, instead of padding them with zeros here and
+    multiplying the zeros there (``opt.deferred_kl_state``; the optimizer pads
+    whatever is left at the end of the step, :func:`settle_kl_state`).
     """
     U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
     r_u, r_v = S0.shape
@@ -303,11 +315,23 @@ def augment(opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor) -> 
     # start from zero state.
     A, B = RU[:r_u, :r_u], RV[:r_v, :r_v].mT
     transport(opt, layer, "S", A, B, pad=(a, b))
-    transport(opt, layer, "K", None, None, pad=(0, b))
-    transport(opt, layer, "L", None, None, pad=(0, a))
+    if defer_kl_state:
+        opt.deferred_kl_state.setdefault(layer, (r_u, r_v))
+    else:
+        transport(opt, layer, "K", None, None, pad=(0, b))
+        transport(opt, layer, "L", None, None, pad=(0, a))
     S_hat = torch.nn.functional.pad(A @ S0 @ B, (0, b, 0, a))
     layer.set_factors(U_hat, S_hat, V_hat)
     return RU, RV
+
+
+def settle_kl_state(opt: DLRTOptimizer) -> None:
+    """Pad the K- and L-states that :func:`augment` left in old coordinates to the layers' current ones."""
+    for layer, (r_u, r_v) in list(opt.deferred_kl_state.items()):
+        a, b = layer.S.shape[0] - r_u, layer.S.shape[1] - r_v
+        transport(opt, layer, "K", None, None, pad=(0, b))
+        transport(opt, layer, "L", None, None, pad=(0, a))
+    opt.deferred_kl_state.clear()
 
 
 def grow_from_gradient(opt: DLRTOptimizer, layer: LowRankLayer, gK: Tensor, gL: Tensor) -> None:

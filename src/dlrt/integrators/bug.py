@@ -58,7 +58,8 @@ class BUG(Integrator):
             G_hats = []
             for layer, (gS, gK, gL, inputs), (_, _, dK, dL) in zip(layers, pass_grads, K_and_L_steps(opt, layers)):
                 r_u, r_v = layer.S.shape
-                augment(opt, layer, dK, dL)  # clears the pass's records: they were taken above
+                # With one step per cycle the truncation follows in this step: it moves the K/L states.
+                augment(opt, layer, dK, dL, defer_kl_state=self.coefficient_steps == 1)  # clears the pass's records
                 layer.pass_inputs = inputs
                 U_new, V_new = layer.U.detach()[:, r_u:], layer.V.detach()[:, r_v:]
                 G_hat = torch.empty_like(layer.S)
