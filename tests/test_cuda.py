@@ -91,11 +91,11 @@ def test_integrator_steps_on_the_device_as_on_the_cpu(integrator, optimizer):
     assert_models_close(cpu, gpu, atol=1e-4)
 
 
-def test_augmentation_on_the_device_takes_both_routes():
+def test_augmentation_on_the_device_as_on_the_cpu():
     torch.manual_seed(0)
     U0 = linalg.orth(torch.randn(300, 8))
     well = torch.randn(300, 8)
-    ill = U0 @ torch.randn(8, 3) + 1e-7 * torch.randn(300, 3)  # almost inside range(U0): the general route
+    ill = U0 @ torch.randn(8, 3) + 1e-7 * torch.randn(300, 3)  # inside range(U0) up to round-off: adds nothing
     for X in (well, ill):
         U_c, R_c = linalg.augment_basis_qr(U0, X)
         U_g, R_g = linalg.augment_basis_qr(U0.to(DEVICE), X.to(DEVICE))

@@ -10,6 +10,13 @@ def eye(k):
     return torch.eye(k, dtype=DT)
 
 
+def _no_householder(monkeypatch):
+    def refuse(A):
+        raise AssertionError("Householder QR ran where matrix products suffice")
+
+    monkeypatch.setattr(linalg, "_qr", refuse)
+
+
 def test_orth_is_orthonormal_with_nonnegative_diagonal():
     A = torch.randn(30, 7, dtype=DT)
     Q = linalg.orth(A)
@@ -42,8 +49,9 @@ def test_augment_basis_keeps_U0_and_stays_orthonormal_when_X_is_rank_deficient()
     assert linalg.augment_basis(U0, torch.zeros(20, 3, dtype=DT)).shape == (20, 5)
 
 
-def test_augment_basis_max_new_keeps_the_dominant_directions():
+def test_augment_basis_max_new_keeps_the_dominant_directions(monkeypatch):
     U0 = linalg.orth(torch.randn(20, 3, dtype=DT))
+    _no_householder(monkeypatch)  # the spectral first pass caps the count
     comp = torch.eye(20, dtype=DT) - U0 @ U0.T
     big, small = comp @ torch.randn(20, dtype=DT), comp @ torch.randn(20, dtype=DT)
     X = torch.stack([1e-3 * small, big], 1)
@@ -59,13 +67,6 @@ def test_augment_basis_caps_new_directions_at_n_minus_r():
     torch.testing.assert_close(U_hat.T @ U_hat, eye(8), atol=1e-13, rtol=0)
     full = linalg.orth(torch.randn(8, 8, dtype=DT))
     assert linalg.augment_basis(full, torch.randn(8, 3, dtype=DT)).shape == (8, 8)
-
-
-def _no_householder(monkeypatch):
-    def refuse(A):
-        raise AssertionError("Householder QR ran for a well-conditioned input")
-
-    monkeypatch.setattr(linalg, "_qr", refuse)
 
 
 def test_well_conditioned_augmentation_is_cholesky_qr_equal_to_the_householder_result(monkeypatch):
@@ -94,20 +95,34 @@ def test_augmentation_re_orthonormalizes_a_drifted_basis(monkeypatch):
     torch.testing.assert_close(R[:, :5], U_hat.T @ U0, atol=1e-14, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, DT])
-def test_an_ill_conditioned_complement_falls_back_and_stays_orthonormal(dtype):
-    # The part of X outside range(U0) has condition number 1e9 (hopeless for a Gram matrix in
-    # either precision) but full rank above round-off in float64.
+def _ill_conditioned():
+    # The part of X outside range(U0) has singular values 1, 1e-4 and 1e-9 (condition 1e9: hopeless for
+    # Cholesky QR in either precision), all above float64's rank tolerance, the last below float32's.
     U0 = linalg.orth(torch.randn(50, 4, dtype=DT))
     comp = torch.linalg.qr(torch.randn(50, 50, dtype=DT))[0][:, 4:7]
     comp = comp - U0 @ (U0.T @ comp)
-    X = U0 @ torch.randn(4, 3, dtype=DT) + comp * torch.tensor([1.0, 1e-4, 1e-9], dtype=DT)
-    U_hat, R = linalg.augment_basis_qr(U0.to(dtype), X.to(dtype))
-    k = U_hat.shape[1]
-    tol = 1e-13 if dtype == DT else 1e-6
-    torch.testing.assert_close(U_hat.T @ U_hat, torch.eye(k, dtype=dtype), atol=tol, rtol=0)
-    torch.testing.assert_close(R, U_hat.T @ torch.cat([U0.to(dtype), X.to(dtype)], 1), atol=tol * 10, rtol=0)
-    assert k == (7 if dtype == DT else 6)  # float32 cannot resolve the 1e-9 direction above round-off
+    return U0, U0 @ torch.randn(4, 3, dtype=DT) + comp * torch.tensor([1.0, 1e-4, 1e-9], dtype=DT)
+
+
+def test_an_ill_conditioned_float32_complement_keeps_its_singular_directions_above_round_off(monkeypatch):
+    U0, X = _ill_conditioned()
+    U0, X = U0.float(), X.float()
+    _no_householder(monkeypatch)  # the spectral first pass resolves it without Householder QR
+    U_hat, R = linalg.augment_basis_qr(U0, X)
+    assert U_hat.shape[1] == 6  # float32 cannot resolve the 1e-9 direction above round-off
+    torch.testing.assert_close(U_hat.T @ U_hat, torch.eye(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(R, U_hat.T @ torch.cat([U0, X], 1), atol=1e-5, rtol=0)
+    residual = X - U_hat @ (U_hat.T @ X)  # what is left is the dropped 1e-9 direction and round-off
+    assert float(residual.norm()) < 1e-5
+
+
+def test_an_ill_conditioned_float64_complement_takes_householder_qr_and_keeps_every_direction():
+    U0, X = _ill_conditioned()
+    U_hat, R = linalg.augment_basis_qr(U0, X)
+    assert U_hat.shape[1] == 7
+    torch.testing.assert_close(U_hat.T @ U_hat, eye(7), atol=1e-13, rtol=0)
+    torch.testing.assert_close(R, U_hat.T @ torch.cat([U0, X], 1), atol=1e-13, rtol=0)
+    assert float((X - U_hat @ (U_hat.T @ X)).norm()) < 1e-13
 
 
 def test_galerkin_matches_dense_projection():

@@ -139,30 +139,69 @@ def _cholesky_qr2(A: Tensor) -> tuple[Tensor, Tensor] | None:
     return Q, R2 @ R1
 
 
-def _augment_cholesky(U0: Tensor, X: Tensor, tol: Tensor) -> tuple[Tensor, Tensor] | None:
-    """:func:`augment_basis_qr` for a full-rank, well-conditioned complement, in matrix products only.
+def _spectral_pass(X1: Tensor, tol: Tensor, max_new: int | None) -> tuple[Tensor, Tensor] | None:
+    """``X₁ ≈ Q₁ T₁`` with ``Q₁`` the left singular vectors of ``X₁`` above ``tol`` (at most ``max_new``), or ``None``.
 
-    Only the new directions are orthogonalized: ``X₁ = X − U0(U0ᵀX)`` and one
-    Cholesky-QR pass ``X₁ = Q₁R₁``. A second pass over all of ``Y = [U0, Q₁]``
-    then removes what round-off left of ``U0`` in ``Q₁``, the loss of
-    orthogonality of ``Q₁`` and that of ``U0`` itself (so it never accumulates
-    over steps). With ``Y = Û R₂`` and ``[U0, X] = Y [[I, U0ᵀX], [0, R₁]]``, the
-    triangular factor of ``[U0, X]`` is ``R₂ [[I, U0ᵀX], [0, R₁]]``. ``None`` (the
-    caller takes Householder QR) when a pass is unreliable or a new direction
-    is within round-off of ``range(U0)`` (a diagonal entry of ``R₁`` at most ``tol``).
+    The rank-revealing first pass for a complement that Cholesky QR refuses
+    (numerically rank deficient, or ill-conditioned), from the eigendecomposition
+    of the Gram matrix ``X₁ᵀX₁ = Z Λ Zᵀ`` in float64: ``Q₁ = X₁ Z Λ^{-1/2}``, ``T₁ = Λ^{1/2} Zᵀ``
+    over the kept values. In float64 the Gram matrix resolves singular values
+    down to about ``√(k ε₆₄)·σ_max``, far below float32's rank tolerance. ``None``
+    where that does not separate them from the tolerance (float64 inputs, whose
+    tolerance is far smaller) or for non-finite input: the caller then takes
+    Householder QR.
     """
-    r0 = U0.shape[1]
-    C = U0.mT @ X
-    first = _cholesky_pass(torch.addmm(X, U0, C, alpha=-1), near_orthonormal=False, tol=tol)
-    if first is None:
+    k = X1.shape[1]
+    Xd = X1.double()
+    G = Xd.mT @ Xd
+    if not bool(torch.isfinite(G).all()):
+        return None  # Householder QR reports it
+    with small_lapack(G):
+        lam, Z = torch.linalg.eigh(G)  # ascending
+    sigma, Z = lam.flip(0).clamp_min(0).sqrt(), Z.flip(1)
+    resolved = 10 * math.sqrt(k * torch.finfo(torch.float64).eps) * sigma[0]
+    keep = sigma > tol
+    if bool((keep & (sigma <= resolved)).any()):
         return None
-    Q1, R1 = first
+    a = int(keep.sum())
+    if max_new is not None:
+        a = min(a, max_new)
+    sigma, Z = sigma[:a], Z[:, :a]
+    # Sign rule: each singular vector's largest entry in Z is positive (deterministic, like diag(R) >= 0).
+    Z = Z * torch.sign(Z.gather(0, Z.abs().argmax(0, keepdim=True)))
+    Q1 = (Xd @ (Z / sigma)).to(X1.dtype)
+    return Q1, (sigma[:, None] * Z.mT).to(X1.dtype)
+
+
+def _augment_fast(U0: Tensor, X: Tensor, tol: Tensor, max_new: int | None) -> tuple[Tensor, Tensor] | None:
+    """:func:`augment_basis_qr` in matrix products, without Householder QR; ``None`` where that is unreliable.
+
+    Only the new directions are orthogonalized: ``X₁ = X − U0(U0ᵀX)`` and a first
+    pass ``X₁ ≈ Q₁T₁``: Cholesky QR (``T₁ = R₁``) when every new direction is well
+    above the rank tolerance ``tol`` and the Gram matrix is well conditioned,
+    otherwise (or with ``max_new`` below ``k``) the rank-revealing
+    :func:`_spectral_pass`, which keeps the left singular vectors above ``tol``.
+    A second pass over all of ``Y = [U0, Q₁]`` then removes what round-off left
+    of ``U0`` in ``Q₁``, the loss of orthogonality of ``Q₁`` and that of ``U0``
+    itself (so it never accumulates over steps). With ``Y = Û R₂`` and
+    ``[U0, X] ≈ Y [[I, U0ᵀX], [0, T₁]]`` (exact but for directions below
+    ``tol``), ``Ûᵀ[U0, X] = R₂ [[I, U0ᵀX], [0, T₁]]``.
+    """
+    r0, k = U0.shape[1], X.shape[1]
+    C = U0.mT @ X
+    X1 = torch.addmm(X, U0, C, alpha=-1)
+    first = _cholesky_pass(X1, near_orthonormal=False, tol=tol) if max_new is None or max_new >= k else None
+    if first is None:
+        first = _spectral_pass(X1, tol, max_new)
+        if first is None:
+            return None
+    Q1, T1 = first
     second = _cholesky_pass(torch.cat([U0, Q1], dim=1), near_orthonormal=True)
     if second is None:
         return None
     U_hat, R2 = second
     left = R2[:, :r0]  # R₂ [I; 0]
-    return U_hat, torch.cat([left, torch.addmm(R2[:, r0:] @ R1, left, C)], dim=1)
+    return U_hat, torch.cat([left, torch.addmm(R2[:, r0:] @ T1, left, C)], dim=1)
 
 
 def augment_basis(U0: Tensor, X: Tensor, max_new: int | None = None) -> Tensor:
@@ -177,9 +216,11 @@ def augment_basis_qr(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple
     outside ``range(U0)`` is rank-deficient, QR of the projected matrix returns
     columns that are not orthogonal to ``U0`` (docs/algorithms.md §0).
 
-    The common case, a complement of full rank and moderate condition, takes
-    :func:`_augment_cholesky`: it orthogonalizes only the ``k`` new directions
-    and costs a handful of matrix products. Otherwise the basis comes from
+    Where ``r0 + k ≤ n`` (every layer but the smallest), :func:`_augment_fast`
+    orthogonalizes only the ``k`` new directions, in a handful of matrix
+    products: by Cholesky QR when they are well conditioned, else from the
+    singular vectors of the complement above the rank tolerance. Otherwise (and
+    where that cannot resolve the tolerance: ill-conditioned float64 input) the basis comes from
     Householder QR of the stacked ``[U0, X] = [Q₁, Q₂] R``, which always returns
     an orthonormal completion ``Q₂``; where ``X`` adds fewer than ``k``
     directions some of its columns are arbitrary (a near-zero diagonal entry of
@@ -212,8 +253,8 @@ def augment_basis_qr(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple
     work = U0.to(_qr_dtype(dt))
     Xw = X.to(work.dtype)
     tol = max(n, r0 + k) * torch.finfo(work.dtype).eps * torch.linalg.vector_norm(Xw)
-    if 0 < k and r0 + k <= n and (max_new is None or max_new >= k):
-        fast = _augment_cholesky(work, Xw, tol)
+    if 0 < k and r0 + k <= n:
+        fast = _augment_fast(work, Xw, tol, max_new)
         if fast is not None:
             return fast[0].to(dt), fast[1].to(dt)
     tol = float(tol)
