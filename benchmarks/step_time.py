@@ -2,7 +2,7 @@
 
 For each width ``w`` the model is an MLP with input width ``w``, three hidden
 ``w→w`` layers (ReLU between them) and a dense ``w→10`` head, trained on one
-fixed random batch (``--batch`` rows, cross-entropy loss, fixed seed). Five
+fixed random batch (``--batch`` rows, cross-entropy loss, fixed seed). Six
 variants are timed:
 
 * ``dense``: ``nn.Linear`` hidden layers, ``torch.optim.Adam``;
@@ -11,7 +11,10 @@ variants are timed:
   ``torch.optim.Adam`` (the cost floor of a factorized layer);
 * ``parallel``, ``bug``, ``fixed``: ``dlrt.LowRankLinear`` hidden layers trained by
   ``dlrt.DLRTOptimizer(model, integrator=NAME, optimizer="adam", lr=1e-3)`` through
-  ``opt.step(closure)``. The rank-adaptive integrators run with ``tau=0`` and
+  ``opt.step(closure)``; ``parallel-s4`` with ``coefficient_steps=4`` (one
+  augmentation and truncation every 4 steps, the 3 steps between them on the
+  augmented rank-64 core; no target, for comparison). Its sample is a whole
+  cycle of 4 steps divided by 4, the average cost of a step. The rank-adaptive integrators run with ``tau=0`` and
   ``min_rank = max_rank = rank``, so every step augments to ``2·rank`` and
   truncates back to exactly ``rank`` (all of the integrator's work, at a fixed
   rank); the final ranks are checked and printed.
@@ -57,8 +60,8 @@ from torch import Tensor, nn
 
 import dlrt
 
-VARIANTS = ("dense", "plain", "parallel", "bug", "fixed")
-INTEGRATORS = ("parallel", "bug", "fixed")
+VARIANTS = ("dense", "plain", "parallel", "bug", "fixed", "parallel-s4")
+INTEGRATORS = ("parallel", "bug", "fixed", "parallel-s4")
 N_CLASSES = 10
 HIDDEN_LAYERS = 3
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "step_time.json"
@@ -108,8 +111,16 @@ def build(variant: str, width: int, rank: int, seed: int) -> tuple[nn.Module, Ca
         return model, step
 
     model = make_mlp(width, lambda: dlrt.LowRankLinear(width, width, rank))
+    integrator, _, cycle = variant.partition("-s")
     opt = dlrt.DLRTOptimizer(
-        model, integrator=variant, optimizer="adam", lr=1e-3, tau=0.0, max_rank=rank, min_rank=rank
+        model,
+        integrator=integrator,
+        optimizer="adam",
+        lr=1e-3,
+        tau=0.0,
+        max_rank=rank,
+        min_rank=rank,
+        coefficient_steps=int(cycle or 1),
     )
 
     def dlrt_step(x: Tensor, y: Tensor) -> Tensor:
@@ -142,11 +153,15 @@ def bench_width(width: int, args: argparse.Namespace) -> dict:
     for i in range(repeats):
         k = i % len(VARIANTS)
         for v in VARIANTS[k:] + VARIANTS[:k]:
+            cycle = steps[v].optimizer.integrator.coefficient_steps if v in INTEGRATORS else 1
             t0 = time.perf_counter()
-            loss = steps[v](x, y)
-            samples[v].append(time.perf_counter() - t0)
+            for _ in range(cycle):  # a whole cycle: its steps differ in cost
+                loss = steps[v](x, y)
+            samples[v].append((time.perf_counter() - t0) / cycle)
             losses[v] = float(loss.detach())
     medians = {v: statistics.median(s) for v, s in samples.items()}
+    for v in INTEGRATORS:
+        steps[v].optimizer.finish_cycle()  # parallel-s4 may stop mid-cycle, on its augmented bases
     ranks = {v: dlrt.ranks(models[v]) for v in INTEGRATORS}
     return {
         "width": width,
