@@ -37,6 +37,7 @@ Rerun with::
 
     python benchmarks/step_time.py
     python benchmarks/step_time.py --widths 1024 2048 --repeats 20 --out /tmp/step_time.json
+    python benchmarks/step_time.py --device cuda --widths 4096 8192 --out /tmp/step_time_cuda.json
 
 ``--strict`` makes the exit status 1 when a target fails.
 """
@@ -91,14 +92,17 @@ def make_mlp(width: int, hidden: Callable[[], nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def build(variant: str, width: int, rank: int, seed: int) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
-    """The model of ``variant`` and a function doing one training step on ``(x, y)``."""
+def build(
+    variant: str, width: int, rank: int, seed: int, device: str = "cpu"
+) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
+    """The model of ``variant`` (built on the CPU, then moved to ``device``) and a function doing one training step."""
     torch.manual_seed(seed)
     if variant in ("dense", "plain"):
         if variant == "dense":
             model = make_mlp(width, lambda: nn.Linear(width, width))
         else:
             model = make_mlp(width, lambda: PlainFactorizedLinear(width, width, rank))
+        model = model.to(device)
         adam = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step(x: Tensor, y: Tensor) -> Tensor:
@@ -110,7 +114,7 @@ def build(variant: str, width: int, rank: int, seed: int) -> tuple[nn.Module, Ca
 
         return model, step
 
-    model = make_mlp(width, lambda: dlrt.LowRankLinear(width, width, rank))
+    model = make_mlp(width, lambda: dlrt.LowRankLinear(width, width, rank)).to(device)
     integrator, _, cycle = variant.partition("-s")
     opt = dlrt.DLRTOptimizer(
         model,
@@ -139,11 +143,12 @@ def build(variant: str, width: int, rank: int, seed: int) -> tuple[nn.Module, Ca
 def bench_width(width: int, args: argparse.Namespace) -> dict:
     """Median seconds per step of every variant at one width, interleaved across rounds."""
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, width, generator=gen)
-    y = torch.randint(0, N_CLASSES, (args.batch,), generator=gen)
+    x = torch.randn(args.batch, width, generator=gen).to(args.device)
+    y = torch.randint(0, N_CLASSES, (args.batch,), generator=gen).to(args.device)
+    sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     models, steps = {}, {}
     for v in VARIANTS:
-        models[v], steps[v] = build(v, width, args.rank, args.seed)
+        models[v], steps[v] = build(v, width, args.rank, args.seed, args.device)
     repeats = args.repeats if width < 4096 or args.repeats_4096 is None else args.repeats_4096
     losses: dict[str, float] = {}
     for v in VARIANTS:
@@ -154,9 +159,11 @@ def bench_width(width: int, args: argparse.Namespace) -> dict:
         k = i % len(VARIANTS)
         for v in VARIANTS[k:] + VARIANTS[:k]:
             cycle = steps[v].optimizer.integrator.coefficient_steps if v in INTEGRATORS else 1
+            sync()
             t0 = time.perf_counter()
             for _ in range(cycle):  # a whole cycle: its steps differ in cost
                 loss = steps[v](x, y)
+            sync()
             samples[v].append((time.perf_counter() - t0) / cycle)
             losses[v] = float(loss.detach())
     medians = {v: statistics.median(s) for v, s in samples.items()}
@@ -216,13 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timed with torch.cuda.synchronize around each step)")
     p.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
+    device = args.device
+    if torch.device(device).type == "cuda":
+        device += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()} "
+        f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()} "
         f"(interop {torch.get_num_interop_threads()}), batch {args.batch}, rank {args.rank}"
     )
     load_start = os.getloadavg()
@@ -251,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "num_threads": torch.get_num_threads(),
         "num_interop_threads": torch.get_num_interop_threads(),
+        "device": device,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "variants": list(VARIANTS),
         "results": results,
