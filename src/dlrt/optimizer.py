@@ -378,6 +378,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             self._restore(saved)
             raise
         self._buffer_guard.clear()
+        self._pass_scale = 1.0  # the step consumed the pass (a failed one keeps it, consistently scaled)
         self.steps += 1
         self._set_request(self.integrator.request(self.phase))
         return loss

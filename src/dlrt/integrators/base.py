@@ -206,11 +206,6 @@ def factor_steps(opt: DLRTOptimizer, items: list[tuple[LowRankLayer, Kind, Tenso
     return deltas
 
 
-def factor_step(opt: DLRTOptimizer, layer: LowRankLayer, kind: Kind, x: Tensor, grad: Tensor) -> Tensor:
-    """:func:`factor_steps` for one factor quantity."""
-    return factor_steps(opt, [(layer, kind, x, grad)])[0]
-
-
 def transport(
     opt: DLRTOptimizer,
     layer: LowRankLayer,
@@ -364,11 +359,6 @@ def S_steps(opt: DLRTOptimizer, layers: list[LowRankLayer], grads: list[Tensor])
     for layer, S0, delta in zip(layers, S0s, deltas):
         layer.set_core(S0 + delta)
         layer.just_grown = False
-
-
-def S_step(opt: DLRTOptimizer, layer: LowRankLayer, grad: Tensor) -> None:
-    """:func:`S_steps` for one layer."""
-    S_steps(opt, [layer], [grad])
 
 
 def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, Any], held_rank: int = 0) -> None:

@@ -76,11 +76,11 @@ class _LowRankFunction(torch.autograd.Function):
             gS = U.mT @ GV if need_S else None  # Uᵀ G V
             gx = layer._dense_input_grad(dy, (U @ S) @ V.mT, ctx.x_shape) if need_x else None
             if keep:
-                layer.pass_inputs.append(G)
+                layer.__dict__.setdefault("pass_inputs", []).append(G)  # (a layer pickled before it had one)
         else:
             if keep:
                 # Kept for Lᵀ G R in other bases later (LowRankLayer.project_grad): the BUG S-step.
-                layer.pass_inputs.append((x, dy))
+                layer.__dict__.setdefault("pass_inputs", []).append((x, dy))
             b = layer._project_out_adjoint(dy, U)  # Δ U
             gK = layer._contract(dy, a) if want_K else None  # G V
             gL = layer._basis_grad_in(x, b) if want_L else None  # Gᵀ U
