@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -38,6 +35,7 @@ import torch
 from torch import nn
 
 import dlrt
+from benchlib import environment, load_average, print_checks
 from dlrt.training import TrainConfig
 from dlrt.training.loop import build_data, build_model, build_optimizer
 
@@ -62,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    if load_start[0] > 0.5:
-        print(f"warning: load average {load_start[0]:.2f} before the run; other processes will skew the timings")
+    load_start = load_average("before")
 
     train_set, _ = build_data(TrainConfig())
     loader = torch.utils.data.DataLoader(
@@ -109,17 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         {"name": f"{v} <= {limit}x dense", "value": ratios[v], "ok": ratios[v] <= limit} for v, limit in TARGETS.items()
     ]
     print()
-    for c in checks:
-        print(f"{'PASS' if c['ok'] else 'FAIL'}: {c['name']} ({c['value']:.3f})")
-    load_end = os.getloadavg()
+    print_checks(checks)
+    load_end = load_average("after")
     print(f"load average (1 min) before {load_start[0]:.2f}, after {load_end[0]:.2f}")
     record = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "num_threads": torch.get_num_threads(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **environment(args),
         "medians_s": medians,
         "ratio_to_dense": ratios,
         "final_ranks": ranks,

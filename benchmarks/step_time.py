@@ -46,9 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -60,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dlrt
+from benchlib import environment, load_average, print_checks
 
 VARIANTS = ("dense", "plain", "parallel", "bug", "fixed", "parallel-s4")
 INTEGRATORS = ("parallel", "bug", "fixed", "parallel-s4")
@@ -236,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {device}, threads {torch.get_num_threads()} "
         f"(interop {torch.get_num_interop_threads()}), batch {args.batch}, rank {args.rank}"
     )
-    load_start = os.getloadavg()
-    if load_start[0] > 0.5:
-        print(f"warning: load average {load_start[0]:.2f} before the run; other processes will skew the timings")
+    load_start = load_average("before")
     t_start = time.perf_counter()
     results = []
     for w in args.widths:
@@ -249,21 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(results)
     checks = check_targets(results, args.rank)
-    for c in checks:
-        value = f" ({c['value']:.3f})" if isinstance(c["value"], float) else ""
-        print(f"{'PASS' if c['ok'] else 'FAIL'}: {c['name']}{value}")
-    load_end = os.getloadavg()
+    print_checks(checks)
+    load_end = load_average("after")
     print(f"total wall time {total:.1f} s; load average (1 min) before {load_start[0]:.2f}, after {load_end[0]:.2f}")
 
     record = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-        "num_threads": torch.get_num_threads(),
-        "num_interop_threads": torch.get_num_interop_threads(),
+        **environment(args),
         "device": device,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "variants": list(VARIANTS),
         "results": results,
         "checks": checks,

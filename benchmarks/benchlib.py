@@ -1,0 +1,40 @@
+"""What every timing benchmark records beside its numbers: the environment, the load, the target checks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_average(when: str) -> tuple[float, float, float]:
+    """The load average; before a run, a warning when other processes would skew the timings."""
+    load = os.getloadavg()
+    if when == "before" and load[0] > 0.5:
+        print(f"warning: load average {load[0]:.2f} before the run; other processes will skew the timings")
+    return load
+
+
+def print_checks(checks: list[dict[str, Any]]) -> None:
+    for c in checks:
+        value = f" ({c['value']:.3f})" if isinstance(c["value"], float) else ""
+        print(f"{'PASS' if c['ok'] else 'FAIL'}: {c['name']}{value}")
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """The command, versions, platform, threads and arguments of this run (for the results JSON)."""
+    return {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
