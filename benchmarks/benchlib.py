@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -38,3 +39,11 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "num_interop_threads": torch.get_num_interop_threads(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
+
+
+def write_results(args: argparse.Namespace, record: dict[str, Any]) -> int:
+    """Write ``record`` as JSON to ``args.out``; the exit status: 1 under ``--strict`` when a check failed."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 1 if args.strict and not all(c["ok"] for c in record["checks"]) else 0

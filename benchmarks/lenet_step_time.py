@@ -25,7 +25,6 @@ Rerun::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 import dlrt
-from benchlib import environment, load_average, print_checks
+from benchlib import environment, load_average, print_checks, write_results
 from dlrt.training import TrainConfig
 from dlrt.training.loop import build_data, build_model, build_optimizer
 
@@ -118,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": load_start,
         "loadavg_after": load_end,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 1 if args.strict and not all(c["ok"] for c in checks) else 0
+    return write_results(args, record)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ Rerun with::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dlrt
-from benchlib import environment, load_average, print_checks
+from benchlib import environment, load_average, print_checks, write_results
 
 VARIANTS = ("dense", "plain", "parallel", "bug", "fixed", "parallel-s4")
 INTEGRATORS = ("parallel", "bug", "fixed", "parallel-s4")
@@ -259,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": load_start,
         "loadavg_after": load_end,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 1 if args.strict and not all(c["ok"] for c in checks) else 0
+    return write_results(args, record)
 
 
 if __name__ == "__main__":
