@@ -508,12 +508,16 @@ def _twins():
     return models
 
 
-def test_max_grad_norm_clips_by_the_tangent_norm():
-    """Clipping = the same step on a loss scaled by max_norm / ‖grad‖, with ‖·‖ the tangent-space norm."""
+@pytest.mark.parametrize("integrator", ["parallel", "bug"])
+def test_max_grad_norm_clips_by_the_tangent_norm(integrator):
+    """Clipping = the same step on a loss scaled by max_norm / ‖grad‖, with ‖·‖ the tangent-space norm.
+
+    For bug this includes the S-step block contracted from the kept pass inputs.
+    """
     x, y = data()
     models = _twins()
-    clipped = dlrt.DLRTOptimizer(models[0], integrator="parallel", optimizer="sgd", lr=0.5, max_grad_norm=0.05)
-    plain = dlrt.DLRTOptimizer(models[1], integrator="parallel", optimizer="sgd", lr=0.5)
+    clipped = dlrt.DLRTOptimizer(models[0], integrator=integrator, optimizer="sgd", lr=0.5, max_grad_norm=0.05)
+    plain = dlrt.DLRTOptimizer(models[1], integrator=integrator, optimizer="sgd", lr=0.5)
 
     # The norm by hand: ‖P(G)‖² = ‖GV‖² + ‖GᵀU‖² − ‖UᵀGV‖² for the low-rank layer (G formed
     # densely, float64), plus the dense gradients.
