@@ -277,13 +277,14 @@ class DLRTOptimizer(torch.optim.Optimizer):
         g = layer.S.grad
         return torch.zeros_like(layer.S) if g is None else g
 
-    def pass_grad(self, layer: LowRankLayer, left: Tensor, right: Tensor) -> Tensor:
+    def pass_grad(self, layer: LowRankLayer, left: Tensor, right: Tensor, records: list[Any] | None = None) -> Tensor:
         """``leftᵀ G right`` for the layer's gradient ``G`` of the last pass, clipped and unscaled as the pass was.
 
-        Needs a pass that recorded its inputs (``"X"`` in the request); zeros
-        for a layer the loss did not reach.
+        Needs a pass that recorded its inputs (``"X"`` in the request; ``records``
+        as for :meth:`~dlrt.layers.LowRankLayer.project_grad`); zeros for a
+        layer the loss did not reach.
         """
-        g = layer.project_grad(left, right)
+        g = layer.project_grad(left, right, records)
         if g is None:
             return left.new_zeros(left.shape[1], right.shape[1])
         return g * self._pass_scale if self._pass_scale != 1.0 else g

@@ -60,15 +60,13 @@ class BUG(Integrator):
                 r_u, r_v = layer.S.shape
                 # With one step per cycle the truncation follows in this step: it moves the K/L states.
                 augment(opt, layer, dK, dL, defer_kl_state=self.coefficient_steps == 1)  # clears the pass's records
-                layer.pass_inputs = inputs
                 U_new, V_new = layer.U.detach()[:, r_u:], layer.V.detach()[:, r_v:]
                 G_hat = torch.empty_like(layer.S)
                 G_hat[:r_u, :r_v] = gS
                 G_hat[:r_u, r_v:] = gL.mT @ V_new  # U₀ᵀ G₀ Ṽ
                 G_hat[r_u:, :r_v] = U_new.mT @ gK  # Ũᵀ G₀ V₀
                 if U_new.shape[1] and V_new.shape[1]:
-                    G_hat[r_u:, r_v:] = opt.pass_grad(layer, U_new, V_new)  # Ũᵀ G₀ Ṽ
-                layer.pass_inputs = []
+                    G_hat[r_u:, r_v:] = opt.pass_grad(layer, U_new, V_new, inputs)  # Ũᵀ G₀ Ṽ
                 G_hats.append(G_hat)
             S_steps(opt, layers, G_hats)
         else:

@@ -44,9 +44,10 @@ class _LowRankFunction(torch.autograd.Function):
             x, U, S, V = (t.to(dt) for t in (x, U, S, V))
             bias = bias.to(dt) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            if layer.uses_dense_kernel(x):
-                a = None
-                y = layer._dense_apply(x, (U @ S) @ V.mT, bias)
+            ctx.dense = layer.uses_dense_kernel(x)
+            if ctx.dense:
+                a = (U @ S) @ V.mT  # W, kept for the input gradient
+                y = layer._dense_apply(x, a, bias)
             else:
                 a = layer._project_in(x, V)  # X V
                 y = layer._project_out(layer._mul_core(a, S.mT), U, bias)
@@ -68,13 +69,13 @@ class _LowRankFunction(torch.autograd.Function):
         want_L = (plain and need_V) or (request is not None and "L" in request)
         keep = request is not None and "X" in request
 
-        if a is None:  # dense route: G once, then its projections
+        if ctx.dense:  # dense route (a = W): G once, then its projections
             G = layer._dense_weight_grad(x, dy)  # n×m
             GV = G @ V
             gK = GV if want_K else None  # G V
             gL = G.mT @ U if want_L else None  # Gᵀ U
             gS = U.mT @ GV if need_S else None  # Uᵀ G V
-            gx = layer._dense_input_grad(dy, (U @ S) @ V.mT, ctx.x_shape) if need_x else None
+            gx = layer._dense_input_grad(dy, a, ctx.x_shape) if need_x else None
             if keep:
                 layer.__dict__.setdefault("pass_inputs", []).append(G)  # (a layer pickled before it had one)
         else:
@@ -259,15 +260,19 @@ class LowRankLayer(nn.Module):
         """``(G V, Gᵀ U, Uᵀ G V)`` recorded by the last backward passes."""
         return self.grad_K, self.grad_L, self.S.grad
 
-    def project_grad(self, left: Tensor, right: Tensor) -> Tensor | None:
+    def project_grad(
+        self, left: Tensor, right: Tensor, records: list[tuple[Tensor, Tensor] | Tensor] | None = None
+    ) -> Tensor | None:
         """``leftᵀ G right`` for the layer's weight gradient ``G`` of the recorded passes (``grad_request`` ``"X"``).
 
-        ``G = Σ Δᵀ X`` over the backward passes since the gradients were cleared,
-        contracted through the same thin products as the backward (never
-        formed): ``(Δ left)ᵀ (X right)``. ``None`` when nothing was recorded.
+        ``G = Σ Δᵀ X`` over the backward passes since the gradients were cleared
+        (``records``, default :attr:`pass_inputs`: taken before a basis change
+        clears them), contracted through the same thin products as the
+        backward (never formed): ``(Δ left)ᵀ (X right)``. ``None`` when nothing
+        was recorded.
         """
         out = None
-        for entry in self.pass_inputs:
+        for entry in self.pass_inputs if records is None else records:
             if isinstance(entry, Tensor):  # the dense route kept G itself
                 g = left.to(entry.dtype).mT @ entry @ right.to(entry.dtype)
             else:

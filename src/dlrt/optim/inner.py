@@ -149,7 +149,8 @@ class Adam(InnerRule):
             check_real(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
         check_real("eps", group["eps"], low=0.0)
 
-    def _init_state(self, x: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _begin_step(self, x: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Create or convert the state's tensors for ``x`` and count the step."""
         b1, b2 = group["betas"]
         if "exp_avg" not in state:
             state["step"] = 0
@@ -176,7 +177,7 @@ class Adam(InnerRule):
         if wd and not self.decoupled:
             gs = torch._foreach_add(gs, xs, alpha=wd)
         for x, st in zip(xs, states):
-            self._init_state(x, st, group)
+            self._begin_step(x, st, group)
         ms = torch._foreach_lerp([st["exp_avg"] for st in states], gs, 1.0 - b1)
         vs = torch._foreach_mul([st["exp_avg_sq"] for st in states], b2)
         torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
@@ -207,7 +208,7 @@ class Adam(InnerRule):
             x, g = x.float(), g.float()
         if wd and not self.decoupled:
             g = g.add(x, alpha=wd)
-        self._init_state(x, state, group)
+        self._begin_step(x, state, group)
         # New tensors, never in place (see InnerRule.step).
         m = state["exp_avg"] = state["exp_avg"].lerp(g, 1.0 - b1)
         v = state["exp_avg_sq"] = state["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1.0 - b2)
