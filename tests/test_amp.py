@@ -46,12 +46,13 @@ def assert_unchanged(model, opt, snap):
             assert torch.equal(v, state[id(p)][k]) if torch.is_tensor(v) else v == state[id(p)][k]
 
 
-@pytest.mark.parametrize("integrator", ["parallel", "bug"])
-def test_step_with_grad_scaler_equals_the_unscaled_step(integrator):
-    # SGD (with momentum): its step is proportional to the gradient, so a missed unscaling shows,
-    # also in bug's S-step block contracted from the recorded output gradients.
+@pytest.mark.parametrize("integrator", ["parallel", "bug", "abc"])
+@pytest.mark.parametrize("optimizer", ["sgd", "geo-heavyball"])
+def test_step_with_grad_scaler_equals_the_unscaled_step(integrator, optimizer):
+    # SGD (with momentum, per entry or geometric): its step is proportional to the gradient, so a missed
+    # unscaling shows, also in the blocks bug and abc contract from the recorded output gradients.
     a, b = twins()
-    kw = dict(integrator=integrator, optimizer="sgd", lr=0.05, momentum=0.5, tau=0.1)
+    kw = dict(integrator=integrator, optimizer=optimizer, lr=0.05, momentum=0.5, tau=0.1)
     opt_a, opt_b = dlrt.DLRTOptimizer(a, **kw), dlrt.DLRTOptimizer(b, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
     for i in range(3):

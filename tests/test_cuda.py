@@ -75,8 +75,8 @@ def assert_models_close(cpu, gpu, atol):
         torch.testing.assert_close(q.detach().cpu(), p.detach(), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("integrator", ["bug", "parallel", "fixed"])
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("integrator", ["bug", "parallel", "fixed", "abc"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "geo-heavyball", "geo-adam"])
 def test_integrator_steps_on_the_device_as_on_the_cpu(integrator, optimizer):
     cpu, gpu = twins()
     kw = dict(integrator=integrator, optimizer=optimizer, lr=0.01, tau=0.05, coefficient_steps=2)
@@ -107,7 +107,7 @@ def test_augmentation_on_the_device_as_on_the_cpu():
         torch.testing.assert_close(R_g.cpu(), R_c, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("integrator", ["bug", "parallel"])
+@pytest.mark.parametrize("integrator", ["bug", "parallel", "abc"])
 def test_fp16_with_grad_scaler_on_the_device(integrator):
     # SGD: its step is proportional to the gradient, so fp16 rounding stays small (Adam's sign-like
     # steps turn it into differences of lr), and a missed unscaling would show as a step 1024× too long.

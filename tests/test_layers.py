@@ -198,6 +198,7 @@ def test_project_grad_contracts_the_recorded_passes_in_any_bases(make, route):
     G = dense.weight.grad.reshape(layer.out_dim, -1)
     L, R = torch.randn(layer.out_dim, 3, dtype=DT), torch.randn(layer.in_dim, 5, dtype=DT)
     torch.testing.assert_close(layer.project_grad(L, R), L.T @ G @ R, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(layer.project_grad(L, None), L.T @ G, atol=1e-10, rtol=1e-10)  # abc's Ũᵀ G
     layer.clear_pass()
     assert layer.project_grad(L, R) is None
 

@@ -197,20 +197,27 @@ def test_global_truncation_of_one_layer_is_the_local_rule_even_when_max_rank_bin
     assert linalg.global_truncation_ranks([sigma], tau=1.2, absolute=True, max_ranks=[3]) == [3]
 
 
-def test_tangent_transport_equals_dense_tangent_projection():
-    n, m, r0, r1 = 14, 10, 3, 4
-    U0, V0 = linalg.orth(torch.randn(n, r0, dtype=DT)), linalg.orth(torch.randn(m, r0, dtype=DT))
-    dU = (eye(n) - U0 @ U0.T) @ torch.randn(n, r0, dtype=DT)
-    dV = (eye(m) - V0 @ V0.T) @ torch.randn(m, r0, dtype=DT)
-    dS = torch.randn(r0, r0, dtype=DT)
-    M = dU @ V0.T + U0 @ dS @ V0.T + U0 @ dV.T
+@pytest.mark.parametrize("target", ["random", "augmented", "truncated"])
+def test_tangent_transport_equals_dense_tangent_projection(target):
+    """The factored transport equals projecting the full n×m tangent vector onto the new tangent space."""
+    n, m, r0_u, r0_v = 14, 10, 3, 4
+    U0, V0 = linalg.orth(torch.randn(n, r0_u, dtype=DT)), linalg.orth(torch.randn(m, r0_v, dtype=DT))
+    M = linalg.tangent_project(U0, V0, torch.randn(n, m, dtype=DT))  # a tangent vector at (U0, V0)
     torch.testing.assert_close(linalg.tangent_project(U0, V0, M), M, atol=1e-12, rtol=0)
-    U1, V1 = linalg.orth(torch.randn(n, r1, dtype=DT)), linalg.orth(torch.randn(m, r1, dtype=DT))
-    dU1, dS1, dV1 = linalg.tangent_transport(U0, V0, dU, dS, dV, U1, V1)
-    M1 = dU1 @ V1.T + U1 @ dS1 @ V1.T + U1 @ dV1.T
-    torch.testing.assert_close(M1, linalg.tangent_project(U1, V1, M), atol=1e-12, rtol=0)
-    torch.testing.assert_close(U1.T @ dU1, torch.zeros(r1, r1, dtype=DT), atol=1e-12, rtol=0)
-    torch.testing.assert_close(V1.T @ dV1, torch.zeros(r1, r1, dtype=DT), atol=1e-12, rtol=0)
+    if target == "random":
+        U1, V1 = linalg.orth(torch.randn(n, 5, dtype=DT)), linalg.orth(torch.randn(m, 2, dtype=DT))
+    elif target == "augmented":  # the old bases plus new directions: the new K, L blocks are not zero
+        U1 = linalg.augment_basis(U0, torch.randn(n, 3, dtype=DT))
+        V1 = linalg.augment_basis(V0, torch.randn(m, 2, dtype=DT))
+    else:  # a rotated sub-basis of the old one, as a truncation leaves
+        U1, V1 = U0 @ linalg.orth(torch.randn(r0_u, 2, dtype=DT)), V0 @ linalg.orth(torch.randn(r0_v, 2, dtype=DT))
+    K1, L1, S1 = linalg.tangent_transport(U0, V0, M @ V0, M.T @ U0, U0.T @ M @ V0, U1, V1)
+    P1 = linalg.tangent_project(U1, V1, M)
+    torch.testing.assert_close(K1, P1 @ V1, atol=1e-10, rtol=0)
+    torch.testing.assert_close(L1, P1.T @ U1, atol=1e-10, rtol=0)
+    torch.testing.assert_close(S1, U1.T @ P1 @ V1, atol=1e-10, rtol=0)
+    if target == "augmented":
+        assert (K1[:, r0_v:].norm() > 0.1) and (L1[:, r0_u:].norm() > 0.1)  # zero padding would be wrong here
 
 
 @pytest.mark.parametrize("tau", [float("nan"), float("inf"), -0.1])

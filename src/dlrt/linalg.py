@@ -20,14 +20,56 @@ __all__ = [
     "Truncation",
     "augment_basis",
     "augment_basis_qr",
+    "count_decompositions",
     "galerkin",
     "global_truncation_ranks",
     "orth",
+    "qr",
     "svd_truncate",
     "tangent_project",
     "tangent_transport",
     "truncation_rank",
 ]
+
+
+@dataclass(eq=False)  # counters are told apart by identity (nested blocks)
+class DecompositionCount:
+    """What :func:`count_decompositions` counted: factorizations of factor matrices, by kind."""
+
+    qr: int = 0
+    svd: int = 0
+
+
+_COUNTERS: list[DecompositionCount] = []
+
+
+@contextmanager
+def count_decompositions() -> Iterator[DecompositionCount]:
+    """Count the QR and SVD factorizations this module computes inside the ``with`` block.
+
+    One count per factorization of a factor matrix, whichever algorithm
+    computes it: :func:`orth`, :func:`qr` and :func:`augment_basis_qr` count one
+    ``qr`` each (Cholesky QR, its rank-revealing fallback or Householder QR
+    alike), :func:`svd_truncate` one ``svd``. The fields are read after (or
+    during) the block::
+
+        with dlrt.linalg.count_decompositions() as n:
+            opt.step(closure)
+        print(n.qr, n.svd)
+
+    Blocks may nest; each counts everything inside it.
+    """
+    count = DecompositionCount()
+    _COUNTERS.append(count)
+    try:
+        yield count
+    finally:
+        _COUNTERS.remove(count)
+
+
+def _counted(kind: str) -> None:
+    for c in _COUNTERS:
+        setattr(c, kind, getattr(c, kind) + 1)
 
 
 def _qr_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,10 +123,19 @@ def orth(A: Tensor) -> Tensor:
     Returns:
         ``Q`` of shape ``n×min(n, k)`` with ``QᵀQ = I``.
     """
+    return qr(A)[0]
+
+
+def qr(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Reduced QR ``A = QR`` with ``diag(R) >= 0``, as :func:`orth` computes it (``Q`` of it is ``orth(A)``).
+
+    Returns ``Q`` (``n×min(n, k)``, orthonormal) and ``R`` (``min(n, k)×k``, upper triangular).
+    """
+    _counted("qr")
     work = A.to(_qr_dtype(A.dtype))
     fast = _cholesky_qr2(work) if 0 < work.shape[1] <= work.shape[0] else None
-    Q = fast[0] if fast is not None else _qr(work)[0]
-    return Q.to(A.dtype)
+    Q, R = fast if fast is not None else _qr(work)
+    return Q.to(A.dtype), R.to(A.dtype)
 
 
 #: Largest ``‖YᵀY − I‖_F`` a second Cholesky-QR pass accepts: below it ``κ(Y)² ≤ 3``, so the
@@ -247,6 +298,7 @@ def augment_basis_qr(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple
         the factorization instead of multiplied out: ``R[:, :r0] = ÛᵀU0`` (the
         Galerkin projection of §0) and ``R[r0:, r0:] = Ûᵀ[:, r0:] X``.
     """
+    _counted("qr")
     n, r0 = U0.shape
     k = X.shape[1]
     dt = U0.dtype
@@ -416,6 +468,7 @@ def svd_truncate(S_hat: Tensor, rank: int | None = None, **rule) -> Truncation:
         rank: the rank to keep; if ``None`` it comes from
             :func:`truncation_rank` with the keyword arguments ``rule``.
     """
+    _counted("svd")
     work = S_hat.to(_qr_dtype(S_hat.dtype))
     with small_lapack(work):
         P, sigma, Qh = torch.linalg.svd(work, full_matrices=False)
@@ -436,24 +489,29 @@ def tangent_project(U: Tensor, V: Tensor, M: Tensor) -> Tensor:
 def tangent_transport(
     U0: Tensor,
     V0: Tensor,
-    dU: Tensor,
-    dS: Tensor,
-    dV: Tensor,
+    K: Tensor,
+    L: Tensor,
+    S: Tensor,
     U1: Tensor,
     V1: Tensor,
+    A: Tensor | None = None,
+    B: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Transport a factored tangent vector from ``(U0, V0)`` to ``(U1, V1)`` (docs/algorithms.md §5).
+    """Project a factored tangent vector at ``(U0, V0)`` onto the tangent space at ``(U1, V1)`` (docs/algorithms.md §9).
 
-    The vector is ``M = dU V0ᵀ + U0 dS V0ᵀ + U0 dVᵀ``. The result is the factored
-    form of the tangent projection ``P_{W1}(M)`` at the new point,
-    ``dU1 V1ᵀ + U1 dS1 V1ᵀ + U1 dV1ᵀ`` with ``U1ᵀdU1 = 0`` and ``V1ᵀdV1 = 0``,
-    computed in ``O((n + m) r²)`` without forming ``M``.
+    A tangent vector ``ξ`` at ``W = U0 S0 V0ᵀ`` is kept as its three projections
+    ``K = ξV0`` (n×r0_v), ``L = ξᵀU0`` (m×r0_u) and ``S = U0ᵀξV0``: then
+    ``ξ = K V0ᵀ + U0 Lᵀ − U0 S V0ᵀ``. Returns the same three projections of
+    ``P₁(ξ)``, the tangent projection at the new bases, ``(ξV1, ξᵀU1, U1ᵀξV1)``,
+    in ``O((n + m) r0 r1)`` without forming ``ξ``. ``A = U1ᵀU0`` and
+    ``B = V0ᵀV1`` are computed unless given.
     """
-    A = U1.mT @ U0  # r1×r0
-    B = V0.mT @ V1  # r0×r1
-    dVtV1 = dV.mT @ V1  # r0×r1
-    dUtU1 = dU.mT @ U1  # r0×r1
-    dS1 = (U1.mT @ dU) @ B + A @ dS @ B + A @ dVtV1
-    MV1 = dU @ B + U0 @ (dS @ B + dVtV1)
-    MtU1 = V0 @ (dUtU1 + dS.mT @ A.mT) + dV @ A.mT
-    return MV1 - U1 @ dS1, dS1, MtU1 - V1 @ dS1.mT
+    A = U1.mT @ U0 if A is None else A  # r1_u×r0_u
+    B = V0.mT @ V1 if B is None else B  # r0_v×r1_v
+    CV = L.mT @ V1  # U0ᵀ ξ V1, r0_u×r1_v
+    CU = K.mT @ U1  # (U1ᵀ ξ V0)ᵀ, r0_v×r1_u
+    SB = S @ B
+    K1 = torch.addmm(K @ B, U0, CV - SB)  # ξV1 = K B + U0 (LᵀV1 − S B)
+    L1 = torch.addmm(L @ A.mT, V0, CU - S.mT @ A.mT)  # ξᵀU1 = L Aᵀ + V0 (KᵀU1 − Sᵀ Aᵀ)
+    S1 = CU.mT @ B + A @ (CV - SB)  # U1ᵀξV1
+    return K1, L1, S1

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .integrators import INTEGRATORS, Integrator
-from .integrators.base import layer_flags, restore_layer_flags, settle_kl_state
+from .integrators.base import factor_state, layer_flags, restore_layer_flags, set_factor_state, settle_kl_state
 from .layers import LowRankLayer, check_rank
 from .optim.inner import RULES, InnerRule, check_real
 
@@ -210,6 +210,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
         #: Layers whose K/L states an augmentation left in the old coordinates for a truncation later in
         #: the same step (integrators/base.py, augment); empty between steps.
         self.deferred_kl_state: dict[LowRankLayer, tuple[int, int]] = {}
+        #: A geometric optimizer's step direction per layer for the current pass (optim/geometric.py);
+        #: empty between steps.
+        self.directions: dict[LowRankLayer, Any] = {}
         self._buffer_guard = _BufferGuard(model)
         self._set_request(self.integrator.request(0))
 
@@ -235,7 +238,30 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_finite(loss, request, what)
         self._clip()
+        if self.rule.geometric:
+            self._set_directions()
         return loss
+
+    def _set_directions(self) -> None:
+        """A geometric optimizer's step direction per layer for this pass, and its new tangent momentum.
+
+        The gradients stay as the pass left them (a failed step can be retried);
+        the integrator reads the directions through ``KL_grads`` / :meth:`S_grad` /
+        :meth:`pass_grad`. Layers the loss did not reach, and fresh adapters still
+        waiting for their bases, step along the plain gradient (none).
+        """
+        self.directions = {}
+        group = self.lowrank_group
+        for layer in self.lowrank_layers:
+            gS = layer.S.grad
+            if gS is None or layer.pending_growth:
+                continue
+            factors = (layer.U.detach(), layer.S.detach(), layer.V.detach())
+            states = tuple(factor_state(self, layer, kind) for kind in ("K", "L", "S"))
+            direction, new = self.rule.direction(factors, (layer.grad_K, layer.grad_L, gS), states, group)
+            for kind, st in zip(("K", "L", "S"), new):
+                set_factor_state(self, layer, kind, st)
+            self.directions[layer] = direction
 
     def _pass_grads(self) -> tuple[list[Tensor], Tensor | None]:
         """The gradients of the last pass, and the squared global norm (tangent norm per layer)."""
@@ -274,20 +300,33 @@ class DLRTOptimizer(torch.optim.Optimizer):
 
     def S_grad(self, layer: LowRankLayer) -> Tensor:
         """``Uᵀ G V`` of the last pass (zeros for a layer the loss did not reach)."""
+        direction = self.directions.get(layer)
+        if direction is not None:
+            return direction.S.to(layer.S.dtype)
         g = layer.S.grad
         return torch.zeros_like(layer.S) if g is None else g
 
-    def pass_grad(self, layer: LowRankLayer, left: Tensor, right: Tensor, records: list[Any] | None = None) -> Tensor:
-        """``leftᵀ G right`` for the layer's gradient ``G`` of the last pass, clipped and unscaled as the pass was.
+    def pass_grad(
+        self, layer: LowRankLayer, left: Tensor, right: Tensor | None, records: list[Any] | None = None
+    ) -> Tensor:
+        """``leftᵀ D right`` for the layer's step direction ``D`` of the last pass (``right=None``: ``leftᵀ D``).
+
+        ``D`` is the gradient, clipped and unscaled as the pass was, or with a
+        geometric optimizer the gradient combined with the momentum (:meth:`S_grad`).
 
         Needs a pass that recorded its inputs (``"X"`` in the request; ``records``
         as for :meth:`~dlrt.layers.LowRankLayer.project_grad`); zeros for a
         layer the loss did not reach.
         """
         g = layer.project_grad(left, right, records)
+        if g is not None and self._pass_scale != 1.0:
+            g = g * self._pass_scale
+        direction = self.directions.get(layer)
+        if direction is not None:  # leftᵀ D right, D = a G + N (optim/geometric.py)
+            return direction.project(g, left, right).to(left.dtype)
         if g is None:
-            return left.new_zeros(left.shape[1], right.shape[1])
-        return g * self._pass_scale if self._pass_scale != 1.0 else g
+            return left.new_zeros(left.shape[1], (layer.shape[1] if right is None else right.shape[1]))
+        return g
 
     def _require_grads(self, request: frozenset[str]) -> None:
         if all(layer.S.grad is None for layer in self.lowrank_layers):
@@ -379,6 +418,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             self._restore(saved)
             raise
         self._buffer_guard.clear()
+        self.directions = {}
         self._pass_scale = 1.0  # the step consumed the pass (a failed one keeps it, consistently scaled)
         self.steps += 1
         self._set_request(self.integrator.request(self.phase))
@@ -459,18 +499,20 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _snapshot(self) -> tuple[Any, ...]:
         # Factors are replaced, never written in place, and state dicts are replaced, never
         # mutated (integrators/base.py); dense parameters are written only after every check.
-        factors = [(m.U.data, m.S.data, m.V.data, layer_flags(m)) for m in self.lowrank_layers]
+        factors = [(m.U.data, m.S.data, m.V.data, layer_flags(m), _pass_of(m)) for m in self.lowrank_layers]
         states = {p: self.state[p] for p in self.param_groups[0]["params"] if p in self.state}
         return factors, states, self.phase
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         self._buffer_guard.restore()
         self.deferred_kl_state.clear()
+        self.directions = {}
         factors, states, phase = saved
-        for m, (U, S, V, flags) in zip(self.lowrank_layers, factors):
+        for m, (U, S, V, flags, grads) in zip(self.lowrank_layers, factors):
             if m.U.data is not U or m.S.data is not S or m.V.data is not V:
                 m.set_factors(U, S, V)
             restore_layer_flags(m, flags)
+            _restore_pass(m, grads)  # a closure-free step can be retried on the same backward
         for p in self.param_groups[0]["params"]:
             if p in states:
                 self.state[p] = states[p]
@@ -499,6 +541,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         for layer in self.lowrank_layers:
             layer.clear_pass()
         self._pass_scale = 1.0
+        self.directions = {}
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
@@ -583,7 +626,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(shapes):
                 raise ValueError(f"the state dict has state for parameter #{idx!r}, this optimizer has {len(shapes)}")
             for key, val in st.items():
-                if isinstance(val, Tensor) and tuple(val.shape) != shapes[idx]:
+                if isinstance(val, Tensor) and val.dim() and tuple(val.shape) != shapes[idx]:
                     raise ValueError(
                         f"optimizer state {key!r} of {names[idx]!r} has shape {tuple(val.shape)}, "
                         f"expected {shapes[idx]}"
@@ -607,6 +650,17 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.phase = int(meta["phase"])
         self.steps = int(meta["steps"])
         self._set_request(self.integrator.request(self.phase))
+
+
+def _pass_of(layer: LowRankLayer) -> tuple[Any, ...]:
+    """What the layer's last backward left: the gradients of its factors and its recorded projections."""
+    return (layer.U.grad, layer.S.grad, layer.V.grad, layer.grad_K, layer.grad_L, list(layer.pass_inputs))
+
+
+def _restore_pass(layer: LowRankLayer, saved: tuple[Any, ...]) -> None:
+    gU, gS, gV, gK, gL, inputs = saved
+    layer.U.grad, layer.S.grad, layer.V.grad = gU, gS, gV
+    layer.grad_K, layer.grad_L, layer.pass_inputs = gK, gL, inputs
 
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[Any, Any], list[Tensor]]:

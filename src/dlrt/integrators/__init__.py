@@ -1,9 +1,10 @@
-"""Integrators, selected by name: ``bug``, ``fixed``, ``parallel``."""
+"""Integrators, selected by name: ``bug``, ``fixed``, ``parallel``, ``abc``."""
 
+from .abc import ABC
 from .base import Integrator
 from .bug import BUG, FixedRankBUG
 from .parallel import ParallelBUG
 
-INTEGRATORS: dict[str, type[Integrator]] = {cls.name: cls for cls in (BUG, FixedRankBUG, ParallelBUG)}
+INTEGRATORS: dict[str, type[Integrator]] = {cls.name: cls for cls in (BUG, FixedRankBUG, ParallelBUG, ABC)}
 
-__all__ = ["BUG", "INTEGRATORS", "FixedRankBUG", "Integrator", "ParallelBUG"]
+__all__ = ["ABC", "BUG", "INTEGRATORS", "FixedRankBUG", "Integrator", "ParallelBUG"]

@@ -152,13 +152,16 @@ class Integrator:
     def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
         raise NotImplementedError
 
-    def advance(self, opt: DLRTOptimizer) -> None:
-        """Count one step of the cycle; after ``coefficient_steps`` of them, end it (:meth:`end_cycle`)."""
+    def advance(self, opt: DLRTOptimizer, cores: dict[LowRankLayer, Tensor] | None = None) -> None:
+        """Count one step of the cycle; after ``coefficient_steps`` of them, end it (:meth:`end_cycle`).
+
+        ``cores``: see :func:`truncate` (only where the cycle ends now).
+        """
         opt.phase += 1
         if opt.phase >= self.coefficient_steps:
-            self.end_cycle(opt)
+            self.end_cycle(opt, cores)
 
-    def end_cycle(self, opt: DLRTOptimizer) -> None:
+    def end_cycle(self, opt: DLRTOptimizer, cores: dict[LowRankLayer, Tensor] | None = None) -> None:
         """The end-of-cycle rule (docs/algorithms.md §8, with §1, §3, §4), the only place it is written.
 
         A rank-adaptive integrator truncates every layer that is on a trained
@@ -183,7 +186,7 @@ class Integrator:
             held = [any(layer_flags(m)) for m in layers]  # pending_growth or just_grown
             cut = [m for m, h in zip(layers, held) if not h]
             kept = sum(m.rank for m, h in zip(layers, held) if h)
-            truncate(opt, cut, opt.lowrank_group, held_rank=kept)
+            truncate(opt, cut, opt.lowrank_group, held_rank=kept, cores=cores)
         for m in layers:
             m.just_grown = False
         opt.phase = 0
@@ -220,8 +223,46 @@ def transport(
         set_factor_state(opt, layer, kind, transport_state(state, opt.rule, left, right, pad=pad))
 
 
-def KL_grads(layer: LowRankLayer) -> tuple[Tensor, Tensor]:
-    """``(G V, Gᵀ U)`` of the last pass; zeros for a layer the loss did not reach."""
+def transport_tangent(
+    opt: DLRTOptimizer, layer: LowRankLayer, U1: Tensor, V1: Tensor, A: Tensor | None, B: Tensor | None
+) -> None:
+    """Move a geometric optimizer's tangent momentum of ``layer`` to the bases ``(U1, V1)`` (docs/algorithms.md §9).
+
+    The momentum is the projections ``(M V, Mᵀ U, Uᵀ M V)`` kept as the layer's K-, L-
+    and S-states; the new ones are those of its tangent projection at the new
+    bases (:func:`dlrt.linalg.tangent_transport`), so new directions of an
+    augmentation receive what the momentum already holds along them.
+    """
+    states = [factor_state(opt, layer, kind) for kind in ("K", "L", "S")]
+    if any("tangent" not in st for st in states):
+        return
+    U0, V0 = layer.U.detach(), layer.V.detach()
+    K, L, S = (st["tangent"] for st in states)
+    dt = K.dtype
+    moved = linalg.tangent_transport(
+        U0.to(dt),
+        V0.to(dt),
+        K,
+        L,
+        S,
+        U1.to(dt),
+        V1.to(dt),
+        None if A is None else A.to(dt),
+        None if B is None else B.to(dt),
+    )
+    for kind, st, t in zip(("K", "L", "S"), states, moved):
+        set_factor_state(opt, layer, kind, {**st, "tangent": t})
+
+
+def KL_grads(opt: DLRTOptimizer, layer: LowRankLayer) -> tuple[Tensor, Tensor]:
+    """``(D V, Dᵀ U)`` for the last pass's step direction ``D``; zeros for a layer the loss did not reach.
+
+    ``D`` is the gradient ``G``, or with a geometric optimizer the gradient
+    combined with the layer's tangent momentum (optim/geometric.py).
+    """
+    direction = opt.directions.get(layer)
+    if direction is not None and direction.K is not None:
+        return direction.K, direction.L
     gK, gL = layer.grad_K, layer.grad_L
     if gK is None:
         gK = layer.U.new_zeros(layer.U.shape[0], layer.S.shape[1])
@@ -239,7 +280,7 @@ def K_and_L_steps(opt: DLRTOptimizer, layers: list[LowRankLayer]) -> list[tuple[
     items: list[tuple[LowRankLayer, Kind, Tensor, Tensor]] = []
     for layer in layers:
         U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
-        gK, gL = KL_grads(layer)
+        gK, gL = KL_grads(opt, layer)
         items += [(layer, "K", U0 @ S0, gK), (layer, "L", V0 @ S0.mT, gL)]
     deltas = factor_steps(opt, items)
     out = []
@@ -269,6 +310,10 @@ def change_basis(
     B = V0.mT @ V1 if B is None else B  # r0×r1
     if S1 is None:
         S1 = A @ S0 @ B
+    if opt.rule.geometric:
+        transport_tangent(opt, layer, U1, V1, A, B)
+        layer.set_factors(U1, S1, V1)
+        return
     transport(opt, layer, "S", A, B)
     # K-state: columns follow V; L-state: columns follow U. Still in the coordinates before this
     # step's augmentation (augment(defer_kl_state=True)): only their first rows of B, Aᵀ apply.
@@ -279,28 +324,30 @@ def change_basis(
 
 
 def augment(
-    opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor, *, defer_kl_state: bool = False
-) -> tuple[Tensor, Tensor]:
+    opt: DLRTOptimizer, layer: LowRankLayer, KU: Tensor, LV: Tensor | None, *, defer_kl_state: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Move the layer to ``Û = orth([U₀, KU])``, ``V̂ = orth([V₀, LV])`` (docs/algorithms.md §0).
 
     The core becomes the Galerkin projection ``(ÛᵀU₀) S₀ (V₀ᵀV̂)`` and all state
     is transported. At most ``r`` new directions per side, fewer when the layer is
     close to full rank (the core may then be rectangular) or when ``KU``/``LV``
-    add fewer directions. Returns the factors ``(Ûᵀ[U₀, KU], V̂ᵀ[V₀, LV])`` of
-    :func:`~dlrt.linalg.augment_basis_qr`; the new bases are the layer's ``U``
-    and ``V``.
+    add fewer directions. ``LV=None`` keeps ``V₀`` (the one-sided augmentation of
+    ``abc``). Returns the factors ``(Ûᵀ[U₀, KU], V̂ᵀ[V₀, LV])`` of
+    :func:`~dlrt.linalg.augment_basis_qr` (``None`` for a side kept); the new
+    bases are the layer's ``U`` and ``V``.
 
     ``defer_kl_state``: the caller truncates the layer later in the same step (a
     cycle of one step), and nothing reads the K- and L-states before: they stay
     in the old coordinates, and the truncation's :func:`change_basis` moves them
     from there in one product, instead of padding them with zeros here and
     multiplying the zeros there (``opt.deferred_kl_state``; the optimizer pads
-    whatever is left at the end of the step, :func:`settle_kl_state`).
+    whatever is left at the end of the step, :func:`settle_kl_state`). A geometric
+    optimizer's tangent momentum is always moved here (:func:`transport_tangent`).
     """
     U0, S0, V0 = layer.U.detach(), layer.S.detach(), layer.V.detach()
     r_u, r_v = S0.shape
     U_hat, RU = linalg.augment_basis_qr(U0, KU)
-    V_hat, RV = linalg.augment_basis_qr(V0, LV)
+    V_hat, RV = (V0, None) if LV is None else linalg.augment_basis_qr(V0, LV)
     a, b = U_hat.shape[1] - r_u, V_hat.shape[1] - r_v
     # ÛᵀU₀ = [R₁₁; 0] and V₀ᵀV̂ = [R₁₁'ᵀ, 0]: the new directions are orthogonal to the old
     # bases, and R₁₁, R₁₁' are the identity to round-off (the first columns of Û, V̂ are U₀, V₀
@@ -308,14 +355,21 @@ def augment(
     # V- and U-coordinates, n×r and m×r) keep their columns: multiplying them by R₁₁ would cost
     # an n×r×r product per state tensor and change them only by round-off. New directions
     # start from zero state.
-    A, B = RU[:r_u, :r_u], RV[:r_v, :r_v].mT
-    transport(opt, layer, "S", A, B, pad=(a, b))
-    if defer_kl_state:
-        opt.deferred_kl_state.setdefault(layer, (r_u, r_v))
+    A = RU[:r_u, :r_u]
+    B = None if RV is None else RV[:r_v, :r_v].mT
+    core = A @ S0 if B is None else A @ S0 @ B
+    if opt.rule.geometric:
+        B_full = None if RV is None else RV[:, :r_v].mT
+        eye = torch.eye(r_v, dtype=S0.dtype, device=S0.device)
+        transport_tangent(opt, layer, U_hat, V_hat, RU[:, :r_u], eye if B_full is None else B_full)
     else:
-        transport(opt, layer, "K", None, None, pad=(0, b))
-        transport(opt, layer, "L", None, None, pad=(0, a))
-    S_hat = torch.nn.functional.pad(A @ S0 @ B, (0, b, 0, a))
+        transport(opt, layer, "S", A, B, pad=(a, b))
+        if defer_kl_state:
+            opt.deferred_kl_state.setdefault(layer, (r_u, r_v))
+        else:
+            transport(opt, layer, "K", None, None, pad=(0, b))
+            transport(opt, layer, "L", None, None, pad=(0, a))
+    S_hat = torch.nn.functional.pad(core, (0, b, 0, a))
     layer.set_factors(U_hat, S_hat, V_hat)
     return RU, RV
 
@@ -361,17 +415,29 @@ def S_steps(opt: DLRTOptimizer, layers: list[LowRankLayer], grads: list[Tensor])
         layer.just_grown = False
 
 
-def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, Any], held_rank: int = 0) -> None:
+def truncate(
+    opt: DLRTOptimizer,
+    layers: list[LowRankLayer],
+    group: dict[str, Any],
+    held_rank: int = 0,
+    cores: dict[LowRankLayer, Tensor] | None = None,
+) -> None:
     """docs/algorithms.md §1 on every layer of one truncation event (each layer exactly once).
 
     Per layer with the group's ``tau``, or jointly over all layers with
     ``truncation="global"`` (and an optional total-rank ``budget``, of which
     ``held_rank`` is already taken by layers not truncated now; the layers here
     keep at least their ``min_rank`` s even when that exceeds the rest).
+
+    ``cores``: for a layer whose new weight is ``U C`` with an ``r×m`` matrix ``C``
+    not yet split into a core and a basis (``abc``: ``C = L¹ᵀ``), the SVD of ``C``
+    itself gives the truncation, ``V₁`` directly its right singular vectors: the QR
+    ``Cᵀ = V̂R`` that would come first is folded into the SVD.
     """
     if not layers:
         return
-    svds = [linalg.svd_truncate(layer.S.detach(), rank=min(layer.S.shape)) for layer in layers]
+    cores = cores or {}
+    svds = [linalg.svd_truncate(C, rank=min(C.shape)) for C in (cores.get(layer, layer.S).detach() for layer in layers)]
     absolute = group["tau_mode"] == "absolute"
     if group["truncation"] == "global":
         min_ranks = [layer.min_rank for layer in layers]
@@ -397,6 +463,10 @@ def truncate(opt: DLRTOptimizer, layers: list[LowRankLayer], group: dict[str, An
     for layer, t, r in zip(layers, svds, ranks):
         P, Q = t.P[:, :r], t.Q[:, :r]
         U1 = layer.U.detach() @ P
+        S1 = torch.diag(t.sigma[:r])
+        if layer in cores:  # W = Û C = (Û P) Σ Qᵀ: the right singular vectors are V₁
+            change_basis(opt, layer, U1, Q, S1=S1, A=P.mT)
+            continue
         V1 = layer.V.detach() @ Q
         # U1ᵀÛ = Pᵀ and V̂ᵀV1 = Q since Û, V̂ are orthonormal.
-        change_basis(opt, layer, U1, V1, S1=torch.diag(t.sigma[:r]), A=P.mT, B=Q)
+        change_basis(opt, layer, U1, V1, S1=S1, A=P.mT, B=Q)

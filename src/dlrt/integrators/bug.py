@@ -54,7 +54,7 @@ class BUG(Integrator):
                     # range(G V₀), range(Gᵀ U₀) (no separate growth); state of older factors is dropped.
                     drop_state(opt, layer)
                     layer.pending_growth = False
-            pass_grads = [(opt.S_grad(layer), *KL_grads(layer), layer.pass_inputs) for layer in layers]
+            pass_grads = [(opt.S_grad(layer), *KL_grads(opt, layer), layer.pass_inputs) for layer in layers]
             G_hats = []
             for layer, (gS, gK, gL, inputs), (_, _, dK, dL) in zip(layers, pass_grads, K_and_L_steps(opt, layers)):
                 r_u, r_v = layer.S.shape

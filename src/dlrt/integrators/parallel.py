@@ -45,7 +45,7 @@ class ParallelBUG(Integrator):
         if opt.phase == 0:
             loss = opt.evaluate(closure, KL, "augmentation")
             for layer in layers:
-                gK, gL = KL_grads(layer)
+                gK, gL = KL_grads(opt, layer)
                 if layer.pending_growth:
                     if bool(gK.any()) and bool(gL.any()):
                         grow_from_gradient(opt, layer, gK, gL)

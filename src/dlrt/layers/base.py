@@ -261,24 +261,29 @@ class LowRankLayer(nn.Module):
         return self.grad_K, self.grad_L, self.S.grad
 
     def project_grad(
-        self, left: Tensor, right: Tensor, records: list[tuple[Tensor, Tensor] | Tensor] | None = None
+        self, left: Tensor, right: Tensor | None, records: list[tuple[Tensor, Tensor] | Tensor] | None = None
     ) -> Tensor | None:
         """``leftᵀ G right`` for the layer's weight gradient ``G`` of the recorded passes (``grad_request`` ``"X"``).
 
         ``G = Σ Δᵀ X`` over the backward passes since the gradients were cleared
         (``records``, default :attr:`pass_inputs`: taken before a basis change
         clears them), contracted through the same thin products as the
-        backward (never formed): ``(Δ left)ᵀ (X right)``. ``None`` when nothing
-        was recorded.
+        backward (never formed): ``(Δ left)ᵀ (X right)``; ``right=None`` gives
+        ``leftᵀ G`` (``k×m``), as the backward forms ``Gᵀ U``. ``None`` when
+        nothing was recorded.
         """
         out = None
         for entry in self.pass_inputs if records is None else records:
             if isinstance(entry, Tensor):  # the dense route kept G itself
-                g = left.to(entry.dtype).mT @ entry @ right.to(entry.dtype)
+                g = left.to(entry.dtype).mT @ entry
+                g = g if right is None else g @ right.to(entry.dtype)
             else:
                 x, dy = entry
                 b = self._project_out_adjoint(dy, left.to(dy.dtype))  # Δ L
-                g = self._contract(b, self._project_in(x, right.to(x.dtype)))  # (Δ L)ᵀ (X R)
+                if right is None:
+                    g = self._basis_grad_in(x, b).mT  # (Xᵀ Δ L)ᵀ
+                else:
+                    g = self._contract(b, self._project_in(x, right.to(x.dtype)))  # (Δ L)ᵀ (X R)
             out = g if out is None else out + g
         return None if out is None else out.to(left.dtype)
 

@@ -55,6 +55,9 @@ class InnerRule:
     """One step of an elementwise first-order optimizer on a single tensor."""
 
     name: ClassVar[str]
+    #: Whether the rule keeps a layer's momentum as one tangent vector (optim/geometric.py)
+    #: rather than per-entry state of each factor quantity.
+    geometric: ClassVar[bool] = False
     #: state key -> how it transforms under a change of basis
     transports: ClassVar[dict[str, str]]
     defaults: ClassVar[dict[str, Any]]
@@ -232,7 +235,9 @@ class AdamW(Adam):
     decoupled = True
 
 
-RULES: dict[str, type[InnerRule]] = {r.name: r for r in (SGD, Adam, AdamW)}
+from .geometric import GeoAdam, GeoHeavyBall  # noqa: E402 (they build on the rules above)
+
+RULES: dict[str, type[InnerRule]] = {r.name: r for r in (SGD, Adam, AdamW, GeoHeavyBall, GeoAdam)}
 
 
 def clone_state(state: dict[str, Any]) -> dict[str, Any]:
