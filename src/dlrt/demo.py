@@ -31,7 +31,7 @@ from dlrt.training.loop import METRIC_FIELDS
 
 MEAN, STD = 0.1307, 0.3081
 HEAD = "head"
-DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3}
+DEFAULT_LR = {"sgd": 0.1, "adam": 3e-3, "adamw": 3e-3, "geo-heavyball": 0.01, "geo-adam": 3e-3}
 
 
 def build_mlp(width: int = 500, depth: int = 4) -> nn.Sequential:
@@ -69,8 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default: %(default)s)")
     p.add_argument("--integrator", default="bug", choices=sorted(dlrt.INTEGRATORS), help="(default: %(default)s)")
     p.add_argument("--optimizer", default="adam", choices=sorted(RULES), help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3 for adam/adamw, 0.1 for sgd)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"learning rate (default per optimizer: {DEFAULT_LR})".replace("%", "%%")
+    )
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd and geo-heavyball (default: %(default)s)")
     p.add_argument("--tau", type=float, default=0.15, help="relative truncation tolerance (default: %(default)s)")
     p.add_argument("--rank", type=int, default=150, help="starting rank of the hidden layers (default: %(default)s)")
     p.add_argument(
@@ -112,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     torch.manual_seed(args.seed)
     model = dlrt.convert(build_mlp(), rank=args.rank, exclude=(HEAD,))
-    extra = {"momentum": args.momentum} if args.optimizer == "sgd" else {}
+    extra = {"momentum": args.momentum} if args.optimizer in ("sgd", "geo-heavyball") else {}
     opt = dlrt.DLRTOptimizer(
         model, integrator=args.integrator, optimizer=args.optimizer, lr=args.lr, tau=args.tau, **extra
     )
@@ -126,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         writer.create({k: v for k, v in vars(args).items()})
     load_s = time.perf_counter() - t0
 
-    momentum = f", momentum {args.momentum}" if args.optimizer == "sgd" else ""
+    momentum = f", momentum {args.momentum}" if args.optimizer in ("sgd", "geo-heavyball") else ""
     print(
         f"dlrt {dlrt.__version__} demo: MLP 784-500-500-500-500-10 on MNIST "
         f"({x_train.shape[0]} train / {x_test.shape[0]} test), {torch.get_num_threads()} threads\n"
