@@ -35,7 +35,6 @@ def small(data_root, tmp_path, **kw):
         batch_size=32,
         eval_batch_size=64,
         lr=0.05,
-        momentum=0.9,
         tau=0.2,
         runs_dir=str(tmp_path / "runs"),
         progress=False,
@@ -193,3 +192,25 @@ def test_train_schedule_without_warmup_is_torchs():
     )
     assert isinstance(build_scheduler(TrainConfig(schedule="step"), opt, 5), torch.optim.lr_scheduler.StepLR)
     assert build_scheduler(TrainConfig(schedule="constant"), opt, 5) is None
+
+
+def test_geometric_optimizers_in_the_configs():
+    from dlrt.training.loop import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    cfg = TrainConfig(model="mlp", dataset="digits", optimizer="geo-heavyball", integrator="abc", progress=False)
+    lowrank = dlrt.convert(model, rank=3, exclude=["2"])
+    opt = build_optimizer(cfg, lowrank)
+    assert (opt.rule.name, opt.integrator.name, opt.param_groups[0]["momentum"]) == ("geo-heavyball", "abc", 0.9)
+    cfg = TrainConfig(model="mlp", dataset="digits", optimizer="geo-heavyball", momentum=0.5, dense=True)
+    dense = build_optimizer(cfg, torch.nn.Linear(3, 2))  # the flat-space method: torch's heavy ball
+    assert isinstance(dense, torch.optim.SGD) and dense.param_groups[0]["momentum"] == 0.5
+    cfg = TrainConfig(model="mlp", dataset="digits", optimizer="geo-adam", dense=True)
+    assert type(build_optimizer(cfg, torch.nn.Linear(3, 2))) is torch.optim.Adam
+    with pytest.raises(ValueError, match="momentum applies to optimizer sgd or geo-heavyball, not 'adam'"):
+        TrainConfig(optimizer="adam", momentum=0.9)
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\)"):
+        TrainConfig(optimizer="geo-heavyball", momentum=1.0)
+    with pytest.raises(ValueError, match="optimizer='geo-adam' trains GeoLoRA's low-rank adapters only"):
+        FinetuneConfig(method="lora", optimizer="geo-adam")
+    assert FinetuneConfig(method="geolora", optimizer="geo-adam", integrator="abc").optimizer == "geo-adam"

@@ -40,14 +40,20 @@ class DLRTOptimizer(torch.optim.Optimizer):
             :func:`dlrt.convert`). Its other trainable parameters (biases,
             norms, layers left dense) are trained by the same inner optimizer
             in the same step.
-        integrator: ``"bug"`` (rank-adaptive BUG) or ``"parallel"`` (both one
+        integrator: ``"bug"`` (rank-adaptive BUG), ``"parallel"`` or ``"abc"``
+            (augmented backward-corrected projector splitting; all three one
             pass per step), or ``"fixed"`` (fixed-rank BUG, two passes per step).
         optimizer: inner optimizer for K, L, S and the dense parameters:
-            ``"sgd"``, ``"adam"`` or ``"adamw"``.
+            ``"sgd"``, ``"adam"`` or ``"adamw"`` (per entry of K, L, S), or the
+            geometric ``"geo-heavyball"`` and ``"geo-adam"``, whose momentum is a
+            tangent vector of the manifold, carried across every augmentation
+            and truncation (docs/algorithms.md §9); the dense parameters then
+            take SGD with momentum and Adam.
         lr: learning rate λ (default: the inner optimizer's, 0.01 for SGD and
             1e-3 for Adam/AdamW).
-        momentum, dampening, nesterov: SGD only.
-        betas, eps: Adam/AdamW only.
+        momentum: SGD and geo-heavyball (β, default 0 and 0.9).
+        dampening, nesterov: SGD only.
+        betas, eps: Adam, AdamW and geo-adam.
         weight_decay: L2 (SGD, Adam) or decoupled (AdamW) decay. On K, L, S it
             is the projected gradient of ``‖W‖²/2``; the bases U, V never decay.
         tau: truncation tolerance ϑ = τ‖σ‖₂ (``tau_mode="relative"``) or ϑ = τ
@@ -299,7 +305,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             self._pass_scale *= scale
 
     def S_grad(self, layer: LowRankLayer) -> Tensor:
-        """``Uᵀ G V`` of the last pass (zeros for a layer the loss did not reach)."""
+        """``Uᵀ D V`` for the last pass's step direction ``D`` (the gradient, or with a geometric optimizer
+        the gradient combined with the momentum); zeros for a layer the loss did not reach."""
         direction = self.directions.get(layer)
         if direction is not None:
             return direction.S.to(layer.S.dtype)

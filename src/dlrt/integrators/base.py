@@ -11,8 +11,10 @@ owns the method. In one call of :meth:`Integrator.step` the integrator may
   in the coefficient cycle, docs/algorithms.md §8);
 * **run passes** only through ``opt.evaluate(closure, request, what)``, which
   runs (or checks the presence of) one forward/backward pass, checks it for
-  non-finite values and clips it; it reads the pass's gradients through
-  :func:`KL_grads` and ``opt.S_grad(layer)``;
+  non-finite values and clips it; it reads the pass's step direction (the
+  gradient, or with a geometric optimizer the gradient combined with the
+  momentum) through :func:`KL_grads`, ``opt.S_grad(layer)`` and
+  ``opt.pass_grad(layer, left, right, records)``;
 * **move layers** only through the operations of this module
   (:func:`change_basis`, :func:`augment`, :func:`grow_from_gradient`,
   :func:`S_steps`, :func:`truncate`), which keep every layer's optimizer state
@@ -42,6 +44,10 @@ says which (checkpoints keep these keys):
 * K-state (``n×r``, the state of ``K = U S``) under ``layer.U``; its columns are in V-coordinates;
 * L-state (``m×r``, the state of ``L = V Sᵀ``) under ``layer.V``; its columns are in U-coordinates;
 * S-state (``r×r``) under ``layer.S``: ``U``-rows, ``V``-columns.
+
+A geometric optimizer (``opt.rule.geometric``) keeps in these three slots the
+projections ``M V``, ``Mᵀ U``, ``Uᵀ M V`` of one tangent vector ``M``; they move
+together, by :func:`transport_tangent`, wherever the bases change.
 """
 
 from __future__ import annotations

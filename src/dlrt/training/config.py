@@ -37,10 +37,12 @@ class TrainConfig:
     exclude: list[str] = field(default_factory=lambda: ["head"], metadata={"help": "layers left dense"})
     dense: bool = field(default=False, metadata={"help": "train the dense baseline instead (no conversion)"})
     # integrator and optimizer
-    integrator: str = field(default="bug", metadata={"help": "bug | fixed | parallel"})
-    optimizer: str = field(default="adam", metadata={"help": "sgd | adam | adamw"})
+    integrator: str = field(default="bug", metadata={"help": "bug | fixed | parallel | abc"})
+    optimizer: str = field(default="adam", metadata={"help": "sgd | adam | adamw | geo-heavyball | geo-adam"})
     lr: float = field(default=0.003, metadata={"help": "learning rate"})
-    momentum: float = field(default=0.0, metadata={"help": "SGD momentum"})
+    momentum: float | None = field(
+        default=None, metadata={"help": "momentum of sgd (default 0) or geo-heavyball (default 0.9)"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     tau: float = field(default=0.11, metadata={"help": "relative truncation tolerance"})
     coefficient_steps: int = field(default=1, metadata={"help": "S-steps per augmentation"})
@@ -72,9 +74,11 @@ class TrainConfig:
         for key in (*positive, "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("lr", "tau", "weight_decay", "momentum"):
+        for key in ("lr", "tau", "weight_decay"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
         if isinstance(self.rank, float) and not 0 < self.rank <= 1:
@@ -92,6 +96,8 @@ class TrainConfig:
         _check_choice("model", self.model.lower(), _models())
         _check_choice("integrator", self.integrator, _integrators())
         _check_choice("optimizer", self.optimizer, _rules())
+        if self.momentum and self.optimizer not in ("sgd", "geo-heavyball"):
+            raise ValueError(f"momentum applies to optimizer sgd or geo-heavyball, not {self.optimizer!r}")
         _check_choice("schedule", self.schedule, ("constant", "cosine", "step"))
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
@@ -124,7 +130,7 @@ class FinetuneConfig:
     min_rank: int = field(default=1, metadata={"help": "smallest adapter rank (geolora)"})
     tau: float = field(default=0.1, metadata={"help": "relative truncation tolerance (geolora)"})
     budget: int | None = field(default=None, metadata={"help": "total rank of all adapters (geolora)"})
-    integrator: str = field(default="parallel", metadata={"help": "parallel | bug (geolora)"})
+    integrator: str = field(default="parallel", metadata={"help": "parallel | bug | abc (geolora)"})
     coefficient_steps: int = field(default=10, metadata={"help": "S-steps between truncations (geolora)"})
     lora_alpha: float | None = field(
         default=None,
@@ -138,7 +144,9 @@ class FinetuneConfig:
     init_r: int = field(default=12, metadata={"help": "AdaLoRA initial rank"})
     target_r: int = field(default=8, metadata={"help": "AdaLoRA target average rank"})
     # optimizer and loop
-    optimizer: str = field(default="adamw", metadata={"help": "adamw | adam | sgd"})
+    optimizer: str = field(
+        default="adamw", metadata={"help": "adamw | adam | sgd | geo-adam | geo-heavyball (the last two: geolora)"}
+    )
     lr: float = field(default=1e-3, metadata={"help": "learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (never on GeoLoRA's bases)"})
     schedule: str = field(default="linear", metadata={"help": "constant | linear | cosine (per step)"})
@@ -199,6 +207,12 @@ class FinetuneConfig:
         _check_choice("pooling", self.pooling, ("mean", "cls"))
         _check_choice("integrator", self.integrator, _integrators(adaptive=True))  # GeoLoRA adapts the rank
         _check_choice("optimizer", self.optimizer, _rules())
+        flat = ("adamw", "adam", "sgd")
+        if self.method != "geolora" and self.optimizer not in flat:
+            raise ValueError(
+                f"optimizer={self.optimizer!r} trains GeoLoRA's low-rank adapters only; "
+                f"method={self.method!r} takes one of {', '.join(flat)}"
+            )
         _check_choice("schedule", self.schedule, ("constant", "linear", "cosine"))
 
     def to_dict(self) -> dict[str, Any]:

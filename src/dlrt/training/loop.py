@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import conversion
+from ..optim.inner import RULES
 from ..optimizer import DLRTOptimizer
 from .config import TrainConfig, load_config
 from .driver import (
@@ -111,10 +112,14 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     hyper: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
+    if cfg.momentum is not None and cfg.optimizer in ("sgd", "geo-heavyball"):  # else the optimizer's default
         hyper["momentum"] = cfg.momentum
     if cfg.dense:
-        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+        # On a dense weight (a flat space) the geometric methods are the usual ones (docs/algorithms.md §9).
+        if cfg.optimizer == "geo-heavyball":
+            hyper.setdefault("momentum", RULES["geo-heavyball"].defaults["momentum"])
+        optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        cls = optimizers[{"geo-heavyball": "sgd", "geo-adam": "adam"}.get(cfg.optimizer, cfg.optimizer)]
         return cls(model.parameters(), **hyper)
     return DLRTOptimizer(
         model,
