@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; installed before anything that depends on torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench bench-finetune install clean
+.PHONY: demo test lint bench bench-finetune bench-optimizers install clean
 
 $(VENV)/.installed: pyproject.toml scripts/install_fashion_mnist.sh
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench: install
 
 bench-finetune: install
 	$(PY) benchmarks/finetune_vs_peft.py
+
+bench-optimizers: install
+	$(PY) benchmarks/optimizers.py --threads 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
