@@ -864,7 +864,14 @@ def plot(record: dict[str, Any], path: Path) -> None:
                 text = "-" if acc is None else f"{100 * acc:.1f}%"
                 ax_d.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", fontsize=7)
         ax_d.set_xticks(list(xs))
-        ax_d.set_xticklabels([c["config"].replace(",", "\n") for c in cfgs], fontsize=6)
+        short = {"optimizer=": "", "lr=": "lr ", "coefficient_steps=": "s "}
+        labels = []
+        for c in cfgs:
+            text = c["config"]
+            for long, brief in short.items():
+                text = text.replace(long, brief)
+            labels.append(text.replace(",", "\n"))
+        ax_d.set_xticklabels(labels, fontsize=6)
         ax_d.set_ylabel("final Σ ranks (labels: test accuracy)")
         ax_d.set_title("(d) LeNet5 / MNIST: ranks from below")
         ax_d.legend(fontsize=7)
