@@ -221,6 +221,42 @@ def best_run(runs: list[dict[str, Any]], key_final: str) -> dict[str, Any]:
     return min(runs, key=lambda r: (r[key_final] is None, r[key_final] or 0.0))
 
 
+def sweep_grids(
+    methods: list[str],
+    grids: dict[str, list[float]],
+    run: Any,
+    describe: Any,
+    key_final: str,
+    points: int,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``run(method, lr)`` over each method's lr grid; all runs, and the best per method (:func:`best_run`).
+
+    Only the best run of a method keeps its curve (thinned to ``points``).
+    """
+    runs: list[dict[str, Any]] = []
+    best: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        print(f"{method}: lr grid {', '.join(f'{lr:g}' for lr in grids[method])}", flush=True)
+        mine = []
+        for lr in grids[method]:
+            r = run(method, lr)
+            print(
+                f"  lr {lr:g}: {r['status']}, steps to target {fmt_steps(r['steps_to_target'])}, "
+                f"{describe(r)}, {r['seconds']:.1f} s",
+                flush=True,
+            )
+            mine.append(r)
+        b = best_run(mine, key_final)
+        best[method] = b
+        for r in mine:
+            curve = r.pop("curve")
+            r["best"] = r is b
+            if r is b:
+                r["curve"] = stride_curve(curve, points)
+        runs += mine
+    return runs, best
+
+
 def geometric_check(best: dict[str, dict[str, Any]], what: str) -> dict[str, Any]:
     """Whether the best geometric method reaches the target in fewer steps than every baseline."""
     geo = {m: b for m, b in best.items() if m in GEOMETRIC and b["steps_to_target"] is not None}
@@ -312,28 +348,18 @@ def part_a(args: argparse.Namespace) -> dict[str, Any]:
         f"target loss/loss₀ ≤ {args.ls_target:g} within {args.ls_steps} steps\n",
         flush=True,
     )
-    runs: list[dict[str, Any]] = []
-    best: dict[str, dict[str, Any]] = {}
-    for method in args.ls_methods:
-        grid = grids[method]
-        print(f"{method}: lr grid {', '.join(f'{lr:g}' for lr in grid)}", flush=True)
-        mine = []
-        for lr in grid:
-            r = least_squares_run(method, lr, init, X, Y, args)
-            print(
-                f"  lr {lr:g}: {r['status']}, steps to target {fmt_steps(r['steps_to_target'])}, "
-                f"rel. loss {fmt_num(r['final_rel_loss'], '.3g')} after {r['steps_run']} steps, {r['seconds']:.1f} s",
-                flush=True,
-            )
-            mine.append(r)
-        b = best_run(mine, "final_rel_loss")
-        best[method] = b
-        for r in mine:
-            curve = r.pop("curve")
-            r["best"] = r is b
-            if r is b:
-                r["curve"] = stride_curve(curve)
-        runs += mine
+
+    def describe(r: dict[str, Any]) -> str:
+        return f"rel. loss {fmt_num(r['final_rel_loss'], '.3g')} after {r['steps_run']} steps"
+
+    runs, best = sweep_grids(
+        args.ls_methods,
+        grids,
+        lambda method, lr: least_squares_run(method, lr, init, X, Y, args),
+        describe,
+        "final_rel_loss",
+        points=400,
+    )
 
     print("\n| method | lr grid | best lr | steps to target | final rel. loss |")
     print("|---|---|---|---|---|")
@@ -458,28 +484,19 @@ def part_b(args: argparse.Namespace) -> dict[str, Any]:
         f"training-loss EMA ({args.mlp_ema}) < {args.mlp_target:g}\n",
         flush=True,
     )
-    runs: list[dict[str, Any]] = []
-    best: dict[str, dict[str, Any]] = {}
-    for method in args.mlp_methods:
-        print(f"{method}: lr grid {', '.join(f'{lr:g}' for lr in grids[method])}", flush=True)
-        mine = []
-        for lr in grids[method]:
-            r = mlp_run(method, lr, init, data, order, args)
-            acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f} %"
-            print(
-                f"  lr {lr:g}: {r['status']}, steps to target {fmt_steps(r['steps_to_target'])}, "
-                f"final EMA loss {fmt_num(r['final_ema_loss'], '.4f')}, test acc {acc}, {r['seconds']:.1f} s",
-                flush=True,
-            )
-            mine.append(r)
-        b = best_run(mine, "final_ema_loss")
-        best[method] = b
-        for r in mine:
-            curve = r.pop("curve")
-            r["best"] = r is b
-            if r is b:
-                r["curve"] = stride_curve(curve, 300)
-        runs += mine
+
+    def describe(r: dict[str, Any]) -> str:
+        acc = "-" if r["test_acc"] is None else f"{100 * r['test_acc']:.2f} %"
+        return f"final EMA loss {fmt_num(r['final_ema_loss'], '.4f')}, test acc {acc}"
+
+    runs, best = sweep_grids(
+        args.mlp_methods,
+        grids,
+        lambda method, lr: mlp_run(method, lr, init, data, order, args),
+        describe,
+        "final_ema_loss",
+        points=300,
+    )
 
     print("\n| method | lr grid | best lr | steps to target | final EMA loss | test acc (end) |")
     print("|---|---|---|---|---|---|")

@@ -318,14 +318,13 @@ def change_basis(
         S1 = A @ S0 @ B
     if opt.rule.geometric:
         transport_tangent(opt, layer, U1, V1, A, B)
-        layer.set_factors(U1, S1, V1)
-        return
-    transport(opt, layer, "S", A, B)
-    # K-state: columns follow V; L-state: columns follow U. Still in the coordinates before this
-    # step's augmentation (augment(defer_kl_state=True)): only their first rows of B, Aᵀ apply.
-    r_u_old, r_v_old = opt.deferred_kl_state.pop(layer, (A.shape[1], B.shape[0]))
-    transport(opt, layer, "K", None, B[:r_v_old])
-    transport(opt, layer, "L", None, A.mT[:r_u_old])
+    else:
+        transport(opt, layer, "S", A, B)
+        # K-state: columns follow V; L-state: columns follow U. Still in the coordinates before this
+        # step's augmentation (augment(defer_kl_state=True)): only their first rows of B, Aᵀ apply.
+        r_u_old, r_v_old = opt.deferred_kl_state.pop(layer, (A.shape[1], B.shape[0]))
+        transport(opt, layer, "K", None, B[:r_v_old])
+        transport(opt, layer, "L", None, A.mT[:r_u_old])
     layer.set_factors(U1, S1, V1)
 
 
@@ -365,9 +364,9 @@ def augment(
     B = None if RV is None else RV[:r_v, :r_v].mT
     core = A @ S0 if B is None else A @ S0 @ B
     if opt.rule.geometric:
-        B_full = None if RV is None else RV[:, :r_v].mT
-        eye = torch.eye(r_v, dtype=S0.dtype, device=S0.device)
-        transport_tangent(opt, layer, U_hat, V_hat, RU[:, :r_u], eye if B_full is None else B_full)
+        # The full blocks ÛᵀU₀ and V₀ᵀV̂ (V̂ = V₀ when V is kept).
+        B_full = torch.eye(r_v, dtype=S0.dtype, device=S0.device) if RV is None else RV[:, :r_v].mT
+        transport_tangent(opt, layer, U_hat, V_hat, RU[:, :r_u], B_full)
     else:
         transport(opt, layer, "S", A, B, pad=(a, b))
         if defer_kl_state:
