@@ -747,6 +747,8 @@ def test_a_dense_parameter_made_non_finite_is_named_and_rolled_back():
         (dict(weight_decay=float("inf")), "weight_decay"),
         (dict(max_grad_norm=float("nan")), "max_grad_norm"),
         (dict(max_grad_norm=float("inf")), "max_grad_norm"),
+        (dict(dense_lr=float("nan")), "dense_lr"),
+        (dict(dense_lr=-1.0), "dense_lr"),
         (dict(truncation="global", budget=float("nan")), "budget"),
         (dict(truncation="global", budget=2.5), "budget"),
         (dict(lr="0.1"), "lr"),
@@ -846,3 +848,19 @@ def test_global_truncation_through_the_optimizer(budget):
         assert sum(expected) == budget
     for layer, W, r in zip((a, b), W_tilde, expected):
         torch.testing.assert_close(layer.matrix().detach(), _best_rank(W, r), atol=1e-10, rtol=0)
+
+
+def test_dense_lr_steps_the_dense_parameters_at_their_own_rate():
+    model = net()
+    ref = copy.deepcopy(model)
+    opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="sgd", lr=0.01, dense_lr=0.3)
+    x, y = data()
+    dense = [(n, p) for n, p in model.named_parameters() if not n.endswith((".U", ".S", ".V"))]
+    assert dense, "the test net needs a dense parameter"
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in dense}
+    opt.step()
+    before = dict(ref.named_parameters())
+    for n, p in dense:
+        torch.testing.assert_close(p.detach(), before[n].detach() - 0.3 * grads[n], rtol=0, atol=1e-12)

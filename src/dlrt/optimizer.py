@@ -51,6 +51,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
             take SGD with momentum and Adam.
         lr: learning rate λ (default: the inner optimizer's, 0.01 for SGD and
             1e-3 for Adam/AdamW).
+        dense_lr: learning rate of the dense parameters (default: ``lr``), e.g.
+            a larger one for a new classifier head. It is the dense parameter
+            group's ``lr``, so a learning-rate scheduler scales it with ``lr``.
         momentum: SGD and geo-heavyball (β, default 0 and 0.9).
         dampening, nesterov: SGD only.
         betas, eps: Adam, AdamW and geo-adam.
@@ -118,6 +121,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         optimizer: str = "sgd",
         lr: float | None = None,
         *,
+        dense_lr: float | None = None,
         momentum: float = _UNSET,
         dampening: float = _UNSET,
         nesterov: bool = _UNSET,
@@ -170,6 +174,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if max_grad_norm is not None:
             max_grad_norm = check_real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+        if dense_lr is not None:
+            dense_lr = check_real("dense_lr", dense_lr, low=0.0)
 
         named = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLayer) and m.S.requires_grad]
         if not named:
@@ -207,7 +213,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             }
         ]
         if dense:
-            groups.append({"params": dense, "kind": "dense"})
+            groups.append({"params": dense, "kind": "dense", **({} if dense_lr is None else {"lr": dense_lr})})
         super().__init__(groups, hyper)
         self.phase = 0
         self.steps = 0
