@@ -595,7 +595,8 @@ def test_adapters_train_with_the_geometric_optimizers(integrator, optimizer, lr)
     # Fresh adapters (zero core on placeholder bases) grow and train; the loss goes down, the base stays frozen.
     base = make_net()
     frozen = {k: v.clone() for k, v in base.state_dict().items() if "head" not in k}
-    model = get_geolora_model(base, GeoLoRAConfig(r=4, tau=0.1, integrator=integrator, modules_to_save=["head"]))
+    config = GeoLoRAConfig(r=4, tau=0.1, lora_alpha=128, integrator=integrator, modules_to_save=["head"])
+    model = get_geolora_model(base, config)
     opt = model.make_optimizer(optimizer, lr=lr)
     x, y = batch()
     losses = []
@@ -614,3 +615,42 @@ def test_adapters_train_with_the_geometric_optimizers(integrator, optimizer, lr)
         key = k if k in state else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         if key in state:
             assert torch.equal(state[key], v), k
+
+
+def test_default_budget_is_r_per_adapter_and_the_head_learns_faster():
+    model = get_geolora_model(
+        make_net(), GeoLoRAConfig(r=6, modules_to_save=["head"], target_modules=["conv", "body.0", "body.2"])
+    )
+    # conv is 8 × 27 (full rank 8), body.0 32 × 128, body.2 32 × 32: r = 6 fits every one
+    assert model.budget == 3 * 6
+    opt = model.make_optimizer(lr=2e-3)
+    assert opt.lowrank_group["budget"] == 18 and opt.rule.name == "geo-adam"
+    lowrank, dense = opt.param_groups
+    assert lowrank["lr"] == 2e-3 and dense["lr"] == pytest.approx(2e-2)
+    assert {id(p) for p in dense["params"]} == {id(p) for p in model.base_model.head.parameters()}
+    x, y = batch()
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert sum(model.ranks().values()) <= 18
+    # An explicit budget wins, local truncation has none, and a small layer counts its full rank.
+    assert get_geolora_model(make_net(), GeoLoRAConfig(r=6, budget=9)).budget == 9
+    assert get_geolora_model(make_net(), GeoLoRAConfig(r=6, truncation="local")).budget is None
+    assert get_geolora_model(make_net(), GeoLoRAConfig(r=6, target_modules=["head", "body.2"])).budget == 4 + 6
+    # The ratio scales with the schedule, as the dense group's own lr.
+    opt = get_geolora_model(make_net(), GeoLoRAConfig(r=2, modules_to_save=["head"])).make_optimizer(
+        lr=1e-3, modules_to_save_lr_ratio=3.0
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 1.5e-3])
+    del sched
+
+
+@pytest.mark.parametrize("ratio", [0.0, -1.0, float("nan")])
+def test_bad_modules_to_save_lr_ratio_is_refused_before_anything_changes(ratio):
+    model = get_geolora_model(make_net(), GeoLoRAConfig(r=2, modules_to_save=["head"]))
+    with pytest.raises(ValueError, match="modules_to_save_lr_ratio"):
+        model.make_optimizer(lr=1e-3, modules_to_save_lr_ratio=ratio)
+    with pytest.raises(ValueError, match="modules_to_save_lr_ratio="):
+        model.make_optimizer(lr=1e-3, dense_lr=1e-2)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..io import atomic_write
 from ..layers import LowRankAdapter, dense_types
+from ..optim.inner import RULES, check_real
 from ..optimizer import DLRTOptimizer
 from ..selection import excluded, matches, set_submodule
 from .config import CONFIG_NAME, GeoLoRAConfig
@@ -23,7 +24,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "dlrt-geolora"
 VERSION = 1
 
-__all__ = ["WEIGHTS_NAME", "GeoLoRAModel", "get_geolora_model"]
+__all__ = ["LR", "MODULES_TO_SAVE_LR_RATIO", "WEIGHTS_NAME", "GeoLoRAModel", "get_geolora_model"]
+
+#: ``make_optimizer``'s default learning rate and ``modules_to_save_lr_ratio`` (docs/geolora.md).
+LR = 5e-3
+MODULES_TO_SAVE_LR_RATIO = 10.0
 
 
 class GeoLoRAModel(nn.Module):
@@ -100,25 +105,52 @@ class GeoLoRAModel(nn.Module):
         )
 
     # -------------------------------------------------------------- training
-    def make_optimizer(self, optimizer: str = "adamw", lr: float | None = 1e-3, **kwargs: Any) -> DLRTOptimizer:
+    def make_optimizer(
+        self,
+        optimizer: str = "geo-adam",
+        lr: float | None = LR,
+        *,
+        modules_to_save_lr_ratio: float = MODULES_TO_SAVE_LR_RATIO,
+        **kwargs: Any,
+    ) -> DLRTOptimizer:
         """A :class:`~dlrt.DLRTOptimizer` with the config's integrator, tau, truncation, budget and
-        coefficient steps; ``kwargs`` go to it (``weight_decay``, ``betas``, ...).
+        coefficient steps; ``kwargs`` go to it (``weight_decay``, ``betas``, ``max_grad_norm``, ...).
 
         Only the adapters and ``modules_to_save`` are trained; the bases ``U``, ``V``
-        never get weight decay.
+        never get weight decay. The default inner optimizer is ``geo-adam``
+        (docs/algorithms.md §9.3): its step follows the gradient's spectrum, so the
+        truncation keeps the few directions that matter (per-entry ``adamw`` fills
+        every direction of the core about equally). ``modules_to_save`` (a new
+        head) learn at ``lr × modules_to_save_lr_ratio``: a head starting from
+        random weights needs larger steps than adapters on pretrained weights
+        (docs/geolora.md). With ``truncation="global"``
+        and no ``budget`` in the config, the budget is ``r`` per adapter.
         """
         c = self.geolora_config
         from_config = {
             "integrator": c.integrator,
             "tau": c.tau,
             "truncation": c.truncation,
-            "budget": c.budget,
+            "budget": self.budget,
             "coefficient_steps": c.coefficient_steps,
         }
         clash = sorted(set(from_config) & set(kwargs))
         if clash:
             raise ValueError(f"{clash} come from the GeoLoRAConfig; change the config instead")
-        return DLRTOptimizer(self, optimizer=optimizer, lr=lr, **from_config, **kwargs)
+        if "dense_lr" in kwargs:
+            raise ValueError("set the rate of modules_to_save with modules_to_save_lr_ratio=, not dense_lr=")
+        ratio = check_real("modules_to_save_lr_ratio", modules_to_save_lr_ratio, low=0.0, low_open=True)
+        base_lr = RULES[optimizer].defaults["lr"] if lr is None and optimizer in RULES else lr
+        dense_lr = None if base_lr is None else check_real("lr", base_lr, low=0.0) * ratio
+        return DLRTOptimizer(self, optimizer=optimizer, lr=lr, dense_lr=dense_lr, **from_config, **kwargs)
+
+    @property
+    def budget(self) -> int | None:
+        """The total-rank budget the optimizer gets: the config's, else ``r`` per adapter under global truncation."""
+        c = self.geolora_config
+        if c.budget is not None or c.truncation != "global":
+            return c.budget
+        return sum(min(c.r, a.lora.max_rank) for a in self.adapters().values())
 
     # ------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:

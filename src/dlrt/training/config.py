@@ -128,13 +128,19 @@ class FinetuneConfig:
     r: int = field(default=8, metadata={"help": "initial adapter rank (LoRA: the rank)"})
     max_rank: int | None = field(default=None, metadata={"help": "largest adapter rank (geolora)"})
     min_rank: int = field(default=1, metadata={"help": "smallest adapter rank (geolora)"})
-    tau: float = field(default=0.1, metadata={"help": "relative truncation tolerance (geolora)"})
-    budget: int | None = field(default=None, metadata={"help": "total rank of all adapters (geolora)"})
+    tau: float | None = field(
+        default=None, metadata={"help": "relative truncation tolerance (geolora; default: GeoLoRAConfig's)"}
+    )
+    budget: int | None = field(
+        default=None, metadata={"help": "total rank of all adapters (geolora; default: r per adapter)"}
+    )
     integrator: str = field(default="parallel", metadata={"help": "parallel | bug | abc (geolora)"})
-    coefficient_steps: int = field(default=10, metadata={"help": "S-steps between truncations (geolora)"})
+    coefficient_steps: int | None = field(
+        default=None, metadata={"help": "S-steps between truncations (geolora; default: GeoLoRAConfig's)"}
+    )
     lora_alpha: float | None = field(
         default=None,
-        metadata={"help": "scaling = lora_alpha / r (default: 128 for geolora, 16 for lora/adalora)"},
+        metadata={"help": "scaling = lora_alpha / r (default: GeoLoRAConfig's for geolora, 16 for lora/adalora)"},
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
     target_modules: list[str] | None = field(default=None, metadata={"help": "modules to adapt (default: per model)"})
@@ -144,10 +150,23 @@ class FinetuneConfig:
     init_r: int = field(default=12, metadata={"help": "AdaLoRA initial rank"})
     target_r: int = field(default=8, metadata={"help": "AdaLoRA target average rank"})
     # optimizer and loop
-    optimizer: str = field(
-        default="adamw", metadata={"help": "adamw | adam | sgd | geo-adam | geo-heavyball (the last two: geolora)"}
+    optimizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "adamw | adam | sgd | geo-adam | geo-heavyball (the last two: geolora); "
+            "default geo-adam for geolora, adamw otherwise"
+        },
     )
-    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    lr: float | None = field(
+        default=None, metadata={"help": "learning rate (default: GeoLoRA's make_optimizer default, 1e-3 otherwise)"}
+    )
+    modules_to_save_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "modules_to_save (the new head) learn at lr × this "
+            "(default: GeoLoRA's make_optimizer default for geolora, 1 otherwise)"
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (never on GeoLoRA's bases)"})
     schedule: str = field(default="linear", metadata={"help": "constant | linear | cosine (per step)"})
     warmup: float = field(default=0.0, metadata={"help": "share of the steps with a linear lr warm-up from 0"})
@@ -172,12 +191,13 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _coerce_all(self)
         _check_finite(self)
+        self._resolve_method_defaults()
         positive = ("r", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "max_length")
         for key in (*positive, "init_r", "target_r", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.lora_alpha is None:
-            self.lora_alpha = 128.0 if self.method == "geolora" else 16.0
+        if not self.modules_to_save_lr_ratio > 0:
+            raise ValueError(f"modules_to_save_lr_ratio must be > 0, got {self.modules_to_save_lr_ratio}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or none), got {self.max_grad_norm}")
         if self.lora_alpha <= 0:
@@ -214,6 +234,25 @@ class FinetuneConfig:
                 f"method={self.method!r} takes one of {', '.join(flat)}"
             )
         _check_choice("schedule", self.schedule, ("constant", "linear", "cosine"))
+
+    def _resolve_method_defaults(self) -> None:
+        """Fill the method-dependent defaults (None): GeoLoRA's come from GeoLoRAConfig and make_optimizer."""
+        from ..peft import GeoLoRAConfig
+        from ..peft.model import LR, MODULES_TO_SAVE_LR_RATIO
+
+        geo, defaults = self.method == "geolora", GeoLoRAConfig()
+        if self.lr is None:
+            self.lr = LR if geo else 1e-3
+        if self.coefficient_steps is None:
+            self.coefficient_steps = defaults.coefficient_steps
+        if self.lora_alpha is None:
+            self.lora_alpha = defaults.lora_alpha if geo else 16.0
+        if self.tau is None:
+            self.tau = defaults.tau if geo else 0.1
+        if self.optimizer is None:
+            self.optimizer = "geo-adam" if geo else "adamw"
+        if self.modules_to_save_lr_ratio is None:
+            self.modules_to_save_lr_ratio = MODULES_TO_SAVE_LR_RATIO if geo else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,8 +307,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return _coerce(key, value, inner[0])
     origin = typing.get_origin(hint)
     if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if isinstance(value, str):  # "a,b" or YAML's "[a, b]"
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            value = [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key} must be a list, got {value!r}")
         return [_coerce(key, v, args[0]) for v in value]

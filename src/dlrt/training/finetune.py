@@ -146,9 +146,19 @@ def _modules(cfg: FinetuneConfig) -> tuple[list[str], list[str]]:
     )
 
 
-def _torch_optimizer(cfg: FinetuneConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _torch_optimizer(cfg: FinetuneConfig, model: nn.Module, save: list[str]) -> torch.optim.Optimizer:
+    """The torch optimizer of a non-GeoLoRA method; parameters of the ``save`` modules learn at
+    ``lr × modules_to_save_lr_ratio``."""
+    from ..selection import excluded
+
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            in_saved = "." in name and excluded(name.rsplit(".", 1)[0], save)
+            (head if in_saved and cfg.modules_to_save_lr_ratio != 1.0 else rest).append(p)
+    groups = [{"params": rest}] + ([{"params": head, "lr": cfg.lr * cfg.modules_to_save_lr_ratio}] if head else [])
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def apply_method(
@@ -174,12 +184,16 @@ def apply_method(
         )
         geo = get_geolora_model(model, config)
         opt = geo.make_optimizer(
-            optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            modules_to_save_lr_ratio=cfg.modules_to_save_lr_ratio,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
         )
         return geo, opt, lambda step: None
     if cfg.method == "full":
         model.requires_grad_(True)
-        return model, _torch_optimizer(cfg, list(model.parameters())), lambda step: None
+        return model, _torch_optimizer(cfg, model, save), lambda step: None
     try:
         import peft
     except ImportError as err:
@@ -192,7 +206,7 @@ def apply_method(
     }
     if cfg.method == "lora":
         pmodel = peft.get_peft_model(model, peft.LoraConfig(r=cfg.r, **common))
-        return pmodel, _torch_optimizer(cfg, [p for p in pmodel.parameters() if p.requires_grad]), lambda step: None
+        return pmodel, _torch_optimizer(cfg, pmodel, save), lambda step: None
     # AdaLoRA: budget warm-up for the first 10 % of steps, final budget for the last 20 %.
     tinit, tfinal = total_steps // 10, total_steps // 5
     if total_steps - tinit - tfinal < 1:
@@ -207,7 +221,7 @@ def apply_method(
         **common,
     )
     pmodel = peft.get_peft_model(model, config)
-    opt = _torch_optimizer(cfg, [p for p in pmodel.parameters() if p.requires_grad])
+    opt = _torch_optimizer(cfg, pmodel, save)
 
     def allocate(step: int) -> None:
         pmodel.base_model.update_and_allocate(step)
