@@ -8,9 +8,13 @@ the first steps of each on the same batches (MiniLM-L6, Rotten Tomatoes, as
 ``finetune_vs_peft.py``) and prints ``‖ΔW‖₂ / ‖W₀‖₂`` of the adapted modules
 after each step: the largest over modules and their mean.
 
+Each ``--geolora`` value is one GeoLoRA run: comma-separated ``dlrt finetune`` overrides
+on top of the defaults (an empty string: the defaults themselves).
+
 Rerun::
 
-    python benchmarks/adapter_step_size.py --lr 5e-3 --geolora-alpha 64 128   # about 3 min
+    python benchmarks/adapter_step_size.py --lr 5e-3   # about 3 min: today's defaults and the pre-issue-13 ones
+    python benchmarks/adapter_step_size.py --methods geolora --geolora "lora_alpha=64" "lora_alpha=128"
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import sys
 
 import torch
 
-from dlrt.training.config import FinetuneConfig
+from dlrt.training.config import FinetuneConfig, load_config
 from dlrt.training.finetune import apply_method, build_task, step_closure
+
+#: GeoLoRA's defaults before issue 13 (docs/geolora.md).
+OLD_DEFAULTS = "optimizer=adamw,lora_alpha=128,tau=0.1,coefficient_steps=10,modules_to_save_lr_ratio=1"
 
 
 def delta_weights(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["lora", "adalora", "geolora"])
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--geolora-alpha", type=float, nargs="+", default=[None], help="one GeoLoRA run per value")
+    p.add_argument(
+        "--geolora",
+        nargs="+",
+        default=["", OLD_DEFAULTS],
+        help="one GeoLoRA run per value: comma-separated key=value overrides of dlrt finetune's defaults",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -60,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         generator=torch.Generator().manual_seed(args.seed),
     )
     batches = [b for _, b in zip(range(args.steps), loader)]
-    runs = [(m, a) for m in args.methods for a in (args.geolora_alpha if m == "geolora" else [None])]
+    runs = [(m, spec) for m in args.methods for spec in (args.geolora if m == "geolora" else [None])]
     table = {}
-    for method, alpha in runs:
-        cfg = FinetuneConfig(method=method, lr=args.lr, lora_alpha=alpha, budget=96 if method == "geolora" else None)
+    for method, spec in runs:
+        overrides = [f"method={method}", f"lr={args.lr}"] + [kv for kv in (spec or "").split(",") if kv]
+        cfg = load_config(None, overrides, cls=FinetuneConfig)
         torch.manual_seed(args.seed)
         model, opt, after = apply_method(cfg, copy.deepcopy(task.model), total_steps=300)
         model.train()
@@ -78,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     for (dw, _), n0 in zip(delta_weights(model), norms0, strict=True)
                 ]
             rows.append((max(rel), sum(rel) / len(rel)))
-        label = method if alpha is None else f"{method} (α {alpha:g})"
+        label = method if spec is None else f"{method} ({spec or 'defaults'})"
         table[label] = (cfg.lora_alpha, rows)
         print(f"{label}: " + ", ".join(f"{mx:.3f}" for mx, _ in rows), flush=True)
 

@@ -8,8 +8,14 @@ through the same loop as ``dlrt finetune``:
 * full fine-tuning (AdamW);
 * PEFT LoRA, r = 8;
 * PEFT AdaLoRA, init_r = 12, target_r = 8, ``update_and_allocate`` after every step;
-* GeoLoRA (parallel integrator, AdamW), r = 8 initial, tau = 0.1 pooled over all
-  adapters, total-rank budget = AdaLoRA's final total rank (8 × modules).
+* GeoLoRA with its defaults (``GeoLoRAConfig(r=8)`` and ``make_optimizer(lr=...)``: parallel
+  integrator, geo-adam, the head at 10 × lr, tau pooled over all adapters, total-rank
+  budget r per adapter = AdaLoRA's final total rank).
+
+``--targets all`` adapts every linear layer of the encoder instead (36 modules).
+``--default-run`` runs ``dlrt finetune`` with no arguments (one epoch, query/value) and
+PEFT LoRA r = 8 on the same split, steps and batch. ``--summarize FILE ...`` reads the
+JSON files of several runs (seeds, targets) and prints three-seed means and the targets.
 
 Reported: median seconds per step (timed round-robin), peak memory of a step
 (measured: weights, optimizer state and everything the step allocates, on CPU
@@ -23,12 +29,16 @@ Rerun::
 
     python benchmarks/finetune_vs_peft.py                       # about 1 h on 2 CPU cores
     python benchmarks/finetune_vs_peft.py --steps 40 --limit 800 --lrs 1e-3   # smoke run
+    python benchmarks/finetune_vs_peft.py --targets all --seed 1 --out all-seed1.json
+    python benchmarks/finetune_vs_peft.py --default-run --seed 0 --out default-seed0.json
+    python benchmarks/finetune_vs_peft.py --summarize benchmarks/results/finetune_*.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import statistics
 import sys
@@ -40,6 +50,14 @@ import torch
 from dlrt.training.config import FinetuneConfig
 from dlrt.training.finetune import build_task, finetune
 
+#: Methods swept over --lrs.
+SWEPT = ("lora", "adalora", "geolora")
+#: Adapted modules: query/value (the GeoLoRA and AdaLoRA papers' choice), or every linear layer of the encoder.
+TARGETS = {
+    "qv": ("query", "value"),
+    "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,9 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the main comparison")
     p.add_argument("--full-lr", type=float, default=5e-5, help="learning rate of full fine-tuning")
-    p.add_argument("--lrs", type=float, nargs="*", default=[1e-4, 5e-4, 1e-3, 5e-3], help="sweep (AdaLoRA, GeoLoRA)")
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--geolora-alpha", type=float, default=None, help="GeoLoRA's lora_alpha (default: FinetuneConfig's)")
+    p.add_argument(
+        "--lrs", type=float, nargs="*", default=[1e-4, 5e-4, 1e-3, 5e-3], help="sweep (LoRA, AdaLoRA, GeoLoRA)"
+    )
+    p.add_argument("--tau", type=float, default=None, help="GeoLoRA's tau (default: GeoLoRAConfig's)")
+    p.add_argument("--geolora-alpha", type=float, default=None, help="GeoLoRA's lora_alpha (default: GeoLoRAConfig's)")
+    p.add_argument("--geolora-optimizer", default=None, help="GeoLoRA's optimizer (default: FinetuneConfig's)")
+    p.add_argument(
+        "--geolora-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further dlrt finetune keys for GeoLoRA, e.g. coefficient_steps=10 modules_to_save_lr_ratio=1",
+    )
+    p.add_argument("--targets", default="qv", choices=sorted(TARGETS), help="adapted modules")
+    p.add_argument("--default-run", action="store_true", help="dlrt finetune's defaults against LoRA, then stop")
+    p.add_argument("--timing-only", action="store_true", help="only the interleaved step times and peak memory")
+    p.add_argument("--summarize", nargs="+", metavar="FILE", help="aggregate result files and check the targets")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="what the classifier reads")
     p.add_argument("--warmup", type=float, default=0.0, help="share of steps with lr warm-up (every method)")
     p.add_argument("--seed", type=int, default=0)
@@ -65,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-steps", type=int, default=8)
     p.add_argument("--memory-steps", type=int, default=10, help="steps per method measured for peak memory")
     args = p.parse_args(argv)
+    if args.summarize:
+        return summarize([Path(f) for f in args.summarize])
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -84,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)  # the new classifier head's initialisation, shared by every method
     task = build_task(base_cfg)
     pristine = copy.deepcopy(task.model)
-    n_targets = sum(1 for n, _ in pristine.named_modules() if n.endswith((".query", ".value")))
-    budget = 8 * n_targets
+    if args.default_run:
+        return default_run(args, task, pristine, out, done)
 
     plan = [(m, args.full_lr if m == "full" else args.lr) for m in args.methods]
-    plan += [(m, lr) for m in ("adalora", "geolora") if m in args.methods for lr in args.lrs if lr != args.lr]
+    plan += [(m, lr) for m in SWEPT if m in args.methods for lr in args.lrs if lr != args.lr]
+    if args.timing_only:
+        plan = []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = list(done.values())
     for method, lr in plan:
@@ -99,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
             args,
             method,
             lr,
-            budget,
             runs_dir=args.runs_dir,
             name=f"{stamp}-{key}-seed{args.seed}",
             progress=False,
@@ -109,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {key}", flush=True)
         result = finetune(cfg, task)
         s = result.summary
-        runs.append({"key": key, "method": method, "lr": lr, "run_dir": str(result.run_dir), **s})
+        runs.append({"key": key, "method": method, "lr": lr, "run_dir": str(result.run_dir), **s, **trajectory(result)})
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs}, indent=2))
 
-    timing, peak = interleaved_step_times(args, task, pristine, budget) if args.timing_rounds > 0 else ({}, {})
+    timing, peak = interleaved_step_times(args, task, pristine) if args.timing_rounds > 0 else ({}, {})
     out.write_text(
         json.dumps(
             {"command": " ".join(sys.argv), "args": vars(args), "runs": runs, "timing": timing, "peak_bytes": peak},
@@ -121,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     by_key = {r["key"]: r for r in runs}
+    if timing:
+        print("interleaved median s/step: " + ", ".join(f"{m} {t:.3f}" for m, t in timing.items()))
     print(
         f"\nMiniLM-L6 on Rotten Tomatoes (split by movie, seed {args.seed}), {args.pooling}-pooled head, "
         f"{args.steps} steps of batch {args.batch_size}, {torch.get_num_threads()} threads\n"
@@ -142,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['training_state_bytes'] / 2**20:.1f} | {r['trainable_params']:,d} | {r['adapter_params']:,d} | "
             f"{r['total_rank'] if method != 'full' else '-'} | {acc} |"
         )
-    sweep = [m for m in ("adalora", "geolora") if m in args.methods]
+    sweep = [m for m in SWEPT if m in args.methods and not args.timing_only]
     if args.lrs and sweep:
         lrs = sorted(set(args.lrs) | {args.lr})
         print("\nlearning-rate sensitivity (final test accuracy)\n")
@@ -159,31 +196,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def method_config(args: argparse.Namespace, method: str, lr: float, budget: int, **extra) -> FinetuneConfig:
-    """The benchmark's settings for one method (r 8, GeoLoRA's budget and α, AdaLoRA's 12 → 8), plus ``extra``."""
-    return FinetuneConfig(
-        method=method,
-        lr=lr,
-        r=8,
-        tau=args.tau,
-        budget=budget if method == "geolora" else None,
-        lora_alpha=args.geolora_alpha if method == "geolora" else None,
-        warmup=args.warmup,
-        pooling=args.pooling,
-        init_r=12,
-        target_r=8,
-        epochs=100,
-        max_steps=args.steps,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        seed=args.seed,
-        **extra,
-    )
+def method_config(args: argparse.Namespace, method: str, lr: float, **extra) -> FinetuneConfig:
+    """The benchmark's settings for one method (r 8; GeoLoRA's defaults; AdaLoRA's 12 → 8), plus ``extra``."""
+    geo = method == "geolora"
+    settings = {
+        "method": method,
+        "lr": lr,
+        "r": 8,
+        "tau": args.tau if geo else None,
+        "lora_alpha": args.geolora_alpha if geo else None,
+        "optimizer": args.geolora_optimizer if geo else None,
+        "target_modules": list(TARGETS[args.targets]),
+        "warmup": args.warmup,
+        "pooling": args.pooling,
+        "init_r": 12,
+        "target_r": 8,
+        "epochs": 100,
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        "seed": args.seed,
+    }
+    if geo:
+        for item in getattr(args, "geolora_set", []):
+            key, _, value = item.partition("=")
+            settings[key] = value  # FinetuneConfig converts the string to the key's type
+    return FinetuneConfig(**{**settings, **extra})
 
 
-def interleaved_step_times(
-    args: argparse.Namespace, task, pristine, budget: int
-) -> tuple[dict[str, float], dict[str, int]]:
+def interleaved_step_times(args: argparse.Namespace, task, pristine) -> tuple[dict[str, float], dict[str, int]]:
     """Median seconds per training step of each method, timed round-robin in this process, and peak bytes.
 
     Every method gets a fresh model and optimizer; steps are timed in rounds of
@@ -206,7 +247,7 @@ def interleaved_step_times(
     batches = [b for _, b in zip(range(args.timing_steps), loader)]
     setups = {}
     for method in args.methods:
-        cfg = method_config(args, method, args.full_lr if method == "full" else args.lr, budget)
+        cfg = method_config(args, method, args.full_lr if method == "full" else args.lr)
         model, opt, after = apply_method(cfg, copy.deepcopy(pristine), args.steps)
         setups[method] = (model.train(), opt, after)
     times: dict[str, list[float]] = {m: [] for m in setups}
@@ -232,6 +273,97 @@ def interleaved_step_times(
             peaks.append(resident_bytes(model, opt) + step_peak)
         memory[method] = max(peaks)
     return {m: statistics.median(t) for m, t in times.items()}, memory
+
+
+def trajectory(result) -> dict:
+    """The total rank logged in ``steps.csv`` (every ``log_every`` steps): its largest value and the series."""
+    with (result.run_dir / "steps.csv").open() as f:
+        ranks = [int(row["total_rank"]) for row in csv.DictReader(f) if row["total_rank"]]
+    return {"max_total_rank": max(ranks, default=None), "total_rank_series": ranks}
+
+
+def default_run(args: argparse.Namespace, task, pristine, out: Path, done: dict) -> int:
+    """``dlrt finetune`` with no arguments, and PEFT LoRA r = 8 on the same split, steps and batch."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = list(done.values())
+    base = {"seed": args.seed, "limit": args.limit, "progress": False, "plots": False, "runs_dir": args.runs_dir}
+    for method in ("geolora", "lora"):
+        key = f"default-{method}"
+        if key in done:
+            continue
+        cfg = FinetuneConfig(
+            **base, name=f"{stamp}-{key}-seed{args.seed}", **({} if method == "geolora" else {"method": "lora"})
+        )
+        task.model = copy.deepcopy(pristine)
+        print(f"== {key}", flush=True)
+        result = finetune(cfg, task)
+        runs.append(
+            {
+                "key": key,
+                "method": method,
+                "lr": cfg.lr,
+                "run_dir": str(result.run_dir),
+                **result.summary,
+                **trajectory(result),
+            }
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs}, indent=2))
+    by = {r["key"]: r for r in runs}
+    geo, lora = by["default-geolora"], by["default-lora"]
+    budget = geo["config"]["r"] * len(geo["ranks"])
+    print(
+        f"dlrt finetune (defaults, {geo['steps']} steps): GeoLoRA {100 * geo['test_acc']:.2f} % "
+        f"(final total rank {geo['total_rank']}, largest {geo['max_total_rank']}, budget {budget}), "
+        f"LoRA r 8 {100 * lora['test_acc']:.2f} %"
+    )
+    return 0
+
+
+def summarize(files: list[Path]) -> int:
+    """Three-seed means per (targets, method, lr) over result files, and the issue-13 targets."""
+    cells: dict[tuple[str, str, str], list[dict]] = {}
+    majority: dict[int, float] = {}
+    for f in files:
+        data = json.loads(f.read_text())
+        targets = "default" if data["args"].get("default_run") else data["args"].get("targets", "qv")
+        seed = data["args"]["seed"]
+        for r in data["runs"]:
+            lr = f"default ({r['lr']:g})" if targets == "default" else f"{r['lr']:g}"
+            cells.setdefault((targets, r["method"], lr), []).append({**r, "seed": seed})
+            majority.setdefault(seed, None)
+    from dlrt.data import load_rotten_tomatoes
+
+    for seed in majority:
+        _, test = load_rotten_tomatoes(seed=seed)
+        share = sum(label for _, label in test) / len(test)
+        majority[seed] = max(share, 1 - share)
+    print("| targets | method | lr | seeds | test acc. per seed | mean | lowest − majority | adapter params (mean) |")
+    print("|---|---|---|---|---|---|---|---|")
+    means: dict[tuple[str, str], dict[str, float]] = {}
+    for (targets, method, lr), rs in sorted(cells.items()):
+        rs.sort(key=lambda r: r["seed"])
+        accs = [100 * r["test_acc"] for r in rs]
+        margin = min(100 * (r["test_acc"] - majority[r["seed"]]) for r in rs)
+        mean = statistics.mean(accs)
+        means.setdefault((targets, method), {})[lr] = mean
+        params = statistics.mean(r["adapter_params"] for r in rs)
+        print(
+            f"| {targets} | {method} | {lr} | {'/'.join(str(r['seed']) for r in rs)} | "
+            f"{' / '.join(f'{a:.2f}' for a in accs)} | {mean:.2f} | {margin:+.2f} | {params:,.0f} |"
+        )
+    print()
+    for f in files:
+        timing = json.loads(f.read_text()).get("timing") or {}
+        if "geolora" in timing:
+            ratios = ", ".join(f"{timing['geolora'] / t:.2f}× {m}" for m, t in timing.items() if m != "geolora")
+            print(f"{f.name}: GeoLoRA s/step {timing['geolora']:.3f} = {ratios}")
+    for targets in ("qv", "all"):
+        best = {m: max(v.items(), key=lambda kv: kv[1]) for (t, m), v in means.items() if t == targets}
+        if "geolora" in best:
+            shown = ", ".join(f"{m} {acc:.2f} % at {lr}" for m, (lr, acc) in sorted(best.items()))
+            print(f"{targets}: best three-seed means: {shown}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -554,9 +554,13 @@ def part_c(args: argparse.Namespace, previous: dict[str, Any] | None, save: Any)
         todo = [(m, o, lr) for m, o in methods for lr in args.lrs if c_key(m, o, seed, lr, args) not in done]
         if not todo:
             continue
+        # Issue 12's settings, kept when issue 13 changed GeoLoRA's defaults (docs/geolora.md): alpha 128,
+        # 10 coefficient steps, the head at the adapters' lr, query/value.
         cfg_args = argparse.Namespace(
             tau=args.tau,
-            geolora_alpha=None,
+            geolora_alpha=128.0,
+            geolora_optimizer=None,
+            targets="qv",
             warmup=0.0,
             pooling="mean",
             steps=args.steps,
@@ -564,22 +568,21 @@ def part_c(args: argparse.Namespace, previous: dict[str, Any] | None, save: Any)
             limit=args.limit,
             seed=seed,
         )
-        base = method_config(cfg_args, "geolora", args.lrs[0], 1)
+        base = method_config(cfg_args, "geolora", args.lrs[0])
         torch.manual_seed(seed)  # the new classifier head's initialisation, shared by every method of this seed
         task = build_task(base)
         pristine = copy.deepcopy(task.model)
         labels = task.test_set.labels
         majority = float(torch.bincount(labels).max()) / len(labels)
-        n_targets = sum(1 for n, _ in pristine.named_modules() if n.endswith((".query", ".value")))
-        budget = 8 * n_targets
         for method, optimizer, lr in todo:
             key = c_key(method, optimizer, seed, lr, args)
             cfg = method_config(
                 cfg_args,
                 method,
                 lr,
-                budget,
                 optimizer=optimizer,
+                coefficient_steps=10,
+                modules_to_save_lr_ratio=1.0,
                 threads=args.threads,
                 runs_dir=str(Path(args.runs_dir) / "c"),
                 name=f"{stamp}-{method}-{optimizer}-s{seed}-lr{lr:g}",
@@ -616,7 +619,7 @@ def part_c(args: argparse.Namespace, previous: dict[str, Any] | None, save: Any)
                     "run_dir": str(result.run_dir),
                 }
             )
-            record["budget"] = budget
+            record["budget"] = 8 * len(s["ranks"])
             save(record)
     record.update(summarize_c(runs, args, methods))
     return record
