@@ -3,11 +3,10 @@
 ::
 
     from dlrt.peft import GeoLoRAConfig, get_geolora_model
-    config = GeoLoRAConfig(r=8, tau=0.1, budget=96, target_modules=["query", "value"],
-                           modules_to_save=["classifier"])
+    config = GeoLoRAConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier"])
     model = get_geolora_model(model, config)
     model.print_trainable_parameters()
-    opt = model.make_optimizer(lr=1e-3)          # a DLRTOptimizer (parallel integrator)
+    opt = model.make_optimizer()                 # a DLRTOptimizer (parallel integrator, geo-adam, lr 5e-3)
     ...                                          # loss.backward(); opt.step(); opt.zero_grad()
     model.save_pretrained("adapter/")
     merged = model.merge_and_unload()

@@ -2,7 +2,7 @@
 
 Give the Trainer the optimizer and the callback::
 
-    opt = model.make_optimizer(lr=5e-4, max_grad_norm=1.0)  # clipping belongs in the optimizer
+    opt = model.make_optimizer(max_grad_norm=1.0)  # clipping belongs in the optimizer
     trainer = Trainer(model=model, args=TrainingArguments(..., max_grad_norm=0.0),
                       optimizers=(opt, None), callbacks=[GeoLoRACallback(opt)])
 
