@@ -31,7 +31,7 @@ Rerun::
     python benchmarks/finetune_vs_peft.py --steps 40 --limit 800 --lrs 1e-3   # smoke run
     python benchmarks/finetune_vs_peft.py --targets all --seed 1 --out all-seed1.json
     python benchmarks/finetune_vs_peft.py --default-run --seed 0 --out default-seed0.json
-    python benchmarks/finetune_vs_peft.py --summarize benchmarks/results/finetune_*.json
+    cd benchmarks/results && python ../finetune_vs_peft.py --summarize finetune_{all,qv}_*.json finetune_default_seed0.json
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="qv", choices=sorted(TARGETS), help="adapted modules")
     p.add_argument("--default-run", action="store_true", help="dlrt finetune's defaults against LoRA, then stop")
     p.add_argument("--timing-only", action="store_true", help="only the interleaved step times and peak memory")
-    p.add_argument("--summarize", nargs="+", metavar="FILE", help="aggregate result files and check the targets")
+    p.add_argument("--summarize", nargs="+", metavar="FILE", help="means over seeds and timing ratios of result files")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="what the classifier reads")
     p.add_argument("--warmup", type=float, default=0.0, help="share of steps with lr warm-up (every method)")
     p.add_argument("--seed", type=int, default=0)
@@ -140,21 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             progress=False,
             plots=False,
         )
-        task.model = copy.deepcopy(pristine)
-        print(f"== {key}", flush=True)
-        result = finetune(cfg, task)
-        s = result.summary
-        runs.append({"key": key, "method": method, "lr": lr, "run_dir": str(result.run_dir), **s, **trajectory(result)})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs}, indent=2))
+        run_and_record(args, task, pristine, cfg, key, runs, out)
 
     timing, peak = interleaved_step_times(args, task, pristine) if args.timing_rounds > 0 else ({}, {})
-    out.write_text(
-        json.dumps(
-            {"command": " ".join(sys.argv), "args": vars(args), "runs": runs, "timing": timing, "peak_bytes": peak},
-            indent=2,
-        )
-    )
+    write_results(out, args, runs, timing=timing, peak_bytes=peak)
     by_key = {r["key"]: r for r in runs}
     if timing:
         print("interleaved median s/step: " + ", ".join(f"{m} {t:.3f}" for m, t in timing.items()))
@@ -275,6 +264,21 @@ def interleaved_step_times(args: argparse.Namespace, task, pristine) -> tuple[di
     return {m: statistics.median(t) for m, t in times.items()}, memory
 
 
+def run_and_record(args: argparse.Namespace, task, pristine, cfg: FinetuneConfig, key: str, runs: list, out) -> None:
+    """Fine-tune a fresh copy of ``pristine`` as ``cfg`` says, append its record to ``runs`` and rewrite ``out``."""
+    task.model = copy.deepcopy(pristine)
+    print(f"== {key}", flush=True)
+    result = finetune(cfg, task)
+    record = {"key": key, "method": cfg.method, "lr": cfg.lr, "run_dir": str(result.run_dir)}
+    runs.append({**record, **result.summary, **trajectory(result)})
+    write_results(out, args, runs)
+
+
+def write_results(out: Path, args: argparse.Namespace, runs: list, **extra) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs, **extra}, indent=2))
+
+
 def trajectory(result) -> dict:
     """The total rank logged in ``steps.csv`` (every ``log_every`` steps): its largest value and the series."""
     with (result.run_dir / "steps.csv").open() as f:
@@ -294,21 +298,7 @@ def default_run(args: argparse.Namespace, task, pristine, out: Path, done: dict)
         cfg = FinetuneConfig(
             **base, name=f"{stamp}-{key}-seed{args.seed}", **({} if method == "geolora" else {"method": "lora"})
         )
-        task.model = copy.deepcopy(pristine)
-        print(f"== {key}", flush=True)
-        result = finetune(cfg, task)
-        runs.append(
-            {
-                "key": key,
-                "method": method,
-                "lr": cfg.lr,
-                "run_dir": str(result.run_dir),
-                **result.summary,
-                **trajectory(result),
-            }
-        )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args), "runs": runs}, indent=2))
+        run_and_record(args, task, pristine, cfg, key, runs, out)
     by = {r["key"]: r for r in runs}
     geo, lora = by["default-geolora"], by["default-lora"]
     budget = geo["config"]["r"] * len(geo["ranks"])
@@ -321,11 +311,14 @@ def default_run(args: argparse.Namespace, task, pristine, out: Path, done: dict)
 
 
 def summarize(files: list[Path]) -> int:
-    """Three-seed means per (targets, method, lr) over result files, and the issue-13 targets."""
+    """Means over seeds per (targets, method, lr), the least margin over the majority class of the full
+    test split, GeoLoRA's step-time ratios and each method's best mean, over the given result files."""
     cells: dict[tuple[str, str, str], list[dict]] = {}
     majority: dict[int, float] = {}
+    timings: dict[str, dict[str, float]] = {}
     for f in files:
         data = json.loads(f.read_text())
+        timings[f.name] = data.get("timing") or {}
         targets = "default" if data["args"].get("default_run") else data["args"].get("targets", "qv")
         seed = data["args"]["seed"]
         for r in data["runs"]:
@@ -353,16 +346,15 @@ def summarize(files: list[Path]) -> int:
             f"{' / '.join(f'{a:.2f}' for a in accs)} | {mean:.2f} | {margin:+.2f} | {params:,.0f} |"
         )
     print()
-    for f in files:
-        timing = json.loads(f.read_text()).get("timing") or {}
+    for name, timing in timings.items():
         if "geolora" in timing:
             ratios = ", ".join(f"{timing['geolora'] / t:.2f}× {m}" for m, t in timing.items() if m != "geolora")
-            print(f"{f.name}: GeoLoRA s/step {timing['geolora']:.3f} = {ratios}")
+            print(f"{name}: GeoLoRA s/step {timing['geolora']:.3f} = {ratios}")
     for targets in ("qv", "all"):
         best = {m: max(v.items(), key=lambda kv: kv[1]) for (t, m), v in means.items() if t == targets}
         if "geolora" in best:
             shown = ", ".join(f"{m} {acc:.2f} % at {lr}" for m, (lr, acc) in sorted(best.items()))
-            print(f"{targets}: best three-seed means: {shown}")
+            print(f"{targets}: best means over the seeds run: {shown}")
     return 0
 
 
