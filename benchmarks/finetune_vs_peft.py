@@ -31,7 +31,8 @@ Rerun::
     python benchmarks/finetune_vs_peft.py --steps 40 --limit 800 --lrs 1e-3   # smoke run
     python benchmarks/finetune_vs_peft.py --targets all --seed 1 --out all-seed1.json
     python benchmarks/finetune_vs_peft.py --default-run --seed 0 --out default-seed0.json
-    cd benchmarks/results && python ../finetune_vs_peft.py --summarize finetune_{all,qv}_*.json finetune_default_seed0.json
+    cd benchmarks/results
+    python ../finetune_vs_peft.py --summarize finetune_{all,qv}_*.json finetune_default_seed0.json
 """
 
 from __future__ import annotations
