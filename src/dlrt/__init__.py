@@ -14,7 +14,7 @@ from . import linalg
 from .conversion import compression, convert, lowrank_layers, parameter_counts, ranks, to_dense
 from .integrators import INTEGRATORS, Integrator
 from .io import load, save
-from .layers import LowRankConv2d, LowRankLayer, LowRankLinear
+from .layers import FactorizedLayer, LowRankConv2d, LowRankLayer, LowRankLinear, TuckerConv2d
 from .optimizer import DLRTOptimizer, NonFiniteError
 
 __version__ = "0.1.0"
@@ -22,11 +22,13 @@ __version__ = "0.1.0"
 __all__ = [
     "INTEGRATORS",
     "DLRTOptimizer",
+    "FactorizedLayer",
     "Integrator",
     "LowRankConv2d",
     "LowRankLayer",
     "LowRankLinear",
     "NonFiniteError",
+    "TuckerConv2d",
     "compression",
     "convert",
     "linalg",

@@ -21,14 +21,21 @@ __all__ = [
     "augment_basis",
     "augment_basis_qr",
     "count_decompositions",
+    "fold",
     "galerkin",
     "global_truncation_ranks",
+    "hosvd",
+    "mode_product",
+    "mode_svd",
+    "multi_mode_product",
     "orth",
     "qr",
     "svd_truncate",
     "tangent_project",
     "tangent_transport",
     "truncation_rank",
+    "tucker_galerkin",
+    "unfold",
 ]
 
 
@@ -328,8 +335,16 @@ def augment_basis_qr(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple
 
 
 def galerkin(U1: Tensor, U0: Tensor, S0: Tensor, V0: Tensor, V1: Tensor) -> Tensor:
-    """Core of ``U0 S0 V0ᵀ`` in the bases ``(U1, V1)``: ``(U1ᵀU0) S0 (V0ᵀV1)``."""
+    """Core of ``U0 S0 V0ᵀ`` in the bases ``(U1, V1)``: ``(U1ᵀU0) S0 (V0ᵀV1)``.
+
+    The 2-mode case of :func:`tucker_galerkin` (``S0 ×₀ U1ᵀU0 ×₁ V1ᵀV0``), written as two products.
+    """
     return (U1.mT @ U0) @ S0 @ (V0.mT @ V1)
+
+
+def tucker_galerkin(new: Sequence[Tensor], old: Sequence[Tensor], C0: Tensor) -> Tensor:
+    """Core of the Tucker tensor ``C0 ×ᵢ old_i`` in the bases ``new``: ``C0 ×ᵢ (new_iᵀ old_i)``."""
+    return multi_mode_product(C0, [N.mT @ O for N, O in zip(new, old)])
 
 
 def truncation_rank(
@@ -515,3 +530,79 @@ def tangent_transport(
     L1 = torch.addmm(L @ A.mT, V0, CU - S.mT @ A.mT)  # ξᵀU1 = L Aᵀ + V0 (KᵀU1 − Sᵀ Aᵀ)
     S1 = CU.mT @ B + A @ (CV - SB)  # U1ᵀξV1
     return K1, L1, S1
+
+
+# ----------------------------------------------------------------------------- N-mode (Tucker) operations
+# A matrix W = U S Vᵀ is the 2-mode case of a Tucker tensor W = C ×₀ U₀ ×₁ U₁ … with orthonormal
+# mode bases U_i: S = C, U = U₀, V = U₁. The functions below work for any number of modes.
+
+
+def unfold(T: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` unfolding ``Mat_i(T)``: ``n_i × Π_{j≠i} n_j``, the other modes in their order (row-major)."""
+    return T.movedim(mode, 0).reshape(T.shape[mode], -1)
+
+
+def fold(M: Tensor, mode: int, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`unfold`: the tensor of ``shape`` whose mode-``mode`` unfolding is ``M``."""
+    rest = [s for j, s in enumerate(shape) if j != mode]
+    return M.reshape(M.shape[0], *rest).movedim(0, mode)
+
+
+def mode_product(T: Tensor, M: Tensor, mode: int) -> Tensor:
+    """``T ×_mode M``: multiply mode ``mode`` of ``T`` (size ``k``) by the ``n×k`` matrix ``M``."""
+    return torch.tensordot(M, T, dims=([1], [mode])).movedim(0, mode)
+
+
+def multi_mode_product(T: Tensor, mats: Sequence[Tensor | None]) -> Tensor:
+    """``T ×₀ M₀ ×₁ M₁ …``; a ``None`` leaves its mode as it is."""
+    for mode, M in enumerate(mats):
+        if M is not None:
+            T = mode_product(T, M, mode)
+    return T
+
+
+def mode_svd(C: Tensor, mode: int) -> tuple[Tensor, Tensor]:
+    """Left singular vectors and singular values of ``Mat_mode(C)`` (all of them, non-increasing)."""
+    _counted("svd")
+    work = unfold(C, mode).to(_qr_dtype(C.dtype))
+    with small_lapack(work):
+        P, sigma, _ = torch.linalg.svd(work, full_matrices=False)
+    return P.to(C.dtype), sigma.to(C.dtype)
+
+
+def hosvd(
+    T: Tensor,
+    ranks: Sequence[int | None] | None = None,
+    *,
+    tau: float | None = None,
+    min_ranks: Sequence[int] | None = None,
+    max_ranks: Sequence[int | None] | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Truncated higher-order SVD: ``T ≈ C ×₀ U₀ ×₁ U₁ …`` with orthonormal ``U_i``.
+
+    Each ``U_i`` holds the leading left singular vectors of ``Mat_i(T)``; the
+    core is ``C = T ×₀ U₀ᵀ ×₁ U₁ᵀ …``. Per mode the rank is ``ranks[i]``, or
+    with ``tau`` the :func:`truncation_rank` of that unfolding's singular values
+    (relative), capped by ``ranks[i]`` and ``max_ranks[i]`` and at least
+    ``min_ranks[i]``. At full ranks it reproduces ``T`` to round-off.
+
+    Returns:
+        ``(C, [U₀, U₁, …])``.
+    """
+    d = T.dim()
+    ranks = [None] * d if ranks is None else list(ranks)
+    lo = [1] * d if min_ranks is None else list(min_ranks)
+    hi = [None] * d if max_ranks is None else list(max_ranks)
+    if len(ranks) != d or len(lo) != d or len(hi) != d:
+        raise ValueError(f"hosvd of a {d}-way tensor needs {d} ranks, got {ranks}")
+    bases = []
+    for i in range(d):
+        P, sigma = mode_svd(T, i)
+        cap = [c for c in (ranks[i], hi[i]) if c is not None]
+        cap = min(cap) if cap else sigma.numel()
+        if tau is not None:
+            r = truncation_rank(sigma, tau, min_rank=lo[i], max_rank=cap)
+        else:
+            r = min(cap, sigma.numel())
+        bases.append(P[:, :r])
+    return multi_mode_product(T, [U.mT for U in bases]), bases

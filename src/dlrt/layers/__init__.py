@@ -1,13 +1,14 @@
 """Low-rank layer formats, the registry that maps dense module types to them, and the adapter.
 
 Each dense module type has its low-rank types registered in :mod:`dlrt.layers.registry`
-(``nn.Linear`` → :class:`LowRankLinear`, ``nn.Conv2d`` → :class:`LowRankConv2d`);
+(``nn.Linear`` → :class:`LowRankLinear`, ``nn.Conv2d`` → :class:`LowRankConv2d`, or
+:class:`TuckerConv2d` in the ``"tucker"`` format);
 :func:`register_lowrank` adds one. Every rank given for a layer is validated by
 :func:`check_rank`.
 """
 
 from .adapter import LowRankAdapter
-from .base import LowRankLayer
+from .base import FactorizedLayer, LowRankLayer
 from .conv import LowRankConv2d
 from .linear import LowRankLinear
 from .ranks import check_rank
@@ -22,13 +23,16 @@ from .registry import (
     registered_lowrank,
     unregister_lowrank,
 )
+from .tucker import TuckerConv2d
 
 __all__ = [
+    "FactorizedLayer",
     "LowRankAdapter",
     "LowRankConv2d",
     "LowRankLayer",
     "LowRankLinear",
     "LowRankSpec",
+    "TuckerConv2d",
     "check_rank",
     "dense_types",
     "find_lowrank",

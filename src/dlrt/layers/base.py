@@ -118,7 +118,48 @@ def _carry_nonfinite(gS: Tensor, *others: Tensor | None) -> Tensor:
     return gS if total is None else gS + total.to(gS.dtype) * 0
 
 
-class LowRankLayer(nn.Module):
+class FactorizedLayer(nn.Module):
+    """What every factorized layer offers the optimizer, checkpoints and tools: orthonormal bases and a core.
+
+    A matrix layer (:class:`LowRankLayer`, ``W = U S Vᵀ``) has two bases and a
+    ``r_u×r_v`` core; a Tucker layer (:class:`~dlrt.layers.TuckerConv2d`) has one
+    basis per mode of its kernel and a core with as many modes. Integrators
+    move both through the operations of :mod:`dlrt.integrators.base`.
+    """
+
+    min_rank: int
+    max_rank: int
+    grad_request: frozenset[str] | None
+
+    @property
+    def core(self) -> nn.Parameter:
+        """The core (``S`` of a matrix layer, ``C`` of a Tucker layer)."""
+        raise NotImplementedError
+
+    @property
+    def bases(self) -> tuple[nn.Parameter, ...]:
+        """The orthonormal bases, one per mode (``(U, V)`` for a matrix layer)."""
+        raise NotImplementedError
+
+    def factor_parameters(self) -> tuple[nn.Parameter, ...]:
+        """Bases and core in the order the optimizer keeps them (its state indices follow it)."""
+        raise NotImplementedError
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The rank of every mode: the core's shape."""
+        return tuple(self.core.shape)
+
+    def clear_pass(self) -> None:
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        """Parameters stored by the layer: bases, core and the bias."""
+        bias = getattr(self, "bias", None)
+        return sum(p.numel() for p in self.factor_parameters()) + (bias.numel() if bias is not None else 0)
+
+
+class LowRankLayer(FactorizedLayer):
     """Base class of matrix-format low-rank layers ``W = U S Vᵀ`` (``n×m``).
 
     Attributes:
@@ -177,6 +218,17 @@ class LowRankLayer(nn.Module):
         self._contraction = "auto"
 
     # ----------------------------------------------------------------- factors
+    @property
+    def core(self) -> nn.Parameter:
+        return self.S
+
+    @property
+    def bases(self) -> tuple[nn.Parameter, ...]:
+        return (self.U, self.V)
+
+    def factor_parameters(self) -> tuple[nn.Parameter, ...]:
+        return (self.U, self.S, self.V)
+
     @property
     def rank(self) -> int:
         """Current rank ``r`` (the number of columns of U)."""
@@ -318,11 +370,6 @@ class LowRankLayer(nn.Module):
     def _input_width(x: Tensor) -> int:
         """Entries of ``x`` per position: ``x.numel()`` over it counts the positions the layer is applied at."""
         raise NotImplementedError
-
-    def num_parameters(self) -> int:
-        """Parameters stored by the layer: U, S, V and the bias."""
-        bias = getattr(self, "bias", None)
-        return self.U.numel() + self.S.numel() + self.V.numel() + (bias.numel() if bias is not None else 0)
 
     def dense_num_parameters(self) -> int:
         """Parameters of the dense twin of this layer."""

@@ -18,7 +18,88 @@ from torch.nn.modules.utils import _pair
 from .base import LowRankLayer, default_dense_init
 
 
-class LowRankConv2d(LowRankLayer):
+class ConvGeometry:
+    """Stride, padding (ints, ``"same"``, ``"valid"``, every ``padding_mode``) and dilation of a 2-D
+    convolution, validated as ``nn.Conv2d`` does; shared by the matrix and Tucker formats.
+
+    Padding that ``F.conv2d`` cannot do itself (a non-zero mode, or the asymmetric
+    ``"same"`` of an even kernel) is applied to the input first (:meth:`_pad_input`).
+    """
+
+    def _set_geometry(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int] | str,
+        dilation: int | tuple[int, int],
+        padding_mode: str,
+        groups: int,
+    ) -> None:
+        name = type(self).__name__
+        if groups != 1:
+            raise ValueError(f"{name} supports groups=1 only, got groups={groups}; leave this layer dense")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        self.padding_mode = padding_mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' needs stride=1 (as in nn.Conv2d)")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+        # (left, right, top, bottom) for F.pad, or None when conv2d pads itself.
+        self._pre_pad = self._explicit_padding()
+
+    def _explicit_padding(self) -> tuple[int, int, int, int] | None:
+        if self.padding == "valid":
+            pads = [(0, 0), (0, 0)]
+        elif self.padding == "same":
+            pads = []
+            for k, d in zip(self.kernel_size, self.dilation):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+        else:
+            pads = [(p, p) for p in self.padding]
+        symmetric = all(lo == hi for lo, hi in pads)
+        if self.padding_mode == "zeros" and symmetric:
+            self._conv_padding = (pads[0][0], pads[1][0])
+            return None
+        self._conv_padding = (0, 0)
+        (top, bottom), (left, right) = pads
+        return (left, right, top, bottom)
+
+    def _pad_input(self, x: Tensor) -> Tensor:
+        if self._pre_pad is None:
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._pre_pad, mode=mode)
+
+    def _dense_conv(self, bias: bool, device: Any, dtype: Any) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with this geometry (weights to be copied in)."""
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=bias,
+            padding_mode=self.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+
+
+class LowRankConv2d(ConvGeometry, LowRankLayer):
     """A 2-D convolution whose kernel matrix is held as ``U S Vᵀ``.
 
     Supports stride, padding (ints, ``"same"``, ``"valid"`` and every
@@ -50,26 +131,7 @@ class LowRankConv2d(LowRankLayer):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        if groups != 1:
-            raise ValueError(f"LowRankConv2d supports groups=1 only, got groups={groups}; leave this layer dense")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"padding_mode must be zeros, reflect, replicate or circular, got {padding_mode!r}")
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
-        self.padding_mode = padding_mode
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("padding='same' needs stride=1 (as in nn.Conv2d)")
-            self.padding = padding
-        else:
-            self.padding = _pair(padding)
-        # (left, right, top, bottom) for F.pad, or None when conv2d pads itself.
-        self._pre_pad = self._explicit_padding()
+        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, groups)
         self.out_dim = self.out_channels
         self.in_dim = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._init_factors(rank, max_rank, min_rank, device, dtype)
@@ -79,24 +141,6 @@ class LowRankConv2d(LowRankLayer):
         else:
             self.register_parameter("bias", None)
         self.init_from_matrix(default_dense_init(self.out_dim, self.in_dim, device, dtype), rank)
-
-    def _explicit_padding(self) -> tuple[int, int, int, int] | None:
-        if self.padding == "valid":
-            pads = [(0, 0), (0, 0)]
-        elif self.padding == "same":
-            pads = []
-            for k, d in zip(self.kernel_size, self.dilation):
-                total = d * (k - 1)
-                pads.append((total // 2, total - total // 2))
-        else:
-            pads = [(p, p) for p in self.padding]
-        symmetric = all(lo == hi for lo, hi in pads)
-        if self.padding_mode == "zeros" and symmetric:
-            self._conv_padding = (pads[0][0], pads[1][0])
-            return None
-        self._conv_padding = (0, 0)
-        (top, bottom), (left, right) = pads
-        return (left, right, top, bottom)
 
     @classmethod
     def like(
@@ -147,10 +191,7 @@ class LowRankConv2d(LowRankLayer):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        if self._pre_pad is not None:
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self._pre_pad, mode=mode)
-        y = self._apply_lowrank(x, self.bias)
+        y = self._apply_lowrank(self._pad_input(x), self.bias)
         return y.squeeze(0) if unbatched else y
 
     @property
@@ -160,18 +201,7 @@ class LowRankConv2d(LowRankLayer):
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing the same function."""
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device=self.U.device,
-            dtype=self.U.dtype,
-        )
+        conv = self._dense_conv(self.bias is not None, self.U.device, self.U.dtype)
         with torch.no_grad():
             conv.weight.copy_(self.weight)
             if self.bias is not None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .conv import LowRankConv2d
 from .linear import LowRankLinear
+from .tucker import TuckerConv2d
 
 __all__ = [
     "LowRankSpec",
@@ -234,3 +235,10 @@ register_lowrank(nn.Linear, LowRankLinear, from_dense=LowRankLinear.from_linear,
 register_lowrank(
     nn.Conv2d, LowRankConv2d, from_dense=LowRankConv2d.from_conv, like=LowRankConv2d.like, unsupported=_conv_unsupported
 )
+
+
+def _tucker_from_conv(conv: Any, rank: Any = None, *, tau: Any = None, **kw: Any) -> TuckerConv2d:
+    return TuckerConv2d.from_conv(conv, ranks=rank, tau=tau, **kw)
+
+
+register_lowrank(nn.Conv2d, TuckerConv2d, format="tucker", from_dense=_tucker_from_conv, unsupported=_conv_unsupported)
