@@ -77,7 +77,9 @@ def test_bad_convert_arguments():
     for tau in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=f"tau must be a finite number >= 0, got tau={tau}"):
             dlrt.convert(Net(), tau=tau)
-    with pytest.raises(ValueError, match=r"conv='cp' is not a registered low-rank format; choose one of \['matrix'\]"):
+    with pytest.raises(
+        ValueError, match=r"conv='cp' is not a registered low-rank format; choose one of \['matrix', 'tucker'\]"
+    ):
         dlrt.convert(Net(), rank=2, conv="cp")
     with pytest.raises(ValueError, match="min_rank=3 is larger than max_rank=2"):
         dlrt.convert(Net(), rank=2, min_rank=3, max_rank=2)
@@ -191,7 +193,11 @@ def test_an_unregistered_type_is_a_clear_error_listing_the_registered_ones():
         lowrank_spec(Affine(3, 3))
     with pytest.raises(TypeError, match="has no from_dense classmethod"):
         register_lowrank(Affine, LowRankLinear)
-    assert [s.dense_type for s in registered_lowrank()] == [nn.Linear, nn.Conv2d]
+    assert [(s.dense_type, s.format) for s in registered_lowrank()] == [
+        (nn.Linear, "matrix"),
+        (nn.Conv2d, "matrix"),
+        (nn.Conv2d, "tucker"),
+    ]
     # Subclasses of a registered type go through its entry (MultiheadAttention's out_proj is one).
     assert lowrank_spec(nn.modules.linear.NonDynamicallyQuantizableLinear).lowrank_type is LowRankLinear
 

@@ -214,3 +214,54 @@ def test_geometric_optimizers_in_the_configs():
     with pytest.raises(ValueError, match="optimizer='geo-adam' trains GeoLoRA's low-rank adapters only"):
         FinetuneConfig(method="lora", optimizer="geo-adam")
     assert FinetuneConfig(method="geolora", optimizer="geo-adam", integrator="abc").optimizer == "geo-adam"
+
+
+def test_tucker_run_logs_mode_ranks_and_resumes_exactly(data_root, tmp_path, monkeypatch):
+    kw = {"conv": "tucker", "tucker_modes": [0, 1], "tau": 0.3}
+    full = train(small(data_root, tmp_path, name="full", **kw))
+    assert full.status == "completed"
+    rows = read_metrics(full.run_dir)
+    # One rank per adapted mode (the spatial modes are not adapted here), and a total over them.
+    assert set(rows[0]["ranks"]) == {"conv1/out", "conv1/in", "conv2/out", "conv2/in", "fc1"}
+    assert rows[-1]["total_rank"] == sum(rows[-1]["ranks"].values())
+    summary = json.loads((full.run_dir / "summary.json").read_text())
+    conv2 = summary["ranks"]["conv2"]
+    assert conv2[2:] == [5, 5] and [conv2[0], conv2[1]] == [
+        rows[-1]["ranks"]["conv2/out"],
+        rows[-1]["ranks"]["conv2/in"],
+    ]
+    assert any(r["ranks"]["conv2/out"] != 8 for r in rows), "the output mode's rank adapted from its start rank 8"
+
+    real_step = dlrt.DLRTOptimizer.step
+    calls = {"n": 0}
+
+    def interrupting_step(self, closure=None):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(self, closure)
+
+    monkeypatch.setattr(dlrt.DLRTOptimizer, "step", interrupting_step)
+    cut = train(small(data_root, tmp_path, name="cut", **kw))
+    monkeypatch.setattr(dlrt.DLRTOptimizer, "step", real_step)
+    resumed = train(resume_dir=cut.run_dir)
+    assert [r["ranks"] for r in read_metrics(resumed.run_dir)] == [r["ranks"] for r in rows]
+    from safetensors.torch import load_file
+
+    ta = load_file(str(full.run_dir / "checkpoint.safetensors"))
+    tb = load_file(str(resumed.run_dir / "checkpoint.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_tucker_config_errors():
+    with pytest.raises(ValueError, match="conv='cp' is not one of matrix, tucker"):
+        TrainConfig(conv="cp")
+    with pytest.raises(ValueError, match="tucker_modes applies to conv=tucker"):
+        TrainConfig(tucker_modes=[0])
+    with pytest.raises(ValueError, match="distinct mode indices in 0..3"):
+        TrainConfig(conv="tucker", tucker_modes=[0, 4])
+    with pytest.raises(ValueError, match="conv=tucker trains with integrator bug, parallel or fixed"):
+        TrainConfig(conv="tucker", integrator="abc")
+    with pytest.raises(ValueError, match="optimizer sgd, adam or adamw"):
+        TrainConfig(conv="tucker", optimizer="geo-adam")
+    assert load_config(None, ["conv=tucker", "tucker_modes=[1,0]"]).tucker_modes == [0, 1]

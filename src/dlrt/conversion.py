@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .layers import LowRankLayer
+from .layers import FactorizedLayer, TuckerConv2d
 from .layers.ranks import check_rank, rank_range
 from .layers.registry import find_lowrank, lowrank_formats, lowrank_types, registered_lowrank
+from .layers.tucker import check_tucker_modes
 from .selection import Selector, check_selector, excluded, matches, set_submodule
 
-__all__ = ["compression", "convert", "lowrank_layers", "parameter_counts", "ranks", "to_dense"]
+__all__ = ["compression", "convert", "lowrank_layers", "mode_ranks", "parameter_counts", "ranks", "to_dense"]
 
 
-def lowrank_layers(model: nn.Module) -> Iterator[tuple[str, LowRankLayer]]:
-    """``(name, layer)`` for every low-rank layer of ``model``."""
+def lowrank_layers(model: nn.Module) -> Iterator[tuple[str, FactorizedLayer]]:
+    """``(name, layer)`` for every low-rank layer of ``model`` (matrix and Tucker)."""
     for name, module in model.named_modules():
-        if isinstance(module, LowRankLayer):
+        if isinstance(module, FactorizedLayer):
             yield name, module
 
 
@@ -63,6 +64,7 @@ def convert(
     target_modules: Selector | None = None,
     exclude: Selector | None = (),
     conv: str = "matrix",
+    tucker_modes: Sequence[int] | None = None,
 ) -> nn.Module:
     """Replace the dense layers of ``model`` by low-rank layers, in place.
 
@@ -90,7 +92,13 @@ def convert(
             excludes everything inside it.
         conv: the low-rank format for layer types that have several (a
             registered format name; ``"matrix"``, ``out × in·kh·kw``, for
-            convolutions). Types without that format use ``"matrix"``.
+            convolutions; ``"tucker"``, one rank per kernel mode,
+            :class:`~dlrt.TuckerConv2d`). Types without that format use
+            ``"matrix"``. For Tucker layers an int ``rank`` caps every mode's
+            rank, and ``tau`` truncates every adapted mode's unfolding.
+        tucker_modes: with ``conv="tucker"``, the kernel modes whose rank
+            adapts (``0`` out, ``1`` in, ``2``/``3`` spatial; default all);
+            the others keep the rank they start with.
 
     Raises:
         ValueError: a bad rank (the message names the rank and each layer's
@@ -101,18 +109,24 @@ def convert(
             registered low-rank type (the message lists the registered ones).
     """
     _check_arguments(rank, tau, max_rank, min_rank, conv)
+    options = {}
+    if tucker_modes is not None:
+        if conv != "tucker":
+            raise ValueError(f"tucker_modes= applies to conv='tucker' only, got conv={conv!r}")
+        options["tucker_modes"] = check_tucker_modes(tucker_modes)
     if target_modules is not None:
         check_selector(target_modules, "target_modules")
     exclude = exclude or ()
     check_selector(exclude, "exclude")
-    skip = (*lowrank_types(), LowRankLayer)
+    skip = (*lowrank_types(), FactorizedLayer)
     chosen = []
     for name, module in model.named_modules():
         if name == "" or isinstance(module, skip) or excluded(name, exclude):
             continue
         if target_modules is not None and not matches(name, target_modules):
             continue
-        spec = find_lowrank(module, conv) or find_lowrank(module)
+        spec = find_lowrank(module, conv)
+        spec, opts = (spec, options) if spec is not None else (find_lowrank(module), {})
         if spec is None:
             if target_modules is not None and not isinstance(target_modules, str):
                 raise TypeError(
@@ -126,7 +140,7 @@ def convert(
             if target_modules is not None:
                 raise ValueError(f"layer {name!r} is {reason}, which {spec.describe()} cannot hold; exclude it")
             continue
-        chosen.append((name, module, spec))
+        chosen.append((name, module, spec, opts))
     if not chosen:
         raise ValueError(
             "nothing to convert: no layer of a registered type "
@@ -135,7 +149,7 @@ def convert(
         )
 
     plan, misfits = [], []
-    for name, module, spec in chosen:
+    for name, module, spec, opts in chosen:
         shape = spec.matrix_shape(module)
         full = min(shape)
         cap = min(max_rank, full) if max_rank is not None else None
@@ -150,7 +164,7 @@ def convert(
             lo, hi = rank_range(shape, min_rank=min_rank, max_rank=cap)
             misfits.append((name, shape, lo, hi))
             continue
-        plan.append((name, module, spec, layer_rank, cap))
+        plan.append((name, module, spec, layer_rank, cap, opts))
     if misfits:
         what = f"rank={rank}" if min_rank == 1 else f"rank={rank} with min_rank={min_rank}"
         ranges = "; ".join(
@@ -164,8 +178,8 @@ def convert(
         )
 
     built = []
-    for name, module, spec, layer_rank, cap in plan:
-        new = spec.from_dense(module, layer_rank, tau=tau, max_rank=cap, min_rank=min_rank)
+    for name, module, spec, layer_rank, cap, opts in plan:
+        new = spec.from_dense(module, layer_rank, tau=tau, max_rank=cap, min_rank=min_rank, **opts)
         new.train(module.training)
         built.append((name, new))
     for name, new in built:
@@ -175,7 +189,7 @@ def convert(
 
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every low-rank layer by its dense twin (its ``to_dense()``), in place; returns ``model``."""
-    kinds = (*lowrank_types(), LowRankLayer)
+    kinds = (*lowrank_types(), FactorizedLayer)
     if isinstance(model, kinds):
         raise ValueError("the model itself is a low-rank layer: call model.to_dense() instead")
     found: list[tuple[str, nn.Module]] = []
@@ -188,9 +202,27 @@ def to_dense(model: nn.Module) -> nn.Module:
     return model
 
 
-def ranks(model: nn.Module) -> dict[str, int]:
-    """Current rank of every low-rank layer, by module name."""
-    return {name: layer.rank for name, layer in lowrank_layers(model)}
+def ranks(model: nn.Module) -> dict[str, int | tuple[int, ...]]:
+    """Current rank of every low-rank layer, by module name: an int, or a Tucker layer's ranks per mode."""
+    return {
+        name: layer.ranks if isinstance(layer, TuckerConv2d) else layer.rank for name, layer in lowrank_layers(model)
+    }
+
+
+def mode_ranks(model: nn.Module) -> dict[str, int]:
+    """:func:`ranks` with one entry per adapted mode of a Tucker layer (``"conv1/out"``, ``"conv1/in"``, …).
+
+    Every value is an int, so totals, CSV logs and plots treat both formats alike.
+    """
+    from .layers.tucker import MODE_NAMES
+
+    out: dict[str, int] = {}
+    for name, layer in lowrank_layers(model):
+        if isinstance(layer, TuckerConv2d):
+            out.update({f"{name}/{MODE_NAMES[i]}": layer.ranks[i] for i in layer.tucker_modes})
+        else:
+            out[name] = layer.rank
+    return out
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -203,7 +235,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     stored = dense = 0
     layer_params = {}
     for _, layer in lowrank_layers(model):
-        for p in (layer.U, layer.S, layer.V):
+        for p in layer.factor_parameters():
             layer_params[id(p)] = layer
     counted_layers: set[int] = set()
     for p in model.parameters():

@@ -28,7 +28,7 @@ from torch import nn
 
 from .conversion import lowrank_layers
 from .integrators.base import LAYER_FLAGS, layer_flags, restore_layer_flags
-from .layers import LowRankLayer
+from .layers import FactorizedLayer, TuckerConv2d
 
 FORMAT = "dlrt-checkpoint"
 VERSION = 1
@@ -77,9 +77,10 @@ def save(
             name: {
                 "type": type(layer).__name__,
                 "shape": list(layer.shape),
-                "core": list(layer.S.shape),
+                "core": list(layer.core.shape),
                 "min_rank": layer.min_rank,
                 "max_rank": layer.max_rank,
+                **({"tucker_modes": list(layer.tucker_modes)} if isinstance(layer, TuckerConv2d) else {}),
                 # Where the layer is in a coefficient cycle (a fresh adapter, bases just grown).
                 "flags": dict(zip(LAYER_FLAGS, layer_flags(layer))),
             }
@@ -229,7 +230,7 @@ def load(
     unexpected = sorted(set(mine) - set(saved))
     if unexpected:
         raise ValueError(f"{path}: the model's low-rank layers {unexpected} are not in the checkpoint")
-    cores: dict[str, tuple[int, int]] = {}
+    cores: dict[str, tuple[int, ...]] = {}
     phase = _saved_phase(meta)
     for name, info in saved.items():
         cores[name] = _check_layer_header(path, name, info, mine[name], phase)
@@ -237,9 +238,14 @@ def load(
     model_sd = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     target = model.state_dict()
     factor_shapes: dict[str, tuple[int, ...]] = {}
-    for name, (r_u, r_v) in cores.items():
-        n, m = saved[name]["shape"]
+    for name, core in cores.items():
         prefix = f"{name}." if name else ""
+        layer = mine[name]
+        if isinstance(layer, TuckerConv2d):
+            factor_shapes.update({f"{prefix}U{i}": (n, r) for i, (n, r) in enumerate(zip(layer.mode_sizes, core))})
+            factor_shapes[f"{prefix}C"] = tuple(core)
+            continue
+        (r_u, r_v), (n, m) = core, saved[name]["shape"]
         factor_shapes.update({f"{prefix}U": (n, r_u), f"{prefix}S": (r_u, r_v), f"{prefix}V": (m, r_v)})
     missing_keys = sorted(set(target) - set(model_sd))
     unexpected_keys = sorted(set(model_sd) - set(target))
@@ -263,26 +269,40 @@ def load(
 
     # ---- apply, restoring model and optimizer if anything still fails
     undo_layers = {
-        name: (layer.U.data, layer.S.data, layer.V.data, layer.min_rank, layer.max_rank, layer_flags(layer))
+        name: (
+            tuple(p.data for p in layer.factor_parameters()),
+            layer.min_rank,
+            layer.max_rank,
+            layer_flags(layer),
+            getattr(layer, "tucker_modes", None),
+        )
         for name, layer in mine.items()
     }
     undo_dense = {k: v.clone() for k, v in target.items() if k not in factor_shapes}
     undo_opt = _optimizer_undo(optimizer) if optimizer is not None else None
     try:
         for name, info in saved.items():
-            layer: LowRankLayer = mine[name]
-            r_u, r_v = cores[name]
-            n, m = info["shape"]
-            empty = layer.U.new_empty
-            layer.set_factors(empty(n, r_u), empty(r_u, r_v), empty(m, r_v))
+            layer: FactorizedLayer = mine[name]
+            empty = layer.core.new_empty
+            if isinstance(layer, TuckerConv2d):
+                core = cores[name]
+                layer.set_factors([empty(n, r) for n, r in zip(layer.mode_sizes, core)], empty(*core))
+                layer.tucker_modes = tuple(info["tucker_modes"])
+            else:
+                (r_u, r_v), (n, m) = cores[name], info["shape"]
+                layer.set_factors(empty(n, r_u), empty(r_u, r_v), empty(m, r_v))
             layer.min_rank, layer.max_rank = int(info["min_rank"]), int(info["max_rank"])
             restore_layer_flags(layer, tuple(bool(info.get("flags", {}).get(f, False)) for f in LAYER_FLAGS))
         model.load_state_dict(model_sd, strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(osd)
     except BaseException:
-        for name, (U, S, V, lo, hi, flags) in undo_layers.items():
-            mine[name].set_factors(U, S, V)
+        for name, (data, lo, hi, flags, modes) in undo_layers.items():
+            if isinstance(mine[name], TuckerConv2d):
+                mine[name].set_factors(data[:-1], data[-1])
+                mine[name].tucker_modes = modes
+            else:
+                mine[name].set_factors(*data)
             mine[name].min_rank, mine[name].max_rank = lo, hi
             restore_layer_flags(mine[name], flags)
         model.load_state_dict(undo_dense, strict=False)
@@ -304,7 +324,7 @@ def _saved_phase(meta: dict[str, Any]) -> int | None:
     return phase if _is_int(phase) else None
 
 
-def _check_layer_header(path: Path, name: str, info: Any, layer: LowRankLayer, phase: int | None) -> tuple[int, int]:
+def _check_layer_header(path: Path, name: str, info: Any, layer: FactorizedLayer, phase: int | None) -> tuple[int, ...]:
     """Validate one layer's header entry against the model's layer; return its core shape."""
     where = f"{path}: layer {name!r}"
     if not isinstance(info, dict) or not {"type", "shape", "core", "min_rank", "max_rank"} <= set(info):
@@ -314,6 +334,8 @@ def _check_layer_header(path: Path, name: str, info: Any, layer: LowRankLayer, p
             f"{where} is a {type(layer).__name__} of shape {list(layer.shape)} in the model "
             f"but a {info['type']} of shape {info['shape']} in the checkpoint"
         )
+    if isinstance(layer, TuckerConv2d):
+        return _check_tucker_header(where, info, layer)
     n, m = layer.shape
     full = min(n, m)
     lo, hi, core = info["min_rank"], info["max_rank"], info["core"]
@@ -337,6 +359,31 @@ def _check_layer_header(path: Path, name: str, info: Any, layer: LowRankLayer, p
         state = "at phase 0 (square, within [1, max_rank])" if phase == 0 else f"(r_u <= {cap_u}, r_v <= {cap_v})"
         raise ValueError(f"{where}: core {core} is outside its bounds {state}, max_rank={hi}")
     return int(r_u), int(r_v)
+
+
+def _check_tucker_header(where: str, info: dict[str, Any], layer: TuckerConv2d) -> tuple[int, ...]:
+    """The Tucker part of :func:`_check_layer_header`: bounds, adapted modes and one rank per mode."""
+    from .layers.tucker import check_tucker_modes
+
+    full = max(layer.full_ranks)
+    lo, hi, core = info["min_rank"], info["max_rank"], info["core"]
+    if not (_is_int(lo) and _is_int(hi) and 1 <= lo <= hi <= full):
+        raise ValueError(
+            f"{where}: rank bounds min_rank={lo!r}, max_rank={hi!r} in the checkpoint must be ints with "
+            f"1 <= min_rank <= max_rank <= {full}; the file is damaged or was not written by dlrt.save"
+        )
+    try:
+        check_tucker_modes(info.get("tucker_modes"))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    sizes = layer.mode_sizes
+    if not (
+        isinstance(core, list)
+        and len(core) == len(sizes)
+        and all(_is_int(r) and 1 <= r <= n for r, n in zip(core, sizes))
+    ):
+        raise ValueError(f"{where}: core must hold one rank per mode within the mode sizes {list(sizes)}, got {core!r}")
+    return tuple(int(r) for r in core)
 
 
 def _optimizer_state_dict(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -363,7 +410,7 @@ def _check_optimizer_state(
     osd: dict[str, Any],
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
-    cores: dict[str, tuple[int, int]],
+    cores: dict[str, tuple[int, ...]],
     factor_shapes: dict[str, tuple[int, ...]],
 ) -> None:
     """Check the optimizer state against ``optimizer`` and the shapes the parameters will have."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .integrators import INTEGRATORS, Integrator
 from .integrators.base import factor_state, layer_flags, restore_layer_flags, set_factor_state, settle_kl_state
-from .layers import LowRankLayer, check_rank
+from .layers import FactorizedLayer, LowRankLayer, TuckerConv2d, check_rank
 from .optim.inner import RULES, InnerRule, check_real
 
 
@@ -177,11 +177,18 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if dense_lr is not None:
             dense_lr = check_real("dense_lr", dense_lr, low=0.0)
 
-        named = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLayer) and m.S.requires_grad]
+        named = [(n, m) for n, m in model.named_modules() if isinstance(m, FactorizedLayer) and m.core.requires_grad]
         if not named:
             raise ValueError(
                 "the model has no trainable low-rank layers: convert it first with "
                 "dlrt.convert(model, rank=...) or build it from dlrt.LowRankLinear/LowRankConv2d"
+            )
+        tucker = [n for n, m in named if isinstance(m, TuckerConv2d)]
+        if tucker and (self.rule.geometric or not self.integrator.tucker):
+            what = f"optimizer={optimizer!r}" if self.rule.geometric else f"integrator={self.integrator.name!r}"
+            raise ValueError(
+                f"{what} does not drive Tucker layers ({', '.join(tucker)}): use integrator 'bug', 'parallel' "
+                "or 'fixed' with optimizer 'sgd', 'adam' or 'adamw', or convert those layers with conv='matrix'"
             )
         bounds = [_rank_bounds(name, layer, min_rank, max_rank) for name, layer in named]
         if budget is not None and budget < sum(lo for lo, _ in bounds):
@@ -194,8 +201,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         for (_, layer), (lo, hi) in zip(named, bounds):
             layer.min_rank, layer.max_rank = lo, hi
         self.layer_names = [n for n, _ in named]
-        self.lowrank_layers: list[LowRankLayer] = [m for _, m in named]
-        factor_ids = {id(p) for m in self.lowrank_layers for p in (m.U, m.S, m.V)}
+        self.lowrank_layers: list[FactorizedLayer] = [m for _, m in named]
+        factor_ids = {id(p) for m in self.lowrank_layers for p in m.factor_parameters()}
         self._dense_names: dict[int, str] = {}
         dense = []
         for name, p in model.named_parameters():
@@ -204,7 +211,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 self._dense_names[id(p)] = name
         groups = [
             {
-                "params": [p for m in self.lowrank_layers for p in (m.U, m.S, m.V)],
+                "params": [p for m in self.lowrank_layers for p in m.factor_parameters()],
                 "kind": "lowrank",
                 "tau": float(tau),
                 "tau_mode": tau_mode,
@@ -266,7 +273,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         group = self.lowrank_group
         for layer in self.lowrank_layers:
             gS = layer.S.grad
-            if gS is None or layer.pending_growth:
+            if gS is None or layer.pending_growth:  # (geometric optimizers drive matrix layers only)
                 continue
             factors = (layer.U.detach(), layer.S.detach(), layer.V.detach())
             states = tuple(factor_state(self, layer, kind) for kind in ("K", "L", "S"))
@@ -280,6 +287,14 @@ class DLRTOptimizer(torch.optim.Optimizer):
         grads: list[Tensor] = []
         squares: list[Tensor] = []
         for layer in self.lowrank_layers:
+            if isinstance(layer, TuckerConv2d):
+                gC = layer.C.grad
+                modes = [(B.detach(), g) for B, g in zip(layer.bases, layer.grad_modes) if g is not None]
+                grads += ([] if gC is None else [gC]) + [g for _, g in modes]
+                # The tangent norm: the core's gradient, and each mode's K-gradient outside its basis.
+                squares += [] if gC is None else [gC.square().sum()]
+                squares += [(g.square().sum() - (B.mT @ g).square().sum()).clamp_min(0) for B, g in modes]
+                continue
             gS, gK, gL = layer.S.grad, layer.grad_K, layer.grad_L
             present = [g for g in (gS, gK, gL) if g is not None]
             grads += present
@@ -316,8 +331,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         direction = self.directions.get(layer)
         if direction is not None:
             return direction.S.to(layer.S.dtype)
-        g = layer.S.grad
-        return torch.zeros_like(layer.S) if g is None else g
+        g = layer.core.grad
+        return torch.zeros_like(layer.core) if g is None else g
 
     def pass_grad(
         self, layer: LowRankLayer, left: Tensor, right: Tensor | None, records: list[Any] | None = None
@@ -342,15 +357,19 @@ class DLRTOptimizer(torch.optim.Optimizer):
         return g
 
     def _require_grads(self, request: frozenset[str]) -> None:
-        if all(layer.S.grad is None for layer in self.lowrank_layers):
+        if all(layer.core.grad is None for layer in self.lowrank_layers):
             raise RuntimeError(
                 "step() was called without a closure and no gradients are present: call loss.backward() "
                 "first, or pass step(closure)"
             )
         for name, layer in zip(self.layer_names, self.lowrank_layers):
-            if layer.S.grad is None:
+            if layer.core.grad is None:
                 continue
-            recorded = (("K", layer.grad_K is not None), ("L", layer.grad_L is not None), ("X", layer.pass_inputs))
+            if isinstance(layer, TuckerConv2d):
+                modes = any(layer.grad_modes[i] is not None for i in layer.tucker_modes)
+                recorded = (("K", modes), ("L", modes), ("X", layer.pass_inputs))
+            else:
+                recorded = (("K", layer.grad_K is not None), ("L", layer.grad_L is not None), ("X", layer.pass_inputs))
             for kind, present in recorded:
                 if kind in request and not present:
                     what = "inputs" if kind == "X" else f"projected gradient {kind}"
@@ -369,17 +388,21 @@ class DLRTOptimizer(torch.optim.Optimizer):
         # so the fused check reads the small cores, not the n×r projected gradients.
         grads: list[Tensor] = []
         for layer in self.lowrank_layers:
-            if layer.S.grad is not None:
-                grads.append(layer.S.grad)
+            if layer.core.grad is not None:
+                grads.append(layer.core.grad)
             else:
-                grads += [g for g in (layer.grad_K, layer.grad_L) if g is not None]
+                grads += [g for g in _projected(layer) if g is not None]
         grads += [p.grad for group in self.param_groups[1:] for p in group["params"] if p.grad is not None]
         if not grads or not _any_nonfinite(grads):
             return
         named = []
         for name, layer in zip(self.layer_names, self.lowrank_layers):
-            for label, g in (("G V", layer.grad_K), ("Gᵀ U", layer.grad_L), ("Uᵀ G V", layer.S.grad)):
-                named.append((f"layer {name!r} ({label})", g))
+            if isinstance(layer, TuckerConv2d):
+                labels = [f"mode {i} K-gradient" for i in range(len(layer.bases))] + ["core"]
+                pairs = zip(labels, [*layer.grad_modes, layer.C.grad])
+            else:
+                pairs = zip(("G V", "Gᵀ U", "Uᵀ G V"), (layer.grad_K, layer.grad_L, layer.S.grad))
+            named += [(f"layer {name!r} ({label})", g) for label, g in pairs]
         for group in self.param_groups[1:]:
             named += [(f"parameter {self._dense_names[id(p)]!r}", p.grad) for p in group["params"]]
         bad = next(n for n, g in named if g is not None and not bool(torch.isfinite(g).all()))
@@ -457,11 +480,15 @@ class DLRTOptimizer(torch.optim.Optimizer):
         One fused pass over the new factors and dense values (docs/algorithms.md §7): finite
         gradients with a step far too large are caught before they are committed.
         """
-        tensors = [t.detach() for layer in self.lowrank_layers for t in (layer.U, layer.S, layer.V)]
+        tensors = [t.detach() for layer in self.lowrank_layers for t in layer.factor_parameters()]
         tensors += [value for _, value, _ in dense or ()]
         if not _any_nonfinite(tensors):
             return
-        names = [f"factors of layer {name!r}" for name in self.layer_names for _ in range(3)]
+        names = [
+            f"factors of layer {name!r}"
+            for name, layer in zip(self.layer_names, self.lowrank_layers)
+            for _ in layer.factor_parameters()
+        ]
         names += [f"parameter {self._dense_names[id(p)]!r}" for p, _, _ in dense or ()]
         bad = next(i for i, t in enumerate(tensors) if not bool(torch.isfinite(t).all()))
         where = f"step {self.steps} ({self.integrator.name!r} integrator)"
@@ -499,7 +526,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             return True
         grads: list[Tensor] = []
         for layer in self.lowrank_layers:
-            grads += [g for g in (layer.grad_K, layer.grad_L, layer.S.grad) if g is not None]
+            grads += [g for g in (*_projected(layer), layer.core.grad) if g is not None]
         for group in self.param_groups[1:]:
             grads += [p.grad for p in group["params"] if p.grad is not None]
         # As GradScaler.unscale_: the reciprocal in float64, applied in float32.
@@ -512,7 +539,9 @@ class DLRTOptimizer(torch.optim.Optimizer):
     def _snapshot(self) -> tuple[Any, ...]:
         # Factors are replaced, never written in place, and state dicts are replaced, never
         # mutated (integrators/base.py); dense parameters are written only after every check.
-        factors = [(m.U.data, m.S.data, m.V.data, layer_flags(m), _pass_of(m)) for m in self.lowrank_layers]
+        factors = [
+            (tuple(p.data for p in m.factor_parameters()), layer_flags(m), _pass_of(m)) for m in self.lowrank_layers
+        ]
         states = {p: self.state[p] for p in self.param_groups[0]["params"] if p in self.state}
         return factors, states, self.phase
 
@@ -521,9 +550,12 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.deferred_kl_state.clear()
         self.directions = {}
         factors, states, phase = saved
-        for m, (U, S, V, flags, grads) in zip(self.lowrank_layers, factors):
-            if m.U.data is not U or m.S.data is not S or m.V.data is not V:
-                m.set_factors(U, S, V)
+        for m, (data, flags, grads) in zip(self.lowrank_layers, factors):
+            if any(p.data is not t for p, t in zip(m.factor_parameters(), data)):
+                if isinstance(m, TuckerConv2d):
+                    m.set_factors(data[:-1], data[-1])
+                else:
+                    m.set_factors(*data)
             restore_layer_flags(m, flags)
             _restore_pass(m, grads)  # a closure-free step can be retried on the same backward
         for p in self.param_groups[0]["params"]:
@@ -565,7 +597,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
             "optimizer": self.rule.name,
             "phase": self.phase,
             "steps": self.steps,
-            "layers": {n: list(m.S.shape) for n, m in zip(self.layer_names, self.lowrank_layers)},
+            "layers": {n: list(m.core.shape) for n, m in zip(self.layer_names, self.lowrank_layers)},
         }
         return sd
 
@@ -604,7 +636,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if not isinstance(saved_layers, dict):
             raise ValueError("the state dict's 'dlrt' entry has no 'layers' table")
         if cores is None:
-            cores = {n: tuple(m.S.shape) for n, m in zip(self.layer_names, self.lowrank_layers)}
+            cores = {n: tuple(m.core.shape) for n, m in zip(self.layer_names, self.lowrank_layers)}
         if list(saved_layers) != self.layer_names:
             missing = sorted(set(saved_layers) - set(self.layer_names))
             extra = sorted(set(self.layer_names) - set(saved_layers))
@@ -625,12 +657,20 @@ class DLRTOptimizer(torch.optim.Optimizer):
             raise ValueError("the state dict's parameter groups do not match this optimizer's")
         shapes: list[tuple[int, ...]] = []
         for name, layer in zip(self.layer_names, self.lowrank_layers):
+            if isinstance(layer, TuckerConv2d):
+                # No state under the bases; the core's state has the core's shape.
+                shapes += [(n, r) for n, r in zip(layer.mode_sizes, cores[name])] + [tuple(cores[name])]
+                continue
             (r_u, r_v), (n, m) = cores[name], layer.shape
             # K-state n×r_v under U, S-state r_u×r_v under S, L-state m×r_u under V (integrators/base.py).
             shapes += [(n, r_v), (r_u, r_v), (m, r_u)]
         for group in self.param_groups[1:]:
             shapes += [tuple(p.shape) for p in group["params"]]
-        names = [f"{n}.{k}" for n in self.layer_names for k in ("U", "S", "V")]
+        names = [
+            f"{n}.{k}"
+            for n, layer in zip(self.layer_names, self.lowrank_layers)
+            for k in (("U0", "U1", "U2", "U3", "C") if isinstance(layer, TuckerConv2d) else ("U", "S", "V"))
+        ]
         names += [self._dense_names[id(p)] for g in self.param_groups[1:] for p in g["params"]]
         state = state_dict.get("state")
         if not isinstance(state, dict):
@@ -665,15 +705,27 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self._set_request(self.integrator.request(self.phase))
 
 
-def _pass_of(layer: LowRankLayer) -> tuple[Any, ...]:
+def _projected(layer: FactorizedLayer) -> list[Tensor | None]:
+    """The projected gradients a layer's backward recorded besides its core's ``.grad``."""
+    if isinstance(layer, TuckerConv2d):
+        return list(layer.grad_modes)
+    return [layer.grad_K, layer.grad_L]
+
+
+def _pass_of(layer: FactorizedLayer) -> tuple[Any, ...]:
     """What the layer's last backward left: the gradients of its factors and its recorded projections."""
-    return (layer.U.grad, layer.S.grad, layer.V.grad, layer.grad_K, layer.grad_L, list(layer.pass_inputs))
+    return (tuple(p.grad for p in layer.factor_parameters()), _projected(layer), list(layer.pass_inputs))
 
 
-def _restore_pass(layer: LowRankLayer, saved: tuple[Any, ...]) -> None:
-    gU, gS, gV, gK, gL, inputs = saved
-    layer.U.grad, layer.S.grad, layer.V.grad = gU, gS, gV
-    layer.grad_K, layer.grad_L, layer.pass_inputs = gK, gL, inputs
+def _restore_pass(layer: FactorizedLayer, saved: tuple[Any, ...]) -> None:
+    grads, projected, inputs = saved
+    for p, g in zip(layer.factor_parameters(), grads):
+        p.grad = g
+    if isinstance(layer, TuckerConv2d):
+        layer.grad_modes = list(projected)
+    else:
+        layer.grad_K, layer.grad_L = projected
+    layer.pass_inputs = inputs
 
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[Any, Any], list[Tensor]]:
@@ -803,9 +855,13 @@ def _make_integrator(integrator: str | Integrator, coefficient_steps: int | None
     return INTEGRATORS[integrator](coefficient_steps=1 if coefficient_steps is None else coefficient_steps)
 
 
-def _rank_bounds(name: str, layer: LowRankLayer, min_rank: int | None, max_rank: int | None) -> tuple[int, int]:
-    """The layer's ``(min_rank, max_rank)`` after the optimizer's overrides, validated."""
-    full = min(layer.shape)
+def _rank_bounds(name: str, layer: FactorizedLayer, min_rank: int | None, max_rank: int | None) -> tuple[int, int]:
+    """The layer's ``(min_rank, max_rank)`` after the optimizer's overrides, validated.
+
+    A Tucker layer's bounds apply to each adapted mode, capped by the mode's full rank.
+    """
+    tucker = isinstance(layer, TuckerConv2d)
+    full = max(layer.full_ranks) if tucker else min(layer.shape)
     for key, value in (("max_rank", max_rank), ("min_rank", min_rank)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
             raise TypeError(f"{key} must be an int or None, got {type(value).__name__} {value!r}")
@@ -817,6 +873,14 @@ def _rank_bounds(name: str, layer: LowRankLayer, min_rank: int | None, max_rank:
     lo = layer.min_rank if min_rank is None else check_rank(min_rank, layer.shape, what="min_rank", layer=name)
     if lo > hi:
         raise ValueError(f"layer {name!r}: min_rank={lo} exceeds max_rank={hi}")
+    if tucker:
+        over = [i for i in layer.tucker_modes if layer.ranks[i] > min(hi, layer.full_ranks[i])]
+        if over:
+            raise ValueError(
+                f"layer {name!r} has ranks {layer.ranks}, above max_rank={hi} in mode(s) {over}: truncate it first "
+                f"(layer.init_from_kernel(layer.weight, ranks=...)), or raise max_rank"
+            )
+        return lo, hi
     if layer.rank > hi:
         source = "the optimizer's max_rank" if max_rank is not None else "its own max_rank"
         raise ValueError(

@@ -51,6 +51,7 @@ class ABC(Integrator):
     """
 
     name = "abc"
+    tucker = False  # the backward-corrected L-step has no Tucker form here
 
     def request(self, phase: int) -> frozenset[str]:
         return KLX if phase == 0 else NONE

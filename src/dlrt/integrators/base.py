@@ -45,6 +45,11 @@ says which (checkpoints keep these keys):
 * L-state (``m×r``, the state of ``L = V Sᵀ``) under ``layer.V``; its columns are in U-coordinates;
 * S-state (``r×r``) under ``layer.S``: ``U``-rows, ``V``-columns.
 
+A Tucker layer (:class:`~dlrt.layers.TuckerConv2d`) keeps state only for its
+core, under ``layer.C``, one coordinate per mode; it moves mode by mode
+(:func:`transport_core`). Its modes are augmented by the range of their
+K-gradients, which is what a K-step spans with SGD, so no per-mode state is kept.
+
 A geometric optimizer (``opt.rule.geometric``) keeps in these three slots the
 projections ``M V``, ``Mᵀ U``, ``Uᵀ M V`` of one tangent vector ``M``; they move
 together, by :func:`transport_tangent`, wherever the bases change.
@@ -58,7 +63,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from ..layers import LowRankLayer
+from ..layers import FactorizedLayer, LowRankLayer, TuckerConv2d
 from ..optim.inner import transport_state
 
 if TYPE_CHECKING:
@@ -99,7 +104,7 @@ def state_key(layer: LowRankLayer, kind: Kind) -> Tensor:
     if kind == "L":
         return layer.V
     if kind == "S":
-        return layer.S
+        return layer.core
     raise ValueError(f"unknown factor quantity {kind!r}: expected 'K', 'L' or 'S'")
 
 
@@ -142,6 +147,8 @@ class Integrator:
     name: ClassVar[str]
     #: Whether cycles end in a truncation (rank adaptation).
     adaptive: ClassVar[bool] = True
+    #: Whether the integrator drives Tucker layers (:class:`~dlrt.layers.TuckerConv2d`) too.
+    tucker: ClassVar[bool] = True
     #: Forward/backward passes per step (the first step of a cycle). Above 1 the step needs a
     #: closure, so torch.amp.GradScaler (which refuses closures) cannot drive it.
     passes_per_step: ClassVar[int] = 1
@@ -413,7 +420,7 @@ def S_steps(opt: DLRTOptimizer, layers: list[LowRankLayer], grads: list[Tensor])
 
     The cores are then no longer freshly grown zero cores (``just_grown`` is cleared).
     """
-    S0s = [layer.S.detach() for layer in layers]
+    S0s = [layer.core.detach() for layer in layers]
     deltas = factor_steps(opt, [(layer, "S", S0, g) for layer, S0, g in zip(layers, S0s, grads)])
     for layer, S0, delta in zip(layers, S0s, deltas):
         layer.set_core(S0 + delta)
@@ -422,7 +429,7 @@ def S_steps(opt: DLRTOptimizer, layers: list[LowRankLayer], grads: list[Tensor])
 
 def truncate(
     opt: DLRTOptimizer,
-    layers: list[LowRankLayer],
+    layers: list[FactorizedLayer],
     group: dict[str, Any],
     held_rank: int = 0,
     cores: dict[LowRankLayer, Tensor] | None = None,
@@ -442,30 +449,43 @@ def truncate(
     if not layers:
         return
     cores = cores or {}
-    svds = [linalg.svd_truncate(C, rank=min(C.shape)) for C in (cores.get(layer, layer.S).detach() for layer in layers)]
+    # One truncation entry per rank decided: a matrix layer's core (one SVD gives both sides), or one
+    # adapted mode of a Tucker layer (the SVD of that unfolding of the core, the same τ rule).
+    entries: list[tuple[FactorizedLayer, int | None, Any, Tensor, int, int]] = []
+    for layer in layers:
+        if isinstance(layer, TuckerConv2d):
+            C = layer.C.detach()
+            for mode in layer.tucker_modes:
+                P, sigma = linalg.mode_svd(C, mode)
+                entries.append((layer, mode, P, sigma, *layer.mode_bounds(mode)))
+        else:
+            C = cores.get(layer, layer.S).detach()
+            t = linalg.svd_truncate(C, rank=min(C.shape))
+            entries.append((layer, None, t, t.sigma, layer.min_rank, layer.max_rank))
     absolute = group["tau_mode"] == "absolute"
     if group["truncation"] == "global":
-        min_ranks = [layer.min_rank for layer in layers]
         budget = group["budget"]
         if budget is not None:
-            floor = sum(min(lo, layer.max_rank, t.sigma.numel()) for lo, layer, t in zip(min_ranks, layers, svds))
+            floor = sum(min(lo, hi, sigma.numel()) for *_, sigma, lo, hi in entries)
             budget = max(budget - held_rank, floor)
         ranks = linalg.global_truncation_ranks(
-            [t.sigma for t in svds],
+            [e[3] for e in entries],
             tau=group["tau"],
             budget=budget,
             absolute=absolute,
-            min_ranks=min_ranks,
-            max_ranks=[layer.max_rank for layer in layers],
+            min_ranks=[e[4] for e in entries],
+            max_ranks=[e[5] for e in entries],
         )
     else:
         ranks = [
-            linalg.truncation_rank(
-                t.sigma, group["tau"], absolute=absolute, min_rank=layer.min_rank, max_rank=layer.max_rank
-            )
-            for t, layer in zip(svds, layers)
+            linalg.truncation_rank(sigma, group["tau"], absolute=absolute, min_rank=lo, max_rank=hi)
+            for *_, sigma, lo, hi in entries
         ]
-    for layer, t, r in zip(layers, svds, ranks):
+    kept: dict[TuckerConv2d, dict[int, Tensor]] = {}
+    for (layer, mode, t, _, _, _), r in zip(entries, ranks):
+        if mode is not None:
+            kept.setdefault(layer, {})[mode] = t[:, :r]
+            continue
         P, Q = t.P[:, :r], t.Q[:, :r]
         U1 = layer.U.detach() @ P
         S1 = torch.diag(t.sigma[:r])
@@ -475,3 +495,126 @@ def truncate(
         V1 = layer.V.detach() @ Q
         # U1ᵀÛ = Pᵀ and V̂ᵀV1 = Q since Û, V̂ are orthonormal.
         change_basis(opt, layer, U1, V1, S1=S1, A=P.mT, B=Q)
+    for layer, P in kept.items():
+        # Each adapted mode keeps the leading left singular vectors of its unfolding (a truncated HOSVD of the core).
+        tucker_change_basis(opt, layer, [None if i not in P else P[i].mT for i in range(len(layer.bases))])
+
+
+# --------------------------------------------------------------------------- Tucker layers
+def split_layers(layers: list[FactorizedLayer]) -> tuple[list[LowRankLayer], list[TuckerConv2d]]:
+    """The matrix layers and the Tucker layers of ``layers``, each in their order."""
+    return [m for m in layers if isinstance(m, LowRankLayer)], [m for m in layers if isinstance(m, TuckerConv2d)]
+
+
+# The same operations for a Tucker layer, mode by mode: a matrix layer is the 2-mode case
+# (basis U, core S, basis V), written above with its two sides named K and L.
+def transport_core(opt: DLRTOptimizer, layer: TuckerConv2d, mats: list[Tensor | None]) -> None:
+    """Move the core's optimizer state (if any) by ``state ×ᵢ mats[i]`` (``None``: mode unchanged).
+
+    Mode by mode, the unfolding moves as a matrix S-state does (:func:`~dlrt.optim.inner.transport_state`):
+    first moments linearly, second moments through their square roots.
+    """
+    state = factor_state(opt, layer, "S")
+    if not state:
+        return
+    shape = list(layer.C.shape)
+    for mode, M in enumerate(mats):
+        if M is None:
+            continue
+        tensors = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.dim() == len(shape)}
+        flat = {**state, **{k: linalg.unfold(v, mode) for k, v in tensors.items()}}
+        moved = transport_state(flat, opt.rule, M, None)
+        shape[mode] = M.shape[0]
+        state = {**moved, **{k: linalg.fold(moved[k], mode, shape) for k in tensors}}
+    set_factor_state(opt, layer, "S", state)
+
+
+def tucker_change_basis(
+    opt: DLRTOptimizer, layer: TuckerConv2d, mats: list[Tensor | None], bases: list[Tensor] | None = None
+) -> None:
+    """Move a Tucker layer to new bases: ``U_i ← U_i mats[i]ᵀ`` (or ``bases``), core ``C ×ᵢ mats[i]``.
+
+    ``mats[i]`` is ``U_i,newᵀ U_i`` (``None``: mode unchanged): the Galerkin core of
+    :func:`~dlrt.linalg.tucker_galerkin`; the core state moves with it. With ``bases``
+    given they are the new bases; otherwise ``U_i mats[i]ᵀ`` (a truncation, where
+    ``mats[i] = P_iᵀ`` selects singular vectors of the core's unfolding).
+    """
+    old = [B.detach() for B in layer.bases]
+    if bases is None:
+        bases = [U if M is None else U @ M.mT for U, M in zip(old, mats)]
+    core = linalg.multi_mode_product(layer.C.detach(), mats)
+    transport_core(opt, layer, mats)
+    layer.set_factors(bases, core)
+
+
+def tucker_augment(opt: DLRTOptimizer, layer: TuckerConv2d) -> list[int]:
+    """Augment every adapted mode of a Tucker layer by its K-gradient's range; Galerkin core (TDLRT).
+
+    ``Û_i = orth([U_i, Mat_i(G ×_{j≠i} U_jᵀ) Q_i])`` with the old basis first (at
+    most ``r_i`` new directions, :func:`~dlrt.linalg.augment_basis_qr`), and the core
+    ``C ×ᵢ Û_iᵀU_i``, which represents the same kernel. Modes without a gradient (the
+    loss did not reach the layer) or not adapted keep their basis. Clears the
+    layer's recorded pass (the caller keeps ``layer.pass_inputs`` first if it needs
+    it); returns the old ranks.
+    """
+    old = [B.detach() for B in layer.bases]
+    ranks = [B.shape[1] for B in old]
+    bases: list[Tensor] = []
+    mats: list[Tensor | None] = []
+    for mode, (U, g) in enumerate(zip(old, layer.grad_modes)):
+        if mode in layer.tucker_modes and g is not None and bool(g.any()):
+            U_hat, R = linalg.augment_basis_qr(U, g)
+            bases.append(U_hat)
+            mats.append(R[:, : U.shape[1]])  # Ûᵀ U = [R₁₁; 0]
+        else:
+            bases.append(U)
+            mats.append(None)
+    tucker_change_basis(opt, layer, mats, bases)
+    return ranks
+
+
+def tucker_galerkin_grad(
+    opt: DLRTOptimizer, layer: TuckerConv2d, records: list[Any], old_ranks: list[int] | None = None
+) -> Tensor:
+    """The S-step's gradient of a Tucker layer at its current bases: ``G ×ᵢ U_iᵀ`` of the recorded passes.
+
+    ``G`` is the kernel gradient of the pass at ``W₀`` (clipped and unscaled as the
+    pass was); after an augmentation that contains the old bases, the Galerkin point
+    is ``W₀``, so one pass serves the step. With ``old_ranks`` (the parallel
+    integrator) the blocks in which two or more modes are new are left zero, as the
+    matrix parallel integrator leaves ``Ũᵀ G Ṽ`` out.
+    """
+    g = layer.project_grad([B.detach() for B in layer.bases], records)
+    if g is None:
+        return torch.zeros_like(layer.C)
+    if opt._pass_scale != 1.0:
+        g = g * opt._pass_scale
+    if old_ranks is not None:
+        new = torch.zeros((), dtype=torch.int64, device=g.device)
+        for mode, r in enumerate(old_ranks):
+            idx = torch.arange(g.shape[mode], device=g.device) >= r
+            new = new + idx.reshape([-1 if j == mode else 1 for j in range(g.dim())])
+        g = torch.where(new >= 2, torch.zeros_like(g), g)
+    return g
+
+
+def tucker_fixed_rank_bases(opt: DLRTOptimizer, layer: TuckerConv2d) -> None:
+    """The fixed-rank K-steps of a Tucker layer: ``U_i ← orth(U_i R_iᵀ − λ Mat_i(G ×_{j≠i} U_jᵀ) Q_i)``.
+
+    ``Mat_i(C)ᵀ = Q_i R_i``; the K-step is plain gradient descent with the group's
+    ``lr`` (no per-mode optimizer state). The core becomes the Galerkin projection.
+    """
+    lr = opt.lowrank_group["lr"]
+    C = layer.C.detach()
+    bases: list[Tensor] = []
+    mats: list[Tensor | None] = []
+    for mode, (U, g) in enumerate(zip((B.detach() for B in layer.bases), layer.grad_modes)):
+        if mode not in layer.tucker_modes or g is None:
+            bases.append(U)
+            mats.append(None)
+            continue
+        _, R = linalg.qr(linalg.unfold(C, mode).mT)
+        U1 = linalg.orth(U @ R.mT - lr * g)
+        bases.append(U1)
+        mats.append(U1.mT @ U)
+    tucker_change_basis(opt, layer, mats, bases)

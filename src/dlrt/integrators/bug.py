@@ -15,7 +15,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import linalg
-from .base import KL, NONE, Integrator, K_and_L_steps, KL_grads, S_steps, augment, change_basis, drop_state
+from .base import (
+    KL,
+    NONE,
+    Integrator,
+    K_and_L_steps,
+    KL_grads,
+    S_steps,
+    augment,
+    change_basis,
+    drop_state,
+    split_layers,
+    tucker_augment,
+    tucker_fixed_rank_bases,
+    tucker_galerkin_grad,
+)
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -37,6 +51,11 @@ class BUG(Integrator):
     the end of the cycle (:meth:`~dlrt.integrators.base.Integrator.end_cycle`:
     truncation, §1). Every step needs only the gradient at the current point,
     so ``step()`` also works after a plain ``loss.backward()``.
+
+    Tucker layers take the same step mode by mode (TDLRT, docs/tucker.md): each
+    adapted basis is augmented by its K-gradient's range, the Galerkin core
+    represents ``W₀``, and the core steps along ``G₀ ×ᵢ Û_iᵀ`` contracted from the
+    same pass; the truncation cuts every adapted mode by the SVD of its unfolding.
     """
 
     name = "bug"
@@ -48,6 +67,7 @@ class BUG(Integrator):
         layers = opt.lowrank_layers
         if opt.phase == 0:
             loss = opt.evaluate(closure, KLX, "K/L/S")
+            layers, tucker = split_layers(layers)
             for layer in layers:
                 if layer.pending_growth:
                     # A fresh adapter: the K/L step from S₀ = 0 moves its placeholder bases to
@@ -68,7 +88,11 @@ class BUG(Integrator):
                 if U_new.shape[1] and V_new.shape[1]:
                     G_hat[r_u:, r_v:] = opt.pass_grad(layer, U_new, V_new, inputs)  # Ũᵀ G₀ Ṽ
                 G_hats.append(G_hat)
-            S_steps(opt, layers, G_hats)
+            for layer in tucker:
+                inputs = layer.pass_inputs
+                tucker_augment(opt, layer)  # clears the pass's records
+                G_hats.append(tucker_galerkin_grad(opt, layer, inputs))
+            S_steps(opt, layers + tucker, G_hats)
         else:
             loss = opt.evaluate(closure, NONE, "S")
             S_steps(opt, layers, [opt.S_grad(layer) for layer in layers])
@@ -78,6 +102,9 @@ class BUG(Integrator):
 
 class FixedRankBUG(Integrator):
     """Fixed-rank BUG: ``U₁ = orth(K₁)``, ``V₁ = orth(L₁)``, Galerkin core, S-step at ``U₁ S̃ V₁ᵀ``; no truncation.
+
+    A Tucker layer moves every adapted basis by its K-step
+    (:func:`~dlrt.integrators.base.tucker_fixed_rank_bases`: plain gradient descent).
 
     The new bases do not contain the old ones, so the S-step's gradient is
     taken at a new point: two passes per step.
@@ -96,12 +123,15 @@ class FixedRankBUG(Integrator):
                     "with a closure that zeroes grads, computes the loss, calls backward and returns it"
                 )
             opt.evaluate(closure, KL, "K/L")
-            for layer in layers:
+            matrix, tucker = split_layers(layers)
+            for layer in matrix:
                 if layer.pending_growth:
                     drop_state(opt, layer)
                     layer.pending_growth = False
-            for layer, (K1, L1, _, _) in zip(layers, K_and_L_steps(opt, layers)):
+            for layer, (K1, L1, _, _) in zip(matrix, K_and_L_steps(opt, matrix)):
                 change_basis(opt, layer, linalg.orth(K1), linalg.orth(L1))
+            for layer in tucker:
+                tucker_fixed_rank_bases(opt, layer)
         loss = opt.evaluate(closure, NONE, "S")
         S_steps(opt, layers, [opt.S_grad(layer) for layer in layers])
         self.advance(opt)

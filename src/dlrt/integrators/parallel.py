@@ -11,7 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import KL, NONE, Integrator, KL_grads, S_steps, augment, grow_from_gradient
+from .base import (
+    KL,
+    NONE,
+    Integrator,
+    KL_grads,
+    S_steps,
+    augment,
+    grow_from_gradient,
+    split_layers,
+    tucker_augment,
+    tucker_galerkin_grad,
+)
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -35,6 +46,10 @@ class ParallelBUG(Integrator):
     in which it grew does not truncate it while its core is still zero
     (:meth:`~dlrt.integrators.base.Integrator.end_cycle`); the other layers of
     the same step are truncated as usual.
+
+    A Tucker layer is augmented mode by mode as in ``bug``; its core steps along
+    ``G₀ ×ᵢ Û_iᵀ`` without the blocks in which two or more modes are new (the
+    Tucker form of leaving out ``Ũᵀ G₀ Ṽ``).
     """
 
     name = "parallel"
@@ -44,6 +59,7 @@ class ParallelBUG(Integrator):
         stepped, grads = [], []
         if opt.phase == 0:
             loss = opt.evaluate(closure, KL, "augmentation")
+            layers, tucker = split_layers(layers)
             for layer in layers:
                 gK, gL = KL_grads(opt, layer)
                 if layer.pending_growth:
@@ -61,6 +77,11 @@ class ParallelBUG(Integrator):
                 G_hat[r_u:, :r_v] = RU[r_u:, r_u:]
                 stepped.append(layer)
                 grads.append(G_hat)
+            for layer in tucker:
+                inputs = layer.pass_inputs
+                old_ranks = tucker_augment(opt, layer)
+                stepped.append(layer)
+                grads.append(tucker_galerkin_grad(opt, layer, inputs, old_ranks))
         else:
             loss = opt.evaluate(closure, NONE, "coefficient")
             for layer in layers:

@@ -35,6 +35,10 @@ class TrainConfig:
     max_rank: int | None = field(default=None, metadata={"help": "largest rank a layer may reach"})
     min_rank: int = field(default=1, metadata={"help": "smallest rank a layer may reach"})
     exclude: list[str] = field(default_factory=lambda: ["head"], metadata={"help": "layers left dense"})
+    conv: str = field(default="matrix", metadata={"help": "format of the convolutions: matrix | tucker"})
+    tucker_modes: list[int] | None = field(
+        default=None, metadata={"help": "conv=tucker: kernel modes whose rank adapts (0 out, 1 in, 2, 3 spatial)"}
+    )
     dense: bool = field(default=False, metadata={"help": "train the dense baseline instead (no conversion)"})
     # integrator and optimizer
     integrator: str = field(default="bug", metadata={"help": "bug | fixed | parallel | abc"})
@@ -95,6 +99,15 @@ class TrainConfig:
         dataset_info(self.dataset)  # unknown names: a ValueError listing the registered datasets
         _check_choice("model", self.model.lower(), _models())
         _check_choice("integrator", self.integrator, _integrators())
+        _check_choice("conv", self.conv, ("matrix", "tucker"))
+        if self.tucker_modes is not None:
+            if self.conv != "tucker":
+                raise ValueError(f"tucker_modes applies to conv=tucker, not conv={self.conv!r}")
+            from ..layers.tucker import check_tucker_modes
+
+            self.tucker_modes = list(check_tucker_modes(self.tucker_modes))
+        if self.conv == "tucker" and not self.dense:
+            _check_tucker_training(self.integrator, self.optimizer)
         _check_choice("optimizer", self.optimizer, _rules())
         if self.momentum and self.optimizer not in ("sgd", "geo-heavyball"):
             raise ValueError(f"momentum applies to optimizer sgd or geo-heavyball, not {self.optimizer!r}")
@@ -282,6 +295,18 @@ def _check_finite(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+
+def _check_tucker_training(integrator: str, optimizer: str) -> None:
+    """conv=tucker needs an integrator and inner optimizer that drive Tucker layers (see DLRTOptimizer)."""
+    from ..integrators import INTEGRATORS
+    from ..optim.inner import RULES
+
+    if not INTEGRATORS[integrator].tucker or RULES[optimizer].geometric:
+        raise ValueError(
+            f"conv=tucker trains with integrator bug, parallel or fixed and optimizer sgd, adam or adamw; "
+            f"got integrator={integrator!r}, optimizer={optimizer!r}"
+        )
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -106,7 +106,15 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if not cfg.dense:
         small = default_exclude(model, rank=cfg.rank, head="") if isinstance(cfg.rank, int) else ()
         exclude = tuple(dict.fromkeys([*cfg.exclude, *small]))
-        conversion.convert(model, rank=cfg.rank, max_rank=cfg.max_rank, min_rank=cfg.min_rank, exclude=exclude)
+        conversion.convert(
+            model,
+            rank=cfg.rank,
+            max_rank=cfg.max_rank,
+            min_rank=cfg.min_rank,
+            exclude=exclude,
+            conv=cfg.conv,
+            tucker_modes=cfg.tucker_modes,
+        )
     return model
 
 
@@ -256,7 +264,7 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         seed=cfg.seed,
         scheduler=scheduler,
         log_every=cfg.log_every,
-        ranks=conversion.ranks,
+        ranks=conversion.mode_ranks,
         extra_metrics=lambda m: {"compression": conversion.compression(m)},
         describe=functools.partial(_describe, cfg),
         checkpoint=True,

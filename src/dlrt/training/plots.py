@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import linalg
 from ..conversion import lowrank_layers
+from ..layers.tucker import MODE_NAMES
 
 
 def _pyplot():
@@ -76,9 +78,17 @@ def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) ->
     if layers:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, layer in layers:
-            sigma = torch.linalg.svdvals(layer.S.detach().float().cpu())
-            ax.semilogy(range(1, sigma.numel() + 1), sigma.clamp_min(1e-12).numpy(), marker=".", label=name)
-        ax.set(xlabel="index", ylabel="singular value", title="singular values of S at the end")
+            core = layer.core.detach().float().cpu()
+            # A Tucker layer: the singular values of each adapted mode's unfolding of its core.
+            modes = getattr(layer, "tucker_modes", None)
+            spectra = (
+                [(name, torch.linalg.svdvals(core))]
+                if modes is None
+                else [(f"{name}/{MODE_NAMES[i]}", torch.linalg.svdvals(linalg.unfold(core, i))) for i in modes]
+            )
+            for label, sigma in spectra:
+                ax.semilogy(range(1, sigma.numel() + 1), sigma.clamp_min(1e-12).numpy(), marker=".", label=label)
+        ax.set(xlabel="index", ylabel="singular value", title="singular values of the cores at the end")
         ax.legend(fontsize="small")
         written.append(_save(plt, fig, run_dir / "spectra.png"))
     return written
