@@ -153,6 +153,36 @@ class FactorizedLayer(nn.Module):
     def clear_pass(self) -> None:
         raise NotImplementedError
 
+    @property
+    def contraction(self) -> str:
+        """``"auto"`` (default), ``"thin"`` or ``"dense"``: how the forward and backward contract
+        (the subclass's ``uses_dense_kernel``)."""
+        return getattr(self, "_contraction", "auto")
+
+    @contraction.setter
+    def contraction(self, value: str) -> None:
+        if value not in ("auto", "thin", "dense"):
+            raise ValueError(f"contraction must be 'auto', 'thin' or 'dense', got {value!r}")
+        self._contraction = value
+
+    @torch.no_grad()
+    def _replace_factors(self, tensors: tuple[Tensor, ...]) -> None:
+        """Replace the data of :meth:`factor_parameters` (in their order; shapes may change); clears the pass."""
+        for p, t in zip(self.factor_parameters(), tensors, strict=True):
+            # Row-major always: BLAS rounds differently on other layouts (LAPACK returns Q
+            # column-major), and a checkpoint must resume bit-identically.
+            _replace_data(p, t.detach().to(dtype=p.dtype, device=p.device).contiguous())
+        self.clear_pass()
+
+    @torch.no_grad()
+    def set_core(self, core: Tensor) -> None:
+        """Replace the core only (same shape), e.g. after an S-step; clears all recorded gradients."""
+        mine = self.core
+        if core.shape != mine.shape:
+            raise ValueError(f"core {tuple(core.shape)} does not match the current core {tuple(mine.shape)}")
+        _replace_data(mine, core.detach().to(dtype=mine.dtype, device=mine.device).contiguous())
+        self.clear_pass()
+
     def num_parameters(self) -> int:
         """Parameters stored by the layer: bases, core and the bias."""
         bias = getattr(self, "bias", None)
@@ -252,19 +282,7 @@ class LowRankLayer(FactorizedLayer):
             )
         if S.shape != (U.shape[1], V.shape[1]):
             raise ValueError(f"S{tuple(S.shape)} does not match U{tuple(U.shape)}, V{tuple(V.shape)}")
-        for p, t in ((self.U, U), (self.S, S), (self.V, V)):
-            # Row-major always: BLAS rounds differently on other layouts (LAPACK returns Q
-            # column-major), and a checkpoint must resume bit-identically.
-            _replace_data(p, t.detach().to(dtype=p.dtype, device=p.device).contiguous())
-        self.clear_pass()
-
-    @torch.no_grad()
-    def set_core(self, S: Tensor) -> None:
-        """Replace the core only (same shape), e.g. after an S-step; clears all gradients like :meth:`set_factors`."""
-        if S.shape != self.S.shape:
-            raise ValueError(f"S{tuple(S.shape)} does not match the current core {tuple(self.S.shape)}")
-        _replace_data(self.S, S.detach().to(dtype=self.S.dtype, device=self.S.device).contiguous())
-        self.clear_pass()
+        self._replace_factors((U, S, V))
 
     def clear_pass(self) -> None:
         """Forget what the last backward passes recorded (projected gradients, pass inputs)."""
@@ -338,16 +356,6 @@ class LowRankLayer(FactorizedLayer):
                     g = self._contract(b, self._project_in(x, right.to(x.dtype)))  # (Δ L)ᵀ (X R)
             out = g if out is None else out + g
         return None if out is None else out.to(left.dtype)
-
-    @property
-    def contraction(self) -> str:
-        return getattr(self, "_contraction", "auto")
-
-    @contraction.setter
-    def contraction(self, value: str) -> None:
-        if value not in ("auto", "thin", "dense"):
-            raise ValueError(f"contraction must be 'auto', 'thin' or 'dense', got {value!r}")
-        self._contraction = value
 
     def uses_dense_kernel(self, x: Tensor) -> bool:
         """Whether a pass on input ``x`` goes through the dense weight ``W = U S Vᵀ`` rather than thin products.

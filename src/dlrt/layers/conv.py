@@ -18,6 +18,24 @@ from torch.nn.modules.utils import _pair
 from .base import LowRankLayer, default_dense_init
 
 
+def geometry_of(conv: nn.Conv2d) -> tuple[Any, ...]:
+    """``(in_channels, out_channels, kernel_size)`` of ``conv``: the positional arguments of a conv layer."""
+    return (conv.in_channels, conv.out_channels, conv.kernel_size)
+
+
+def placement_of(conv: nn.Conv2d) -> dict[str, Any]:
+    """The keyword arguments that give a new conv layer ``conv``'s geometry, device and dtype."""
+    return {
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "padding_mode": conv.padding_mode,
+        "groups": conv.groups,
+        "device": conv.weight.device,
+        "dtype": conv.weight.dtype,
+    }
+
+
 class ConvGeometry:
     """Stride, padding (ints, ``"same"``, ``"valid"``, every ``padding_mode``) and dilation of a 2-D
     convolution, validated as ``nn.Conv2d`` does; shared by the matrix and Tucker formats.
@@ -147,23 +165,7 @@ class LowRankConv2d(ConvGeometry, LowRankLayer):
         cls, conv: nn.Conv2d, rank: int, *, bias: bool = False, max_rank: int | None = None, min_rank: int = 1
     ) -> LowRankConv2d:
         """A fresh layer with ``conv``'s geometry, device and dtype (factors initialised, not copied)."""
-        w = conv.weight
-        return cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            rank=rank,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            bias=bias,
-            padding_mode=conv.padding_mode,
-            groups=conv.groups,
-            max_rank=max_rank,
-            min_rank=min_rank,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        return cls(*geometry_of(conv), rank=rank, bias=bias, max_rank=max_rank, min_rank=min_rank, **placement_of(conv))
 
     @classmethod
     def from_conv(

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import linalg
-from .base import FactorizedLayer, _carry_nonfinite, _replace_data, default_dense_init
-from .conv import ConvGeometry, LowRankConv2d
+from .base import FactorizedLayer, _carry_nonfinite, default_dense_init
+from .conv import ConvGeometry, LowRankConv2d, geometry_of, placement_of
 
 MODES = 4
 MODE_NAMES = ("out", "in", "kh", "kw")
@@ -299,17 +299,7 @@ class TuckerConv2d(ConvGeometry, FactorizedLayer):
                 raise ValueError(f"basis {i} of shape {tuple(B.shape)} does not fit mode {i} of size {n}")
         if tuple(core.shape) != tuple(B.shape[1] for B in bases):
             raise ValueError(f"core {tuple(core.shape)} does not match the bases' ranks {[B.shape[1] for B in bases]}")
-        for p, t in zip(self.factor_parameters(), (*bases, core)):
-            _replace_data(p, t.detach().to(dtype=p.dtype, device=p.device).contiguous())
-        self.clear_pass()
-
-    @torch.no_grad()
-    def set_core(self, C: Tensor) -> None:
-        """Replace the core only (same shape); clears all recorded gradients."""
-        if C.shape != self.C.shape:
-            raise ValueError(f"core {tuple(C.shape)} does not match the current core {tuple(self.C.shape)}")
-        _replace_data(self.C, C.detach().to(dtype=self.C.dtype, device=self.C.device).contiguous())
-        self.clear_pass()
+        self._replace_factors((*bases, core))
 
     def clear_pass(self) -> None:
         self.grad_modes = [None] * MODES
@@ -365,23 +355,14 @@ class TuckerConv2d(ConvGeometry, FactorizedLayer):
         tucker_modes: Sequence[int] = (0, 1, 2, 3),
     ) -> TuckerConv2d:
         """A fresh layer with ``conv``'s geometry, device and dtype (factors initialised, not copied)."""
-        w = conv.weight
         return cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
+            *geometry_of(conv),
             ranks,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
             bias=bias,
-            padding_mode=conv.padding_mode,
-            groups=conv.groups,
             max_rank=max_rank,
             min_rank=min_rank,
             tucker_modes=tucker_modes,
-            device=w.device,
-            dtype=w.dtype,
+            **placement_of(conv),
         )
 
     @classmethod
@@ -439,16 +420,6 @@ class TuckerConv2d(ConvGeometry, FactorizedLayer):
             x = x.unsqueeze(0)
         y = _TuckerFunction.apply(self._pad_input(x), self.C, self.U0, self.U1, self.U2, self.U3, self.bias, self)
         return y.squeeze(0) if unbatched else y
-
-    @property
-    def contraction(self) -> str:
-        return getattr(self, "_contraction", "auto")
-
-    @contraction.setter
-    def contraction(self, value: str) -> None:
-        if value not in ("auto", "thin", "dense"):
-            raise ValueError(f"contraction must be 'auto', 'thin' or 'dense', got {value!r}")
-        self._contraction = value
 
     def uses_dense_kernel(self) -> bool:
         """Whether a pass goes through the full kernel (formed from the factors) rather than thin products.
