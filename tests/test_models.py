@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dlrt
-from dlrt.models import MLP, VGG, LeNet5, ResNet20, default_exclude, get_model, list_models
+from dlrt.models import MLP, VGG, LeNet5, ResNet20, SmallVGG, default_exclude, get_model, list_models
 
 RANK = 8
 BATCH = 4  # > 1 per channel even where VGG's BatchNorm sees 1×1 maps
@@ -20,6 +20,7 @@ EXPECTED_INPUT = {
     "vgg11": (3, 32, 32),
     "vgg16": (3, 32, 32),
     "resnet20": (3, 32, 32),
+    "vgg_small": (1, 28, 28),
 }
 
 
@@ -29,7 +30,7 @@ def n_params(model):
 
 def test_registry_names_and_unknown_name():
     assert list_models() == sorted(EXPECTED_INPUT)
-    with pytest.raises(ValueError, match=r"unknown model 'resnet18'.*lenet5, mlp, resnet20, vgg11, vgg16"):
+    with pytest.raises(ValueError, match=r"unknown model 'resnet18'.*lenet5, mlp, resnet20, vgg11, vgg16, vgg_small"):
         get_model("resnet18")
     assert isinstance(get_model("VGG11"), VGG) and get_model("vgg11").depth == 11
 
@@ -58,6 +59,8 @@ def test_parameter_counts():
     # 784·500+500 + 3·(500·500+500) + 500·10+10.
     assert n_params(MLP()) == 1_149_010
     assert n_params(VGG(11)) == 9_491_018 and n_params(VGG(16)) == 14_986_698
+    # 3×3 convolutions 1→16→32→64→64 without bias: 144 + 4,608 + 18,432 + 36,864; BN 2·176; head 650.
+    assert n_params(SmallVGG()) == 61_050
 
 
 def test_mlp_layer_names_and_lenet_shape():

@@ -9,8 +9,8 @@ Build one by name and convert it, leaving the classifier dense::
 ``import dlrt`` does not import this package; ``import dlrt.models`` does.
 
 Every model names its last layer ``head`` and carries ``input_shape``, the
-shape of one example (28×28 MNIST for ``mlp`` and ``lenet5``, 32×32 CIFAR for
-``vgg11``, ``vgg16`` and ``resnet20``).
+shape of one example (28×28 MNIST for ``mlp``, ``lenet5`` and ``vgg_small``,
+32×32 CIFAR for ``vgg11``, ``vgg16`` and ``resnet20``).
 
 Pretrained networks (not in the registry) come from :mod:`dlrt.models.pretrained`:
 :func:`load_pretrained_mnist_cnn` (a 99 % MNIST CNN, :class:`MnistCNN`),
@@ -37,7 +37,7 @@ from .pretrained import (
     tiny_bert,
 )
 from .resnet import ResNet20
-from .vgg import VGG
+from .vgg import VGG, SmallVGG
 
 __all__ = [
     "MLP",
@@ -48,6 +48,7 @@ __all__ = [
     "MeanPoolClassifier",
     "MnistCNN",
     "ResNet20",
+    "SmallVGG",
     "default_exclude",
     "get_model",
     "list_models",
@@ -82,7 +83,7 @@ def get_model(name: str, **kwargs) -> nn.Module:
 
     Args:
         name: one of :func:`list_models`: ``"lenet5"``, ``"mlp"``,
-            ``"resnet20"``, ``"vgg11"``, ``"vgg16"``.
+            ``"resnet20"``, ``"vgg11"``, ``"vgg16"``, ``"vgg_small"``.
         **kwargs: passed to the model's constructor (e.g. ``num_classes``).
 
     Raises:
@@ -146,4 +147,5 @@ register_model("mlp", MLP)
 register_model("lenet5", LeNet5)
 register_model("vgg11", lambda **kw: VGG(depth=11, **kw))
 register_model("vgg16", lambda **kw: VGG(depth=16, **kw))
+register_model("vgg_small", SmallVGG)
 register_model("resnet20", ResNet20)
