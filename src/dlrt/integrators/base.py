@@ -511,22 +511,12 @@ def split_layers(layers: list[FactorizedLayer]) -> tuple[list[LowRankLayer], lis
 def transport_core(opt: DLRTOptimizer, layer: TuckerConv2d, mats: list[Tensor | None]) -> None:
     """Move the core's optimizer state (if any) by ``state ×ᵢ mats[i]`` (``None``: mode unchanged).
 
-    Mode by mode, the unfolding moves as a matrix S-state does (:func:`~dlrt.optim.inner.transport_state`):
-    first moments linearly, second moments through their square roots.
+    First moments linearly, as a matrix S-state by ``left @ m @ right``; second
+    moments by the squared matrices (:func:`~dlrt.optim.inner.transport_state`, ``modes=``).
     """
     state = factor_state(opt, layer, "S")
-    if not state:
-        return
-    shape = list(layer.C.shape)
-    for mode, M in enumerate(mats):
-        if M is None:
-            continue
-        tensors = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.dim() == len(shape)}
-        flat = {**state, **{k: linalg.unfold(v, mode) for k, v in tensors.items()}}
-        moved = transport_state(flat, opt.rule, M, None)
-        shape[mode] = M.shape[0]
-        state = {**moved, **{k: linalg.fold(moved[k], mode, shape) for k in tensors}}
-    set_factor_state(opt, layer, "S", state)
+    if state:
+        set_factor_state(opt, layer, "S", transport_state(state, opt.rule, modes=mats))
 
 
 def tucker_change_basis(

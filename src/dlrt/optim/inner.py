@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -251,6 +252,8 @@ def transport_state(
     left: Tensor | None = None,
     right: Tensor | None = None,
     pad: tuple[int, int] = (0, 0),
+    *,
+    modes: Sequence[Tensor | None] | None = None,
 ) -> dict[str, Any]:
     """Move optimizer state to new factor coordinates (docs/algorithms.md §5).
 
@@ -263,7 +266,18 @@ def transport_state(
     cols)`` appends zero rows and columns afterwards: the same as extending
     ``left`` by zero rows and ``right`` by zero columns (new directions
     orthogonal to the old ones), without multiplying by the zeros.
+
+    ``modes`` (instead of ``left``/``right``): the state of a Tucker core, moved
+    by ``m ×ᵢ modes[i]`` (``None`` leaves a mode). A second moment becomes
+    ``v ×ᵢ (modesᵢ∘modesᵢ)``, the diagonal of the moved covariance if the entries
+    were independent, and so does a weight. Unlike ``(√v ×ᵢ modesᵢ)²`` it cannot
+    cancel to zero where the first moment does not: by Cauchy–Schwarz every new
+    ratio ``|m'ₖ|/√v'ₖ`` is at most the norm of the old ratios. A Tucker core is
+    rotated in four modes at every truncation, and the square-root rule let
+    Adam's steps blow up there (docs/tucker.md).
     """
+    if modes is not None:
+        return _transport_modes(state, rule, modes)
     rows, cols = pad
 
     def padded(t: Tensor) -> Tensor:
@@ -293,4 +307,25 @@ def transport_state(
             sq_right = None if right is None else right.to(t.dtype).square()
             w = t if sq_left is None else sq_left @ t
             out[key] = padded((w if sq_right is None else w @ sq_right).clamp_(0.0, 1.0))
+    return out
+
+
+def _transport_modes(state: dict[str, Any], rule: InnerRule, modes: Sequence[Tensor | None]) -> dict[str, Any]:
+    """:func:`transport_state` for a state with one coordinate per mode (a Tucker core)."""
+    from ..linalg import multi_mode_product
+
+    def move(t: Tensor, square: bool) -> Tensor:
+        mats = [None if M is None else M.to(t.dtype) for M in modes]
+        return multi_mode_product(t, [None if M is None else (M.square() if square else M) for M in mats])
+
+    out = dict(state)
+    for key, kind in rule.transports.items():
+        t = state.get(key)
+        if t is None:
+            continue
+        if kind == LINEAR:
+            out[key] = move(t, square=False)
+        else:  # SQUARE and WEIGHT: by the squared transport matrices
+            moved = move(t, square=True)
+            out[key] = moved if kind == SQUARE else moved.clamp_(0.0, 1.0)
     return out
