@@ -27,7 +27,7 @@ class TrainConfig:
     # data and model
     dataset: str = field(default="mnist", metadata={"help": "mnist | fashion-mnist | cifar10 | digits"})
     data_root: str | None = field(default=None, metadata={"help": "dataset directory (default: packaged data)"})
-    model: str = field(default="lenet5", metadata={"help": "mlp | lenet5 | vgg11 | vgg16 | resnet20"})
+    model: str = field(default="lenet5", metadata={"help": "mlp | lenet5 | vgg11 | vgg16 | vgg_small | resnet20"})
     # low-rank conversion
     rank: int | float = field(
         default=20, metadata={"help": "starting rank: an int, or a fraction in (0, 1] of each layer's full rank"}
