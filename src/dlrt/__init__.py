@@ -10,7 +10,7 @@ integrators that adapt the rank on the fly::
     dlrt.ranks(model), dlrt.compression(model)
 """
 
-from . import linalg
+from . import linalg, robust
 from .conversion import compression, convert, lowrank_layers, parameter_counts, ranks, to_dense
 from .integrators import INTEGRATORS, Integrator
 from .io import load, save
@@ -36,6 +36,7 @@ __all__ = [
     "lowrank_layers",
     "parameter_counts",
     "ranks",
+    "robust",
     "save",
     "to_dense",
 ]

@@ -1,4 +1,4 @@
-"""The ``dlrt`` command line: ``dlrt train | finetune | eval | report``."""
+"""The ``dlrt`` command line: ``dlrt train | finetune | eval | robustness | report``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _robustness(args: argparse.Namespace) -> int:
+    from .training.robustness import check_request, evaluate_robustness, format_table, read_robustness
+
+    check_request(args.attack, args.eps, args.limit, args.steps)  # before anything is loaded
+    entry = evaluate_robustness(args.run_dir, args.attack, args.eps, limit=args.limit, steps=args.steps)
+    print(f"{args.run_dir}: {args.attack} on {entry['n']} test images (ε in pixel units)")
+    print(format_table({args.attack: read_robustness(args.run_dir)[args.attack]}))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from .training.plots import plot_report, plot_run
 
@@ -91,11 +101,16 @@ def _report(args: argparse.Namespace) -> int:
             acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
             print(f"{Path(run).name[:40]:<40} {method:<22} {acc:>9} {s['adapter_params']:>15,d} {s['total_rank']:>11}")
     else:
+        from .training.robustness import read_robustness
+
         print(f"{'run':<40} {'method':<18} {'test acc':>9} {'compression':>12} {'ranks'}")
         for run, cfg, s in rows:
             method = "dense" if cfg.get("dense") else f"{cfg['integrator']} tau={cfg['tau']:g}"
             acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
             print(f"{Path(run).name[:40]:<40} {method:<18} {acc:>9} {100 * s['compression']:>11.1f}% {s['ranks']}")
+            for attack, r in sorted(read_robustness(run).items()):  # written by `dlrt robustness`
+                accs = ", ".join(f"ε {e:g}: {100 * a:.2f}%" for e, a in zip(r["eps"], r["adv_acc"]))
+                print(f"{'':<40} adversarial accuracy ({attack}, {r['n']} images): {accs}")
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "report.png"
     print(f"plot: {plot_report(args.run_dirs, out)}")
     return 0
@@ -118,6 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on its test set")
     p.add_argument("run_dir")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("robustness", help="clean and adversarial accuracy of a run's checkpoint (FGSM or PGD)")
+    p.add_argument("run_dir")
+    p.add_argument("--attack", choices=("fgsm", "pgd"), default="pgd", help="default pgd (L∞, random start)")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.03, 0.05, 0.1], help="budgets in pixel units")
+    p.add_argument("--limit", type=int, default=None, help="attack only the first N test images")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps")
+    p.set_defaults(func=_robustness)
     p = sub.add_parser("report", help="summarize runs and plot accuracy against compression")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", help="plot file (default: report.png beside the runs)")

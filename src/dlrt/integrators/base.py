@@ -537,18 +537,17 @@ def tucker_change_basis(
     layer.set_factors(bases, core)
 
 
-def tucker_augment(opt: DLRTOptimizer, layer: TuckerConv2d) -> list[int]:
+def tucker_augment(opt: DLRTOptimizer, layer: TuckerConv2d) -> None:
     """Augment every adapted mode of a Tucker layer by its K-gradient's range; Galerkin core (TDLRT).
 
     ``Û_i = orth([U_i, Mat_i(G ×_{j≠i} U_jᵀ) Q_i])`` with the old basis first (at
     most ``r_i`` new directions, :func:`~dlrt.linalg.augment_basis_qr`), and the core
     ``C ×ᵢ Û_iᵀU_i``, which represents the same kernel. Modes without a gradient (the
     loss did not reach the layer) or not adapted keep their basis. Clears the
-    layer's recorded pass (the caller keeps ``layer.pass_inputs`` first if it needs
-    it); returns the old ranks.
+    layer's recorded pass and gradients (the caller keeps ``layer.pass_inputs`` and
+    the core's gradient first if it needs them).
     """
     old = [B.detach() for B in layer.bases]
-    ranks = [B.shape[1] for B in old]
     bases: list[Tensor] = []
     mats: list[Tensor | None] = []
     for mode, (U, g) in enumerate(zip(old, layer.grad_modes)):
@@ -560,28 +559,32 @@ def tucker_augment(opt: DLRTOptimizer, layer: TuckerConv2d) -> list[int]:
             bases.append(U)
             mats.append(None)
     tucker_change_basis(opt, layer, mats, bases)
-    return ranks
 
 
 def tucker_galerkin_grad(
-    opt: DLRTOptimizer, layer: TuckerConv2d, records: list[Any], old_ranks: list[int] | None = None
+    opt: DLRTOptimizer, layer: TuckerConv2d, records: list[Any], old_core_grad: Tensor, parallel: bool = False
 ) -> Tensor:
     """The S-step's gradient of a Tucker layer at its current bases: ``G ×ᵢ U_iᵀ`` of the recorded passes.
 
     ``G`` is the kernel gradient of the pass at ``W₀`` (clipped and unscaled as the
     pass was); after an augmentation that contains the old bases, the Galerkin point
-    is ``W₀``, so one pass serves the step. With ``old_ranks`` (the parallel
-    integrator) the blocks in which two or more modes are new are left zero, as the
-    matrix parallel integrator leaves ``Ũᵀ G Ṽ`` out.
+    is ``W₀``, so one pass serves the step. The block of the old bases is
+    ``old_core_grad``, the core's gradient before the augmentation (``opt.S_grad``): it
+    equals ``G ×ᵢ U_iᵀ`` plus whatever the loss adds on the core itself (a
+    regularizer of ``C``, :mod:`dlrt.robust`), as a matrix layer's S-step takes ``S.grad``.
+    With ``parallel`` the blocks in which two or more modes are new are left zero, as
+    the matrix parallel integrator leaves ``Ũᵀ G Ṽ`` out.
     """
+    old = tuple(slice(0, r) for r in old_core_grad.shape)
     g = layer.project_grad([B.detach() for B in layer.bases], records)
     if g is None:
-        return torch.zeros_like(layer.C)
-    if opt._pass_scale != 1.0:
+        g = torch.zeros_like(layer.C)
+    elif opt._pass_scale != 1.0:
         g = g * opt._pass_scale
-    if old_ranks is not None:
+    g[old] = old_core_grad.to(g.dtype)
+    if parallel:
         new = torch.zeros((), dtype=torch.int64, device=g.device)
-        for mode, r in enumerate(old_ranks):
+        for mode, r in enumerate(old_core_grad.shape):
             idx = torch.arange(g.shape[mode], device=g.device) >= r
             new = new + idx.reshape([-1 if j == mode else 1 for j in range(g.dim())])
         g = torch.where(new >= 2, torch.zeros_like(g), g)

@@ -89,9 +89,9 @@ class BUG(Integrator):
                     G_hat[r_u:, r_v:] = opt.pass_grad(layer, U_new, V_new, inputs)  # Ũᵀ G₀ Ṽ
                 G_hats.append(G_hat)
             for layer in tucker:
-                inputs = layer.pass_inputs
+                inputs, gC = layer.pass_inputs, opt.S_grad(layer)
                 tucker_augment(opt, layer)  # clears the pass's records
-                G_hats.append(tucker_galerkin_grad(opt, layer, inputs))
+                G_hats.append(tucker_galerkin_grad(opt, layer, inputs, gC))
             S_steps(opt, layers + tucker, G_hats)
         else:
             loss = opt.evaluate(closure, NONE, "S")

@@ -78,10 +78,10 @@ class ParallelBUG(Integrator):
                 stepped.append(layer)
                 grads.append(G_hat)
             for layer in tucker:
-                inputs = layer.pass_inputs
-                old_ranks = tucker_augment(opt, layer)
+                inputs, gC = layer.pass_inputs, opt.S_grad(layer)
+                tucker_augment(opt, layer)
                 stepped.append(layer)
-                grads.append(tucker_galerkin_grad(opt, layer, inputs, old_ranks))
+                grads.append(tucker_galerkin_grad(opt, layer, inputs, gC, parallel=True))
         else:
             loss = opt.evaluate(closure, NONE, "coefficient")
             for layer in layers:

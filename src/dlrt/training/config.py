@@ -50,6 +50,9 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     tau: float = field(default=0.11, metadata={"help": "relative truncation tolerance"})
     coefficient_steps: int = field(default=1, metadata={"help": "S-steps per augmentation"})
+    robust_beta: float = field(
+        default=0.0, metadata={"help": "β of the condition-number regularizer: β·Σℛ(S) added to the loss (0: off)"}
+    )
     schedule: str = field(default="cosine", metadata={"help": "constant | cosine | step (per step)"})
     step_size: int = field(default=10, metadata={"help": "epochs between decays (schedule=step)"})
     gamma: float = field(default=0.1, metadata={"help": "decay factor (schedule=step)"})
@@ -78,7 +81,7 @@ class TrainConfig:
         for key in (*positive, "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("lr", "tau", "weight_decay"):
+        for key in ("lr", "tau", "weight_decay", "robust_beta"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.momentum is not None and not 0 <= self.momentum < 1:
@@ -106,6 +109,8 @@ class TrainConfig:
             from ..layers.tucker import check_tucker_modes
 
             self.tucker_modes = list(check_tucker_modes(self.tucker_modes))
+        if self.robust_beta and self.dense:
+            raise ValueError("robust_beta regularizes low-rank cores; a dense run (dense=true) has none: set it to 0")
         if self.conv == "tucker" and not self.dense:
             _check_tucker_training(self.integrator, self.optimizer)
         _check_choice("optimizer", self.optimizer, _rules())

@@ -185,8 +185,12 @@ def free_run_dir(runs_dir: str, name: str | None, stem: str, hint: str = "") -> 
     return run_dir
 
 
+#: Columns holding a ``{layer: value}`` dict, written as ``name:value;…``, and the type of their values.
+DICT_FIELDS: dict[str, type] = {"ranks": int, "cond": float}
+
+
 def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` as CSV through a temporary file; a ``ranks`` dict becomes ``name:rank;…``."""
+    """Write ``rows`` as CSV through a temporary file; a dict column (:data:`DICT_FIELDS`) becomes ``name:value;…``."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
@@ -194,15 +198,19 @@ def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None
             writer.writeheader()
             for row in rows:
                 out = dict(row)
-                if isinstance(out.get("ranks"), dict):
-                    out["ranks"] = ";".join(f"{k}:{v}" for k, v in out["ranks"].items())
+                for key in DICT_FIELDS:
+                    if isinstance(out.get(key), dict):
+                        out[key] = ";".join(f"{k}:{v}" for k, v in out[key].items())
                 writer.writerow(out)
 
     io.atomic_write(path, write)
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
-    """The rows of a CSV written by :func:`write_csv`: numbers parsed, ``ranks`` as a dict."""
+    """The rows of a CSV written by :func:`write_csv`: numbers parsed, dict columns as dicts.
+
+    An empty cell (a column added after the row was written) reads as ``None``.
+    """
     rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
@@ -210,8 +218,11 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         for row in csv.DictReader(f):
             out: dict[str, Any] = {}
             for key, value in row.items():
-                if key == "ranks":
-                    out[key] = {k: int(v) for k, v in (p.split(":") for p in value.split(";") if p)}
+                if key in DICT_FIELDS:
+                    kind = DICT_FIELDS[key]
+                    out[key] = {k: kind(v) for k, v in (p.rsplit(":", 1) for p in value.split(";") if p)}
+                elif value == "":
+                    out[key] = None
                 elif key in ("epoch", "step", "total_rank", "adapter_params", "trainable_params"):
                     out[key] = int(value)
                 else:

@@ -4,7 +4,8 @@ A run directory holds:
 
 * ``config.yaml`` — the resolved :class:`~dlrt.training.config.TrainConfig`;
 * ``metrics.csv`` — one row per epoch (loss, train/test accuracy, ranks per layer,
-  total rank, compression, learning rate, seconds);
+  total rank, compression, the condition number of every core and their mean,
+  learning rate, seconds; with ``robust_beta`` the train loss includes ``β·Σℛ(S)``);
 * ``steps.csv`` — a row every ``log_every`` steps (loss, learning rate, the rank
   of every layer);
 * ``checkpoint.safetensors`` — model, optimizer, loop position and the rows above
@@ -196,9 +197,29 @@ METRIC_FIELDS = [
     "total_rank",
     "ranks",
     "compression",
+    "cond_mean",
+    "cond",
     "lr",
     "seconds",
 ]
+
+
+def _layer_metrics(model: nn.Module) -> dict[str, Any]:
+    """The extra columns of every row: compression, and each low-rank core's condition number and their mean."""
+    from ..robust import condition_numbers
+
+    cond = condition_numbers(model)
+    mean = sum(cond.values()) / len(cond) if cond else float("nan")
+    return {"compression": conversion.compression(model), "cond_mean": mean, "cond": cond}
+
+
+def _robust_forward(beta: float, model: nn.Module, batch: tuple[Any, Any]) -> tuple[Any, Any, Any]:
+    """The classification loss plus ``β · Σ ℛ(S)`` (:func:`dlrt.robust.condition_regularizer`)."""
+    from ..robust import condition_regularizer
+
+    x, y = batch
+    logits = model(x)
+    return logits, y, nn.functional.cross_entropy(logits, y) + beta * condition_regularizer(model)
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -254,7 +275,13 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
     if resume_dir is None:
         writer.create(cfg.to_dict())
     driver = Driver(
-        Task(model, train_set, test_set, None, classify),
+        Task(
+            model,
+            train_set,
+            test_set,
+            None,
+            functools.partial(_robust_forward, cfg.robust_beta) if cfg.robust_beta else classify,
+        ),
         opt,
         writer,
         device=device,
@@ -265,7 +292,7 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         scheduler=scheduler,
         log_every=cfg.log_every,
         ranks=conversion.mode_ranks,
-        extra_metrics=lambda m: {"compression": conversion.compression(m)},
+        extra_metrics=_layer_metrics,
         describe=functools.partial(_describe, cfg),
         checkpoint=True,
     )
@@ -284,6 +311,7 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         "best_test_acc": max((r["test_acc"] for r in rows), default=None),
         "compression": conversion.compression(model),
         "ranks": conversion.ranks(model),
+        "cond": _layer_metrics(model)["cond"],
         "params_stored": stored,
         "params_dense": dense,
         "wall_seconds": out.wall_seconds,

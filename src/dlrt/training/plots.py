@@ -32,8 +32,9 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) -> list[Path]:
-    """Write ``ranks.png`` (per epoch), ``rank_steps.png`` (every ``log_every`` steps, from ``steps.csv``),
-    ``curves.png`` and (given the model) ``spectra.png`` into ``run_dir``."""
+    """Write ``ranks.png`` (per epoch), ``cond.png`` (each core's condition number per epoch),
+    ``rank_steps.png`` (every ``log_every`` steps, from ``steps.csv``), ``curves.png`` and
+    (given the model) ``spectra.png`` into ``run_dir``."""
     from .loop import read_metrics, read_steps
 
     plt = _pyplot()
@@ -50,6 +51,15 @@ def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) ->
         ax.set(xlabel="epoch", ylabel="rank", title="rank of each low-rank layer")
         ax.legend(fontsize="small")
         written.append(_save(plt, fig, run_dir / "ranks.png"))
+
+    cond_names = list(dict.fromkeys(k for r in rows for k in (r.get("cond") or {})))
+    if cond_names:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in cond_names:
+            ax.semilogy(epochs, [(r.get("cond") or {}).get(name, float("nan")) for r in rows], marker="o", label=name)
+        ax.set(xlabel="epoch", ylabel="cond(S)", title="condition number of each low-rank core")
+        ax.legend(fontsize="small")
+        written.append(_save(plt, fig, run_dir / "cond.png"))
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
