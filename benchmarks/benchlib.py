@@ -7,7 +7,10 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,37 @@ def write_results(args: argparse.Namespace, record: dict[str, Any]) -> int:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 1 if args.strict and not all(c["ok"] for c in record["checks"]) else 0
+
+
+def run_sweep(
+    script: str,
+    specs: list[dict[str, Any]],
+    out: Path,
+    key: Callable[[dict[str, Any]], tuple],
+    describe: Callable[[dict[str, Any]], str],
+    jobs: int,
+) -> None:
+    """Run ``python script --one SPEC`` for each spec whose ``key`` is not in ``out`` (JSON lines), ``jobs`` at a time.
+
+    Each worker prints ``RESULT {json}`` as its last such line; the record is appended to
+    ``out`` (so an interrupted sweep continues where it stopped) and ``describe(record)``
+    printed. A worker that fails is reported with the end of its stderr and skipped.
+    """
+    done = {key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()} if out.is_file() else set()
+    todo = [s for s in specs if key(s) not in done]
+    print(f"{len(todo)} runs to do ({jobs} at a time), results appended to {out}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def launch(spec: dict[str, Any]) -> None:
+        proc = subprocess.run([sys.executable, script, "--one", json.dumps(spec)], capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"FAILED {spec.get('name', spec)}:\n{proc.stderr[-2000:]}", flush=True)
+            return
+        record = json.loads(lines[-1][len("RESULT ") :])
+        with out.open("a") as f:  # one short line per write: appends from threads do not interleave
+            f.write(json.dumps(record) + "\n")
+        print(describe(record), flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(launch, todo))

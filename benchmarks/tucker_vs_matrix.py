@@ -31,14 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchlib import run_sweep
 
 RESULTS = Path("benchmarks/results/tucker_vs_matrix.jsonl")
 
@@ -156,39 +156,20 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
-def done_keys(path: Path) -> set[tuple]:
-    if not path.is_file():
-        return set()
-    return {_key(json.loads(line)) for line in path.read_text().splitlines() if line.strip()}
-
-
 def _key(r: dict[str, Any]) -> tuple:
     return (r.get("model", "lenet5"), r["dataset"], r["method"], float(r["setting"]), r["seed"], r["epochs"], r["lr"])
 
 
+def _describe(r: dict[str, Any]) -> str:
+    name = f"{r['model']}-{r['dataset']}-{r['method']}-{r['setting']:g}-s{r['seed']}-e{r['epochs']}"
+    return (
+        f"{name}: acc {100 * r['test_acc']:.2f}%, conv params {r['conv_params']} "
+        f"({100 * r['conv_compression']:.1f}%), ranks {r['ranks']}"
+    )
+
+
 def sweep(args: argparse.Namespace) -> None:
-    todo = [s for s in specs(args) if _key(s) not in done_keys(args.out)]
-    print(f"{len(todo)} runs to do ({args.jobs} at a time), results appended to {args.out}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-
-    def launch(spec: dict[str, Any]) -> None:
-        cmd = [sys.executable, __file__, "--one", json.dumps(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(f"FAILED {spec['name']}:\n{proc.stderr[-2000:]}", flush=True)
-            return
-        record = json.loads(lines[-1][len("RESULT ") :])
-        with args.out.open("a") as f:  # one short line per write: appends from threads do not interleave
-            f.write(json.dumps(record) + "\n")
-        print(
-            f"{spec['name']}: acc {100 * record['test_acc']:.2f}%, conv params {record['conv_params']} "
-            f"({100 * record['conv_compression']:.1f}%), ranks {record['ranks']}",
-            flush=True,
-        )
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(launch, todo))
+    run_sweep(__file__, specs(args), args.out, _key, _describe, args.jobs)
 
 
 # ------------------------------------------------------------------ step time
