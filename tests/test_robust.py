@@ -528,3 +528,27 @@ def test_robustness_cli(data_root, tmp_path, capsys, monkeypatch):
     assert cli.main(["robustness", str(bare), "--attack", "fgsm", "--eps", "0.1"]) == 2
     assert "checkpoint.safetensors" in capsys.readouterr().err
     assert not (bare / "robustness.json").exists()
+
+
+@pytest.mark.parametrize("integrator", ["bug", "parallel"])
+def test_the_regularizer_reaches_a_tucker_cores_step(integrator):
+    """The Tucker core step takes its old block from C.grad, so a loss on the core alone moves it: here the loss is
+    ℛ of the core's mode-0 unfolding only (the data term is multiplied by 0), and five steps must lower cond."""
+    torch.manual_seed(0)
+    layer = dlrt.TuckerConv2d(3, 6, 3, (4, 3, 2, 2), padding=1, dtype=torch.float64)
+    with torch.no_grad():
+        layer.C.mul_(torch.linspace(0.2, 3.0, 4, dtype=torch.float64).view(-1, 1, 1, 1))  # spread the spectrum
+    opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=0.05, tau=0.0)
+    x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0 * layer(x).sum() + dlrt.robust.condition_regularizer(layer)
+        loss.backward()
+        return loss
+
+    before = dlrt.robust.condition_numbers(torch.nn.Sequential(layer))["0"]
+    for _ in range(5):
+        opt.step(closure)
+    after = dlrt.robust.condition_numbers(torch.nn.Sequential(layer))["0"]
+    assert after < 0.7 * before, (before, after)
