@@ -18,6 +18,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def data_root(tmp_path):
+    """A directory of small generated MNIST idx files (96 training and 40 test images)."""
+    from .test_data_demo import write_idx
+
+    root = tmp_path / "mnist"
+    write_idx(root, n_train=96, n_test=40)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

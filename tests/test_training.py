@@ -13,16 +13,8 @@ from dlrt.training import TrainConfig, load_config, read_metrics, train
 from dlrt.training.config import FinetuneConfig
 
 from .helpers import scheduled_lrs
-from .test_data_demo import write_idx
 
 pytest.importorskip("yaml")
-
-
-@pytest.fixture
-def data_root(tmp_path):
-    root = tmp_path / "mnist"
-    write_idx(root, n_train=96, n_test=40)
-    return root
 
 
 def small(data_root, tmp_path, **kw):
