@@ -142,14 +142,15 @@ def summarize(path: Path) -> dict[str, Any]:
         )
     eps = " ".join(f"{e:>5g}" for e in EPS)
     print(
-        f"{'model':<10}{'dataset':<14}{'method':<14}{'clean':>7}  FGSM @ {eps}   PGD @ {eps}  {'compr.':>7} {'cond':>7}"
+        f"{'model':<10}{'dataset':<14}{'ep':>3} {'method':<14}{'clean':>7}  FGSM @ {eps}   PGD @ {eps}  "
+        f"{'compr.':>7} {'cond':>7}"
     )
     for t in table:
         name = t["method"] + (f" β {t['beta']:g}" if t["method"] == "robust" else "")
         fg = " ".join(f"{a:>5.1f}" for a in t["fgsm"])
         pg = " ".join(f"{a:>5.1f}" for a in t["pgd"])
         print(
-            f"{t['model']:<10}{t['dataset']:<14}{name:<14}{t['clean']:>7.2f}  {fg:>{7 + len(eps)}}   "
+            f"{t['model']:<10}{t['dataset']:<14}{t['epochs']:>3} {name:<14}{t['clean']:>7.2f}  {fg:>{7 + len(eps)}}   "
             f"{pg:>{6 + len(eps)}}  {t['compression']:>6.1f}% {t['cond']:>7.3g}"
         )
     checks = targets(table)
