@@ -84,3 +84,16 @@ def run_sweep(
 
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(launch, todo))
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser, *, runs_dir: str, out: Path, epochs: int) -> None:
+    """The arguments every :func:`run_sweep` benchmark takes: the worker's ``--one``, the grid, the pool, the files."""
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--model", default="lenet5", choices=("lenet5", "vgg_small"))
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--runs-dir", default=runs_dir)
+    p.add_argument("--out", type=Path, default=out, help="results, one JSON line per run")
+    p.add_argument("--summarize", action="store_true", help="print the table and targets, write the PNG")

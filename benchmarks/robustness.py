@@ -14,7 +14,9 @@ compression and the mean condition number of the cores.
 
 Rerun (2 processes of one thread each)::
 
-    python benchmarks/robustness.py --jobs 2
+    python benchmarks/robustness.py                    # LeNet5, MNIST and Fashion-MNIST, 1 epoch
+    python benchmarks/robustness.py --datasets fashion-mnist --epochs 3 --betas 0.075
+    python benchmarks/robustness.py --model vgg_small --datasets fashion-mnist --tau 0.3
     python benchmarks/robustness.py --summarize      # table, targets and PNG from the results
 """
 
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchlib import run_sweep
+from benchlib import add_sweep_arguments, run_sweep
 
 RESULTS = Path("benchmarks/results/robustness.jsonl")
 EPS = [0.01, 0.03, 0.05, 0.1]
@@ -218,18 +220,10 @@ def plot(table: list[dict[str, Any]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--model", default="lenet5", choices=("lenet5", "vgg_small"))
-    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=1)
+    add_sweep_arguments(p, runs_dir="runs/robustness", out=RESULTS, epochs=1)
     p.add_argument("--tau", type=float, default=0.2)
     p.add_argument("--betas", type=float, nargs="+", default=[0.075, 0.3])
-    p.add_argument("--attack-limit", type=int, default=1000, help="test images attacked per run")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    p.add_argument("--runs-dir", default="runs/robustness")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--summarize", action="store_true", help="print the table and targets, write the PNG")
+    p.add_argument("--attack-limit", type=int, default=500, help="test images attacked per run")
     args = p.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)

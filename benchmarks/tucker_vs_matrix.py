@@ -20,9 +20,12 @@ one process (medians).
 
 Rerun (2 processes of one thread each)::
 
-    python benchmarks/tucker_vs_matrix.py --epochs 1 --jobs 2                 # LeNet5, ~35 min
-    python benchmarks/tucker_vs_matrix.py --model vgg_small --datasets fashion-mnist --epochs 1 --limit 20000
-    python benchmarks/tucker_vs_matrix.py --timing
+    python benchmarks/tucker_vs_matrix.py                 # LeNet5, 1 epoch, the README's grid, ~35 min
+    python benchmarks/tucker_vs_matrix.py --model vgg_small --limit 30000 --matrix-taus 0.1 0.2 0.3 \
+        --tucker-taus 0.1 0.2 0.3 --fixed-fractions 0.1 0.2 0.4
+    python benchmarks/tucker_vs_matrix.py --datasets fashion-mnist --epochs 3 --matrix-taus 0.45 \
+        --tucker-taus 0.25 0.3 --fixed-fractions
+    python benchmarks/tucker_vs_matrix.py --timing --threads 2
     python benchmarks/tucker_vs_matrix.py --summarize      # table, targets and PNG from the results
 """
 
@@ -38,7 +41,7 @@ from typing import Any
 
 import torch
 
-from benchlib import run_sweep
+from benchlib import add_sweep_arguments, run_sweep
 
 RESULTS = Path("benchmarks/results/tucker_vs_matrix.jsonl")
 
@@ -369,20 +372,12 @@ def plot(table: list[dict[str, Any]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--model", default="lenet5", choices=("lenet5", "vgg_small"))
-    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=2)
+    add_sweep_arguments(p, runs_dir="runs/tucker_vs_matrix", out=RESULTS, epochs=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--limit", type=int, default=None, help="use only N samples (smoke runs)")
-    p.add_argument("--matrix-taus", type=float, nargs="*", default=[0.1, 0.2, 0.3])
-    p.add_argument("--tucker-taus", type=float, nargs="*", default=[0.1, 0.2, 0.3])
-    p.add_argument("--fixed-fractions", type=float, nargs="*", default=[0.05, 0.1, 0.2])
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    p.add_argument("--runs-dir", default="runs/tucker_vs_matrix")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--summarize", action="store_true", help="print the table and targets, write the PNG")
+    p.add_argument("--matrix-taus", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.45])
+    p.add_argument("--tucker-taus", type=float, nargs="*", default=[0.15, 0.2, 0.25, 0.3])
+    p.add_argument("--fixed-fractions", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.4])
     p.add_argument("--timing", action="store_true", help="interleaved step times of dense, matrix and Tucker LeNet5")
     p.add_argument("--timing-tau", type=float, default=0.2)
     p.add_argument("--timing-warmup", type=int, default=30)

@@ -12,7 +12,7 @@ import dlrt
 from dlrt import LowRankLinear, TuckerConv2d, linalg
 from dlrt.integrators.base import S_steps, truncate, tucker_augment, tucker_galerkin_grad
 
-from .helpers import DT, ref_augment, ref_orth, ref_rank
+from .helpers import DT, mse_closure, ref_augment, ref_orth, ref_rank
 
 LR = 0.2
 TOL = {"atol": 1e-10, "rtol": 1e-10}
@@ -27,16 +27,6 @@ def _tucker(in_ch=3, out_ch=5, ranks=(2, 2, 2, 2), **kw):
 
 def _data(batch=6, in_ch=3, out_ch=5, size=6):
     return torch.randn(batch, in_ch, size, size, dtype=DT), torch.randn(batch, out_ch, size, size, dtype=DT)
-
-
-def _closure(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def _dense_conv(layer, x, W, bias):
@@ -112,7 +102,7 @@ def test_adaptive_step_matches_dense_reference(integrator, tau, route):
     layer.contraction = route  # both the thin products and the full kernel's gradient G give the same step
     x, y = _data()
     opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=LR, tau=tau)
-    closure = _closure(layer, opt, x, y)
+    closure = mse_closure(layer, opt, x, y)
     seen = set()
     for _ in range(3):
         C, bases = _snapshot(layer)
@@ -138,7 +128,7 @@ def test_fixed_step_matches_dense_reference(route):
     layer.contraction = route
     x, y = _data()
     opt = dlrt.DLRTOptimizer(layer, integrator="fixed", optimizer="sgd", lr=LR)
-    closure = _closure(layer, opt, x, y)
+    closure = mse_closure(layer, opt, x, y)
     for _ in range(3):
         C, bases = _snapshot(layer)
         G = _kernel_grad(layer, x, y)
@@ -189,7 +179,7 @@ def test_mixed_model_steps_tucker_and_matrix_layers_in_the_same_step():
     r = ref_rank(s, tau)
     M_expected = U_hat @ P[:, :r] @ torch.diag(s[:r]) @ Qh[:r] @ V_hat.T
 
-    opt.step(_closure(model, opt, x, y))
+    opt.step(mse_closure(model, opt, x, y))
     assert conv.ranks == ranks
     torch.testing.assert_close(conv.weight, W_expected, **TOL)
     assert fc.rank == r
@@ -209,7 +199,7 @@ def test_bases_stay_orthonormal_over_many_steps(integrator):
     layer = _tucker()
     x, y = _data()
     opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=0.5, tau=0.1)
-    closure = _closure(layer, opt, x, y)
+    closure = mse_closure(layer, opt, x, y)
     seen = {layer.ranks}
     for step in range(500):
         opt.step(closure)
@@ -275,7 +265,7 @@ def test_bug_recovers_a_planted_multilinear_rank():
     student = TuckerConv2d.from_conv(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False, dtype=DT), ranks=(6, 4, 3, 3))
     assert student.ranks == (6, 4, 3, 3)
     opt = dlrt.DLRTOptimizer(student, integrator="bug", optimizer="sgd", lr=1.0, tau=0.05)
-    closure = _closure(student, opt, x, y)
+    closure = mse_closure(student, opt, x, y)
     history = []
     for _ in range(150):
         loss = float(opt.step(closure).detach())
@@ -305,11 +295,11 @@ def test_save_load_step_is_bit_identical_after_a_rank_change(tmp_path):
     opt = dlrt.DLRTOptimizer(model, **kw)
     start = model.conv.ranks
     for _ in range(30):
-        opt.step(_closure(model, opt, x, y))
+        opt.step(mse_closure(model, opt, x, y))
         if model.conv.ranks != start:
             break
     assert model.conv.ranks != start, "no Tucker rank changed: the test does not exercise resizing"
-    opt.step(_closure(model, opt, x, y))  # Adam state on the new ranks, transported by a step
+    opt.step(mse_closure(model, opt, x, y))  # Adam state on the new ranks, transported by a step
     path = dlrt.save(tmp_path / "ckpt.safetensors", model, opt)
 
     torch.manual_seed(7)
@@ -320,8 +310,8 @@ def test_save_load_step_is_bit_identical_after_a_rank_change(tmp_path):
     assert dlrt.ranks(other) == dlrt.ranks(model)
 
     x2, y2 = torch.randn(6, 3, 6, 6, dtype=DT), torch.randn(6, 5, dtype=DT)
-    opt.step(_closure(model, opt, x2, y2))
-    opt2.step(_closure(other, opt2, x2, y2))
+    opt.step(mse_closure(model, opt, x2, y2))
+    opt2.step(mse_closure(other, opt2, x2, y2))
     assert dlrt.ranks(other) == dlrt.ranks(model)
     ref, got = model.state_dict(), other.state_dict()
     assert list(ref) == list(got)
@@ -341,7 +331,7 @@ def test_only_the_chosen_modes_adapt():
     U2, U3 = layer.U2.detach().clone(), layer.U3.detach().clone()
     x, y = _data()
     opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=0.5, tau=0.1)
-    closure = _closure(layer, opt, x, y)
+    closure = mse_closure(layer, opt, x, y)
     seen = set()
     for _ in range(100):
         opt.step(closure)
@@ -366,7 +356,7 @@ def test_global_truncation_keeps_the_total_rank_within_the_budget(modes, tau):
     )
     fixed = [model.conv.ranks[i] for i in range(4) if i not in modes]
     for _ in range(4):
-        opt.step(_closure(model, opt, x, y))
+        opt.step(mse_closure(model, opt, x, y))
         total = sum(model.conv.ranks[i] for i in modes) + model.fc.rank
         assert total <= budget
         if tau == 0.0:  # nothing is below the tolerance: the budget alone decides
@@ -428,7 +418,7 @@ def test_nonfinite_loss_is_skipped_and_changes_nothing():
     layer = _tucker()
     x, y = _data()
     opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="adam", lr=0.01, tau=0.1, on_nonfinite="skip")
-    opt.step(_closure(layer, opt, x, y))  # Adam state to keep
+    opt.step(mse_closure(layer, opt, x, y))  # Adam state to keep
     factors = [p.detach().clone() for p in (*layer.factor_parameters(), layer.bias)]
     state = [{k: v.clone() for k, v in st.items()} for st in _optimizer_tensors(opt)]
     assert any(state)
@@ -446,7 +436,7 @@ def test_nonfinite_loss_is_skipped_and_changes_nothing():
     for a, b in zip(state, _optimizer_tensors(opt)):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert opt.steps == 1 and opt.phase == 0
-    opt.step(_closure(layer, opt, x, y))  # and training goes on
+    opt.step(mse_closure(layer, opt, x, y))  # and training goes on
     assert opt.steps == 2 and torch.isfinite(layer.weight).all()
 
 
@@ -466,15 +456,15 @@ def test_max_grad_norm_clips_the_tucker_step():
     norm = math.sqrt(square + float(gb.square().sum()))
 
     free = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=LR, tau=0.0, max_grad_norm=1e6)
-    free.step(_closure(layer, free, x, y))
+    free.step(mse_closure(layer, free, x, y))
     assert free.last_grad_norm == pytest.approx(norm, rel=1e-10)
     unclipped = dlrt.DLRTOptimizer(plain, integrator="bug", optimizer="sgd", lr=LR, tau=0.0)
-    unclipped.step(_closure(plain, unclipped, x, y))
+    unclipped.step(mse_closure(plain, unclipped, x, y))
     assert unclipped.last_grad_norm is None
     torch.testing.assert_close(plain.weight, layer.weight, atol=1e-14, rtol=0)  # a bound above the norm: no clip
     clip = 1e-3
     clipped = dlrt.DLRTOptimizer(twin, integrator="bug", optimizer="sgd", lr=LR, tau=0.0, max_grad_norm=clip)
-    clipped.step(_closure(twin, clipped, x, y))
+    clipped.step(mse_closure(twin, clipped, x, y))
     assert math.isfinite(clipped.last_grad_norm) and clipped.last_grad_norm > 0
     assert clipped.last_grad_norm == pytest.approx(norm, rel=1e-10)  # the norm before clipping
     move, small = (layer.weight - W0).norm(), (twin.weight - W0).norm()
@@ -502,7 +492,7 @@ def test_float64_default_dtype(float64_default):
     assert x.dtype == torch.float64
     opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=LR, tau=0.05)
     W0 = layer.weight
-    opt.step(_closure(layer, opt, x, y))
+    opt.step(mse_closure(layer, opt, x, y))
     assert all(p.dtype == torch.float64 for p in layer.parameters())
     assert layer.weight.dtype == torch.float64 and not torch.equal(layer.weight, W0)
     _assert_orthonormal(layer)
@@ -519,7 +509,7 @@ def test_grad_scaler_unscales_every_tucker_gradient(integrator):
     opts = [dlrt.DLRTOptimizer(m, integrator=integrator, optimizer="sgd", lr=0.1, tau=0.05) for m in (plain, scaled)]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
     for _ in range(3):
-        _closure(plain, opts[0], x, y)()
+        mse_closure(plain, opts[0], x, y)()
         opts[0].step()
         opts[1].zero_grad()
         scaler.scale(((scaled(x) - y) ** 2).mean()).backward()
@@ -548,7 +538,7 @@ def test_adam_on_a_rotating_core_converges_like_dense_adam():
     losses = []
     for model, opt in zip((dense, layer), opts):
         for _ in range(300):
-            loss = _closure(model, opt, x, y)()
+            loss = mse_closure(model, opt, x, y)()
             opt.step()
         losses.append(float(loss.detach()))
     assert losses[0] < 1e-10

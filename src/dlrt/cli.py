@@ -64,9 +64,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _robustness(args: argparse.Namespace) -> int:
-    from .training.robustness import check_request, evaluate_robustness, format_table, read_robustness
+    from .training.robustness import evaluate_robustness, format_table, read_robustness
 
-    check_request(args.attack, args.eps, args.limit, args.steps)  # before anything is loaded
+    # evaluate_robustness validates the request before it loads anything.
     entry = evaluate_robustness(args.run_dir, args.attack, args.eps, limit=args.limit, steps=args.steps)
     print(f"{args.run_dir}: {args.attack} on {entry['n']} test images (ε in pixel units)")
     print(format_table({args.attack: read_robustness(args.run_dir)[args.attack]}))

@@ -34,6 +34,7 @@ from torch import nn
 from .. import conversion
 from ..optim.inner import RULES
 from ..optimizer import DLRTOptimizer
+from ..robust import condition_numbers, condition_regularizer
 from .config import TrainConfig, load_config
 from .driver import (
     CHECKPOINT,
@@ -206,8 +207,6 @@ METRIC_FIELDS = [
 
 def _layer_metrics(model: nn.Module) -> dict[str, Any]:
     """The extra columns of every row: compression, and each low-rank core's condition number and their mean."""
-    from ..robust import condition_numbers
-
     cond = condition_numbers(model)
     mean = sum(cond.values()) / len(cond) if cond else float("nan")
     return {"compression": conversion.compression(model), "cond_mean": mean, "cond": cond}
@@ -215,8 +214,6 @@ def _layer_metrics(model: nn.Module) -> dict[str, Any]:
 
 def _robust_forward(beta: float, model: nn.Module, batch: tuple[Any, Any]) -> tuple[Any, Any, Any]:
     """The classification loss plus ``β · Σ ℛ(S)`` (:func:`dlrt.robust.condition_regularizer`)."""
-    from ..robust import condition_regularizer
-
     x, y = batch
     logits = model(x)
     return logits, y, nn.functional.cross_entropy(logits, y) + beta * condition_regularizer(model)
