@@ -1,0 +1,39 @@
+"""Federated dynamical low-rank training (FeDLRT) with FedAvg and FedLin baselines (docs/federated.md).
+
+The round is a set of plain functions over payloads (:mod:`.protocol`), driven
+in process (:class:`~.run.InProcess`) or over Flower (:mod:`.flower`, imported
+lazily: it needs ``flwr``).
+"""
+
+from .partition import dataset_tensors, partition
+from .protocol import (
+    CORRECTIONS,
+    METHODS,
+    Client,
+    CorrectedSGD,
+    RoundRecord,
+    Server,
+    check_reply,
+    pass_macs,
+    run_round,
+    stages,
+)
+from .run import FederatedResult, InProcess, federate
+
+__all__ = [
+    "CORRECTIONS",
+    "METHODS",
+    "Client",
+    "CorrectedSGD",
+    "FederatedResult",
+    "InProcess",
+    "RoundRecord",
+    "Server",
+    "check_reply",
+    "dataset_tensors",
+    "federate",
+    "partition",
+    "pass_macs",
+    "run_round",
+    "stages",
+]
