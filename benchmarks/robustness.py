@@ -120,9 +120,10 @@ def summarize(path: Path) -> dict[str, Any]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         if r["status"] == "completed":
-            groups.setdefault((r["model"], r["dataset"], r["epochs"], r["method"], float(r["beta"])), []).append(r)
+            key = (r["model"], r["dataset"], r["epochs"], float(r["tau"]), r["method"], float(r["beta"]))
+            groups.setdefault(key, []).append(r)
     table = []
-    for (model, dataset, epochs, method, beta), rs in sorted(groups.items()):
+    for (model, dataset, epochs, tau, method, beta), rs in sorted(groups.items()):
 
         def mean(f: Any, rs: list[dict[str, Any]] = rs) -> float:
             return statistics.mean(f(r) for r in rs)
@@ -132,6 +133,7 @@ def summarize(path: Path) -> dict[str, Any]:
                 "model": model,
                 "dataset": dataset,
                 "epochs": epochs,
+                "tau": tau,
                 "method": method,
                 "beta": beta,
                 "seeds": len(rs),
@@ -144,7 +146,7 @@ def summarize(path: Path) -> dict[str, Any]:
         )
     eps = " ".join(f"{e:>5g}" for e in EPS)
     print(
-        f"{'model':<10}{'dataset':<14}{'ep':>3} {'method':<14}{'clean':>7}  FGSM @ {eps}   PGD @ {eps}  "
+        f"{'model':<10}{'dataset':<14}{'ep':>3} {'τ':>5} {'method':<14}{'clean':>7}  FGSM @ {eps}   PGD @ {eps}  "
         f"{'compr.':>7} {'cond':>7}"
     )
     for t in table:
@@ -152,8 +154,8 @@ def summarize(path: Path) -> dict[str, Any]:
         fg = " ".join(f"{a:>5.1f}" for a in t["fgsm"])
         pg = " ".join(f"{a:>5.1f}" for a in t["pgd"])
         print(
-            f"{t['model']:<10}{t['dataset']:<14}{t['epochs']:>3} {name:<14}{t['clean']:>7.2f}  {fg:>{7 + len(eps)}}   "
-            f"{pg:>{6 + len(eps)}}  {t['compression']:>6.1f}% {t['cond']:>7.3g}"
+            f"{t['model']:<10}{t['dataset']:<14}{t['epochs']:>3} {t['tau']:>5g} {name:<14}{t['clean']:>7.2f}  "
+            f"{fg:>{7 + len(eps)}}   {pg:>{6 + len(eps)}}  {t['compression']:>6.1f}% {t['cond']:>7.3g}"
         )
     checks = targets(table)
     for c in checks:
@@ -166,8 +168,8 @@ def targets(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Robust DLRT at ≥ 90 % compression: clean within 1 point of dense, adversarial ≥ DLRT at every ε and ≥ dense
     at ε ≤ 0.05, for both attacks (three-seed means); the best β per network and dataset."""
     checks = []
-    for model, dataset, epochs in sorted({(t["model"], t["dataset"], t["epochs"]) for t in table}):
-        rows = [t for t in table if (t["model"], t["dataset"], t["epochs"]) == (model, dataset, epochs)]
+    for model, dataset, epochs, tau in sorted({(t["model"], t["dataset"], t["epochs"], t["tau"]) for t in table}):
+        rows = [t for t in table if (t["model"], t["dataset"], t["epochs"], t["tau"]) == (model, dataset, epochs, tau)]
         dense = next((t for t in rows if t["method"] == "dense"), None)
         plain = next((t for t in rows if t["method"] == "dlrt"), None)
         if dense is None or plain is None:
@@ -187,7 +189,7 @@ def targets(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
         checks.append(
             {
-                "name": f"{model}, {dataset}, {epochs} ep.: robust DLRT target",
+                "name": f"{model}, {dataset}, {epochs} ep., τ {tau:g}: robust DLRT target",
                 "ok": any(ok for ok, _ in results),
                 "detail": detail,
             }
@@ -201,16 +203,17 @@ def plot(table: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(t["model"], t["dataset"], t["epochs"]) for t in table})
+    panels = sorted({(t["model"], t["dataset"], t["epochs"], t["tau"]) for t in table})
     fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False)
-    for row, (model, dataset, epochs) in zip(axes, panels):
+    for row, (model, dataset, epochs, tau) in zip(axes, panels):
         for ax, attack in zip(row, ("fgsm", "pgd")):
             for t in table:
-                if (t["model"], t["dataset"], t["epochs"]) != (model, dataset, epochs):
+                if (t["model"], t["dataset"], t["epochs"], t["tau"]) != (model, dataset, epochs, tau):
                     continue
                 label = t["method"] + (f" β={t['beta']:g}" if t["method"] == "robust" else "")
                 ax.plot([0, *EPS], [t["clean"], *t[attack]], marker="o", label=label)
-            ax.set(xlabel="ε (pixel units)", ylabel="accuracy (%)", title=f"{model}, {dataset}: {attack.upper()}")
+            title = f"{model}, {dataset}, {epochs} ep., τ {tau:g}: {attack.upper()}"
+            ax.set(xlabel="ε (pixel units)", ylabel="accuracy (%)", title=title)
             ax.legend(fontsize="small")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
