@@ -1,4 +1,4 @@
-"""The ``dlrt`` command line: ``dlrt train | finetune | eval | robustness | report``."""
+"""The ``dlrt`` command line: ``dlrt train | finetune | eval | robustness | report | federated | closure``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _federated(args: argparse.Namespace) -> int:
+    from .federated import federate
+    from .training.config import FederatedConfig, load_config
+
+    result = federate(load_config(args.config, args.overrides, cls=FederatedConfig))
+    s = result.summary
+    acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
+    mb = s["bytes_total"] / 1e6
+    print(f"{result.status}: {result.run_dir} (test accuracy {acc} after {s['rounds']} rounds, {mb:.1f} MB sent)")
+    return {"completed": 0, "interrupted": 130}[result.status]
+
+
 def _robustness(args: argparse.Namespace) -> int:
     from .training.robustness import evaluate_robustness, format_table, read_robustness
 
@@ -116,6 +128,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _closure(args: argparse.Namespace) -> int:
+    if args.closure_command == "train":
+        from .kinetic.config import ClosureConfig
+        from .kinetic.train import train_closure
+        from .training.config import load_config
+
+        run = train_closure(load_config(args.config, args.overrides, cls=ClosureConfig))
+        s = run.summary
+        errors = ", ".join(f"{k} {s[k]:.2e}" for k in ("h_err", "alpha_err", "u_err") if k in s)
+        print(f"{run.status}: {run.run_dir} (relative validation errors: {errors})")
+        return {"completed": 0, "interrupted": 130, "diverged": 1}[run.status]
+    from .kinetic.train import solve_run
+
+    cases = ["source", "periodic"] if args.case == "all" else [args.case]
+    results = solve_run(args.run_dir, cases, cells=args.cells, t_end=args.t_end, out_dir=args.out)
+    for case, r in results.items():
+        print(
+            f"{case}: relative L2 difference network vs Newton {r['rel_l2']:.2e} after {r['steps']} steps; closure "
+            f"seconds Newton {r['newton_closure_seconds']:.3f}, network {r['network_closure_seconds']:.3f}"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dlrt", description="Dynamical low-rank training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,10 +175,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="attack only the first N test images")
     p.add_argument("--steps", type=int, default=10, help="PGD steps")
     p.set_defaults(func=_robustness)
+    p = sub.add_parser(
+        "federated", help="federated training: FeDLRT, FedAvg or FedLin, in process or on Flower (docs/federated.md)"
+    )
+    p.add_argument("--config", help="YAML config file (keys: dlrt.training.config.FederatedConfig)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    p.set_defaults(func=_federated)
     p = sub.add_parser("report", help="summarize runs and plot accuracy against compression")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", help="plot file (default: report.png beside the runs)")
     p.set_defaults(func=_report)
+    p = sub.add_parser("closure", help="neural entropy closures for kinetic moment systems (docs/kinetic.md)")
+    closure = p.add_subparsers(dest="closure_command", required=True)
+    q = closure.add_parser("train", help="train a neural closure (default: ICNN, 1D M2)")
+    q.add_argument("--config", help="YAML config file (keys: dlrt.kinetic.ClosureConfig)")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    q = closure.add_parser("solve", help="run the 1D test cases with the Newton and the run's network closure")
+    q.add_argument("run_dir", help="a `dlrt closure train` run directory")
+    q.add_argument("--case", choices=("source", "periodic", "all"), default="all")
+    q.add_argument("--cells", type=int, default=100)
+    q.add_argument("--t-end", type=float, default=None, help="final time (default: the case's)")
+    q.add_argument("--out", default=None, help="directory of solve.json and the plots (default: the run directory)")
+    p.set_defaults(func=_closure)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

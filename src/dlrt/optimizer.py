@@ -9,6 +9,7 @@ and the model's buffers exactly as they were (docs/algorithms.md §7).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import Communicator, DistributedError, resolve_group
 from .integrators import INTEGRATORS, Integrator
 from .integrators.base import factor_state, layer_flags, restore_layer_flags, set_factor_state, settle_kl_state
 from .layers import FactorizedLayer, LowRankLayer, TuckerConv2d, check_rank
@@ -87,6 +89,16 @@ class DLRTOptimizer(torch.optim.Optimizer):
             parameters, the optimizer state and the model's buffers (BatchNorm
             statistics updated by the failed forward passes, including a
             forward run before a closure-free ``step()``).
+        process_group: average every pass over the processes of this
+            ``torch.distributed`` group (data parallelism, docs/distributed.md);
+            default: the default group when ``torch.distributed`` is initialised,
+            none otherwise. One all-reduce per pass carries the projected
+            gradients ``G V``, ``Gᵀ U``, ``Uᵀ G V`` and the dense gradients; the
+            ranks are compared after every step and rank 0's decision is adopted
+            where they differ; the model is broadcast from rank 0 here.
+        check_every: with a process group, compare the ranks and factor
+            checksums of all processes every this many steps
+            (:meth:`check_consistency`; 0: only on demand).
 
     A step is ``loss = opt.step(closure)``; the closure zeroes the gradients,
     computes the loss, calls ``backward()`` and returns the loss, and the
@@ -137,6 +149,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         coefficient_steps: int | None = None,
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
+        process_group: Any = None,
+        check_every: int = 100,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"DLRTOptimizer expects the model (an nn.Module), got {type(model).__name__}")
@@ -191,6 +205,18 @@ class DLRTOptimizer(torch.optim.Optimizer):
                 "or 'fixed' with optimizer 'sgd', 'adam' or 'adamw', or convert those layers with conv='matrix'"
             )
         bounds = [_rank_bounds(name, layer, min_rank, max_rank) for name, layer in named]
+        if isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral) or check_every < 0:
+            raise ValueError(f"check_every must be an int >= 0 (0: only on demand), got {check_every!r}")
+        group = resolve_group(process_group)
+        comm = None
+        if group is not None:
+            if tucker:
+                raise ValueError(
+                    f"data-parallel training does not drive Tucker layers yet ({', '.join(tucker)}): convert them "
+                    "with conv='matrix', or train in one process"
+                )
+            comm = Communicator(group)
+            _check_same_model(comm, model, named)
         if budget is not None and budget < sum(lo for lo, _ in bounds):
             raise ValueError(f"budget={budget} is below the sum of min_rank over {len(named)} layers")
         # Everything is validated: from here on the model and this object change.
@@ -234,6 +260,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self.directions: dict[LowRankLayer, Any] = {}
         self._buffer_guard = _BufferGuard(model)
         self._set_request(self.integrator.request(0))
+        #: The process group's collectives (None: single process); ``communicator.bytes`` counts their payload.
+        self.communicator: Communicator | None = comm
+        self.check_every = int(check_every)
+        if comm is not None:
+            _broadcast_model(comm, model)
 
     # ------------------------------------------------------------- properties
     @property
@@ -255,11 +286,139 @@ class DLRTOptimizer(torch.optim.Optimizer):
             self._pass_scale = 1.0
             with torch.enable_grad():
                 loss = closure()
+        peers_bad_loss = self._average_pass(loss, request, what) if self.communicator is not None else False
         self._check_finite(loss, request, what)
+        if peers_bad_loss:
+            where = f"step {self.steps} ({self.integrator.name!r} integrator, {what} pass)"
+            raise NonFiniteError(f"{where}: non-finite loss on another process")
         self._clip()
         if self.rule.geometric:
             self._set_directions()
         return loss
+
+    # ---------------------------------------------------------- processes
+    def _average_pass(self, loss: Any, request: frozenset[str], what: str) -> bool:
+        """Replace the pass's gradients by their mean over the processes: one all-reduce (docs/distributed.md).
+
+        It carries every layer's ``Uᵀ G V`` (and ``G V``, ``Gᵀ U`` when the pass
+        records them), the dense gradients, a presence flag for each (a gradient
+        no process has stays ``None``) and whether this process's loss is
+        non-finite. Every process passes the same layout: it follows from the
+        ranks, which agree (:meth:`_agree_ranks`), and from ``request``.
+        Returns whether another process had a non-finite loss.
+        """
+        assert self.communicator is not None
+        slots: list[tuple[Tensor | None, tuple[int, ...], Tensor, Callable[[Tensor], None]]] = []
+        for layer in self.lowrank_layers:
+            S = layer.S
+            slots.append((S.grad, tuple(S.shape), S, functools.partial(setattr, S, "grad")))
+            if "K" in request:
+                slots.append(
+                    (layer.grad_K, (layer.U.shape[0], S.shape[1]), S, functools.partial(setattr, layer, "grad_K"))
+                )
+                slots.append(
+                    (layer.grad_L, (layer.V.shape[0], S.shape[0]), S, functools.partial(setattr, layer, "grad_L"))
+                )
+        for group in self.param_groups[1:]:
+            for p in group["params"]:
+                slots.append((p.grad, tuple(p.shape), p, functools.partial(setattr, p, "grad")))
+        tensors = [g.detach().to(like.dtype) if g is not None else like.new_zeros(shape) for g, shape, like, _ in slots]
+        bad_loss = loss is not None and not bool(torch.isfinite(torch.as_tensor(loss).detach()).all())
+        first = slots[0][2]
+        flags = torch.tensor([float(g is not None) for g, *_ in slots] + [float(bad_loss)], dtype=first.dtype)
+        tensors.append(flags.to(first.device))
+        averaged = self.communicator.average(tensors, f"the {what} pass's gradients")
+        present = averaged.pop().tolist()
+        for (_, _, _, set_grad), g, flag in zip(slots, averaged, present):
+            if flag > 0:
+                set_grad(g)
+        return present[-1] > 0 and not bad_loss
+
+    def _agree_ranks(self) -> None:
+        """Make every process hold rank 0's ranks: compare them (one small all-reduce); where a layer's differ
+        (a truncation or augmentation decided differently in the last bits), adopt rank 0's factors and state."""
+        comm = self.communicator
+        assert comm is not None
+        shapes = [s for m in self.lowrank_layers for s in m.S.shape]
+        device = self.lowrank_layers[0].S.device
+        v = torch.tensor(shapes, dtype=torch.int64, device=device)
+        both = comm.all_reduce(torch.cat([v, -v]), "the ranks", op="max").cpu()
+        high, low = both[: len(shapes)], -both[len(shapes) :]
+        differ = [
+            i
+            for i in range(len(self.lowrank_layers))
+            if bool((high[2 * i : 2 * i + 2] != low[2 * i : 2 * i + 2]).any())
+        ]
+        if differ:
+            self._adopt_from_rank0(differ)
+
+    def _adopt_from_rank0(self, which: list[int]) -> None:
+        """Copy the factors, flags and factor state of the layers ``which`` from rank 0 to every process."""
+        comm = self.communicator
+        assert comm is not None
+        payload = None
+        if comm.rank == 0:
+            payload = {}
+            for i in which:
+                layer = self.lowrank_layers[i]
+                states = {
+                    kind: {
+                        k: v.cpu() if isinstance(v, Tensor) else v for k, v in factor_state(self, layer, kind).items()
+                    }
+                    for kind in ("K", "L", "S")
+                }
+                factors = [t.detach().cpu() for t in layer.factor_parameters()]
+                payload[i] = (factors, layer_flags(layer), states)
+        payload = comm.broadcast_object(payload, "rank 0's factors of the layers whose ranks differ")
+        for i, (factors, flags, states) in payload.items():
+            layer = self.lowrank_layers[i]
+            like = layer.S
+            layer.set_factors(*(t.to(device=like.device, dtype=like.dtype) for t in factors))
+            restore_layer_flags(layer, flags)
+            for kind, st in states.items():
+                moved = {k: v.to(like.device) if isinstance(v, Tensor) else v for k, v in st.items()}
+                set_factor_state(self, layer, kind, moved or None)
+
+    @torch.no_grad()
+    def check_consistency(self) -> None:
+        """Raise :class:`~dlrt.distributed.DistributedError` unless all processes hold the same model.
+
+        Compares, in one all-reduce, the step counter, every layer's ranks and
+        checksums of its factors (norms and sums of ``U``, ``S``, ``V``; a sum
+        also sees a column whose sign flipped) and of every dense parameter.
+        Ranks must be equal, checksums equal to a relative 1e-6. The error names
+        the first layer or parameter that differs. Without a process group it
+        does nothing. Runs by itself every ``check_every`` steps.
+        """
+        comm = self.communicator
+        if comm is None:
+            return
+        labels: list[str] = ["the step counter", "the cycle phase"]
+        exact: list[bool] = [True, True]
+        values: list[Tensor] = [torch.tensor(float(self.steps)), torch.tensor(float(self.phase))]
+        for name, layer in zip(self.layer_names, self.lowrank_layers):
+            U, S, V = (t.detach() for t in (layer.U, layer.S, layer.V))
+            labels += [f"layer {name!r} (ranks)"] * 2 + [f"layer {name!r} (factor checksums)"] * 6
+            exact += [True, True] + [False] * 6
+            values += [torch.tensor(float(r)) for r in S.shape]
+            values += [t.norm() for t in (U, S, V)] + [t.sum() for t in (U, S, V)]
+        for group in self.param_groups[1:]:
+            for p in group["params"]:
+                labels += [f"parameter {self._dense_names[id(p)]!r} (checksums)"] * 2
+                exact += [False, False]
+                values += [p.detach().norm(), p.detach().sum()]
+        # Computed in each tensor's own dtype and device (deterministic on every process), compared in float64.
+        v = torch.stack([t.cpu().to(torch.float64).reshape(()) for t in values])
+        device = self.lowrank_layers[0].S.device
+        both = comm.all_reduce(torch.cat([v, -v]).to(device), "the consistency checksums", op="max").cpu()
+        high, low = both[: len(v)], -both[len(v) :]
+        for label, is_exact, hi, lo in zip(labels, exact, high.tolist(), low.tolist()):
+            if (hi != lo) if is_exact else abs(hi - lo) > 1e-6 * (1.0 + max(abs(hi), abs(lo))):
+                raise DistributedError(
+                    f"the {comm.size} processes have diverged at step {self.steps}: {label} range from {lo!r} to "
+                    f"{hi!r}. Every process must run the same model, optimizer settings and number of steps on "
+                    "the same hardware type; restart from the last checkpoint"
+                )
 
     def _set_directions(self) -> None:
         """A geometric optimizer's step direction per layer for this pass, and its new tangent momentum.
@@ -346,6 +505,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         as for :meth:`~dlrt.layers.LowRankLayer.project_grad`); zeros for a
         layer the loss did not reach.
         """
+        if self.communicator is not None:
+            return self.pass_grads([(layer, left, right, records)])[0]
         g = layer.project_grad(left, right, records)
         if g is not None and self._pass_scale != 1.0:
             g = g * self._pass_scale
@@ -355,6 +516,26 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if g is None:
             return left.new_zeros(left.shape[1], (layer.shape[1] if right is None else right.shape[1]))
         return g
+
+    def pass_grads(self, requests: list[tuple[LowRankLayer, Tensor, Tensor | None, list[Any] | None]]) -> list[Tensor]:
+        """:meth:`pass_grad` of every ``(layer, left, right, records)``; with a process group the
+        local contractions are averaged over the processes in one all-reduce (before a geometric
+        optimizer's momentum is added), so integrators ask for all of a step's at once."""
+        if self.communicator is None:
+            return [self.pass_grad(*r) for r in requests]
+        local = []
+        for layer, left, right, records in requests:
+            g = layer.project_grad(left, right, records)
+            if g is None:
+                g = left.new_zeros(left.shape[1], (layer.shape[1] if right is None else right.shape[1]))
+            elif self._pass_scale != 1.0:
+                g = g * self._pass_scale
+            local.append(g)
+        out = []
+        for (layer, left, right, _), g in zip(requests, self.communicator.average(local, "the contracted gradients")):
+            direction = self.directions.get(layer)
+            out.append(g if direction is None else direction.project(g, left, right).to(left.dtype))
+        return out
 
     def _require_grads(self, request: frozenset[str]) -> None:
         if all(layer.core.grad is None for layer in self.lowrank_layers):
@@ -430,6 +611,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
             try:
                 loss = self.integrator.step(self, closure)
                 settle_kl_state(self)
+                if self.communicator is not None:
+                    self._agree_ranks()
             except torch.linalg.LinAlgError as err:
                 # A factorization of non-finite factors: the update itself blew up.
                 self._check_updated(None, cause=err)
@@ -458,6 +641,8 @@ class DLRTOptimizer(torch.optim.Optimizer):
         self._pass_scale = 1.0  # the step consumed the pass (a failed one keeps it, consistently scaled)
         self.steps += 1
         self._set_request(self.integrator.request(self.phase))
+        if self.check_every and self.steps % self.check_every == 0:
+            self.check_consistency()
         return loss
 
     def _dense_updates(self) -> list[tuple[Tensor, Tensor, dict[str, Any]]]:
@@ -504,6 +689,11 @@ class DLRTOptimizer(torch.optim.Optimizer):
         Nothing is changed when this raises.
         """
         scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__["found_inf"]
+        if self.communicator is not None:
+            raise RuntimeError(
+                "torch.amp.GradScaler is not supported with a process group: each process would decide alone "
+                "whether to skip a step. Use bf16 autocast (torch.autocast(device, dtype=torch.bfloat16)) instead"
+            )
         if self.integrator.passes_per_step > 1:
             raise RuntimeError(
                 f"integrator {self.integrator.name!r} takes two forward/backward passes per step (a closure), "
@@ -831,6 +1021,42 @@ def _guarded(buf: Tensor | None) -> bool:
 
 def _is_int(dtype: torch.dtype) -> bool:
     return dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_same_model(comm: Communicator, model: nn.Module, named: list[tuple[str, FactorizedLayer]]) -> None:
+    """Raise ``ValueError`` on every process unless all hold the same layers, ranks and parameter shapes."""
+    params = [(n, p) for n, p in model.named_parameters()]
+    device = named[0][1].core.device
+    head = torch.tensor([len(named), len(params)], dtype=torch.int64, device=device)
+    both = comm.all_reduce(torch.cat([head, -head]), "the model's layout", op="max").cpu()
+    if bool((both[:2] != -both[2:]).any()):
+        raise ValueError(
+            f"the processes build different models ({len(named)} low-rank layers and {len(params)} parameters "
+            "here, not on every process): give every process the same model and configuration"
+        )
+    sizes = [s for _, m in named for s in m.core.shape] + [p.numel() for _, p in params]
+    v = torch.tensor(sizes, dtype=torch.int64, device=device)
+    both = comm.all_reduce(torch.cat([v, -v]), "the model's shapes", op="max").cpu()
+    differ = (both[: len(sizes)] != -both[len(sizes) :]).tolist()
+    labels = [f"layer {n!r} (ranks)" for n, m in named for _ in m.core.shape]
+    labels += [f"parameter {n!r} (size)" for n, _ in params]
+    bad = [label for label, d in zip(labels, differ) if d]
+    if bad:
+        raise ValueError(
+            f"the processes hold different models: {bad[0]} differs; give every process the same model, ranks "
+            "and configuration (and load the same checkpoint)"
+        )
+
+
+@torch.no_grad()
+def _broadcast_model(comm: Communicator, model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every process (one broadcast per device and dtype), as DDP starts."""
+    tensors = [p for p in model.parameters()] + [b for b in model.buffers() if b.numel()]
+    for (_, _), ts in _by_device_and_dtype(tensors).items():
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])
+        comm.broadcast(flat, "the model's parameters and buffers")
+        for t, piece in zip(ts, flat.split([t.numel() for t in ts])):
+            t.copy_(piece.view_as(t))
 
 
 def _make_integrator(integrator: str | Integrator, coefficient_steps: int | None) -> Integrator:

@@ -73,7 +73,7 @@ class ABC(Integrator):
         directions = [KL_grads(opt, layer) for layer in layers]
         K_items = [(layer, "K", layer.U.detach() @ layer.S.detach(), dK) for layer, (dK, _) in zip(layers, directions)]
         K_deltas = factor_steps(opt, K_items)
-        L_items = []
+        L_items, blocks, requests = [], [], []
         for layer, (_, dL), dK_step, inputs in zip(layers, directions, K_deltas, records):
             r_u = layer.S.shape[0]
             V0 = layer.V.detach()
@@ -82,8 +82,12 @@ class ABC(Integrator):
             grad = torch.empty(V0.shape[0], layer.U.shape[1], dtype=dL.dtype, device=dL.device)
             grad[:, :r_u] = dL  # G₀ᵀU₀
             if U_new.shape[1]:
-                grad[:, r_u:] = opt.pass_grad(layer, U_new, None, inputs).mT  # G₀ᵀŨ
+                blocks.append(grad[:, r_u:])
+                requests.append((layer, U_new, None, inputs))
             L_items.append((layer, "L", V0 @ layer.S.detach().mT, grad))
+        # G₀ᵀŨ of all layers at once: with a process group, one all-reduce.
+        for block, g in zip(blocks, opt.pass_grads(requests)):
+            block.copy_(g.mT)
         L_deltas = factor_steps(opt, L_items)
         L1s = {layer: L0 + dL for (layer, _, L0, _), dL in zip(L_items, L_deltas)}
         if self.coefficient_steps == 1:

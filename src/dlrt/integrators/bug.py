@@ -75,7 +75,7 @@ class BUG(Integrator):
                     drop_state(opt, layer)
                     layer.pending_growth = False
             pass_grads = [(opt.S_grad(layer), *KL_grads(opt, layer), layer.pass_inputs) for layer in layers]
-            G_hats = []
+            G_hats, corners, requests = [], [], []
             for layer, (gS, gK, gL, inputs), (_, _, dK, dL) in zip(layers, pass_grads, K_and_L_steps(opt, layers)):
                 r_u, r_v = layer.S.shape
                 # With one step per cycle the truncation follows in this step: it moves the K/L states.
@@ -86,8 +86,12 @@ class BUG(Integrator):
                 G_hat[:r_u, r_v:] = gL.mT @ V_new  # U₀ᵀ G₀ Ṽ
                 G_hat[r_u:, :r_v] = U_new.mT @ gK  # Ũᵀ G₀ V₀
                 if U_new.shape[1] and V_new.shape[1]:
-                    G_hat[r_u:, r_v:] = opt.pass_grad(layer, U_new, V_new, inputs)  # Ũᵀ G₀ Ṽ
+                    corners.append(G_hat[r_u:, r_v:])
+                    requests.append((layer, U_new, V_new, inputs))
                 G_hats.append(G_hat)
+            # Ũᵀ G₀ Ṽ of all layers at once: with a process group, one all-reduce of the small blocks.
+            for corner, g in zip(corners, opt.pass_grads(requests)):
+                corner.copy_(g)
             for layer in tucker:
                 inputs, gC = layer.pass_inputs, opt.S_grad(layer)
                 tucker_augment(opt, layer)  # clears the pass's records

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FinetuneConfig", "TrainConfig", "apply_overrides", "load_config"]
+__all__ = ["FederatedConfig", "FinetuneConfig", "TrainConfig", "apply_overrides", "load_config"]
 
 
 @dataclass
@@ -66,6 +66,13 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seeds initialisation, shuffling and augmentation"})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    # data parallelism (torchrun; docs/distributed.md)
+    dist_timeout: float = field(
+        default=300.0, metadata={"help": "seconds a process waits for its peers before it stops with an error"}
+    )
+    check_every: int = field(
+        default=100, metadata={"help": "steps between checks that all processes hold the same ranks and factors"}
+    )
     # outputs
     runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
     name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
@@ -94,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {self.rank}")
         if self.max_rank is not None and self.max_rank < self.min_rank:
             raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.check_every < 0:
+            raise ValueError(f"check_every must be >= 0 (0: never), got {self.check_every}")
         for key in ("limit", "threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
@@ -271,6 +282,106 @@ class FinetuneConfig:
             self.optimizer = "geo-adam" if geo else "adamw"
         if self.modules_to_save_lr_ratio is None:
             self.modules_to_save_lr_ratio = MODULES_TO_SAVE_LR_RATIO if geo else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FederatedConfig:
+    """A federated run (``dlrt federated``); saved resolved as ``config.yaml`` in the run directory.
+
+    The defaults train the lottery-ticket MLP on MNIST with FeDLRT (full variance
+    correction) over 4 IID clients, in process. The data, model and low-rank keys
+    mean what they mean for ``dlrt train``; the clients step with plain SGD at ``lr``.
+    """
+
+    # federation
+    method: str = field(default="fedlrt", metadata={"help": "fedlrt | fedavg | fedlin"})
+    correction: str = field(default="full", metadata={"help": "FeDLRT variance correction: full | simplified | none"})
+    engine: str = field(default="inprocess", metadata={"help": "inprocess | flower (Flower simulation runtime)"})
+    clients: int = field(default=4, metadata={"help": "number of clients"})
+    rounds: int = field(default=40, metadata={"help": "communication rounds"})
+    local_steps: int = field(default=20, metadata={"help": "client SGD steps per round"})
+    grad_batches: int | None = field(
+        default=4, metadata={"help": "batches of the round-start gradients (none: all the client's samples)"}
+    )
+    participation: float = field(default=1.0, metadata={"help": "share of the clients sampled each round"})
+    min_clients: int = field(default=1, metadata={"help": "fewest well-formed replies a stage needs"})
+    dirichlet_alpha: float | None = field(default=None, metadata={"help": "non-IID label split (none: IID)"})
+    timeout: float = field(default=600.0, metadata={"help": "seconds a stage waits for replies (engine=flower)"})
+    eval_every: int = field(default=1, metadata={"help": "rounds between evaluations of the global model"})
+    # data and model (as dlrt train)
+    dataset: str = field(default="mnist", metadata={"help": "mnist | fashion-mnist | cifar10 | digits"})
+    data_root: str | None = field(default=None, metadata={"help": "dataset directory (default: packaged data)"})
+    model: str = field(default="mlp", metadata={"help": "mlp | lenet5 | vgg11 | vgg16 | vgg_small | resnet20"})
+    rank: int | float = field(default=20, metadata={"help": "starting rank (int, or a fraction of the full rank)"})
+    max_rank: int | None = field(default=None, metadata={"help": "largest rank a layer may reach"})
+    min_rank: int = field(default=1, metadata={"help": "smallest rank a layer may reach"})
+    exclude: list[str] = field(default_factory=lambda: ["head"], metadata={"help": "layers left dense"})
+    tau: float = field(default=0.1, metadata={"help": "relative truncation tolerance of the server"})
+    rescale_init: bool = field(
+        default=True, metadata={"help": "scale each fresh core to the norm of the dense init it was cut from"}
+    )
+    optimizer: str = field(default="sgd", metadata={"help": "client optimizer: sgd (the corrected SGD step)"})
+    lr: float = field(default=0.1, metadata={"help": "client learning rate"})
+    batch_size: int = field(default=64, metadata={"help": "client batch size"})
+    eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N train/test samples"})
+    seed: int = field(default=0, metadata={"help": "seeds initialisation, the split, sampling and batches"})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    # outputs
+    runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
+    name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
+    progress: bool = field(default=True, metadata={"help": "print a line per round"})
+    plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
+
+    def __post_init__(self) -> None:
+        _coerce_all(self)
+        _check_finite(self)
+        for key in ("clients", "rounds", "local_steps", "min_clients", "eval_every", "min_rank", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        for key in ("grad_batches", "limit", "threads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
+        if not 0 < self.participation <= 1:
+            raise ValueError(f"participation is a share of the clients in (0, 1], got {self.participation}")
+        if self.dirichlet_alpha is not None and not self.dirichlet_alpha > 0:
+            raise ValueError(f"dirichlet_alpha must be > 0 (or none for IID), got {self.dirichlet_alpha}")
+        for key in ("lr", "tau"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if isinstance(self.rank, float) and not 0 < self.rank <= 1:
+            raise ValueError(f"a fractional rank must lie in (0, 1], got {self.rank}")
+        if self.rank <= 0:
+            raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {self.rank}")
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
+        from ..data import dataset_info
+
+        dataset_info(self.dataset)
+        _check_choice("model", self.model.lower(), _models())
+        _check_choice("method", self.method, ("fedlrt", "fedavg", "fedlin"))
+        _check_choice("correction", self.correction, ("full", "simplified", "none"))
+        _check_choice("engine", self.engine, ("inprocess", "flower"))
+        _check_choice("optimizer", self.optimizer, ("sgd",))
+        sampled = self.sampled_clients
+        if self.min_clients > sampled:
+            raise ValueError(
+                f"min_clients={self.min_clients} exceeds the {sampled} clients sampled per round "
+                f"(participation={self.participation} of clients={self.clients}): lower min_clients"
+            )
+
+    @property
+    def sampled_clients(self) -> int:
+        """Clients sampled per round: ``participation × clients``, rounded, at least one."""
+        return max(1, min(self.clients, round(self.participation * self.clients)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,7 +15,15 @@ which owns everything that is the same for all of them:
   rate, the rank of every layer), TensorBoard scalars and the progress bar (through the writer);
 * checkpoint/resume, Ctrl-C (status ``"interrupted"``) and divergence
   (:class:`~dlrt.optimizer.NonFiniteError` or a non-finite loss: status
-  ``"diverged"``).
+  ``"diverged"``);
+* data parallelism (``torchrun``, docs/distributed.md): when ``torch.distributed``
+  is initialised, each of the ``N`` processes takes every ``N``-th index of the
+  epoch's permutation (``DistributedSampler``'s semantics: the permutation is
+  padded by its first indices to a multiple of ``N``), so a step's global batch
+  is ``N × batch_size``; the train metrics are summed over the processes every
+  step and the evaluation is sharded and summed, so every process sees the same
+  numbers; only the process of rank 0 writes (its :class:`RunWriter` has
+  ``writes=True``), the others read the checkpoint on resume.
 
 Exact resume (docs/algorithms.md §7). The checkpoint is the single record of progress:
 it holds the model, the optimizer, the scheduler, the position ``(epoch,
@@ -63,6 +71,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import io
+from ..distributed import Communicator, resolve_group
 
 __all__ = ["Driver", "Outcome", "RunWriter", "Task", "classify", "new_run_dir", "seed_for", "step_closure", "to_device"]
 
@@ -324,8 +333,11 @@ class RunWriter:
         *,
         progress: bool = True,
         tensorboard: bool = False,
+        writes: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        #: False on the processes of rank > 0 of a distributed run: they read ``checkpoint`` but write nothing.
+        self.writes = writes
         self.metric_fields = list(metric_fields)
         self.progress = progress
         self._tensorboard = tensorboard
@@ -333,7 +345,7 @@ class RunWriter:
 
     def create(self, config: dict[str, Any]) -> None:
         """Make the (new) run directory and write ``config.yaml``."""
-        if self.run_dir is None:
+        if self.run_dir is None or not self.writes:
             return
         import yaml
 
@@ -345,16 +357,16 @@ class RunWriter:
         return self.run_dir / CHECKPOINT if self.run_dir is not None else None
 
     def bar(self, total: int, desc: str, initial: int = 0) -> _Progress:
-        return _Progress(self.progress, total, desc, initial)
+        return _Progress(self.progress and self.writes, total, desc, initial)
 
     def write_rows(self, rows: list[dict[str, Any]], step_rows: list[dict[str, Any]]) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writes:
             write_csv(self.run_dir / METRICS, self.metric_fields, rows)
             write_csv(self.run_dir / STEPS, STEP_FIELDS, step_rows)
 
     def log(self, row: dict[str, Any], x: int) -> None:
         """TensorBoard scalars of ``row`` (numbers, and ``rank/<layer>`` for its ranks) at ``x``."""
-        if self.run_dir is None or not self._tensorboard:
+        if self.run_dir is None or not self._tensorboard or not self.writes:
             return
         if self._tb is None:
             try:
@@ -373,14 +385,14 @@ class RunWriter:
                 self._tb.add_scalar(key, value, x)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.writes:
             return
         text = json.dumps(summary, indent=2) + "\n"
         io.atomic_write(self.run_dir / SUMMARY, lambda tmp: Path(tmp).write_text(text))
 
     def plot(self, plot: Callable[[Path], Any]) -> None:
         """Run ``plot(run_dir)``; without matplotlib, say so with the install command."""
-        if self.run_dir is None:
+        if self.run_dir is None or not self.writes:
             return
         try:
             plot(self.run_dir)
@@ -435,7 +447,12 @@ class Driver:
         self.ranks, self.extra_metrics = ranks, extra_metrics
         self.step_hooks, self.epoch_hooks, self.describe = list(step_hooks), list(epoch_hooks), describe
         self.checkpoint = writer.checkpoint if checkpoint else None
-        self.steps_per_epoch = math.ceil(len(task.train_set) / batch_size)
+        group = resolve_group()
+        self.comm = Communicator(group) if group is not None else None
+        self.rank, self.world_size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
+        #: Training samples per process and epoch (the padded shard of a distributed run).
+        self.shard_size = math.ceil(len(task.train_set) / self.world_size)
+        self.steps_per_epoch = math.ceil(self.shard_size / batch_size)
         total = epochs * self.steps_per_epoch
         self.total_steps = total if max_steps is None else min(total, max_steps)
         self._reset_position()
@@ -458,10 +475,11 @@ class Driver:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "rows": _to_json(self.rows),
             "step_rows": _to_json(self.step_rows),
+            "world_size": self.world_size,
         }
 
     def _save(self) -> None:
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.writer.writes:
             io.save(self.checkpoint, self.model, self.opt, extra=self._position())
 
     def _restore(self) -> None:
@@ -470,6 +488,12 @@ class Driver:
             self.writer.write_rows([], [])
             return
         extra = io.load(self.checkpoint, self.model, self.opt)
+        saved_world = extra.get("world_size", 1)
+        if saved_world != self.world_size and extra["batch"] != 0:
+            raise ValueError(
+                f"the checkpoint {self.checkpoint} was saved in the middle of an epoch by {saved_world} process(es); "
+                f"this run has {self.world_size}: resume it with {saved_world} (checkpoints at epoch ends load in any)"
+            )
         self.epoch, self.batch = extra["epoch"], extra["batch"]
         self.step = extra.get("step", self.epoch * self.steps_per_epoch + self.batch)
         self.carry = extra["carry"]
@@ -490,7 +514,11 @@ class Driver:
         # The order of DataLoader(shuffle=True, generator=gen), which draws its worker base seed first:
         # runs made before this driver (the README's tables) keep their batches.
         torch.empty((), dtype=torch.int64).random_(generator=gen)
-        order = torch.randperm(len(data), generator=gen)[skip * self.batch_size :]
+        order = torch.randperm(len(data), generator=gen)
+        if self.world_size > 1:  # DistributedSampler: pad with the first indices, take every N-th
+            pad = self.shard_size * self.world_size - len(order)
+            order = torch.cat([order, order.repeat(math.ceil(pad / len(order)))[:pad]])[self.rank :: self.world_size]
+        order = order[skip * self.batch_size :]
         if isinstance(data, torch.utils.data.TensorDataset) and self.task.collate is None:
             # in-memory tensors: slice them (the same batches as the loader below, without per-item calls)
             it: Iterator[Any] = (tuple(t[idx] for t in data.tensors) for idx in order.split(self.batch_size))
@@ -521,8 +549,15 @@ class Driver:
             self.scheduler.step()
         seconds = time.perf_counter() - t0
         n = held["labels"].numel()
+        labels = held["labels"]
+        # Accuracy for class labels; a task with real-valued targets (regression, a closure) counts none correct.
+        correct = 0 if labels.is_floating_point() else int((held["logits"].argmax(-1) == labels).sum())
+        if self.comm is not None:  # the global batch's numbers, the same on every process
+            sums = torch.tensor([loss * n, correct, n], dtype=torch.float64)
+            loss_sum, correct, n = self.comm.all_reduce(sums, "the step's train metrics").tolist()
+            loss, correct, n = loss_sum / n, int(correct), int(n)
         self.carry["loss"] += loss * n
-        self.carry["correct"] += int((held["logits"].argmax(-1) == held["labels"]).sum())
+        self.carry["correct"] += correct
         self.carry["seen"] += n
         self.step += 1
         self.batch += 1
@@ -543,14 +578,22 @@ class Driver:
         """Section 2: evaluation, the epoch's row, checkpoint, CSV files."""
         test_loss, test_acc = float("nan"), float("nan")
         if self.task.test_set is not None:
+            test_set = self.task.test_set
+            if self.comm is not None:  # each process its share, then the sums
+                test_set = torch.utils.data.Subset(test_set, range(self.rank, len(test_set), self.world_size))
             test_loss, test_acc = evaluate(
                 self.model,
-                self.task.test_set,
+                test_set,
                 self.eval_batch_size,
                 self.device,
                 forward=lambda m, b: self.task.forward(m, b)[:2],
                 collate=self.task.collate,
             )
+            if self.comm is not None:
+                n = len(test_set)
+                sums = torch.tensor([test_loss * n, test_acc * n, n], dtype=torch.float64)
+                loss_sum, correct, seen = self.comm.all_reduce(sums, "the evaluation").tolist()
+                test_loss, test_acc = loss_sum / max(seen, 1), correct / max(seen, 1)
         ranks = self.ranks(self.model)
         seen = max(self.carry["seen"], 1)
         row = {
@@ -615,7 +658,7 @@ class Driver:
                     row = self._end_epoch(time.perf_counter() - t_epoch)
                     in_section = False
                     self.writer.log(row, row["epoch"])
-                    if self.describe is not None:
+                    if self.describe is not None and self.writer.writes:
                         print(self.describe(row), flush=True)
             except KeyboardInterrupt:
                 status = "interrupted"

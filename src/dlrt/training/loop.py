@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import conversion
+from .. import conversion, distributed
 from ..optim.inner import RULES
 from ..optimizer import DLRTOptimizer
 from ..robust import condition_numbers, condition_regularizer
@@ -137,6 +137,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         optimizer=cfg.optimizer,
         tau=cfg.tau,
         coefficient_steps=cfg.coefficient_steps,
+        check_every=cfg.check_every,
         **hyper,
     )
 
@@ -250,25 +251,59 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
     the run's :class:`RunResult`; Ctrl-C saves a checkpoint and returns with
     status ``"interrupted"``, a non-finite loss stops the run with status
     ``"diverged"`` and the message in ``summary.json``.
+
+    Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) every
+    process runs this function: it starts the process group (gloo on CPU,
+    nccl on CUDA, with ``dist_timeout``), trains data-parallel with
+    ``batch_size`` per process, lets rank 0 alone name and write the run
+    directory, and destroys the group at the end (docs/distributed.md).
     """
     if resume_dir is not None:
+        saved = Path(resume_dir) / CONFIG
+        if not saved.is_file():
+            raise FileNotFoundError(f"{resume_dir} is not a run directory (no {CONFIG})")
+        cfg = load_config(saved)
+    cfg = cfg or TrainConfig()
+    with distributed.init_from_env(resolve_device(cfg.device), cfg.dist_timeout) as device:
+        return _train(cfg, resume_dir, device)
+
+
+def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: torch.device) -> RunResult:
+    group = distributed.resolve_group()
+    comm = distributed.Communicator(group) if group is not None else None
+    if resume_dir is not None:
         run_dir = Path(resume_dir)
-        if not (run_dir / CONFIG).is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG})")
-        cfg = load_config(run_dir / CONFIG)
     else:
-        cfg = cfg or TrainConfig()
         stem = f"{cfg.model}-{cfg.dataset}-" + ("dense" if cfg.dense else f"{cfg.integrator}-tau{cfg.tau:g}")
-        run_dir = free_run_dir(cfg.runs_dir, cfg.name, stem, "or continue it with `dlrt train --resume {}`")
+        hint = "or continue it with `dlrt train --resume {}`"
+        if comm is None:
+            run_dir = free_run_dir(cfg.runs_dir, cfg.name, stem, hint)
+        else:  # rank 0 names the run directory (the time stamp may differ between processes)
+            named: list[Any] = [None, None]
+            if comm.rank == 0:
+                try:
+                    named[0] = str(free_run_dir(cfg.runs_dir, cfg.name, stem, hint))
+                except FileExistsError as err:
+                    named[1] = str(err)
+            named = comm.broadcast_object(named, "the run directory's name")
+            if named[1] is not None:
+                raise FileExistsError(named[1])
+            run_dir = Path(named[0])
+    if comm is not None and cfg.dense:
+        raise ValueError(
+            "dense=true under torchrun is not supported: dlrt train averages the gradients through DLRTOptimizer; "
+            "train the dense baseline in one process, or with torch.nn.parallel.DistributedDataParallel"
+        )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
     train_set, test_set = build_data(cfg)
     model = build_model(cfg).to(device)
     opt = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, opt, math.ceil(len(train_set) / cfg.batch_size))
+    world = 1 if comm is None else comm.size
+    scheduler = build_scheduler(cfg, opt, math.ceil(math.ceil(len(train_set) / world) / cfg.batch_size))
 
-    writer = RunWriter(run_dir, METRIC_FIELDS, progress=cfg.progress, tensorboard=cfg.tensorboard)
+    writes = comm is None or comm.rank == 0
+    writer = RunWriter(run_dir, METRIC_FIELDS, progress=cfg.progress, tensorboard=cfg.tensorboard, writes=writes)
     if resume_dir is None:
         writer.create(cfg.to_dict())
     driver = Driver(
