@@ -404,3 +404,14 @@ def test_ctrl_c_mid_round_keeps_the_last_completed_round(data_root, tmp_path, mo
 
     a, b = load_file(one.run_dir / "checkpoint.safetensors"), load_file(stopped.run_dir / "checkpoint.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_client_that_missed_the_basis_stage_says_so():
+    model = small_model()
+    client = make_clients(model, [client_data(16, seed=0)])[0]
+    server = Server(copy.deepcopy(model), method="fedlrt", correction="none", tau=0.1)
+    state: dict = {}
+    server.aggregate("basis", {0: client.handle("basis", server.broadcast("basis"), state, 1)})
+    with pytest.raises(ValueError, match="did not take part in this round's basis stage"):
+        client.handle("train", server.broadcast("train"), {}, 1)
+    assert check_reply(client.handle("train", server.broadcast("train"), state, 1), server.reply_spec("train")) is None

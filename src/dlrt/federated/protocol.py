@@ -419,7 +419,14 @@ class Client:
 
     def _augmented(self, payload: Mapping[str, Tensor], state: dict[str, Tensor]) -> None:
         """Move the model to ``Û = [U | Ū]``, ``Ŝ⁰ = [[S, 0], [0, 0]]``, ``V̂ = [V | V̄]``."""
-        for name, ly in lowrank_layers(self.model).items():
+        layers = lowrank_layers(self.model)
+        missing = [n for n in layers if f"U/{n}" not in state or f"Ub/{n}" not in {**state, **payload}]
+        if missing:
+            raise ValueError(
+                f"client {self.client_id} holds no round-start factors or new directions for {missing[0]!r}: "
+                "it did not take part in this round's basis stage (a restarted node), so it sits this round out"
+            )
+        for name, ly in layers.items():
             Ub = payload.get(f"Ub/{name}", state.get(f"Ub/{name}"))
             Vb = payload.get(f"Vb/{name}", state.get(f"Vb/{name}"))
             state[f"Ub/{name}"], state[f"Vb/{name}"] = Ub, Vb
