@@ -388,6 +388,10 @@ class Client:
         self.lr, self.local_steps, self.batch_size = float(lr), int(local_steps), int(batch_size)
         self.grad_batches, self.seed, self.device = grad_batches, int(seed), torch.device(device)
         self.loss = loss or nn.functional.cross_entropy
+        # The model's structure never changes (only factor shapes and values): resolve its pieces once.
+        self.layers = lowrank_layers(model)
+        self.dense = dense_state(model)
+        self.trainable = {k: t for k, t in self.dense.items() if isinstance(t, nn.Parameter) and t.requires_grad}
         self._positions: dict[str, int] | None = None
 
     # -- helpers
@@ -406,20 +410,19 @@ class Client:
 
     def _load(self, payload: Mapping[str, Tensor], state: dict[str, Tensor]) -> None:
         """Put the round's global point into the model (and the client's memory)."""
-        layers, dense = lowrank_layers(self.model), dense_state(self.model)
         with torch.no_grad():
-            for k, t in dense.items():
+            for k, t in self.dense.items():
                 w = payload.get(f"w/{k}", state.get(f"w/{k}"))
                 t.copy_(w)
                 state[f"w/{k}"] = w.detach().clone()
-            for name, ly in layers.items():
+            for name, ly in self.layers.items():
                 U, S, V = (payload.get(f"{f}/{name}", state.get(f"{f}/{name}")) for f in "USV")
                 ly.set_factors(U.to(ly.U), S.to(ly.U), V.to(ly.U))
                 state.update({f"U/{name}": U, f"S/{name}": S, f"V/{name}": V})
 
     def _augmented(self, payload: Mapping[str, Tensor], state: dict[str, Tensor]) -> None:
         """Move the model to ``Û = [U | Ū]``, ``Ŝ⁰ = [[S, 0], [0, 0]]``, ``V̂ = [V | V̄]``."""
-        layers = lowrank_layers(self.model)
+        layers = self.layers
         missing = [n for n in layers if f"U/{n}" not in state or f"Ub/{n}" not in {**state, **payload}]
         if missing:
             raise ValueError(
@@ -434,11 +437,8 @@ class Client:
             S_hat = torch.nn.functional.pad(S, (0, Vb.shape[1], 0, Ub.shape[1]))
             ly.set_factors(torch.cat([U, Ub], 1).to(ly.U), S_hat.to(ly.U), torch.cat([V, Vb], 1).to(ly.U))
         with torch.no_grad():
-            for k, t in dense_state(self.model).items():
+            for k, t in self.dense.items():
                 t.copy_(state[f"w/{k}"])
-
-    def _trainable(self) -> dict[str, nn.Parameter]:
-        return {k: t for k, t in dense_state(self.model).items() if isinstance(t, nn.Parameter) and t.requires_grad}
 
     def _macs(self, kind: str, samples: int) -> float:
         if self._positions is None:
@@ -447,7 +447,7 @@ class Client:
 
     def _gradients(self, batches: list[tuple[Tensor, Tensor]], request: frozenset[str] | None) -> float:
         """Mean-loss gradients over ``batches`` into ``.grad`` (and the layers' records); returns the loss."""
-        layers = lowrank_layers(self.model)
+        layers = self.layers
         total = sum(len(y) for _, y in batches)
         self.model.zero_grad(set_to_none=True)
         for ly in layers.values():
@@ -475,7 +475,7 @@ class Client:
         if stage in ("basis", "grad") or (stage == "train" and self.method == "fedavg"):
             state.clear()
             self._load(payload, state)
-        layers = lowrank_layers(self.model)
+        layers = self.layers
         for p in (p for ly in layers.values() for p in ly.bases):
             p.requires_grad_(False)  # a client never moves the bases
         if stage in ("basis", "grad"):
@@ -495,7 +495,7 @@ class Client:
                 ly.grad_request = None
                 ly.clear_pass()
             if stage == "grad" or self.correction != "none":
-                for k, p in self._trainable().items():
+                for k, p in self.trainable.items():
                     g = torch.zeros_like(p) if p.grad is None else p.grad
                     out[f"g/{k}"] = state[f"g/{k}"] = g.detach().clone()
             self.model.zero_grad(set_to_none=True)
@@ -518,11 +518,11 @@ class Client:
             self._augmented(payload, state)
         elif self.method == "fedlin":
             with torch.no_grad():
-                for k, t in dense_state(self.model).items():
+                for k, t in self.dense.items():
                     t.copy_(state[f"w/{k}"])
         corrections: dict[int, Tensor | None] = {}
         params: list[nn.Parameter] = []
-        for k, p in self._trainable().items():
+        for k, p in self.trainable.items():
             params.append(p)
             if f"gg/{k}" in payload:
                 corrections[id(p)] = payload[f"gg/{k}"].to(p) - state[f"g/{k}"].to(p)
@@ -541,7 +541,7 @@ class Client:
         for ly in layers.values():
             ly.grad_request = None
             ly.clear_pass()
-        out = {f"w/{k}": t for k, t in dense_state(self.model).items()}
+        out = {f"w/{k}": t for k, t in self.dense.items()}
         out.update({f"Shat/{name}": ly.S for name, ly in layers.items()})
         loss = sum(opt.losses) / max(len(opt.losses), 1)
         macs = self._macs("coef" if layers else "dense", len(opt.losses) * self.batch_size)
