@@ -415,3 +415,16 @@ def test_a_client_that_missed_the_basis_stage_says_so():
     with pytest.raises(ValueError, match="did not take part in this round's basis stage"):
         client.handle("train", server.broadcast("train"), {}, 1)
     assert check_reply(client.handle("train", server.broadcast("train"), state, 1), server.reply_spec("train")) is None
+
+
+def test_partial_participation_samples_a_seeded_share_each_round():
+    from dlrt.federated.run import sample_clients
+    from dlrt.training.config import FederatedConfig
+
+    cfg = FederatedConfig(clients=16, participation=0.25, seed=3)
+    rounds = [sample_clients(cfg, r) for r in range(1, 21)]
+    assert all(len(s) == 4 and len(set(s)) == 4 and all(0 <= c < 16 for c in s) for s in rounds)
+    assert rounds == [sample_clients(cfg, r) for r in range(1, 21)]  # seeded
+    assert len({tuple(s) for s in rounds}) > 10  # a new sample every round
+    assert len({c for s in rounds for c in s}) == 16  # every client takes part over time
+    assert sample_clients(FederatedConfig(clients=5), 7) == [0, 1, 2, 3, 4]
