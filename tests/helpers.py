@@ -86,3 +86,27 @@ def mse_closure(model, opt, x, y):
         return loss
 
     return closure
+
+
+def ref_gradient_rank_cut(S_hat, M, tau, r_max=None):
+    """The gradient rule (docs/algorithms.md §1.2) on a core S_hat with trend M: the kept left/right factors.
+
+    Weight: the leading singular vectors of S_hat by the relative rule. Trend: the fewest leading singular
+    directions of M's component outside them, (I - PPᵀ) M (I - QQᵀ), whose dropped tail has norm <= tau ||M||.
+    """
+    P, s, Qh = torch.linalg.svd(S_hat, full_matrices=False)
+    k = ref_rank(s, tau, r_max=r_max)
+    PW, QW = P[:, :k], Qh.T[:, :k]
+    Mp = M - PW @ (PW.T @ M)
+    Mp = Mp - (Mp @ QW) @ QW.T
+    A, sa, Bh = torch.linalg.svd(Mp, full_matrices=False)
+    room = min(S_hat.shape) - k if r_max is None else min(r_max, min(S_hat.shape)) - k
+    a = 0
+    while a < room and float(sa[a:].norm()) > tau * float(M.norm()):
+        a += 1
+    return torch.cat([PW, A[:, :a]], 1), torch.cat([QW, Bh.T[:, :a]], 1)
+
+
+def ref_gradient_truncate(U_hat, S_hat, V_hat, M, tau, r_max=None):
+    P, Q = ref_gradient_rank_cut(S_hat, M, tau, r_max)
+    return U_hat @ P, P.T @ S_hat @ Q, V_hat @ Q

@@ -141,7 +141,7 @@ def test_grad_scaler_refuses_a_closure_and_an_early_unscale():
 def test_bf16_autocast_steps_close_to_float32(integrator):
     a, b = twins()
     kw = dict(integrator=integrator, optimizer="sgd", lr=0.1, tau=0.0)
-    opt_a, opt_b = dlrt.DLRTOptimizer(a, **kw), dlrt.DLRTOptimizer(b, **kw)
+    opt_a, opt_b = dlrt.DLRTOptimizer(a, **kw, tau_mode="relative"), dlrt.DLRTOptimizer(b, **kw, tau_mode="relative")
     x, y = batch()
 
     def closure_for(model, opt, dtype):

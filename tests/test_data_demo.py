@@ -204,7 +204,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert len(rows) == 2
     for row in rows:
         assert row[2].endswith("%") and row[4].endswith("%") and row[5].endswith("s")
-        assert all(1 <= int(r) <= 8 for r in row[3].split("/"))
+        assert all(1 <= int(r) <= 500 for r in row[3].split("/"))  # the start rank 8 is no ceiling
     assert set(result) == {"loss", "accuracy", "compression"}
     assert 0.0 <= result["accuracy"] <= 1.0 and result["compression"] > 0.9
     # the returned dict is the last printed row

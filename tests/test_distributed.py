@@ -247,8 +247,8 @@ def test_two_processes_follow_one_process_on_the_global_batch(tmp_path):
         assert_close_state(r0["factors"], factors(resumed), 1e-6)
 
         # 2 all-reduces at construction (the model's layout); per step one per pass, the ranks, and for bug/abc
-        # the contracted blocks of the new directions
-        per_step = {"bug": 3, "parallel": 2, "abc": 3, "fixed": 3}[integrator]
+        # the contracted blocks of the new directions (parallel too: the gradient rank rule reads Ũᵀ G₀ Ṽ)
+        per_step = {"bug": 3, "parallel": 3, "abc": 3, "fixed": 3}[integrator]
         assert r0["calls"]["all_reduce"] == 2 + STEPS * per_step, integrator
     # fixed keeps rank 12: the payload is known. Layers "0" (48×20) and "2" (48×48); dense: 2 biases of 48 and
     # the head's 5×48 + 5. K/L pass: S, G V, Gᵀ U of both layers, the dense grads, 10 presence flags and the

@@ -67,7 +67,9 @@ def test_one_client_equals_centralised_bug(correction):
     server = Server(copy.deepcopy(central), method="fedlrt", correction=correction, tau=tau)
     clients = make_clients(copy.deepcopy(central), [data], correction=correction, lr=lr, local_steps=steps)
     x, y = data.tensors
-    opt = dlrt.DLRTOptimizer(central, integrator="bug", optimizer="sgd", lr=lr, tau=tau, coefficient_steps=steps)
+    opt = dlrt.DLRTOptimizer(
+        central, integrator="bug", optimizer="sgd", lr=lr, tau=tau, coefficient_steps=steps, tau_mode="relative"
+    )
 
     def closure():
         opt.zero_grad()

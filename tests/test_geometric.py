@@ -49,7 +49,7 @@ def make(integrator="bug", optimizer="geo-heavyball", n=12, m=9, r=3, tau=0.05, 
 def test_heavy_ball_steps_and_transported_momentum_match_dense_reference(tau):
     # The momentum, kept factored and moved through augmentation and truncation, equals the full
     # n×m buffer projected onto each new tangent space; the points equal the dense reference.
-    problem, layer, opt = make(lr=LR, momentum=BETA, tau=tau)
+    problem, layer, opt = make(lr=LR, momentum=BETA, tau=tau, tau_mode="relative")
     closure = problem.closure(layer, opt)
     M = torch.zeros(12, 9, dtype=DT)
     for _ in range(5):

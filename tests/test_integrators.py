@@ -13,6 +13,9 @@ LR = 0.3
 
 
 def make(n=12, m=9, r=3, tau=0.05, integrator="bug", **kw):
+    kw.setdefault(
+        "tau_mode", "relative"
+    )  # the references truncate by the relative rule (test_rank_rule: the gradient rule)
     problem = LeastSquares(n, m)
     layer = LowRankLinear(m, n, rank=r, bias=False, dtype=DT)
     opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=LR, tau=tau, **kw)
@@ -172,7 +175,7 @@ def test_step_on_a_two_layer_network_matches_dense_reference():
     # The projected gradients of every layer come from one backward through the whole network.
     net = nn.Sequential(LowRankLinear(7, 6, 3, dtype=DT), nn.Tanh(), LowRankLinear(6, 5, 2, dtype=DT))
     x, y = torch.randn(16, 7, dtype=DT), torch.randn(16, 5, dtype=DT)
-    opt = dlrt.DLRTOptimizer(net, integrator="parallel", optimizer="sgd", lr=LR, tau=0.0)
+    opt = dlrt.DLRTOptimizer(net, integrator="parallel", optimizer="sgd", lr=LR, tau=0.0, tau_mode="relative")
 
     def dense_grads(Ws, bs):
         Ws = [W.clone().requires_grad_() for W in Ws]

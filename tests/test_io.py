@@ -86,7 +86,7 @@ def test_checkpoint_is_safetensors_with_json_metadata_and_no_pickle(tmp_path, mo
     import struct
 
     model = build()
-    opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="adam")
+    opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="adam", tau_mode="relative")
     opt.step(closure_for(model, opt, 0))
     path = dlrt.save(tmp_path / "m.safetensors", model, opt)
     # The safetensors layout, read by hand: an 8-byte little-endian header length, a JSON header
@@ -113,7 +113,7 @@ def test_checkpoint_is_safetensors_with_json_metadata_and_no_pickle(tmp_path, mo
     monkeypatch.setattr(pickle, "Unpickler", no_pickle)
     monkeypatch.setattr(torch, "load", no_pickle)
     other = build(rank=2)
-    dlrt.load(path, other, dlrt.DLRTOptimizer(other, integrator="bug", optimizer="adam"))
+    dlrt.load(path, other, dlrt.DLRTOptimizer(other, integrator="bug", optimizer="adam", tau_mode="relative"))
     assert dlrt.ranks(other) == dlrt.ranks(model)
 
 

@@ -596,7 +596,10 @@ def test_adam_on_half_precision_factors_matches_float32(half, integrator, tmp_pa
     with torch.no_grad():
         ref[0].S[0, 0] = 0.0  # exact zeros in the first gradients too
     model = copy.deepcopy(ref).to(half)
-    opts = [dlrt.DLRTOptimizer(m, integrator=integrator, optimizer="adam", lr=1e-2) for m in (ref, model)]
+    opts = [
+        dlrt.DLRTOptimizer(m, integrator=integrator, optimizer="adam", lr=1e-2, tau_mode="relative")
+        for m in (ref, model)
+    ]
     for _ in range(3):
         for m, opt, inp, out in ((ref, opts[0], x, y), (model, opts[1], x.to(half), y.to(half))):
             opt.step(mse_closure(m, opt, inp, out))
@@ -608,7 +611,7 @@ def test_adam_on_half_precision_factors_matches_float32(half, integrator, tmp_pa
     # The float32 moments survive a checkpoint of the half-precision model.
     dlrt.save(tmp_path / "half.safetensors", model, opts[1])
     twin = copy.deepcopy(model)
-    twin_opt = dlrt.DLRTOptimizer(twin, integrator=integrator, optimizer="adam", lr=1e-2)
+    twin_opt = dlrt.DLRTOptimizer(twin, integrator=integrator, optimizer="adam", lr=1e-2, tau_mode="relative")
     dlrt.load(tmp_path / "half.safetensors", twin, twin_opt)
     assert torch.equal(twin_opt.state[twin[0].S]["exp_avg_sq"], state["exp_avg_sq"])
 
@@ -833,7 +836,14 @@ def test_global_truncation_through_the_optimizer(budget):
 
     model = nn.ModuleDict({"a": a, "b": b})
     opt = dlrt.DLRTOptimizer(
-        model, integrator="bug", optimizer="sgd", lr=lr, tau=tau, truncation="global", budget=budget
+        model,
+        integrator="bug",
+        optimizer="sgd",
+        lr=lr,
+        tau=tau,
+        truncation="global",
+        budget=budget,
+        tau_mode="relative",
     )
 
     def closure():

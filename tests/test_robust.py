@@ -511,7 +511,7 @@ def test_the_regularizer_reaches_a_tucker_cores_step(integrator):
     layer = dlrt.TuckerConv2d(3, 6, 3, (4, 3, 2, 2), padding=1, dtype=torch.float64)
     with torch.no_grad():
         layer.C.mul_(torch.linspace(0.2, 3.0, 4, dtype=torch.float64).view(-1, 1, 1, 1))  # spread the spectrum
-    opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=0.05, tau=0.0)
+    opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=0.05, tau=0.0, tau_mode="relative")
     x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
 
     def closure():

@@ -101,7 +101,7 @@ def test_adaptive_step_matches_dense_reference(integrator, tau, route):
     layer = _tucker()
     layer.contraction = route  # both the thin products and the full kernel's gradient G give the same step
     x, y = _data()
-    opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=LR, tau=tau)
+    opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=LR, tau=tau, tau_mode="relative")
     closure = mse_closure(layer, opt, x, y)
     seen = set()
     for _ in range(3):
@@ -160,7 +160,7 @@ def test_mixed_model_steps_tucker_and_matrix_layers_in_the_same_step():
     model = _Mixed()
     x, y = torch.randn(6, 3, 6, 6, dtype=DT), torch.randn(6, 5, dtype=DT)
     tau = 0.1
-    opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="sgd", lr=LR, tau=tau)
+    opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="sgd", lr=LR, tau=tau, tau_mode="relative")
     conv, fc = model.conv, model.fc
     C, bases = _snapshot(conv)
     U0, S0, V0 = (t.detach().clone() for t in (fc.U, fc.S, fc.V))
@@ -219,7 +219,7 @@ def test_bases_stay_orthonormal_over_many_steps(integrator):
 def test_truncation_with_tau_zero_keeps_the_kernel():
     layer = _tucker()
     x, y = _data()
-    opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=LR, tau=0.0)
+    opt = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=LR, tau=0.0, tau_mode="relative")
     opt.zero_grad()
     ((layer(x) - y) ** 2).mean().backward()
     W0 = layer.weight
@@ -264,7 +264,7 @@ def test_bug_recovers_a_planted_multilinear_rank():
     # The student starts at full multilinear rank from an unrelated random convolution.
     student = TuckerConv2d.from_conv(nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False, dtype=DT), ranks=(6, 4, 3, 3))
     assert student.ranks == (6, 4, 3, 3)
-    opt = dlrt.DLRTOptimizer(student, integrator="bug", optimizer="sgd", lr=1.0, tau=0.05)
+    opt = dlrt.DLRTOptimizer(student, integrator="bug", optimizer="sgd", lr=1.0, tau=0.05, tau_mode="relative")
     closure = mse_closure(student, opt, x, y)
     history = []
     for _ in range(150):
@@ -455,15 +455,19 @@ def test_max_grad_norm_clips_the_tucker_step():
     gb = 2 * (layer(x) - y).detach().sum((0, 2, 3)) / y.numel()
     norm = math.sqrt(square + float(gb.square().sum()))
 
-    free = dlrt.DLRTOptimizer(layer, integrator="bug", optimizer="sgd", lr=LR, tau=0.0, max_grad_norm=1e6)
+    free = dlrt.DLRTOptimizer(
+        layer, integrator="bug", optimizer="sgd", lr=LR, tau=0.0, max_grad_norm=1e6, tau_mode="relative"
+    )
     free.step(mse_closure(layer, free, x, y))
     assert free.last_grad_norm == pytest.approx(norm, rel=1e-10)
-    unclipped = dlrt.DLRTOptimizer(plain, integrator="bug", optimizer="sgd", lr=LR, tau=0.0)
+    unclipped = dlrt.DLRTOptimizer(plain, integrator="bug", optimizer="sgd", lr=LR, tau=0.0, tau_mode="relative")
     unclipped.step(mse_closure(plain, unclipped, x, y))
     assert unclipped.last_grad_norm is None
     torch.testing.assert_close(plain.weight, layer.weight, atol=1e-14, rtol=0)  # a bound above the norm: no clip
     clip = 1e-3
-    clipped = dlrt.DLRTOptimizer(twin, integrator="bug", optimizer="sgd", lr=LR, tau=0.0, max_grad_norm=clip)
+    clipped = dlrt.DLRTOptimizer(
+        twin, integrator="bug", optimizer="sgd", lr=LR, tau=0.0, max_grad_norm=clip, tau_mode="relative"
+    )
     clipped.step(mse_closure(twin, clipped, x, y))
     assert math.isfinite(clipped.last_grad_norm) and clipped.last_grad_norm > 0
     assert clipped.last_grad_norm == pytest.approx(norm, rel=1e-10)  # the norm before clipping

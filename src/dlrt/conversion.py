@@ -7,19 +7,22 @@ Which low-rank layer replaces which dense module is read from the registry
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterator, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import FactorizedLayer, TuckerConv2d
 from .layers.ranks import check_rank, rank_range
 from .layers.registry import find_lowrank, lowrank_formats, lowrank_types, registered_lowrank
 from .layers.tucker import check_tucker_modes
+from .linalg import check_tau
 from .selection import Selector, check_selector, excluded, matches, set_submodule
 
-__all__ = ["compression", "convert", "lowrank_layers", "mode_ranks", "parameter_counts", "ranks", "to_dense"]
+#: The starts of :func:`convert` (its ``init=``).
+INITS = ("svd", "scaled")
+
+__all__ = ["INITS", "compression", "convert", "lowrank_layers", "mode_ranks", "parameter_counts", "ranks", "to_dense"]
 
 
 def lowrank_layers(model: nn.Module) -> Iterator[tuple[str, FactorizedLayer]]:
@@ -41,10 +44,8 @@ def _check_arguments(
             raise ValueError(f"a fractional rank must lie in (0, 1], got rank={rank}")
     elif rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"rank must be a positive int or a fraction in (0, 1], got rank={rank!r}")
-    if tau is not None and (
-        isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau < 0
-    ):
-        raise ValueError(f"tau must be a finite number >= 0, got tau={tau!r}")
+    if tau is not None:
+        check_tau(tau, "relative")
     for what, value in (("max_rank", max_rank), ("min_rank", min_rank)):
         if value is None and what == "max_rank":
             continue
@@ -65,6 +66,7 @@ def convert(
     exclude: Selector | None = (),
     conv: str = "matrix",
     tucker_modes: Sequence[int] | None = None,
+    init: str = "svd",
 ) -> nn.Module:
     """Replace the dense layers of ``model`` by low-rank layers, in place.
 
@@ -99,6 +101,17 @@ def convert(
         tucker_modes: with ``conv="tucker"``, the kernel modes whose rank
             adapts (``0`` out, ``1`` in, ``2``/``3`` spatial; default all);
             the others keep the rank they start with.
+        init: how each layer starts (:data:`INITS`). ``"svd"`` (default): the
+            truncated SVD of the current weight, its best approximation at that
+            rank: right for a trained model. ``"scaled"``: the same, with the core
+            scaled so that ``‖U S Vᵀ‖_F`` equals the dense weight's ``‖W‖_F``: right
+            for training from scratch. A random initial weight spreads its energy
+            over all its singular values, so at rank ``r`` of an ``n×m`` layer the
+            truncated SVD keeps only about ``√(r/min(n, m))`` of its norm and of its
+            output's scale; through several layers the signal (and the gradient)
+            shrinks by that factor per layer, and plain SGD hardly moves. Scaled,
+            every layer keeps the variance-preserving scale of the initialisation
+            the model was built with, at any start rank.
 
     Raises:
         ValueError: a bad rank (the message names the rank and each layer's
@@ -109,6 +122,8 @@ def convert(
             registered low-rank type (the message lists the registered ones).
     """
     _check_arguments(rank, tau, max_rank, min_rank, conv)
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not a start of convert; choose one of {INITS}")
     options = {}
     if tucker_modes is not None:
         if conv != "tucker":
@@ -180,11 +195,21 @@ def convert(
     built = []
     for name, module, spec, layer_rank, cap, opts in plan:
         new = spec.from_dense(module, layer_rank, tau=tau, max_rank=cap, min_rank=min_rank, **opts)
+        if init == "scaled":
+            _scale_to(new, module.weight.detach())
         new.train(module.training)
         built.append((name, new))
     for name, new in built:
         set_submodule(model, name, new)
     return model
+
+
+def _scale_to(layer: FactorizedLayer, weight: Tensor) -> None:
+    """Scale ``layer``'s core so that its weight has the Frobenius norm of ``weight`` (``init="scaled"``)."""
+    core = layer.core.detach()
+    norm = core.norm()  # the bases are orthonormal: ‖U S Vᵀ‖_F = ‖S‖_F (Tucker: ‖C‖_F)
+    if norm > 0:
+        layer.set_core(core * (weight.norm().to(norm) / norm))
 
 
 def to_dense(model: nn.Module) -> nn.Module:

@@ -347,6 +347,10 @@ def tucker_galerkin(new: Sequence[Tensor], old: Sequence[Tensor], C0: Tensor) ->
     return multi_mode_product(C0, [N.mT @ O for N, O in zip(new, old)])
 
 
+#: The rank rules, by name (docs/algorithms.md §1); the first is the default.
+TAU_MODES = ("gradient", "relative", "absolute")
+
+
 def truncation_rank(
     sigma: Tensor,
     tau: float,
@@ -384,10 +388,94 @@ def truncation_rank(
     return max(min(k, hi), min(min_rank, hi))
 
 
+def normal_directions(
+    P: Tensor, Q: Tensor | None, M: Tensor, tau: float, max_new: int, C: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The directions the gradient rule adds to a truncation (docs/algorithms.md §1).
+
+    ``P`` (and ``Q``) are the orthonormal left (and right) singular vectors the
+    weight keeps, ``M`` the gradient trend in the same coordinates. The part of
+    ``M`` no rotation of the kept bases can represent is its normal component
+    ``M⊥ = (I − PPᵀ) M (I − QQᵀ)`` (one-sided ``(I − PPᵀ) M`` when ``Q`` is
+    ``None``, a Tucker mode). Returns its leading ``a`` left (and right) singular
+    vectors, the fewest with ``‖σ(M⊥)[a:]‖₂ ≤ τ‖M‖_F``, at most ``max_new``;
+    they are orthogonal to ``P`` (and ``Q``). The third result holds their
+    singular values relative to ``‖M‖_F`` (for a budget shared by several layers).
+
+    With the core ``C`` (in the same coordinates) given, the part of ``M⊥`` along
+    the weight being dropped, ``C⊥``, is left out when the trend shrinks it
+    (``⟨M⊥, C⊥⟩ > 0``): the loss pushes those directions towards zero, not outwards.
+    And directions in which ``C`` holds nothing above round-off are not added: at a
+    stationary point the trend is itself round-off, and its normal part no
+    direction of the weight.
+    """
+    _check_tau(tau)
+
+    def normal(X: Tensor) -> Tensor:
+        X = X.to(P.dtype)
+        X = X - P @ (P.mT @ X)
+        return X if Q is None else X - (X @ Q) @ Q.mT
+
+    Mp = normal(M)
+    total = float(M.norm())
+    if C is not None:
+        # The weight the truncation drops, T⊥, lies in the same normal space. Where the trend points along it
+        # (−M shrinks it: a direction being given up, as at the end of a convergence), dropping it moves with
+        # the flow: that part of M⊥ asks for no rank.
+        T = normal(C)
+        tt = float((T * T).sum())
+        alpha = float((Mp * T).sum()) / tt if tt > 0 else 0.0
+        if alpha > 0:
+            Mp = Mp - alpha * T
+    empty_q = None if Q is None else Q[:, :0]
+    if max_new <= 0 or total == 0.0 or not math.isfinite(total):
+        return P[:, :0], empty_q, P.new_zeros(0)
+    _counted("svd")
+    work = Mp.to(_qr_dtype(Mp.dtype))
+    with small_lapack(work):
+        A, sigma, Bh = torch.linalg.svd(work, full_matrices=False)
+    # Singular values at round-off have arbitrary vectors (not even orthogonal to P): never directions.
+    floor = 8 * torch.finfo(work.dtype).eps * max(work.shape) * total
+    a = min(truncation_rank(sigma, tau * total, absolute=True, min_rank=0), max_new, int((sigma > floor).sum()))
+    A = A[:, :a].to(P.dtype)
+    # Re-project once: the kept columns are orthogonal to P (and Q) to round-off, and stay so.
+    A = orth(A - P @ (P.mT @ A)) if a else A
+    if a and C is not None:
+        part = A.mT @ C.to(A.dtype)
+        if Q is not None:
+            part = part @ Bh.mT[:, :a].to(A.dtype)
+        if float(part.norm()) <= 8 * torch.finfo(C.dtype).eps * float(C.norm()) * max(C.shape):
+            a, A = 0, A[:, :0]
+    share = (sigma[:a] / total).to(P.dtype)
+    if Q is None:
+        return A, None, share
+    B = Bh.mT[:, :a].to(Q.dtype)
+    B = orth(B - Q @ (Q.mT @ B)) if a else B
+    return A, B, share
+
+
+def check_tau(tau: float, tau_mode: str) -> float:
+    """``tau`` as a float, checked for ``tau_mode`` (one of :data:`TAU_MODES`); a clear ``ValueError`` otherwise.
+
+    A relative tolerance (``"gradient"``, ``"relative"``) is a share of a norm, in
+    ``[0, 1)``: ``τ ≥ 1`` would let every singular value go and cut each layer to
+    its ``min_rank``.
+    """
+    if tau_mode not in TAU_MODES:
+        raise ValueError(f"tau_mode must be one of {TAU_MODES}, got {tau_mode!r}")
+    _check_tau(tau)
+    if tau_mode != "absolute" and tau >= 1:
+        raise ValueError(
+            f"tau={tau!r} is a relative tolerance (tau_mode={tau_mode!r}), a share of the norm in [0, 1): "
+            "values >= 1 truncate every layer to min_rank; use e.g. tau=0.1, or tau_mode='absolute'"
+        )
+    return float(tau)
+
+
 def _check_tau(tau: float) -> None:
     # NaN passes "tau < 0" and then matches no tail norm (an IndexError); inf keeps rank min_rank silently.
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau < 0:
-        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+        raise ValueError(f"tau must be a finite number >= 0, got tau={tau!r}")
 
 
 def global_truncation_ranks(

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import linalg
 from .distributed import Communicator, DistributedError, resolve_group
 from .integrators import INTEGRATORS, Integrator
 from .integrators.base import factor_state, layer_flags, restore_layer_flags, set_factor_state, settle_kl_state
@@ -141,7 +142,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         eps: float = _UNSET,
         weight_decay: float = 0.0,
         tau: float = 0.1,
-        tau_mode: str = "relative",
+        tau_mode: str = "gradient",
         truncation: str = "local",
         budget: int | None = None,
         max_rank: int | None = None,
@@ -173,9 +174,7 @@ class DLRTOptimizer(torch.optim.Optimizer):
         if "betas" in hyper and isinstance(hyper["betas"], (tuple, list)):
             hyper["betas"] = tuple(hyper["betas"])
         self.rule.validate(hyper)  # every float finite and in range, named in the message
-        tau = check_real("tau", tau, low=0.0)
-        if tau_mode not in ("relative", "absolute"):
-            raise ValueError(f"tau_mode must be 'relative' or 'absolute', got {tau_mode!r}")
+        tau = linalg.check_tau(tau, tau_mode)
         if truncation not in ("local", "global"):
             raise ValueError(f"truncation must be 'local' or 'global', got {truncation!r}")
         if budget is not None:
@@ -258,7 +257,13 @@ class DLRTOptimizer(torch.optim.Optimizer):
         #: A geometric optimizer's step direction per layer for the current pass (optim/geometric.py);
         #: empty between steps.
         self.directions: dict[LowRankLayer, Any] = {}
+        #: Per layer, the gradient trend of its core's last S-step in the current cycle (the rule's
+        #: momentum-averaged gradient, :meth:`InnerRule.trend`), in the core's coordinates, for the gradient
+        #: rank rule (integrators/base.py, truncate); emptied when the cycle ends. Not saved in checkpoints:
+        #: a cycle ended by :meth:`finish_cycle` right after a load is truncated by the weight rule alone.
+        self.trends: dict[FactorizedLayer, Tensor] = {}
         self._buffer_guard = _BufferGuard(model)
+        self.integrator.sees_normal = tau_mode == "gradient"
         self._set_request(self.integrator.request(0))
         #: The process group's collectives (None: single process); ``communicator.bytes`` counts their payload.
         self.communicator: Communicator | None = comm
@@ -733,13 +738,13 @@ class DLRTOptimizer(torch.optim.Optimizer):
             (tuple(p.data for p in m.factor_parameters()), layer_flags(m), _pass_of(m)) for m in self.lowrank_layers
         ]
         states = {p: self.state[p] for p in self.param_groups[0]["params"] if p in self.state}
-        return factors, states, self.phase
+        return factors, states, self.phase, dict(self.trends)
 
     def _restore(self, saved: tuple[Any, ...]) -> None:
         self._buffer_guard.restore()
         self.deferred_kl_state.clear()
         self.directions = {}
-        factors, states, phase = saved
+        factors, states, phase, self.trends = saved
         for m, (data, flags, grads) in zip(self.lowrank_layers, factors):
             if any(p.data is not t for p, t in zip(m.factor_parameters(), data)):
                 if isinstance(m, TuckerConv2d):

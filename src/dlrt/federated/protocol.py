@@ -150,13 +150,17 @@ def _weighted_mean(replies: Mapping[int, Payload], key: str, like: Tensor) -> Te
 class Server:
     """The global model and the server's side of every stage (see the module docstring).
 
-    The FeDLRT server truncates with the rule of ``dlrt train`` at relative
-    tolerance ``tau``: a :class:`~dlrt.DLRTOptimizer` on the global model (plain
-    SGD, so it holds no state) carries the rule and the layers' rank bounds, and the
-    shared :func:`~dlrt.integrators.base.truncate` operates through it.
+    The FeDLRT server truncates with the rule of ``dlrt train`` (``tau``,
+    ``tau_mode``): a :class:`~dlrt.DLRTOptimizer` on the global model (plain SGD, so
+    it holds no state) carries the rule and the layers' rank bounds, and the shared
+    :func:`~dlrt.integrators.base.truncate` operates through it. Under the gradient
+    rule the trend of a round is the clients' mean movement of the core,
+    ``−(Ŝ − Ŝ⁰)``: the gradient averaged over all their local steps.
     """
 
-    def __init__(self, model: nn.Module, *, method: str, correction: str = "full", tau: float = 0.1) -> None:
+    def __init__(
+        self, model: nn.Module, *, method: str, correction: str = "full", tau: float = 0.1, tau_mode: str = "gradient"
+    ) -> None:
         self.stage_names = stages(method, correction)
         self.method, self.correction = method, correction
         self.model = model
@@ -171,7 +175,7 @@ class Server:
         if method == "fedlrt":
             from ..optimizer import DLRTOptimizer
 
-            self.opt = DLRTOptimizer(model, integrator="bug", optimizer="sgd", lr=1.0, tau=tau)
+            self.opt = DLRTOptimizer(model, integrator="bug", optimizer="sgd", lr=1.0, tau=tau, tau_mode=tau_mode)
         self._gathered: dict[str, Tensor] = {}
         self._saved: dict[str, Any] = {}
         #: True between :meth:`begin` and the round's end (its ``train`` aggregation or :meth:`abort`).
@@ -260,12 +264,17 @@ class Server:
             for k, t in self.dense.items():
                 t.copy_(mean[f"w/{k}"])
             if self.layers:
+                assert self.opt is not None
                 for name, ly in self.layers.items():
-                    ly.set_core(mean[f"Shat/{name}"])
+                    S_hat = mean[f"Shat/{name}"].to(ly.S.dtype)
+                    self.opt.trends[ly] = ly.S.detach() - S_hat  # Ŝ⁰ − Ŝ: the round's mean descent direction
+                    ly.set_core(S_hat)
                 from ..integrators.base import truncate
 
-                assert self.opt is not None
-                truncate(self.opt, list(self.layers.values()), self.opt.lowrank_group)
+                try:
+                    truncate(self.opt, list(self.layers.values()), self.opt.lowrank_group)
+                finally:
+                    self.opt.trends = {}
             self._gathered = {}
             self.in_round = False
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -67,6 +66,8 @@ def _train_config(cfg: FederatedConfig) -> TrainConfig:
         optimizer="sgd",
         lr=cfg.lr,
         tau=cfg.tau,
+        tau_mode=cfg.tau_mode,
+        init=cfg.init,
         limit=cfg.limit,
         seed=cfg.seed,
         device=cfg.device,
@@ -74,26 +75,11 @@ def _train_config(cfg: FederatedConfig) -> TrainConfig:
 
 
 def build_global_model(cfg: FederatedConfig, device: torch.device) -> nn.Module:
-    """The starting global model: ``dlrt train``'s model, converted for FeDLRT.
-
-    ``rescale_init``: each low-rank core is scaled so that ``‖U S Vᵀ‖_F`` equals the
-    Frobenius norm of the dense initial weight it was truncated from. The truncated
-    SVD of a random initial weight keeps only a fraction of its energy (for rank 20
-    of a 500×500 layer, about a tenth), so without the scale a deep network starts
-    with a signal shrunk by that fraction per layer and plain SGD barely moves it;
-    with it every layer keeps the variance-preserving scale of the dense init.
-    """
+    """The starting global model: ``dlrt train``'s model, converted for FeDLRT with ``dlrt.convert``'s
+    ``init=cfg.init`` (``"scaled"`` by default: each layer keeps its dense initialisation's scale)."""
     from ..training.loop import build_model
 
-    tcfg = _train_config(cfg)
-    model = build_model(tcfg).to(device)
-    if cfg.method == "fedlrt" and cfg.rescale_init:
-        dense = dict(build_model(dataclasses.replace(tcfg, dense=True)).named_modules())
-        for name, layer in lowrank_layers(model).items():
-            norm = layer.S.detach().norm()
-            if norm > 0:
-                layer.set_core(layer.S.detach() * (dense[name].weight.detach().norm().to(norm) / norm))
-    return model
+    return build_model(_train_config(cfg)).to(device)
 
 
 def client_shards(cfg: FederatedConfig, train_set: Any) -> list[torch.utils.data.TensorDataset]:
@@ -207,7 +193,7 @@ def federate(
     train_set, test_set = build_data(tcfg)
     model = build_global_model(cfg, device)
     lowrank_layers(model)  # refuses Tucker layers before anything is written
-    server = Server(model, method=cfg.method, correction=cfg.correction, tau=cfg.tau)
+    server = Server(model, method=cfg.method, correction=cfg.correction, tau=cfg.tau, tau_mode=cfg.tau_mode)
     run_dir = free_run_dir(cfg.runs_dir, cfg.name, f"{cfg.model}-{cfg.dataset}-{cfg.method}") if write else None
     if transport is None:
         shards = client_shards(cfg, train_set)

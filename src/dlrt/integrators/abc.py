@@ -30,7 +30,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import linalg
-from .base import NONE, Integrator, KL_grads, S_steps, augment, change_basis, drop_state, factor_steps
+from .base import (
+    NONE,
+    Integrator,
+    KL_grads,
+    S_steps,
+    augment,
+    change_basis,
+    drop_state,
+    factor_state,
+    factor_steps,
+)
 
 if TYPE_CHECKING:
     from ..optimizer import DLRTOptimizer
@@ -90,6 +100,8 @@ class ABC(Integrator):
             block.copy_(g.mT)
         L_deltas = factor_steps(opt, L_items)
         L1s = {layer: L0 + dL for (layer, _, L0, _), dL in zip(L_items, L_deltas)}
+        for layer, _, _, grad in L_items:  # the trend in the coordinates of W₁ = Û L¹ᵀ (the gradient rule)
+            opt.trends[layer] = opt.rule.trend(grad, factor_state(opt, layer, "L")).mT
         if self.coefficient_steps == 1:
             self.advance(opt, cores={layer: L1.mT for layer, L1 in L1s.items()})
             return loss

@@ -152,6 +152,10 @@ class Integrator:
     #: Forward/backward passes per step (the first step of a cycle). Above 1 the step needs a
     #: closure, so torch.amp.GradScaler (which refuses closures) cannot drive it.
     passes_per_step: ClassVar[int] = 1
+    #: Set by the optimizer when its rank rule reads the gradient's normal component
+    #: (``tau_mode="gradient"``): an integrator whose step leaves part of it out may then have
+    #: to record more of the pass (``parallel``: the block ``Ũᵀ G₀ Ṽ``).
+    sees_normal: bool = False
 
     def __init__(self, coefficient_steps: int = 1) -> None:
         if isinstance(coefficient_steps, bool) or not isinstance(coefficient_steps, int) or coefficient_steps < 1:
@@ -202,6 +206,7 @@ class Integrator:
             truncate(opt, cut, opt.lowrank_group, held_rank=kept, cores=cores)
         for m in layers:
             m.just_grown = False
+        opt.trends = {}
         opt.phase = 0
 
 
@@ -422,9 +427,10 @@ def S_steps(opt: DLRTOptimizer, layers: list[LowRankLayer], grads: list[Tensor])
     """
     S0s = [layer.core.detach() for layer in layers]
     deltas = factor_steps(opt, [(layer, "S", S0, g) for layer, S0, g in zip(layers, S0s, grads)])
-    for layer, S0, delta in zip(layers, S0s, deltas):
+    for layer, S0, delta, g in zip(layers, S0s, deltas, grads):
         layer.set_core(S0 + delta)
         layer.just_grown = False
+        opt.trends[layer] = opt.rule.trend(g, factor_state(opt, layer, "S"))
 
 
 def truncate(
@@ -463,6 +469,7 @@ def truncate(
             t = linalg.svd_truncate(C, rank=min(C.shape))
             entries.append((layer, None, t, t.sigma, layer.min_rank, layer.max_rank))
     absolute = group["tau_mode"] == "absolute"
+    budget = None
     if group["truncation"] == "global":
         budget = group["budget"]
         if budget is not None:
@@ -481,23 +488,84 @@ def truncate(
             linalg.truncation_rank(sigma, group["tau"], absolute=absolute, min_rank=lo, max_rank=hi)
             for *_, sigma, lo, hi in entries
         ]
-    kept: dict[TuckerConv2d, dict[int, Tensor]] = {}
-    for (layer, mode, t, _, _, _), r in zip(entries, ranks):
+    kept = _normal_bases(opt, entries, ranks, group, budget, cores)
+    tucker: dict[TuckerConv2d, dict[int, Tensor]] = {}
+    for (layer, mode, t, *_), (P, Q) in zip(entries, kept):
         if mode is not None:
-            kept.setdefault(layer, {})[mode] = t[:, :r]
+            tucker.setdefault(layer, {})[mode] = P  # a Tucker mode keeps left factors only
             continue
-        P, Q = t.P[:, :r], t.Q[:, :r]
+        C = cores.get(layer, layer.S).detach()
+        r = P.shape[1]
+        if Q.shape[1] == r and torch.equal(P, t.P[:, :r]) and torch.equal(Q, t.Q[:, :r]):
+            S1 = torch.diag(t.sigma[:r])  # the weight's singular directions alone: the core is diagonal
+        else:
+            S1 = P.mT @ C.to(P.dtype) @ Q
         U1 = layer.U.detach() @ P
-        S1 = torch.diag(t.sigma[:r])
-        if layer in cores:  # W = Û C = (Û P) Σ Qᵀ: the right singular vectors are V₁
+        if layer in cores:  # W = Û C = (Û P) S1 Qᵀ: the right factors are V₁
             change_basis(opt, layer, U1, Q, S1=S1, A=P.mT)
             continue
         V1 = layer.V.detach() @ Q
         # U1ᵀÛ = Pᵀ and V̂ᵀV1 = Q since Û, V̂ are orthonormal.
         change_basis(opt, layer, U1, V1, S1=S1, A=P.mT, B=Q)
-    for layer, P in kept.items():
-        # Each adapted mode keeps the leading left singular vectors of its unfolding (a truncated HOSVD of the core).
+    for layer, P in tucker.items():
+        # Each adapted mode keeps the leading left singular vectors of its unfolding (a truncated HOSVD of the
+        # core), and with the gradient rule the trend's normal directions of that mode.
         tucker_change_basis(opt, layer, [None if i not in P else P[i].mT for i in range(len(layer.bases))])
+
+
+def _normal_bases(
+    opt: DLRTOptimizer,
+    entries: list[tuple[Any, ...]],
+    ranks: list[int],
+    group: dict[str, Any],
+    budget: int | None,
+    cores: dict[LowRankLayer, Tensor],
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The kept factors of every truncation entry: ``(P, Q)`` of a matrix core, ``(P, None)`` of a Tucker mode.
+
+    The weight keeps its leading ``ranks`` singular vectors. With the gradient
+    rule (``tau_mode="gradient"``, docs/algorithms.md §1) each entry whose layer
+    took an S-step in this step adds the directions of its gradient trend that
+    the kept bases cannot represent (:func:`~dlrt.linalg.normal_directions`),
+    within the layer's ``max_rank``; with a ``budget`` (what is left of it after
+    the weights' ranks) the largest of them over all layers, relative to each
+    trend's norm.
+    """
+    out: list[tuple[Tensor, Tensor | None]] = []
+    extra: list[tuple[Tensor, Tensor | None, Tensor]] = []
+    for (layer, mode, t, _, _, hi), r in zip(entries, ranks):
+        P, Q = (t[:, :r], None) if mode is not None else (t.P[:, :r], t.Q[:, :r])
+        out.append((P, Q))
+        trend = opt.trends.get(layer) if group["tau_mode"] == "gradient" else None
+        if trend is None:
+            extra.append((P[:, :0], None if Q is None else Q[:, :0], P.new_zeros(0)))
+            continue
+        if mode is not None:
+            # A rotation of the mode's basis represents Mat(M)'s part in the row space of Mat(C) kept; the
+            # rest of it outside the kept basis is what that mode's rank must grow for (as Q for a matrix).
+            C = linalg.unfold(layer.C.detach(), mode)
+            W = P.mT @ C
+            Qc = linalg.orth(W.mT) if W.numel() and bool(W.any()) else W.mT[:, :0]
+            extra.append(linalg.normal_directions(P, Qc, linalg.unfold(trend, mode), group["tau"], hi - r, C))
+        else:
+            C = cores.get(layer, layer.S).detach()
+            extra.append(linalg.normal_directions(P, Q, trend, group["tau"], hi - r, C))
+    counts = [e[2].numel() for e in extra]
+    if budget is not None:
+        shares = torch.cat([e[2].double().cpu() for e in extra]) if extra else torch.zeros(0)
+        room = max(budget - sum(ranks), 0)
+        owners = [i for i, c in enumerate(counts) for _ in range(c)]
+        order = torch.argsort(shares, descending=True, stable=True)[:room].tolist()
+        counts = [0] * len(extra)
+        for j in order:
+            counts[owners[j]] += 1  # each layer's directions are sorted, so it keeps a leading block
+    result = []
+    for (P, Q), (A, B, _), a in zip(out, extra, counts):
+        if a:
+            P = torch.cat([P, A[:, :a]], dim=1)
+            Q = None if Q is None else torch.cat([Q, B[:, :a]], dim=1)
+        result.append((P, Q))
+    return result
 
 
 # --------------------------------------------------------------------------- Tucker layers

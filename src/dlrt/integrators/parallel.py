@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from .base import (
-    KL,
     NONE,
     Integrator,
     KL_grads,
@@ -23,8 +23,10 @@ from .base import (
     tucker_augment,
     tucker_galerkin_grad,
 )
+from .bug import KLX
 
 if TYPE_CHECKING:
+    from ..layers import LowRankLayer
     from ..optimizer import DLRTOptimizer
 
 
@@ -54,12 +56,20 @@ class ParallelBUG(Integrator):
 
     name = "parallel"
 
+    def request(self, phase: int) -> frozenset[str]:
+        if phase == 0 and self.sees_normal:
+            return KLX
+        return super().request(phase)
+
     def step(self, opt: DLRTOptimizer, closure: Any) -> Any:
         layers = opt.lowrank_layers
         stepped, grads = [], []
+        corners: list[tuple[LowRankLayer, Tensor]] = []
         if opt.phase == 0:
-            loss = opt.evaluate(closure, KL, "augmentation")
+            request = self.request(0)
+            loss = opt.evaluate(closure, request, "augmentation")
             layers, tucker = split_layers(layers)
+            wanted = []
             for layer in layers:
                 gK, gL = KL_grads(opt, layer)
                 if layer.pending_growth:
@@ -68,6 +78,7 @@ class ParallelBUG(Integrator):
                     continue
                 gS = opt.S_grad(layer)
                 r_u, r_v = layer.S.shape
+                inputs = layer.pass_inputs
                 RU, RV = augment(opt, layer, gK, gL)
                 # Ûᵀ G V₀ and V̂ᵀ Gᵀ U₀ are the QR factors' last blocks (RU = Ûᵀ[U₀, G V₀]):
                 # Ũᵀ G V₀ = RU[r_u:, r_u:] and U₀ᵀ G Ṽ = (Ṽᵀ Gᵀ U₀)ᵀ = RV[r_v:, r_v:]ᵀ.
@@ -77,6 +88,12 @@ class ParallelBUG(Integrator):
                 G_hat[r_u:, :r_v] = RU[r_u:, r_u:]
                 stepped.append(layer)
                 grads.append(G_hat)
+                U_new, V_new = layer.U.detach()[:, r_u:], layer.V.detach()[:, r_v:]
+                if "X" in request and U_new.shape[1] and V_new.shape[1]:
+                    wanted.append((layer, U_new, V_new, inputs))
+            # Ũᵀ G₀ Ṽ, which the step leaves at zero, still tells the rank rule where the loss pushes
+            # outside the tangent space (the gradient's normal component, docs/algorithms.md §1).
+            corners = [(req[0], g) for req, g in zip(wanted, opt.pass_grads(wanted))]
             for layer in tucker:
                 inputs, gC = layer.pass_inputs, opt.S_grad(layer)
                 tucker_augment(opt, layer)
@@ -89,5 +106,9 @@ class ParallelBUG(Integrator):
                     stepped.append(layer)
                     grads.append(opt.S_grad(layer))
         S_steps(opt, stepped, grads)
+        for layer, corner in corners:
+            trend = opt.trends[layer].clone()
+            trend[-corner.shape[0] :, -corner.shape[1] :] = corner.to(trend.dtype)
+            opt.trends[layer] = trend
         self.advance(opt)
         return loss

@@ -90,6 +90,15 @@ class InnerRule:
         """
         return [self.step(x, g, st, group) for x, g, st in zip(xs, gs, states)]
 
+    def trend(self, g: Tensor, state: dict[str, Any]) -> Tensor:
+        """The direction the loss keeps pushing along, after a :meth:`step` with gradient ``g``.
+
+        The gradient averaged over steps by the rule's own momentum where it keeps
+        one (the rank rule ``tau_mode="gradient"`` grows a layer by it, and an
+        average separates a persistent push from batch noise); ``g`` itself otherwise.
+        """
+        return g
+
     def update_(self, x: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Step ``x`` in place along ``g``; ``state`` receives the new state."""
         x.add_(self.step(x, g, state, group))
@@ -129,6 +138,9 @@ class SGD(InnerRule):
             state["momentum_buffer"] = buf
             d = d.add(buf, alpha=mu) if group["nesterov"] else buf
         return d.mul(-group["lr"])
+
+    def trend(self, g: Tensor, state: dict[str, Any]) -> Tensor:
+        return state.get("momentum_buffer", g)
 
 
 class Adam(InnerRule):
@@ -226,6 +238,10 @@ class Adam(InnerRule):
         if wd and self.decoupled:
             delta.add_(x, alpha=-lr * wd)
         return delta.to(out_dtype)
+
+    def trend(self, g: Tensor, state: dict[str, Any]) -> Tensor:
+        # The bias-corrected first moment (per entry, as the step's).
+        return state["exp_avg"] / state["weight1"] if "exp_avg" in state else g
 
 
 class AdamW(Adam):

@@ -100,9 +100,9 @@ class GeoLoRAConfig:
                 raise ValueError(f"r={self.r} exceeds max_rank={self.max_rank}")
         if not self.min_rank <= self.r:
             raise ValueError(f"min_rank={self.min_rank} exceeds r={self.r}")
-        if not isinstance(self.tau, (int, float)) or self.tau < 0:
-            raise ValueError(f"tau must be a number >= 0, got {self.tau!r}")
-        self.tau = float(self.tau)
+        from ..linalg import check_tau
+
+        self.tau = check_tau(self.tau, "relative")
         if self.truncation not in ("global", "local"):
             raise ValueError(f"truncation must be 'global' or 'local', got {self.truncation!r}")
         if self.budget is not None:

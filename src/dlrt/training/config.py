@@ -30,7 +30,11 @@ class TrainConfig:
     model: str = field(default="lenet5", metadata={"help": "mlp | lenet5 | vgg11 | vgg16 | vgg_small | resnet20"})
     # low-rank conversion
     rank: int | float = field(
-        default=20, metadata={"help": "starting rank: an int, or a fraction in (0, 1] of each layer's full rank"}
+        default=2,
+        metadata={
+            "help": "starting rank: an int, or a fraction in (0, 1] of each layer's full rank; not a ceiling (max_rank "
+            "is): the gradient rank rule grows each layer to what the task needs"
+        },
     )
     max_rank: int | None = field(default=None, metadata={"help": "largest rank a layer may reach"})
     min_rank: int = field(default=1, metadata={"help": "smallest rank a layer may reach"})
@@ -48,7 +52,18 @@ class TrainConfig:
         default=None, metadata={"help": "momentum of sgd (default 0) or geo-heavyball (default 0.9)"}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
-    tau: float = field(default=0.11, metadata={"help": "relative truncation tolerance"})
+    tau: float = field(default=0.11, metadata={"help": "truncation tolerance (relative for gradient and relative)"})
+    tau_mode: str = field(
+        default="gradient",
+        metadata={"help": "rank rule: gradient (ranks grow and shrink) | relative | absolute (docs/algorithms.md §1)"},
+    )
+    init: str | None = field(
+        default=None,
+        metadata={
+            "help": "start of the low-rank layers (dlrt.convert's init): scaled | svd; default scaled for sgd and "
+            "geo-heavyball (steps proportional to the gradient), svd for the Adam family"
+        },
+    )
     coefficient_steps: int = field(default=1, metadata={"help": "S-steps per augmentation"})
     robust_beta: float = field(
         default=0.0, metadata={"help": "β of the condition-number regularizer: β·Σℛ(S) added to the loss (0: off)"}
@@ -113,6 +128,17 @@ class TrainConfig:
         dataset_info(self.dataset)  # unknown names: a ValueError listing the registered datasets
         _check_choice("model", self.model.lower(), _models())
         _check_choice("integrator", self.integrator, _integrators())
+        from ..conversion import INITS
+        from ..linalg import TAU_MODES, check_tau
+
+        _check_choice("tau_mode", self.tau_mode, TAU_MODES)
+        check_tau(self.tau, self.tau_mode)
+        if self.init is None:
+            # A step proportional to the gradient (SGD, heavy ball) moves a layer only as far as the signal
+            # reaching it: it needs the dense scale. Adam's normalised steps do not, and learn faster from
+            # the plain truncated SVD, whose singular values are the dense layer's (docs/algorithms.md §1.3).
+            self.init = "scaled" if self.optimizer in ("sgd", "geo-heavyball") else "svd"
+        _check_choice("init", self.init, INITS)
         _check_choice("conv", self.conv, ("matrix", "tucker"))
         if self.tucker_modes is not None:
             if self.conv != "tucker":
@@ -319,10 +345,11 @@ class FederatedConfig:
     max_rank: int | None = field(default=None, metadata={"help": "largest rank a layer may reach"})
     min_rank: int = field(default=1, metadata={"help": "smallest rank a layer may reach"})
     exclude: list[str] = field(default_factory=lambda: ["head"], metadata={"help": "layers left dense"})
-    tau: float = field(default=0.1, metadata={"help": "relative truncation tolerance of the server"})
-    rescale_init: bool = field(
-        default=True, metadata={"help": "scale each fresh core to the norm of the dense init it was cut from"}
+    tau: float = field(default=0.1, metadata={"help": "truncation tolerance of the server"})
+    tau_mode: str = field(
+        default="gradient", metadata={"help": "the server's rank rule: gradient | relative | absolute"}
     )
+    init: str = field(default="scaled", metadata={"help": "start of the low-rank layers: scaled (from scratch) | svd"})
     optimizer: str = field(default="sgd", metadata={"help": "client optimizer: sgd (the corrected SGD step)"})
     lr: float = field(default=0.1, metadata={"help": "client learning rate"})
     batch_size: int = field(default=64, metadata={"help": "client batch size"})
@@ -371,6 +398,12 @@ class FederatedConfig:
         _check_choice("correction", self.correction, ("full", "simplified", "none"))
         _check_choice("engine", self.engine, ("inprocess", "flower"))
         _check_choice("optimizer", self.optimizer, ("sgd",))
+        from ..conversion import INITS
+        from ..linalg import TAU_MODES, check_tau
+
+        _check_choice("tau_mode", self.tau_mode, TAU_MODES)
+        check_tau(self.tau, self.tau_mode)
+        _check_choice("init", self.init, INITS)
         sampled = self.sampled_clients
         if self.min_clients > sampled:
             raise ValueError(

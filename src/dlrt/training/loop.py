@@ -116,6 +116,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             exclude=exclude,
             conv=cfg.conv,
             tucker_modes=cfg.tucker_modes,
+            init=cfg.init,
         )
     return model
 
@@ -136,6 +137,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         integrator=cfg.integrator,
         optimizer=cfg.optimizer,
         tau=cfg.tau,
+        tau_mode=cfg.tau_mode,
         coefficient_steps=cfg.coefficient_steps,
         check_every=cfg.check_every,
         **hyper,
