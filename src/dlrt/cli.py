@@ -151,7 +151,8 @@ def _closure(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dlrt`` parser and its subcommands (the documentation's CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(prog="dlrt", description="Dynamical low-rank training.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (default: LeNet5 on MNIST, rank-adaptive BUG)")
@@ -197,7 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--t-end", type=float, default=None, help="final time (default: the case's)")
     q.add_argument("--out", default=None, help="directory of solve.json and the plots (default: the run directory)")
     p.set_defaults(func=_closure)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dlrt`` with ``argv`` (default: the process's arguments); returns the exit status."""
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

@@ -66,7 +66,9 @@ __all__ = [
 ]
 
 METHODS = ("fedlrt", "fedavg", "fedlin")
+"""The training methods of a federated run: FeDLRT and the FedAvg and FedLin baselines."""
 CORRECTIONS = ("full", "simplified", "none")
+"""FeDLRT's variance corrections against client drift: full, simplified, or none."""
 #: Reply entries that describe the reply (sample count, mean local loss, client multiply-adds), not the model.
 META = ("n", "loss", "macs")
 

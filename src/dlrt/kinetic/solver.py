@@ -112,6 +112,7 @@ def periodic_case(basis: Basis, cells: int = 100, t_end: float = 0.5) -> Problem
 
 
 CASES: dict[str, Callable[..., Problem]] = {"source": source_case, "periodic": periodic_case}
+"""The 1D test cases of ``dlrt closure solve`` by name, each a function that builds its ``Problem``."""
 
 
 def solve(problem: Problem, basis: Basis, closure: Callable[[Tensor], Tensor], *, cfl: float = 0.45) -> Solution:

@@ -124,8 +124,7 @@ class LowRankConv2d(ConvGeometry, LowRankLayer):
     ``padding_mode``) and dilation; ``groups`` must be 1.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation,
-            bias, padding_mode: as for ``nn.Conv2d``.
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as for ``nn.Conv2d``.
         rank: starting rank, ``1 <= rank <= min(out, in·kh·kw)``.
         max_rank, min_rank: bounds for rank-adaptive integrators.
     """

@@ -152,8 +152,7 @@ class TuckerConv2d(ConvGeometry, FactorizedLayer):
     ``padding_mode``) and dilation; ``groups`` must be 1.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation,
-            bias, padding_mode: as for ``nn.Conv2d``.
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as for ``nn.Conv2d``.
         ranks: the rank of every mode ``(out, in, kh, kw)``: a tuple of four
             ints (each ``1 <= r_i <= n_i``, and none above the product of the
             others), or one int (or a fraction in ``(0, 1]`` of each mode's
