@@ -60,6 +60,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         lr=spec["lr"],
         rank=spec["rank"],
         tau=spec["tau"],
+        # Results recorded before the gradient rank rule had the relative rule and the scaled start.
+        tau_mode=spec.get("tau_mode", "relative"),
         dirichlet_alpha=alpha,
         eval_every=spec["eval_every"],
         grad_batches=spec.get("grad_batches", 4),
@@ -114,6 +116,7 @@ def specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     "lr": args.lr,
                                     "rank": args.rank,
                                     "tau": args.tau,
+                                    "tau_mode": args.tau_mode,
                                     "eval_every": args.eval_every,
                                     "grad_batches": args.grad_batches,
                                     "runs_dir": args.runs_dir,
@@ -135,6 +138,7 @@ def _setting(r: dict[str, Any]) -> tuple:
         r["lr"],
         r["tau"],
         anchors,
+        r.get("tau_mode", "relative"),
     )
 
 
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--rank", type=int, default=20)
     p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--tau-mode", default="gradient", choices=("gradient", "relative"), help="the server's rank rule")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument(
         "--grad-batches", type=lambda v: None if v == "all" else int(v), default=4, help="anchor batches, or all"

@@ -316,7 +316,9 @@ _FED_NAMES = {
 
 
 def _fed_setting(r: dict[str, Any]) -> tuple:
-    return (r["model"], r["dataset"], r["clients"], str(r["alpha"]), r["rounds"], r["local_steps"], r["lr"])
+    # Runs recorded before the gradient rank rule truncated by the relative rule.
+    rule = r.get("tau_mode", "relative")
+    return (r["model"], r["dataset"], r["clients"], str(r["alpha"]), r["rounds"], r["local_steps"], r["lr"], rule)
 
 
 def _federated(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
@@ -326,24 +328,27 @@ def _federated(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         groups.setdefault((*_fed_setting(r), r.get("grad_batches", 4)), {}).setdefault(label, []).append(r)
 
     def order(key: tuple) -> tuple:
-        model, _, _, alpha, rounds, _, lr, anchors = key
-        return (model != "mlp", rounds, alpha != "iid", lr, anchors is None)
+        model, _, _, alpha, rounds, _, lr, rule, anchors = key
+        return (model != "mlp", rounds, alpha != "iid", lr, rule != "gradient", anchors is None)
 
     header = ["setting", "method", "seeds", "final acc. %", "MB / client / round", "vs FedAvg"]
     header += ["GMAC / client / round", "vs FedAvg"]
     rows = []
     for key in sorted(groups, key=order):
-        model, dataset, clients, alpha, rounds, steps, lr, anchors = key
+        model, dataset, clients, alpha, rounds, steps, lr, rule, anchors = key
         by_method = groups[key]
-        # FedAvg computes no anchor gradients: a setting that differs only in them shares its FedAvg runs.
+        # FedAvg computes no anchor gradients and truncates nothing: a setting that differs only in them (or in
+        # the server's rank rule) shares its FedAvg runs.
         base = by_method.get("fedavg") or next(
-            (m["fedavg"] for k, m in groups.items() if k[:-1] == key[:-1] and "fedavg" in m), None
+            (m["fedavg"] for k, m in groups.items() if k[:-2] == key[:-2] and "fedavg" in m), None
         )
         split = "IID" if alpha == "iid" else f"Dirichlet α {alpha}"
         where = (
             f"**{'MLP' if model == 'mlp' else 'LeNet5'} on {_DATASETS.get(dataset, dataset)}, {clients} clients, "
             f"{split}, lr {lr:g}, "
-            f"{rounds} rounds × {steps} local steps" + (", exact anchor gradients" if anchors is None else "") + "**"
+            f"{rounds} rounds × {steps} local steps"
+            + (", exact anchor gradients" if anchors is None else "")
+            + f", {rule} rank rule**"
         )
         for label in sorted(by_method, key=_FED_ORDER.index):
             rs = by_method[label]
@@ -400,6 +405,46 @@ def _robustness(paths: list[Path], longer: bool) -> tuple[list[str], list[list[s
                     *attacked,
                     "0" if method == "dense" else f"{100 * compr:.1f} %",
                     f"{_mean(cond):.2f}" if cond else "—",
+                ]
+            )
+            where = ""
+    return header, rows
+
+
+# ------------------------------------------------------------------ rank rule: the start
+def _rank_start(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for r in _jsonl(paths[0]):
+        start = "full" if str(r["rank"]) == "1.0" else str(r["rank"])
+        key = (r["model"], r["conv"], r["tau"], r["tau_mode"], r["epochs"])
+        groups.setdefault(key, {}).setdefault(start, []).append(r)
+
+    def ranks(rs: list[dict[str, Any]]) -> str:
+        first = rs[0]["ranks"]
+        parts = []
+        for name, value in first.items():
+            if isinstance(value, list):
+                mean = [_mean(r["ranks"][name][i] for r in rs) for i in range(len(value))]
+                parts.append("(" + ",".join(f"{m:.0f}" for m in mean) + ")")
+            else:
+                parts.append(f"{_mean(r['ranks'][name] for r in rs):.1f}")
+        return "/".join(parts) if not any(isinstance(v, list) for v in first.values()) else " ".join(parts)
+
+    header = ["setting", "start", "seeds", "test acc. %", "compression %", "first epoch s", "final ranks (mean)"]
+    rows = []
+    for (model, conv, tau, rule, epochs), starts in sorted(groups.items(), key=str):
+        where = f"**{'LeNet5' if model == 'lenet5' else 'MLP'} ({conv}), τ {tau:g} ({rule}), {epochs} epochs**"
+        for start in sorted(starts, key=lambda s: (s == "full", s)):
+            rs = starts[start]
+            rows.append(
+                [
+                    where,
+                    "full rank" if start == "full" else f"rank {start}",
+                    str(len(rs)),
+                    _pct(_mean(r["final_acc"] for r in rs)),
+                    f"{100 * _mean(r['compression'] for r in rs):.1f}",
+                    f"{_mean(r['epoch_seconds'][0] for r in rs):.1f}",
+                    ranks(rs),
                 ]
             )
             where = ""
@@ -691,6 +736,12 @@ TABLES: dict[str, Table] = {
         ("tucker_vs_matrix_timing_threads2.json", "tucker_vs_matrix_timing_threads1.json"),
         _tucker_timing,
         machine="2 CPU cores (the project's machine)",
+    ),
+    "rank-start": Table(
+        ("rank_start.jsonl",),
+        _rank_start,
+        command="python benchmarks/rank_start.py [--taus 0.2] [--conv tucker] [--model mlp --small 5 --taus 0.1]",
+        machine=PROJECT_MACHINE + ", two runs at a time (one thread each)",
     ),
     "closure": Table(("closure.jsonl",), _closure, machine="a shared 2-core machine (load 6–12)"),
     "finetune-all": Table(_FT_ALL, _finetune_sweep),
