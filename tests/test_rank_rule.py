@@ -300,3 +300,20 @@ def test_the_scaled_start_keeps_the_signal_of_a_deep_random_network():
     scaled = features(dlrt.convert(copy.deepcopy(dense), rank=5, exclude=["head"], init="scaled")).std()
     assert svd < 0.1 * ref
     assert 0.3 * ref < scaled < 3 * ref
+
+
+def test_a_run_written_before_the_gradient_rule_resumes_with_the_rule_it_began_with(tmp_path):
+    import yaml
+
+    from dlrt.training.config import load_config
+    from dlrt.training.loop import _started_before_the_gradient_rule
+
+    old = TrainConfig(tau_mode="relative", init="svd").to_dict()
+    del old["tau_mode"], old["init"]  # as a config.yaml of an earlier release
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = load_config(tmp_path / "config.yaml", _started_before_the_gradient_rule(tmp_path / "config.yaml"))
+    assert (cfg.tau_mode, cfg.init) == ("relative", "svd")
+    new = TrainConfig(optimizer="sgd").to_dict()  # written now: resolved, and kept as written
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(new))
+    cfg = load_config(tmp_path / "config.yaml", _started_before_the_gradient_rule(tmp_path / "config.yaml"))
+    assert (cfg.tau_mode, cfg.init) == ("gradient", "scaled")

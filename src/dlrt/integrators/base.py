@@ -524,8 +524,8 @@ def _normal_bases(
     """The kept factors of every truncation entry: ``(P, Q)`` of a matrix core, ``(P, None)`` of a Tucker mode.
 
     The weight keeps its leading ``ranks`` singular vectors. With the gradient
-    rule (``tau_mode="gradient"``, docs/algorithms.md §1) each entry whose layer
-    took an S-step in this step adds the directions of its gradient trend that
+    rule (``tau_mode="gradient"``, docs/algorithms.md §1.2) each entry whose layer
+    took an S-step in this cycle adds the directions of its gradient trend that
     the kept bases cannot represent (:func:`~dlrt.linalg.normal_directions`),
     within the layer's ``max_rank``; with a ``budget`` (what is left of it after
     the weights' ranks) the largest of them over all layers, relative to each

@@ -264,10 +264,19 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
         saved = Path(resume_dir) / CONFIG
         if not saved.is_file():
             raise FileNotFoundError(f"{resume_dir} is not a run directory (no {CONFIG})")
-        cfg = load_config(saved)
+        cfg = load_config(saved, _started_before_the_gradient_rule(saved))
     cfg = cfg or TrainConfig()
     with distributed.init_from_env(resolve_device(cfg.device), cfg.dist_timeout) as device:
         return _train(cfg, resume_dir, device)
+
+
+def _started_before_the_gradient_rule(saved: Path) -> list[str]:
+    """Overrides that let a run written before ``tau_mode`` and ``init`` existed resume as it began:
+    the relative rule and the plain truncated SVD."""
+    import yaml
+
+    keys = yaml.safe_load(saved.read_text()) or {}
+    return [f"{k}={v}" for k, v in (("tau_mode", "relative"), ("init", "svd")) if k not in keys]
 
 
 def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: torch.device) -> RunResult:
