@@ -24,7 +24,8 @@ from .distributed import Communicator, DistributedError, resolve_group
 from .integrators import INTEGRATORS, Integrator
 from .integrators.base import factor_state, layer_flags, restore_layer_flags, set_factor_state, settle_kl_state
 from .layers import FactorizedLayer, LowRankLayer, TuckerConv2d, check_rank
-from .optim.inner import RULES, InnerRule, check_real
+from .optim import RULES
+from .optim.inner import InnerRule, check_real
 
 
 class NonFiniteError(FloatingPointError):

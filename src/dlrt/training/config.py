@@ -400,7 +400,7 @@ def _integrators(adaptive: bool = False) -> tuple[str, ...]:
 
 
 def _rules() -> tuple[str, ...]:
-    from ..optim.inner import RULES
+    from ..optim import RULES
 
     return tuple(RULES)
 
@@ -416,7 +416,7 @@ def _check_finite(cfg: Any) -> None:
 def _check_tucker_training(integrator: str, optimizer: str) -> None:
     """conv=tucker needs an integrator and inner optimizer that drive Tucker layers (see DLRTOptimizer)."""
     from ..integrators import INTEGRATORS
-    from ..optim.inner import RULES
+    from ..optim import RULES
 
     if not INTEGRATORS[integrator].tucker or RULES[optimizer].geometric:
         raise ValueError(

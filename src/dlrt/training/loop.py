@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import conversion, distributed
-from ..optim.inner import RULES
+from ..optim import RULES
 from ..optimizer import DLRTOptimizer
 from ..robust import condition_numbers, condition_regularizer
 from .config import TrainConfig, load_config
