@@ -245,7 +245,7 @@ class FinetuneConfig:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r={self.target_r} exceeds init_r={self.init_r}")
-        from .finetune import PRETRAINED
+        from ..models.pretrained import PRETRAINED
 
         _check_choice("model", self.model, tuple(PRETRAINED))
         _check_choice("dataset", self.dataset, tuple(dict.fromkeys(d for p in PRETRAINED.values() for d in p.datasets)))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models.pretrained import PRETRAINED, Pretrained
 from .config import FinetuneConfig
 from .driver import STEPS, Driver, RunWriter, Task, free_run_dir, step_closure
 from .driver import evaluate as driver_evaluate
@@ -35,26 +36,6 @@ __all__ = ["PRETRAINED", "FinetuneResult", "Pretrained", "Task", "build_task", "
 ADAPTER_DIR = "adapter"
 __all__ += ["ADAPTER_DIR", "STEPS", "step_closure"]
 
-
-@dataclass(frozen=True)
-class Pretrained:
-    """A pretrained model ``dlrt finetune`` knows: its kind, the datasets it takes, and the modules
-    adapted (``targets``) and trained in full (``save``) when the config leaves them unset."""
-
-    kind: str  # "text" | "image"
-    datasets: tuple[str, ...]
-    targets: tuple[str, ...]
-    save: tuple[str, ...]
-
-
-#: The registry behind ``FinetuneConfig.model`` (and its ``dataset`` choices).
-PRETRAINED: dict[str, Pretrained] = {
-    "minilm": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
-    "tiny-bert": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
-    "mnist-cnn": Pretrained(
-        "image", ("fashion-mnist", "mnist"), ("features.0", "features.3", "classifier.0"), ("classifier.2",)
-    ),
-}
 
 FINETUNE_METRIC_FIELDS = [
     "epoch",

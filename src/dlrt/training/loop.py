@@ -49,12 +49,13 @@ from .driver import (
     evaluate,
     free_run_dir,
     new_run_dir,
-    read_csv,
+    read_metrics,
+    read_steps,
     to_device,
     write_csv,
 )
 
-__all__ = ["RunResult", "build_data", "build_model", "evaluate", "resume", "train"]
+__all__ = ["RunResult", "build_data", "build_model", "evaluate", "read_metrics", "read_steps", "resume", "train"]
 __all__ += ["CHECKPOINT", "CONFIG", "METRICS", "STEPS", "SUMMARY", "new_run_dir", "to_device", "write_csv"]
 
 
@@ -218,16 +219,6 @@ def _robust_forward(beta: float, model: nn.Module, batch: tuple[Any, Any]) -> tu
     x, y = batch
     logits = model(x)
     return logits, y, nn.functional.cross_entropy(logits, y) + beta * condition_regularizer(model)
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of ``metrics.csv`` with numbers parsed and ``ranks`` as a dict."""
-    return read_csv(Path(run_dir) / METRICS)
-
-
-def read_steps(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of ``steps.csv`` (a row every ``log_every`` steps) with ``ranks`` as a dict."""
-    return read_csv(Path(run_dir) / STEPS)
 
 
 def _ranks_text(ranks: dict[str, int]) -> str:
