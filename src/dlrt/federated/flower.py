@@ -168,7 +168,8 @@ def _client(config: str, partition: int) -> Client:
     """The client of ``partition`` under the run config ``config`` (built once per process)."""
     key = (config, partition)
     if key not in _CLIENTS:
-        from ..training.loop import build_data, resolve_device
+        from ..training.loop import build_data
+        from ..training.runs import resolve_device
         from .run import _train_config, build_clients, build_global_model, client_shards
 
         cfg = FederatedConfig(**json.loads(config))

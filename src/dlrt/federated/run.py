@@ -198,7 +198,8 @@ def federate(
 
         return simulate(cfg, write=write)
     from ..training.driver import METRICS, RunWriter, evaluate, free_run_dir, write_csv
-    from ..training.loop import build_data, resolve_device
+    from ..training.loop import build_data
+    from ..training.runs import resolve_device
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
