@@ -245,7 +245,7 @@ def test_cli_run_that_fails_validation_leaves_no_run_directory(tmp_path, capsys,
 def test_config_choices_come_from_the_registries(monkeypatch):
     from dlrt.integrators import INTEGRATORS
     from dlrt.models import _REGISTRY
-    from dlrt.optim.inner import RULES
+    from dlrt.optim import RULES
 
     monkeypatch.setitem(INTEGRATORS, "mine", INTEGRATORS["bug"])
     monkeypatch.setitem(RULES, "myrule", RULES["sgd"])

@@ -39,7 +39,8 @@ def _finetune(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from . import conversion, io
     from .training.config import load_config
-    from .training.loop import CHECKPOINT, CONFIG, build_data, build_model, evaluate, resolve_device
+    from .training.loop import CHECKPOINT, CONFIG, build_data, build_model, evaluate
+    from .training.runs import resolve_device
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG).is_file() or not (run_dir / CHECKPOINT).is_file():

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import dlrt
-from dlrt.optim.inner import RULES
+from dlrt.optim import RULES
 from dlrt.training.driver import Driver, RunWriter, Task, classify
 from dlrt.training.loop import METRIC_FIELDS
 

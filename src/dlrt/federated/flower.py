@@ -4,7 +4,7 @@ The apps carry the same payloads as the in-process engine, one Flower Message pe
 client and stage: the server's payload as an ``ArrayRecord`` and the stage, round
 and run config in a ``ConfigRecord``; the client's reply as an ``ArrayRecord``.
 The round itself is :func:`dlrt.federated.protocol.run_round`, driven by
-:func:`dlrt.federated.run.federate` with :class:`GridTransport` as its engine,
+:func:`dlrt.federated.run.run_rounds` with :class:`GridTransport` as its engine,
 so Flower adds transport and nothing else (docs/federated.md).
 
 * ``engine=flower`` of ``dlrt federated`` runs :func:`simulate`: Flower's
@@ -153,10 +153,10 @@ class GridTransport:
 
 def _main(grid: Any, context: Any) -> None:
     """The deployed ServerApp: the run config's ``dlrt federated`` keys, the round loop over the grid."""
-    from .run import federate
+    from .run import run_rounds
 
     cfg = config_from_run_config(dict(context.run_config))
-    result = federate(cfg, transport=GridTransport(grid, cfg))
+    result = run_rounds(cfg, transport=GridTransport(grid, cfg))
     print(f"{result.status}: {result.run_dir}", flush=True)
 
 
@@ -168,15 +168,14 @@ def _client(config: str, partition: int) -> Client:
     """The client of ``partition`` under the run config ``config`` (built once per process)."""
     key = (config, partition)
     if key not in _CLIENTS:
-        from ..training.loop import build_data, resolve_device
+        from ..training.loop import build_data
+        from ..training.runs import setup
         from .run import _train_config, build_clients, build_global_model, client_shards
 
         cfg = FederatedConfig(**json.loads(config))
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+        device = setup(cfg)
         if not 0 <= partition < cfg.clients:
             raise ValueError(f"partition-id {partition} is outside 0..{cfg.clients - 1} (clients={cfg.clients})")
-        device = resolve_device(cfg.device)
         tcfg = _train_config(cfg)
         train_set, _ = build_data(tcfg)
         shards = client_shards(cfg, train_set)
@@ -240,14 +239,14 @@ def simulate(cfg: FederatedConfig, *, write: bool = True) -> Any:
     flwr = _flwr()
     from flwr.simulation import run_simulation
 
-    from .run import federate
+    from .run import run_rounds
 
     holder: dict[str, Any] = {}
     server = flwr.serverapp.ServerApp()
 
     @server.main()
     def main(grid: Any, context: Any) -> None:
-        holder["result"] = federate(cfg, transport=GridTransport(grid, cfg), write=write)
+        holder["result"] = run_rounds(cfg, transport=GridTransport(grid, cfg), write=write)
 
     _, client = _apps()
     run_simulation(

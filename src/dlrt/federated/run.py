@@ -18,7 +18,7 @@ from ..training.config import FederatedConfig, TrainConfig
 from .partition import dataset_tensors, partition
 from .protocol import Client, Payload, RoundRecord, Server, lowrank_layers, run_round
 
-__all__ = ["FIELDS", "FederatedResult", "InProcess", "build_clients", "federate", "sample_clients"]
+__all__ = ["FIELDS", "FederatedResult", "InProcess", "build_clients", "run_rounds", "sample_clients"]
 
 #: Columns of a federated run's ``metrics.csv`` (one row per round). Traffic and multiply-adds are per
 #: participating client (means over the clients sampled that round), and cumulative over all clients.
@@ -44,7 +44,7 @@ FIELDS = [
 
 @dataclass
 class FederatedResult:
-    """What :func:`federate` returns: the run directory (None without one), how it ended, and its summary."""
+    """What :func:`~.command.federate` returns: the run directory (None without one), how it ended, its summary."""
 
     run_dir: Path | None
     status: str  # "completed" | "interrupted"
@@ -162,44 +162,34 @@ def _bytes_per_float(model: nn.Module) -> int:
     return p.element_size()
 
 
-def federate(
-    cfg: FederatedConfig | None = None,
+def run_rounds(
+    cfg: FederatedConfig,
     *,
     engine: Callable[[dict[int, Client]], Any] | None = None,
     transport: Any = None,
     write: bool = True,
 ) -> FederatedResult:
-    """Run ``cfg`` (default :class:`~dlrt.training.config.FederatedConfig`) to the end or to Ctrl-C.
+    """Run the rounds of ``cfg`` to the end or to Ctrl-C (:func:`~dlrt.federated.federate` picks the engine).
 
     The rounds go over ``transport`` when given (Flower's :class:`~.flower.GridTransport`),
-    else over ``cfg.engine``: ``inprocess`` builds the clients here and calls them
-    through ``engine(clients)`` (default :class:`InProcess`; tests inject faults
-    with it), ``flower`` runs Flower's simulation runtime (:func:`~.flower.simulate`),
-    whose ServerApp calls this function again with its grid. ``write=False``
-    writes no run directory.
+    else this function builds the clients and calls them through ``engine(clients)``
+    (default :class:`InProcess`; tests inject faults with it). ``write=False`` writes no
+    run directory.
     """
-    cfg = cfg or FederatedConfig()
-    if transport is None and cfg.engine == "flower":
-        from .flower import simulate
+    from ..training.driver import METRICS, evaluate, write_csv
+    from ..training.loop import build_data
+    from ..training.runs import open_run, setup
 
-        return simulate(cfg, write=write)
-    from ..training.driver import METRICS, RunWriter, evaluate, free_run_dir, write_csv
-    from ..training.loop import build_data, resolve_device
-
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = setup(cfg)
     tcfg = _train_config(cfg)
     train_set, test_set = build_data(tcfg)
     model = build_global_model(cfg, device)
     lowrank_layers(model)  # refuses Tucker layers before anything is written
     server = Server(model, method=cfg.method, correction=cfg.correction, tau=cfg.tau, tau_mode=cfg.tau_mode)
-    run_dir = free_run_dir(cfg.runs_dir, cfg.name, f"{cfg.model}-{cfg.dataset}-{cfg.method}") if write else None
     if transport is None:
         shards = client_shards(cfg, train_set)
         transport = (engine or InProcess)(build_clients(cfg, copy.deepcopy(model), shards, device))
-    writer = RunWriter(run_dir, FIELDS, progress=False)
-    writer.create({"command": "federated", **cfg.to_dict()})
+    run_dir, writer = open_run(cfg, FIELDS, record={"command": "federated", **cfg.to_dict()}, write=write)
     per_float = _bytes_per_float(model)
     rows: list[dict[str, Any]] = []
     records: list[RoundRecord] = []

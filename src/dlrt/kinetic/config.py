@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..training.config import _check_choice, _check_finite, _coerce_all
+from ..training.config import RunConfig, _check_choice, check_rank
 from .basis import KINDS
 from .networks import MODELS
 
@@ -16,7 +14,7 @@ DTYPES = ("float32", "float64")
 
 
 @dataclass
-class ClosureConfig:
+class ClosureConfig(RunConfig):
     """Everything a closure training run depends on; saved resolved as ``config.yaml`` in the run directory.
 
     The defaults train the ICNN ("MK11": width 350, depth 3) for the 1D M2 closure
@@ -55,19 +53,11 @@ class ClosureConfig:
     lr: float = field(default=2e-3, metadata={"help": "initial learning rate (Adam)"})
     lr_final: float = field(default=8e-5, metadata={"help": "learning rate at the last step (exponential decay)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | float64: the dtype of training"})
-    seed: int = field(default=0, metadata={"help": "seeds data, initialisation and shuffling"})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    # outputs
-    runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
-    name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
+    # outputs (and RunConfig's)
     log_every: int = field(default=50, metadata={"help": "steps between rows of steps.csv"})
 
     def __post_init__(self) -> None:
-        _coerce_all(self)
-        _check_finite(self)
+        super().__post_init__()
         _check_choice("kind", self.kind, KINDS)
         _check_choice("model", self.model, tuple(MODELS))
         _check_choice("dtype", self.dtype, DTYPES)
@@ -84,7 +74,7 @@ class ClosureConfig:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
-        for key in ("max_steps", "threads", "quadrature"):
+        for key in ("max_steps", "quadrature"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
         if self.lowrank:
@@ -97,10 +87,8 @@ class ClosureConfig:
             from ..integrators import INTEGRATORS
 
             _check_choice("integrator", self.integrator, tuple(INTEGRATORS))
-            if isinstance(self.rank, float) and not 0 < self.rank <= 1:
-                raise ValueError(f"a fractional rank must lie in (0, 1], got {self.rank}")
-            if self.rank <= 0:
-                raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {self.rank}")
+            check_rank(self.rank)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def run_stem(self) -> str:
+        return f"closure-m{self.order}-{self.dim}d-{self.model}"

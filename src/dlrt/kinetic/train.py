@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import io
-from ..training.driver import CHECKPOINT, CONFIG, METRICS, Driver, RunWriter, Task, free_run_dir, read_csv
+from ..training.driver import CHECKPOINT, CONFIG, METRICS, Task, read_csv
+from ..training.runs import setup, start_run
 from .basis import Basis, make_basis
 from .config import ClosureConfig
 from .data import ClosureData, load_data, sample, save_data
@@ -129,13 +130,9 @@ def _data(cfg: ClosureConfig, basis: Basis) -> ClosureData:
 def train_closure(cfg: ClosureConfig | None = None) -> ClosureRun:
     """Train a neural closure as ``cfg`` says in a new run directory (created once everything is built)."""
     from ..conversion import lowrank_layers, ranks
-    from ..training.loop import resolve_device
 
     cfg = cfg or ClosureConfig()
-    run_dir = free_run_dir(cfg.runs_dir, cfg.name, f"closure-m{cfg.order}-{cfg.dim}d-{cfg.model}")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = setup(cfg)
     dtype = getattr(torch, cfg.dtype)
     basis = _basis(cfg, dtype, device)
     data = _data(cfg, basis)
@@ -164,21 +161,13 @@ def train_closure(cfg: ClosureConfig | None = None) -> ClosureRun:
         return closure_errors(m, val_data, basis, cfg.gamma, cfg.eval_batch_size, cfg)
 
     train_set = torch.utils.data.TensorDataset(train_data.u, train_data.h, train_data.alpha)
-    writer = RunWriter(run_dir, METRIC_FIELDS, progress=cfg.progress)
-    writer.create(cfg.to_dict())
-    save_data(run_dir / DATA, data)
-    driver = Driver(
+    run_dir, driver = start_run(
+        cfg,
         Task(model, train_set, None, None, forward),
         opt,
-        writer,
         device=device,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size,
-        seed=cfg.seed,
+        metric_fields=METRIC_FIELDS,
         scheduler=scheduler,
-        max_steps=cfg.max_steps,
-        log_every=cfg.log_every,
         ranks=lambda m: dict(ranks(m)),
         extra_metrics=validate,
         step_hooks=[model.project] if isinstance(model, ICNN) else [],
@@ -188,6 +177,7 @@ def train_closure(cfg: ClosureConfig | None = None) -> ClosureRun:
         ),
         checkpoint=True,
     )
+    save_data(run_dir / DATA, data)
     out = driver.run()
     final = validate(model) if out.status != "diverged" else {}
     stored = sum(p.numel() for p in model.parameters())
@@ -204,9 +194,9 @@ def train_closure(cfg: ClosureConfig | None = None) -> ClosureRun:
         "wall_seconds": out.wall_seconds,
         "config": cfg.to_dict(),
     }
-    writer.write_summary(summary)
+    driver.writer.write_summary(summary)
     if cfg.plots and out.rows:
-        writer.plot(lambda d: plot_training(d, model, val_data, basis, cfg.gamma))
+        driver.writer.plot(lambda d: plot_training(d, model, val_data, basis, cfg.gamma))
     return ClosureRun(run_dir, out.status, summary)
 
 

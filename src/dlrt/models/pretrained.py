@@ -16,6 +16,9 @@
 * :func:`tiny_bert`: a randomly initialised 2-layer, 32-wide BERT classifier
   for fast tests.
 
+:data:`PRETRAINED` names them for ``dlrt finetune``: the kind of each, the datasets it
+takes, and the modules adapted and trained in full by default.
+
 ``transformers`` is imported only by the functions that need it.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +38,10 @@ from .._packages import package_file
 __all__ = [
     "MNIST_CNN_MEAN",
     "MNIST_CNN_STD",
+    "PRETRAINED",
     "MeanPoolClassifier",
     "MnistCNN",
+    "Pretrained",
     "load_minilm",
     "load_pretrained_mnist_cnn",
     "tiny_bert",
@@ -58,6 +64,27 @@ MINILM_HINT = (
     "folder holding a BERT config.json, model.safetensors and tokenizer files"
 )
 TRANSFORMERS_HINT = "pip install transformers"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A pretrained model ``dlrt finetune`` knows: its kind, the datasets it takes, and the modules
+    adapted (``targets``) and trained in full (``save``) when the config leaves them unset."""
+
+    kind: str  # "text" | "image"
+    datasets: tuple[str, ...]
+    targets: tuple[str, ...]
+    save: tuple[str, ...]
+
+
+#: The registry behind ``FinetuneConfig.model`` (and its ``dataset`` choices).
+PRETRAINED: dict[str, Pretrained] = {
+    "minilm": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
+    "tiny-bert": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
+    "mnist-cnn": Pretrained(
+        "image", ("fashion-mnist", "mnist"), ("features.0", "features.3", "classifier.0"), ("classifier.2",)
+    ),
+}
 
 
 def _transformers(what: str) -> Any:

@@ -1,7 +1,14 @@
-"""Inner optimizer rules (the "−λ∇" of the integrators) and the transport of their state."""
+"""Inner optimizer rules (the "−λ∇" of the integrators) and the transport of their state.
 
-from .inner import RULES, SGD, Adam, AdamW, InnerRule, clone_state, transport_state  # isort: skip (first: see inner.py)
+:data:`RULES` is the registry behind ``DLRTOptimizer(optimizer=...)``: the per-entry
+rules of :mod:`.inner` and the geometric ones of :mod:`.geometric`, which build on them.
+"""
+
 from .geometric import GeoAdam, GeoHeavyBall, GeometricRule
+from .inner import SGD, Adam, AdamW, InnerRule, clone_state, transport_state
+
+#: The inner optimizers by name (``DLRTOptimizer(optimizer=...)``, the configs' ``optimizer`` key).
+RULES: dict[str, type[InnerRule]] = {r.name: r for r in (SGD, Adam, AdamW, GeoHeavyBall, GeoAdam)}
 
 __all__ = [
     "RULES",

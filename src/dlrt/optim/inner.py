@@ -252,11 +252,6 @@ class AdamW(Adam):
     decoupled = True
 
 
-from .geometric import GeoAdam, GeoHeavyBall  # noqa: E402 (they build on the rules above)
-
-RULES: dict[str, type[InnerRule]] = {r.name: r for r in (SGD, Adam, AdamW, GeoHeavyBall, GeoAdam)}
-
-
 def clone_state(state: dict[str, Any]) -> dict[str, Any]:
     """A deep copy: tensors cloned. (A rule's step needs only ``dict(state)``: it never writes in place.)"""
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}

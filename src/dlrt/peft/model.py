@@ -15,7 +15,8 @@ from torch import nn
 
 from ..io import atomic_write
 from ..layers import LowRankAdapter, dense_types
-from ..optim.inner import RULES, check_real
+from ..optim import RULES
+from ..optim.inner import check_real
 from ..optimizer import DLRTOptimizer
 from ..selection import excluded, matches, set_submodule
 from .config import CONFIG_NAME, GeoLoRAConfig

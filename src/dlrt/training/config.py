@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import types
@@ -11,11 +12,61 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FederatedConfig", "FinetuneConfig", "TrainConfig", "apply_overrides", "load_config"]
+__all__ = [
+    "FederatedConfig",
+    "FinetuneConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_keys",
+    "load_config",
+]
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The keys every command's config has: how the run is seeded, where it runs, and where and how it writes.
+
+    :class:`TrainConfig`, :class:`FinetuneConfig`, :class:`FederatedConfig` and
+    :class:`~dlrt.kinetic.ClosureConfig` derive from it (a command re-declares a key only
+    to change its default or help), and :func:`dlrt.training.runs.start_run` turns one into
+    a run directory and a driver. A command's own keys come first in ``config.yaml`` and
+    in the list of valid keys (:func:`config_keys`).
+    """
+
+    seed: int = field(default=0, metadata={"help": "seeds initialisation, data order, sampling and augmentation"})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
+    name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
+
+    def __post_init__(self) -> None:
+        _coerce_all(self)
+        _check_finite(self)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or none), got {self.threads}")
+
+    @property
+    def run_stem(self) -> str:
+        """The run directory's name after its time stamp, when ``name`` is not given."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {key: values[key] for key in config_keys(type(self))}
+
+
+def config_keys(cls: type) -> list[str]:
+    """The keys of a config class: its own in the order it declares them, then those it inherits."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    own = [key for key in inspect.get_annotations(cls) if key in names]
+    return own + [key for key in names if key not in own]
+
+
+@dataclass
+class TrainConfig(RunConfig):
     """Everything a training run depends on; saved resolved as ``config.yaml`` in the run directory.
 
     The defaults train LeNet5 on MNIST with the rank-adaptive BUG integrator and
@@ -78,9 +129,6 @@ class TrainConfig:
     eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
     augment: bool = field(default=False, metadata={"help": "light augmentation (CIFAR: crop + flip)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N train/test samples"})
-    seed: int = field(default=0, metadata={"help": "seeds initialisation, shuffling and augmentation"})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     # data parallelism (torchrun; docs/distributed.md)
     dist_timeout: float = field(
         default=300.0, metadata={"help": "seconds a process waits for its peers before it stops with an error"}
@@ -88,17 +136,12 @@ class TrainConfig:
     check_every: int = field(
         default=100, metadata={"help": "steps between checks that all processes hold the same ranks and factors"}
     )
-    # outputs
-    runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
-    name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    # outputs (and RunConfig's)
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when installed"})
-    plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
     log_every: int = field(default=10, metadata={"help": "steps between rows of steps.csv (ranks of every layer)"})
 
     def __post_init__(self) -> None:
-        _coerce_all(self)
-        _check_finite(self)
+        super().__post_init__()
         positive = ("min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "step_size")
         for key in (*positive, "log_every"):
             if getattr(self, key) < 1:
@@ -110,19 +153,13 @@ class TrainConfig:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
-        if isinstance(self.rank, float) and not 0 < self.rank <= 1:
-            raise ValueError(f"a fractional rank must lie in (0, 1], got {self.rank}")
-        if self.rank <= 0:
-            raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {self.rank}")
-        if self.max_rank is not None and self.max_rank < self.min_rank:
-            raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
+        check_rank(self.rank, self.max_rank, self.min_rank)
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.check_every < 0:
             raise ValueError(f"check_every must be >= 0 (0: never), got {self.check_every}")
-        for key in ("limit", "threads"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (or none), got {self.limit}")
         from ..data import dataset_info
 
         dataset_info(self.dataset)  # unknown names: a ValueError listing the registered datasets
@@ -157,12 +194,13 @@ class TrainConfig:
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def run_stem(self) -> str:
+        return f"{self.model}-{self.dataset}-" + ("dense" if self.dense else f"{self.integrator}-tau{self.tau:g}")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     """A fine-tuning run (``dlrt finetune``); saved resolved as ``config.yaml`` in the run directory.
 
     The defaults fine-tune the pretrained MiniLM-L6 encoder on the Rotten Tomatoes
@@ -233,19 +271,11 @@ class FinetuneConfig:
     batch_size: int = field(default=16, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=256, metadata={"help": "evaluation batch size"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N train/test examples"})
-    seed: int = field(default=0, metadata={"help": "seeds the split, adapters, shuffling and dropout"})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    # outputs
-    runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
-    name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
+    # outputs (and RunConfig's)
     log_every: int = field(default=10, metadata={"help": "steps between rows of steps.csv (ranks of every adapter)"})
 
     def __post_init__(self) -> None:
-        _coerce_all(self)
-        _check_finite(self)
+        super().__post_init__()
         self._resolve_method_defaults()
         positive = ("r", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "max_length")
         for key in (*positive, "init_r", "target_r", "log_every"):
@@ -259,7 +289,7 @@ class FinetuneConfig:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout is a probability in [0, 1), got {self.lora_dropout}")
-        for key in ("max_steps", "limit", "budget", "max_rank", "threads"):
+        for key in ("max_steps", "limit", "budget", "max_rank"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
         for key in ("lr", "tau", "weight_decay"):
@@ -271,7 +301,7 @@ class FinetuneConfig:
             raise ValueError(f"warmup is a share of the steps in [0, 1), got {self.warmup}")
         if self.target_r > self.init_r:
             raise ValueError(f"target_r={self.target_r} exceeds init_r={self.init_r}")
-        from .finetune import PRETRAINED
+        from ..models.pretrained import PRETRAINED
 
         _check_choice("model", self.model, tuple(PRETRAINED))
         _check_choice("dataset", self.dataset, tuple(dict.fromkeys(d for p in PRETRAINED.values() for d in p.datasets)))
@@ -309,12 +339,13 @@ class FinetuneConfig:
         if self.modules_to_save_lr_ratio is None:
             self.modules_to_save_lr_ratio = MODULES_TO_SAVE_LR_RATIO if geo else 1.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def run_stem(self) -> str:
+        return f"{self.model}-{self.dataset}-{self.method}"
 
 
 @dataclass
-class FederatedConfig:
+class FederatedConfig(RunConfig):
     """A federated run (``dlrt federated``); saved resolved as ``config.yaml`` in the run directory.
 
     The defaults train the lottery-ticket MLP on MNIST with FeDLRT (full variance
@@ -355,24 +386,17 @@ class FederatedConfig:
     batch_size: int = field(default=64, metadata={"help": "client batch size"})
     eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N train/test samples"})
-    seed: int = field(default=0, metadata={"help": "seeds initialisation, the split, sampling and batches"})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    # outputs
-    runs_dir: str = field(default="runs", metadata={"help": "parent directory of run directories"})
-    name: str | None = field(default=None, metadata={"help": "run directory name (default: generated)"})
+    # outputs (and RunConfig's)
     progress: bool = field(default=True, metadata={"help": "print a line per round"})
-    plots: bool = field(default=True, metadata={"help": "write PNG plots (needs matplotlib)"})
 
     def __post_init__(self) -> None:
-        _coerce_all(self)
-        _check_finite(self)
+        super().__post_init__()
         for key in ("clients", "rounds", "local_steps", "min_clients", "eval_every", "min_rank", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        for key in ("grad_batches", "limit", "threads"):
+        for key in ("grad_batches", "limit"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
         if not 0 < self.participation <= 1:
@@ -384,12 +408,7 @@ class FederatedConfig:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
-        if isinstance(self.rank, float) and not 0 < self.rank <= 1:
-            raise ValueError(f"a fractional rank must lie in (0, 1], got {self.rank}")
-        if self.rank <= 0:
-            raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {self.rank}")
-        if self.max_rank is not None and self.max_rank < self.min_rank:
-            raise ValueError(f"max_rank={self.max_rank} is below min_rank={self.min_rank}")
+        check_rank(self.rank, self.max_rank, self.min_rank)
         from ..data import dataset_info
 
         dataset_info(self.dataset)
@@ -416,8 +435,19 @@ class FederatedConfig:
         """Clients sampled per round: ``participation × clients``, rounded, at least one."""
         return max(1, min(self.clients, round(self.participation * self.clients)))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def run_stem(self) -> str:
+        return f"{self.model}-{self.dataset}-{self.method}"
+
+
+def check_rank(rank: int | float, max_rank: int | None = None, min_rank: int = 1) -> None:
+    """A starting ``rank`` is an int >= 1 or a fraction in (0, 1]; ``max_rank`` is at least ``min_rank``."""
+    if isinstance(rank, float) and not 0 < rank <= 1:
+        raise ValueError(f"a fractional rank must lie in (0, 1], got {rank}")
+    if rank <= 0:
+        raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {rank}")
+    if max_rank is not None and max_rank < min_rank:
+        raise ValueError(f"max_rank={max_rank} is below min_rank={min_rank}")
 
 
 def _models() -> tuple[str, ...]:
@@ -433,7 +463,7 @@ def _integrators(adaptive: bool = False) -> tuple[str, ...]:
 
 
 def _rules() -> tuple[str, ...]:
-    from ..optim.inner import RULES
+    from ..optim import RULES
 
     return tuple(RULES)
 
@@ -449,7 +479,7 @@ def _check_finite(cfg: Any) -> None:
 def _check_tucker_training(integrator: str, optimizer: str) -> None:
     """conv=tucker needs an integrator and inner optimizer that drive Tucker layers (see DLRTOptimizer)."""
     from ..integrators import INTEGRATORS
-    from ..optim.inner import RULES
+    from ..optim import RULES
 
     if not INTEGRATORS[integrator].tucker or RULES[optimizer].geometric:
         raise ValueError(
@@ -521,7 +551,7 @@ def _coerce_all(cfg: Any) -> None:
 
 
 def _check_keys(keys: typing.Iterable[str], where: str, cls: type) -> None:
-    valid = [f.name for f in dataclasses.fields(cls)]
+    valid = config_keys(cls)
     unknown = [k for k in keys if k not in valid]
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} in {where}; valid keys: {', '.join(valid)}")

@@ -240,6 +240,16 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of ``metrics.csv`` with numbers parsed and ``ranks`` as a dict."""
+    return read_csv(Path(run_dir) / METRICS)
+
+
+def read_steps(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of ``steps.csv`` (a row every ``log_every`` steps) with ``ranks`` as a dict."""
+    return read_csv(Path(run_dir) / STEPS)
+
+
 def _to_json(value: Any) -> Any:
     """``value`` with non-finite floats as strings (checkpoint headers are strict JSON)."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -25,36 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models.pretrained import PRETRAINED, Pretrained
 from .config import FinetuneConfig
-from .driver import STEPS, Driver, RunWriter, Task, free_run_dir, step_closure
+from .driver import STEPS, Task, step_closure
 from .driver import evaluate as driver_evaluate
-from .loop import lr_factor, resolve_device
+from .runs import setup, start_run
+from .schedule import lr_factor
 
 __all__ = ["PRETRAINED", "FinetuneResult", "Pretrained", "Task", "build_task", "finetune"]
 
 ADAPTER_DIR = "adapter"
 __all__ += ["ADAPTER_DIR", "STEPS", "step_closure"]
 
-
-@dataclass(frozen=True)
-class Pretrained:
-    """A pretrained model ``dlrt finetune`` knows: its kind, the datasets it takes, and the modules
-    adapted (``targets``) and trained in full (``save``) when the config leaves them unset."""
-
-    kind: str  # "text" | "image"
-    datasets: tuple[str, ...]
-    targets: tuple[str, ...]
-    save: tuple[str, ...]
-
-
-#: The registry behind ``FinetuneConfig.model`` (and its ``dataset`` choices).
-PRETRAINED: dict[str, Pretrained] = {
-    "minilm": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
-    "tiny-bert": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
-    "mnist-cnn": Pretrained(
-        "image", ("fashion-mnist", "mnist"), ("features.0", "features.3", "classifier.0"), ("classifier.2",)
-    ),
-}
 
 FINETUNE_METRIC_FIELDS = [
     "epoch",
@@ -328,10 +310,7 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     from ..optimizer import DLRTOptimizer
 
     cfg = cfg or FinetuneConfig()
-    run_dir = free_run_dir(cfg.runs_dir, cfg.name, f"{cfg.model}-{cfg.dataset}-{cfg.method}")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = setup(cfg)
     torch.manual_seed(cfg.seed)
     task = task or build_task(cfg)
     steps_per_epoch = math.ceil(len(task.train_set) / cfg.batch_size)
@@ -352,20 +331,13 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
     def ranks(m: nn.Module) -> dict[str, int]:
         return {_short(k): v for k, v in adapter_ranks(m).items()}
 
-    writer = RunWriter(run_dir, FINETUNE_METRIC_FIELDS, progress=cfg.progress)
-    writer.create(cfg.to_dict())
-    driver = Driver(
+    run_dir, driver = start_run(
+        cfg,
         Task(model, task.train_set, task.test_set, task.collate, task.forward),
         opt,
-        writer,
         device=device,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size,
-        seed=cfg.seed,
+        metric_fields=FINETUNE_METRIC_FIELDS,
         scheduler=scheduler,
-        max_steps=cfg.max_steps,
-        log_every=cfg.log_every,
         clip=(trainable_params, cfg.max_grad_norm) if torch_clip else None,
         ranks=ranks,
         extra_metrics=lambda m: {"adapter_params": adapter_parameters(m), "trainable_params": trainable},
@@ -399,9 +371,9 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
         "wall_seconds": out.wall_seconds,
         "config": cfg.to_dict(),
     }
-    writer.write_summary(summary)
+    driver.writer.write_summary(summary)
     if cfg.plots and rows:
         from .plots import plot_finetune
 
-        writer.plot(plot_finetune)
+        driver.writer.plot(plot_finetune)
     return FinetuneResult(run_dir, status, summary, out.step_seconds)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import conversion, distributed
-from ..optim.inner import RULES
+from ..optim import RULES
 from ..optimizer import DLRTOptimizer
 from ..robust import condition_numbers, condition_regularizer
 from .config import TrainConfig, load_config
@@ -42,19 +42,19 @@ from .driver import (
     METRICS,
     STEPS,
     SUMMARY,
-    Driver,
-    RunWriter,
     Task,
     classify,
     evaluate,
-    free_run_dir,
     new_run_dir,
-    read_csv,
+    read_metrics,
+    read_steps,
     to_device,
     write_csv,
 )
+from .runs import setup, start_run
+from .schedule import lr_factor
 
-__all__ = ["RunResult", "build_data", "build_model", "evaluate", "resume", "train"]
+__all__ = ["RunResult", "build_data", "build_model", "evaluate", "read_metrics", "read_steps", "resume", "train"]
 __all__ += ["CHECKPOINT", "CONFIG", "METRICS", "STEPS", "SUMMARY", "new_run_dir", "to_device", "write_csv"]
 
 
@@ -68,15 +68,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------ building
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu")
-    return device
-
-
 def build_data(cfg: TrainConfig) -> tuple[Any, Any]:
     """The train and test datasets of ``cfg`` (``limit`` applied)."""
     from ..data import get_dataset
@@ -144,28 +135,6 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     )
 
 
-def lr_factor(
-    step: int, total: int, schedule: str, warmup_steps: int = 0, step_size: int = 1, gamma: float = 1.0
-) -> float:
-    """Multiplier of the base learning rate at ``step`` (counted from 0).
-
-    The first ``warmup_steps`` rise linearly towards 1; the remaining steps follow
-    ``schedule``: ``linear`` (to 0), ``cosine`` (to 0), ``step`` (× ``gamma`` every
-    ``step_size`` steps) or ``constant``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    span = max(1, total - warmup_steps)
-    t = min(step - warmup_steps, span)
-    if schedule == "linear":
-        return 1.0 - t / span
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * t / span))
-    if schedule == "step":
-        return gamma ** ((step - warmup_steps) // step_size)
-    return 1.0
-
-
 def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
     """A per-step learning-rate schedule (``None`` for constant without warm-up).
 
@@ -222,16 +191,6 @@ def _robust_forward(beta: float, model: nn.Module, batch: tuple[Any, Any]) -> tu
     return logits, y, nn.functional.cross_entropy(logits, y) + beta * condition_regularizer(model)
 
 
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of ``metrics.csv`` with numbers parsed and ``ranks`` as a dict."""
-    return read_csv(Path(run_dir) / METRICS)
-
-
-def read_steps(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of ``steps.csv`` (a row every ``log_every`` steps) with ``ranks`` as a dict."""
-    return read_csv(Path(run_dir) / STEPS)
-
-
 def _ranks_text(ranks: dict[str, int]) -> str:
     return ";".join(f"{n}:{r}" for n, r in ranks.items())
 
@@ -266,7 +225,7 @@ def train(cfg: TrainConfig | None = None, *, resume_dir: str | os.PathLike[str] 
             raise FileNotFoundError(f"{resume_dir} is not a run directory (no {CONFIG})")
         cfg = load_config(saved, _started_before_the_gradient_rule(saved))
     cfg = cfg or TrainConfig()
-    with distributed.init_from_env(resolve_device(cfg.device), cfg.dist_timeout) as device:
+    with distributed.init_from_env(setup(cfg), cfg.dist_timeout) as device:
         return _train(cfg, resume_dir, device)
 
 
@@ -282,58 +241,27 @@ def _started_before_the_gradient_rule(saved: Path) -> list[str]:
 def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: torch.device) -> RunResult:
     group = distributed.resolve_group()
     comm = distributed.Communicator(group) if group is not None else None
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-    else:
-        stem = f"{cfg.model}-{cfg.dataset}-" + ("dense" if cfg.dense else f"{cfg.integrator}-tau{cfg.tau:g}")
-        hint = "or continue it with `dlrt train --resume {}`"
-        if comm is None:
-            run_dir = free_run_dir(cfg.runs_dir, cfg.name, stem, hint)
-        else:  # rank 0 names the run directory (the time stamp may differ between processes)
-            named: list[Any] = [None, None]
-            if comm.rank == 0:
-                try:
-                    named[0] = str(free_run_dir(cfg.runs_dir, cfg.name, stem, hint))
-                except FileExistsError as err:
-                    named[1] = str(err)
-            named = comm.broadcast_object(named, "the run directory's name")
-            if named[1] is not None:
-                raise FileExistsError(named[1])
-            run_dir = Path(named[0])
     if comm is not None and cfg.dense:
         raise ValueError(
             "dense=true under torchrun is not supported: dlrt train averages the gradients through DLRTOptimizer; "
             "train the dense baseline in one process, or with torch.nn.parallel.DistributedDataParallel"
         )
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     train_set, test_set = build_data(cfg)
     model = build_model(cfg).to(device)
     opt = build_optimizer(cfg, model)
     world = 1 if comm is None else comm.size
     scheduler = build_scheduler(cfg, opt, math.ceil(math.ceil(len(train_set) / world) / cfg.batch_size))
-
-    writes = comm is None or comm.rank == 0
-    writer = RunWriter(run_dir, METRIC_FIELDS, progress=cfg.progress, tensorboard=cfg.tensorboard, writes=writes)
-    if resume_dir is None:
-        writer.create(cfg.to_dict())
-    driver = Driver(
-        Task(
-            model,
-            train_set,
-            test_set,
-            None,
-            functools.partial(_robust_forward, cfg.robust_beta) if cfg.robust_beta else classify,
-        ),
+    forward = functools.partial(_robust_forward, cfg.robust_beta) if cfg.robust_beta else classify
+    run_dir, driver = start_run(
+        cfg,
+        Task(model, train_set, test_set, None, forward),
         opt,
-        writer,
         device=device,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size,
-        seed=cfg.seed,
+        metric_fields=METRIC_FIELDS,
+        resume_dir=resume_dir,
+        hint="or continue it with `dlrt train --resume {}`",
+        tensorboard=cfg.tensorboard,
         scheduler=scheduler,
-        log_every=cfg.log_every,
         ranks=conversion.mode_ranks,
         extra_metrics=_layer_metrics,
         describe=functools.partial(_describe, cfg),
@@ -360,11 +288,11 @@ def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: 
         "wall_seconds": out.wall_seconds,
         "config": cfg.to_dict(),
     }
-    writer.write_summary(summary)
+    driver.writer.write_summary(summary)
     if cfg.plots and rows:
         from .plots import plot_run
 
-        writer.plot(lambda path: plot_run(path, model))
+        driver.writer.plot(lambda path: plot_run(path, model))
     return RunResult(run_dir, out.status, summary)
 
 

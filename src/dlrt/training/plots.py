@@ -13,6 +13,7 @@ from torch import nn
 from .. import linalg
 from ..conversion import lowrank_layers
 from ..layers.tucker import MODE_NAMES
+from .driver import read_metrics, read_steps
 
 
 def _pyplot():
@@ -35,8 +36,6 @@ def plot_run(run_dir: str | os.PathLike[str], model: nn.Module | None = None) ->
     """Write ``ranks.png`` (per epoch), ``cond.png`` (each core's condition number per epoch),
     ``rank_steps.png`` (every ``log_every`` steps, from ``steps.csv``), ``curves.png`` and
     (given the model) ``spectra.png`` into ``run_dir``."""
-    from .loop import read_metrics, read_steps
-
     plt = _pyplot()
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)

@@ -70,7 +70,8 @@ def evaluate_robustness(
         ValueError: a bad attack, ε, limit or steps (checked before anything is loaded).
     """
     from .config import load_config
-    from .loop import CHECKPOINT, CONFIG, build_model, resolve_device
+    from .loop import CHECKPOINT, CONFIG, build_model
+    from .runs import resolve_device
 
     eps = check_request(attack, [0.01, 0.03, 0.05, 0.1] if eps is None else list(eps), limit, steps)
     run_dir = Path(run_dir)
