@@ -10,7 +10,7 @@ from torch import nn
 
 import dlrt
 from dlrt import LowRankLinear, TuckerConv2d
-from dlrt.optim.inner import RULES
+from dlrt.optim import RULES
 from dlrt.peft import GeoLoRAConfig
 from dlrt.training import TrainConfig
 
