@@ -60,11 +60,14 @@ def run_rounds(server: Server, engine: InProcess, rounds: int, participants, min
 # --------------------------------------------------------------------------- the round
 @pytest.mark.parametrize("correction", ["full", "simplified", "none"])
 def test_one_client_equals_centralised_bug(correction):
-    """One client, full batches: a round is one cycle of rank-adaptive BUG with local_steps coefficient steps."""
+    """One client, full batches: a round is one cycle of rank-adaptive BUG with local_steps coefficient steps.
+
+    Both truncate by the relative rule: under the gradient rule the server's trend is the round's movement
+    (all local steps), the centralised cycle's its last S-step's gradient."""
     steps, rounds, lr, tau = 3, 3, 0.5, 0.02
     data = client_data(48, seed=1)
     central = small_model()
-    server = Server(copy.deepcopy(central), method="fedlrt", correction=correction, tau=tau)
+    server = Server(copy.deepcopy(central), method="fedlrt", correction=correction, tau=tau, tau_mode="relative")
     clients = make_clients(copy.deepcopy(central), [data], correction=correction, lr=lr, local_steps=steps)
     x, y = data.tensors
     opt = dlrt.DLRTOptimizer(
@@ -430,3 +433,17 @@ def test_partial_participation_samples_a_seeded_share_each_round():
     assert len({tuple(s) for s in rounds}) > 10  # a new sample every round
     assert len({c for s in rounds for c in s}) == 16  # every client takes part over time
     assert sample_clients(FederatedConfig(clients=5), 7) == [0, 1, 2, 3, 4]
+
+
+def test_the_server_grows_ranks_under_the_gradient_rule_and_not_under_the_relative_one():
+    # Two clients from rank 1: the rounds' mean movement has a normal component the rank-1 bases cannot hold.
+    ranks = {}
+    for rule in ("gradient", "relative"):
+        model = small_model(rank=1)
+        server = Server(copy.deepcopy(model), method="fedlrt", correction="full", tau=0.1, tau_mode=rule)
+        datasets = [client_data(64, seed=s) for s in (1, 2)]
+        engine = InProcess(make_clients(copy.deepcopy(model), datasets, share=False, lr=0.1))
+        run_rounds(server, engine, 6, [0, 1])
+        ranks[rule] = [ly.rank for ly in server.layers.values()]
+    assert ranks["relative"] == [1, 1]
+    assert max(ranks["gradient"]) > 1
