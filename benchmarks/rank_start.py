@@ -14,7 +14,7 @@ setting, seed-averaged:
 Rerun (appends to the JSON lines, skipping what is there; ``--summarize`` prints the tables)::
 
     python benchmarks/rank_start.py                                # LeNet5, tau 0.11, seeds 0 1 2
-    python benchmarks/rank_start.py --taus 0.2 --seeds 0
+    python benchmarks/rank_start.py --taus 0.2 --seeds 0 [--tau-grad 0.11]
     python benchmarks/rank_start.py --model mlp --small 5 --taus 0.1
     python benchmarks/rank_start.py --conv tucker --seeds 0
     python benchmarks/rank_start.py --summarize
@@ -43,6 +43,7 @@ def one(spec: dict) -> dict:
         rank=spec["rank"],
         tau=spec["tau"],
         tau_mode=spec["tau_mode"],
+        tau_grad=spec.get("tau_grad"),
         epochs=spec["epochs"],
         seed=spec["seed"],
         threads=1,
@@ -51,7 +52,9 @@ def one(spec: dict) -> dict:
         progress=False,
         tensorboard=False,
     )
-    result = train(cfg)
+    existing = Path(spec["runs_dir"]) / spec["name"]
+    # A run directory without a result line is a run that was stopped: continue it where it stopped.
+    result = train(resume_dir=existing) if (existing / "config.yaml").is_file() else train(cfg)
     rows = read_metrics(result.run_dir)
     return {
         **spec,
@@ -65,7 +68,16 @@ def one(spec: dict) -> dict:
 
 
 def key(spec: dict) -> tuple:
-    return (spec["model"], spec["conv"], spec["tau"], spec["tau_mode"], str(spec["rank"]), spec["epochs"], spec["seed"])
+    return (
+        spec["model"],
+        spec["conv"],
+        spec["tau"],
+        spec["tau_mode"],
+        spec.get("tau_grad"),
+        str(spec["rank"]),
+        spec["epochs"],
+        spec["seed"],
+    )
 
 
 def describe(r: dict) -> str:
@@ -91,11 +103,12 @@ def summarize(out: Path) -> int:
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in records:
         full = str(r["rank"]) == "1.0"
-        setting = (r["model"], r["conv"], r["tau"], r["tau_mode"], r["epochs"])
+        setting = (r["model"], r["conv"], r["tau"], r["tau_mode"], r.get("tau_grad"), r["epochs"])
         groups.setdefault(setting, {}).setdefault("full" if full else str(r["rank"]), []).append(r)
     failed = 0
-    for (model, conv, tau, mode, epochs), starts in sorted(groups.items(), key=str):
-        print(f"\n{model} ({conv}) on MNIST, tau {tau} ({mode}), {epochs} epochs")
+    for (model, conv, tau, mode, tau_grad, epochs), starts in sorted(groups.items(), key=str):
+        grad = "" if tau_grad is None else f", tau_grad {tau_grad}"
+        print(f"\n{model} ({conv}) on MNIST, tau {tau} ({mode}{grad}), {epochs} epochs")
         for start, runs in sorted(starts.items()):
             names = _flat_ranks(runs[0]["ranks"])
             ranks = {k: statistics.mean(_flat_ranks(r["ranks"])[k] for r in runs) for k in names}
@@ -144,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", type=int, default=2, help="the small start rank (an int)")
     p.add_argument("--taus", type=float, nargs="+", default=[0.11])
     p.add_argument("--tau-mode", default="gradient", choices=("gradient", "relative"))
+    p.add_argument("--tau-grad", type=float, default=None, help="the gradient rule's trend tolerance (default: tau)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
@@ -160,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     for tau in args.taus:
         for seed in args.seeds:
             for rank in (args.small, 1.0):
-                name = f"{args.model}-{args.conv}-tau{tau:g}-{args.tau_mode}-start{rank}-s{seed}"
+                grad = "" if args.tau_grad is None else f"-grad{args.tau_grad:g}"
+                name = f"{args.model}-{args.conv}-tau{tau:g}-{args.tau_mode}{grad}-start{rank}-s{seed}"
                 specs.append(
                     {
                         "model": args.model,
@@ -168,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rank": rank,
                         "tau": tau,
                         "tau_mode": args.tau_mode,
+                        "tau_grad": args.tau_grad,
                         "epochs": args.epochs,
                         "seed": seed,
                         "runs_dir": args.runs_dir,

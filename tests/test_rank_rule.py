@@ -175,6 +175,19 @@ def test_adaptive_optimizers_grow_a_rank_1_start_too(integrator, optimizer):
     assert err < 0.5  # the relative rule, stuck at rank 1, leaves 0.8
 
 
+def test_tau_grad_sets_the_trend_tolerance_apart_from_the_weights():
+    # A coarse tau keeps the directions a planted rank-6 target needs only with a finer trend tolerance.
+    torch.manual_seed(0)
+    X = torch.randn(200, 30, dtype=DT)
+    ranks = {}
+    for tau_grad in (None, 0.02):
+        layer = LowRankLinear(30, 40, rank=1, bias=False, dtype=DT)
+        opt = dlrt.DLRTOptimizer(layer, optimizer="sgd", lr=0.05, tau=0.3, tau_grad=tau_grad)
+        ranks[tau_grad], _ = _fit(layer, opt, X, _planted(40, 30, 6, seed=2), 100)
+    assert opt.lowrank_group["tau_grad"] == 0.02
+    assert max(ranks[0.02]) > max(ranks[None])
+
+
 def test_a_tucker_layer_grows_its_modes_from_rank_1():
     torch.manual_seed(0)
     planted = (3, 3, 2, 2)
@@ -236,6 +249,10 @@ def test_every_entry_point_checks_tau_and_tau_mode():
         TrainConfig(tau=1.5)
     with pytest.raises(ValueError, match="tau_mode"):
         TrainConfig(tau_mode="grow")
+    with pytest.raises(ValueError, match="tau_grad=1.2"):
+        TrainConfig(tau_grad=1.2)
+    with pytest.raises(ValueError, match="tau_grad=nan"):
+        dlrt.DLRTOptimizer(LowRankLinear(10, 14, rank=3), tau_grad=float("nan"))
     with pytest.raises(ValueError, match="tau=1.5"):
         GeoLoRAConfig(tau=1.5)
     model = nn.Sequential(nn.Linear(10, 14))

@@ -416,7 +416,7 @@ def _rank_start(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for r in _jsonl(paths[0]):
         start = "full" if str(r["rank"]) == "1.0" else str(r["rank"])
-        key = (r["model"], r["conv"], r["tau"], r["tau_mode"], r["epochs"])
+        key = (r["model"], r["conv"], r["tau"], r["tau_mode"], r.get("tau_grad"), r["epochs"])
         groups.setdefault(key, {}).setdefault(start, []).append(r)
 
     def ranks(rs: list[dict[str, Any]]) -> str:
@@ -432,8 +432,9 @@ def _rank_start(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
 
     header = ["setting", "start", "seeds", "test acc. %", "compression %", "first epoch s", "final ranks (mean)"]
     rows = []
-    for (model, conv, tau, rule, epochs), starts in sorted(groups.items(), key=str):
-        where = f"**{'LeNet5' if model == 'lenet5' else 'MLP'} ({conv}), τ {tau:g} ({rule}), {epochs} epochs**"
+    for (model, conv, tau, rule, tau_grad, epochs), starts in sorted(groups.items(), key=str):
+        grad = "" if tau_grad is None else f", tau_grad {tau_grad:g}"
+        where = f"**{'LeNet5' if model == 'lenet5' else 'MLP'} ({conv}), τ {tau:g} ({rule}{grad}), {epochs} epochs**"
         for start in sorted(starts, key=lambda s: (s == "full", s)):
             rs = starts[start]
             rows.append(

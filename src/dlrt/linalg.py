@@ -454,28 +454,28 @@ def normal_directions(
     return A, B, share
 
 
-def check_tau(tau: float, tau_mode: str) -> float:
+def check_tau(tau: float, tau_mode: str, name: str = "tau") -> float:
     """``tau`` as a float, checked for ``tau_mode`` (one of :data:`TAU_MODES`); a clear ``ValueError`` otherwise.
 
     A relative tolerance (``"gradient"``, ``"relative"``) is a share of a norm, in
     ``[0, 1)``: ``τ ≥ 1`` would let every singular value go and cut each layer to
-    its ``min_rank``.
+    its ``min_rank``. ``name`` is the parameter's name in the messages.
     """
     if tau_mode not in TAU_MODES:
         raise ValueError(f"tau_mode must be one of {TAU_MODES}, got {tau_mode!r}")
-    _check_tau(tau)
+    _check_tau(tau, name)
     if tau_mode != "absolute" and tau >= 1:
         raise ValueError(
-            f"tau={tau!r} is a relative tolerance (tau_mode={tau_mode!r}), a share of the norm in [0, 1): "
-            "values >= 1 truncate every layer to min_rank; use e.g. tau=0.1, or tau_mode='absolute'"
+            f"{name}={tau!r} is a relative tolerance (tau_mode={tau_mode!r}), a share of the norm in [0, 1): "
+            f"values >= 1 truncate every layer to min_rank; use e.g. {name}=0.1, or tau_mode='absolute'"
         )
     return float(tau)
 
 
-def _check_tau(tau: float) -> None:
+def _check_tau(tau: float, name: str = "tau") -> None:
     # NaN passes "tau < 0" and then matches no tail norm (an IndexError); inf keeps rank min_rank silently.
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau < 0:
-        raise ValueError(f"tau must be a finite number >= 0, got tau={tau!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {name}={tau!r}")
 
 
 def global_truncation_ranks(

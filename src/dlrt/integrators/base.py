@@ -540,16 +540,17 @@ def _normal_bases(
         if trend is None:
             extra.append((P[:, :0], None if Q is None else Q[:, :0], P.new_zeros(0)))
             continue
+        tol = group["tau"] if group.get("tau_grad") is None else group["tau_grad"]
         if mode is not None:
             # A rotation of the mode's basis represents Mat(M)'s part in the row space of Mat(C) kept; the
             # rest of it outside the kept basis is what that mode's rank must grow for (as Q for a matrix).
             C = linalg.unfold(layer.C.detach(), mode)
             W = P.mT @ C
             Qc = linalg.orth(W.mT) if W.numel() and bool(W.any()) else W.mT[:, :0]
-            extra.append(linalg.normal_directions(P, Qc, linalg.unfold(trend, mode), group["tau"], hi - r, C))
+            extra.append(linalg.normal_directions(P, Qc, linalg.unfold(trend, mode), tol, hi - r, C))
         else:
             C = cores.get(layer, layer.S).detach()
-            extra.append(linalg.normal_directions(P, Q, trend, group["tau"], hi - r, C))
+            extra.append(linalg.normal_directions(P, Q, trend, tol, hi - r, C))
     counts = [e[2].numel() for e in extra]
     if budget is not None:
         shares = torch.cat([e[2].double().cpu() for e in extra]) if extra else torch.zeros(0)

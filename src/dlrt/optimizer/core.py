@@ -72,6 +72,10 @@ class DLRTOptimizer(
             it, so ranks grow while the loss pushes outside the bases and shrink
             when it stops. ``"relative"``: ϑ = τ‖σ‖₂ alone (ranks only fall from
             the start rank). ``"absolute"``: ϑ = τ.
+        tau_grad: the gradient rule's tolerance on the trend (the share of its
+            normal component that may be left out), in [0, 1); default ``tau``. A
+            coarse weight tolerance (τ 0.2) with a finer one here (0.1) keeps
+            the growth that τ 0.2 alone does not allow.
         truncation: ``"local"`` (each layer by its own σ) or ``"global"``
             (σ of all layers pooled, GeoLoRA).
         budget: with global truncation, at most this many singular values
@@ -147,6 +151,7 @@ class DLRTOptimizer(
         weight_decay: float = 0.0,
         tau: float = 0.1,
         tau_mode: str = "gradient",
+        tau_grad: float | None = None,
         truncation: str = "local",
         budget: int | None = None,
         max_rank: int | None = None,
@@ -179,6 +184,8 @@ class DLRTOptimizer(
             hyper["betas"] = tuple(hyper["betas"])
         self.rule.validate(hyper)  # every float finite and in range, named in the message
         tau = linalg.check_tau(tau, tau_mode)
+        if tau_grad is not None:
+            tau_grad = linalg.check_tau(tau_grad, "relative", "tau_grad")
         if truncation not in ("local", "global"):
             raise ValueError(f"truncation must be 'local' or 'global', got {truncation!r}")
         if budget is not None:
@@ -244,6 +251,7 @@ class DLRTOptimizer(
                 "kind": "lowrank",
                 "tau": float(tau),
                 "tau_mode": tau_mode,
+                "tau_grad": tau_grad,
                 "truncation": truncation,
                 "budget": budget,
             }

@@ -108,6 +108,9 @@ class TrainConfig(RunConfig):
         default="gradient",
         metadata={"help": "rank rule: gradient (ranks grow and shrink) | relative | absolute (docs/algorithms.md §1)"},
     )
+    tau_grad: float | None = field(
+        default=None, metadata={"help": "gradient rule: tolerance on the gradient trend (default: tau)"}
+    )
     init: str | None = field(
         default=None,
         metadata={
@@ -170,6 +173,8 @@ class TrainConfig(RunConfig):
 
         _check_choice("tau_mode", self.tau_mode, TAU_MODES)
         check_tau(self.tau, self.tau_mode)
+        if self.tau_grad is not None:
+            check_tau(self.tau_grad, "relative", "tau_grad")
         if self.init is None:
             # A step proportional to the gradient (SGD, heavy ball) moves a layer only as far as the signal
             # reaching it: it needs the dense scale. Adam's normalised steps do not, and learn faster from

@@ -129,6 +129,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         optimizer=cfg.optimizer,
         tau=cfg.tau,
         tau_mode=cfg.tau_mode,
+        tau_grad=cfg.tau_grad,
         coefficient_steps=cfg.coefficient_steps,
         check_every=cfg.check_every,
         **hyper,
