@@ -100,8 +100,9 @@ class ABC(Integrator):
             block.copy_(g.mT)
         L_deltas = factor_steps(opt, L_items)
         L1s = {layer: L0 + dL for (layer, _, L0, _), dL in zip(L_items, L_deltas)}
-        for layer, _, _, grad in L_items:  # the trend in the coordinates of W₁ = Û L¹ᵀ (the gradient rule)
-            opt.trends[layer] = opt.rule.trend(grad, factor_state(opt, layer, "L")).mT
+        if opt.lowrank_group["tau_mode"] == "gradient":  # its trend, in the coordinates of W₁ = Û L¹ᵀ
+            for layer, _, _, grad in L_items:
+                opt.trends[layer] = opt.rule.trend(grad, factor_state(opt, layer, "L")).mT
         if self.coefficient_steps == 1:
             self.advance(opt, cores={layer: L1.mT for layer, L1 in L1s.items()})
             return loss

@@ -427,10 +427,12 @@ def S_steps(opt: DLRTOptimizer, layers: list[LowRankLayer], grads: list[Tensor])
     """
     S0s = [layer.core.detach() for layer in layers]
     deltas = factor_steps(opt, [(layer, "S", S0, g) for layer, S0, g in zip(layers, S0s, grads)])
+    keep_trend = opt.lowrank_group["tau_mode"] == "gradient"  # only the gradient rule reads it
     for layer, S0, delta, g in zip(layers, S0s, deltas, grads):
         layer.set_core(S0 + delta)
         layer.just_grown = False
-        opt.trends[layer] = opt.rule.trend(g, factor_state(opt, layer, "S"))
+        if keep_trend:
+            opt.trends[layer] = opt.rule.trend(g, factor_state(opt, layer, "S"))
 
 
 def truncate(

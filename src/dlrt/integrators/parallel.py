@@ -107,6 +107,8 @@ class ParallelBUG(Integrator):
                     grads.append(opt.S_grad(layer))
         S_steps(opt, stepped, grads)
         for layer, corner in corners:
+            if layer not in opt.trends:  # the group's tau_mode was changed since construction
+                continue
             trend = opt.trends[layer].clone()
             trend[-corner.shape[0] :, -corner.shape[1] :] = corner.to(trend.dtype)
             opt.trends[layer] = trend
