@@ -139,24 +139,25 @@ def test_ranks_follow_a_target_whose_rank_switches_3_8_3(integrator):
         assert err < 1e-8
 
 
-@pytest.mark.parametrize("integrator", ["bug", "parallel", "abc"])
-def test_the_relative_rule_does_not_follow_the_same_target(integrator):
-    # The old rule, by name: from rank 1 it stalls below the planted rank 3 → 8 (what the gradient rule fixes).
+def _from_rank_1(target_rank, seed, steps, **optimizer):
+    """Fit the planted target from a rank-1 layer: (ranks per step, final relative error, optimizer)."""
     torch.manual_seed(0)
     X = torch.randn(200, 30, dtype=DT)
     layer = LowRankLinear(30, 40, rank=1, bias=False, dtype=DT)
-    opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=0.05, tau=0.1, tau_mode="relative")
-    ranks, _ = _fit(layer, opt, X, _planted(40, 30, 8, seed=1), 150)
+    opt = dlrt.DLRTOptimizer(layer, **optimizer)
+    return (*_fit(layer, opt, X, _planted(40, 30, target_rank, seed=seed), steps), opt)
+
+
+@pytest.mark.parametrize("integrator", ["bug", "parallel", "abc"])
+def test_the_relative_rule_does_not_follow_the_same_target(integrator):
+    # The old rule, by name: from rank 1 it stalls below the planted rank 3 → 8 (what the gradient rule fixes).
+    ranks, _, _ = _from_rank_1(8, 1, 150, integrator=integrator, optimizer="sgd", lr=0.05, tau=0.1, tau_mode="relative")
     assert max(ranks) < 8
 
 
 @pytest.mark.parametrize("integrator", ["bug", "parallel", "abc"])
 def test_a_rank_1_start_reaches_a_planted_rank_6(integrator):
-    torch.manual_seed(0)
-    X = torch.randn(200, 30, dtype=DT)
-    layer = LowRankLinear(30, 40, rank=1, bias=False, dtype=DT)
-    opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer="sgd", lr=0.05, tau=0.05)
-    ranks, err = _fit(layer, opt, X, _planted(40, 30, 6, seed=2), 400)
+    ranks, err, _ = _from_rank_1(6, 2, 400, integrator=integrator, optimizer="sgd", lr=0.05, tau=0.05)
     assert set(ranks[-100:]) == {6}
     assert max(ranks) <= 8  # grows to what the task needs, not to everything
     assert err < 1e-3
@@ -166,26 +167,17 @@ def test_a_rank_1_start_reaches_a_planted_rank_6(integrator):
 @pytest.mark.parametrize("optimizer", ["adam", "geo-adam"])
 def test_adaptive_optimizers_grow_a_rank_1_start_too(integrator, optimizer):
     # Adam's steps are lr-sized whatever the gradient: the relative rule alone keeps rank 1 here.
-    torch.manual_seed(0)
-    X = torch.randn(200, 30, dtype=DT)
-    layer = LowRankLinear(30, 40, rank=1, bias=False, dtype=DT)
-    opt = dlrt.DLRTOptimizer(layer, integrator=integrator, optimizer=optimizer, lr=0.005, tau=0.05)
-    ranks, err = _fit(layer, opt, X, _planted(40, 30, 6, seed=2), 300)
+    ranks, err, _ = _from_rank_1(6, 2, 300, integrator=integrator, optimizer=optimizer, lr=0.005, tau=0.05)
     assert min(ranks[-100:]) >= 6
     assert err < 0.5  # the relative rule, stuck at rank 1, leaves 0.8
 
 
 def test_tau_grad_sets_the_trend_tolerance_apart_from_the_weights():
     # A coarse tau keeps the directions a planted rank-6 target needs only with a finer trend tolerance.
-    torch.manual_seed(0)
-    X = torch.randn(200, 30, dtype=DT)
-    ranks = {}
-    for tau_grad in (None, 0.02):
-        layer = LowRankLinear(30, 40, rank=1, bias=False, dtype=DT)
-        opt = dlrt.DLRTOptimizer(layer, optimizer="sgd", lr=0.05, tau=0.3, tau_grad=tau_grad)
-        ranks[tau_grad], _ = _fit(layer, opt, X, _planted(40, 30, 6, seed=2), 100)
+    coarse, _, _ = _from_rank_1(6, 2, 100, optimizer="sgd", lr=0.05, tau=0.3)
+    fine, _, opt = _from_rank_1(6, 2, 100, optimizer="sgd", lr=0.05, tau=0.3, tau_grad=0.02)
     assert opt.lowrank_group["tau_grad"] == 0.02
-    assert max(ranks[0.02]) > max(ranks[None])
+    assert max(fine) > max(coarse)
 
 
 def test_a_tucker_layer_grows_its_modes_from_rank_1():
