@@ -28,6 +28,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 #: What the README says these benchmarks ran on, where the results files do not record it.
 PROJECT_MACHINE = "the project's 2-core CPU machine"
+#: Where the Tucker comparison ran (its files do not record it).
+TUCKER_MACHINE = "2 CPU cores (the project's machine)"
 #: The ε of `dlrt robustness` in benchmarks/robustness.py (pixel units); the results file does not repeat them.
 ROBUSTNESS_EPS = (0.01, 0.03, 0.05, 0.1)
 
@@ -717,26 +719,26 @@ TABLES: dict[str, Table] = {
         ("tucker_vs_matrix.jsonl",),
         lambda p: _tucker(p, "lenet5", 1),
         command="python benchmarks/tucker_vs_matrix.py --epochs 1",
-        machine="2 CPU cores (the project's machine)",
+        machine=TUCKER_MACHINE,
     ),
     "tucker-vgg-small": Table(
         ("tucker_vs_matrix.jsonl",),
         lambda p: _tucker(p, "vgg_small", 1),
         command="python benchmarks/tucker_vs_matrix.py --model vgg_small --epochs 1 --limit 30000 "
         "--matrix-taus 0.1 0.2 0.3 --tucker-taus 0.1 0.2 0.3 --fixed-fractions 0.1 0.2 0.4",
-        machine="2 CPU cores (the project's machine)",
+        machine=TUCKER_MACHINE,
     ),
     "tucker-lenet5-3-epochs": Table(
         ("tucker_vs_matrix.jsonl",),
         lambda p: _tucker(p, "lenet5", 3),
         command="python benchmarks/tucker_vs_matrix.py --datasets fashion-mnist --epochs 3 --matrix-taus 0.45 "
         "--tucker-taus 0.25 0.3 --fixed-fractions",
-        machine="2 CPU cores (the project's machine)",
+        machine=TUCKER_MACHINE,
     ),
     "tucker-timing": Table(
         ("tucker_vs_matrix_timing_threads2.json", "tucker_vs_matrix_timing_threads1.json"),
         _tucker_timing,
-        machine="2 CPU cores (the project's machine)",
+        machine=TUCKER_MACHINE,
     ),
     "rank-start": Table(
         ("rank_start.jsonl",),

@@ -492,16 +492,14 @@ def truncate(
         ]
     kept = _normal_bases(opt, entries, ranks, group, budget, cores)
     tucker: dict[TuckerConv2d, dict[int, Tensor]] = {}
-    for (layer, mode, t, *_), (P, Q) in zip(entries, kept):
+    for (layer, mode, t, *_), (P, Q), r in zip(entries, kept, ranks):
         if mode is not None:
             tucker.setdefault(layer, {})[mode] = P  # a Tucker mode keeps left factors only
             continue
-        C = cores.get(layer, layer.S).detach()
-        r = P.shape[1]
-        if Q.shape[1] == r and torch.equal(P, t.P[:, :r]) and torch.equal(Q, t.Q[:, :r]):
+        if P.shape[1] == r:
             S1 = torch.diag(t.sigma[:r])  # the weight's singular directions alone: the core is diagonal
-        else:
-            S1 = P.mT @ C.to(P.dtype) @ Q
+        else:  # with the trend's directions: block diagonal, diag(σ) and their part of the core
+            S1 = P.mT @ cores.get(layer, layer.S).detach().to(P.dtype) @ Q
         U1 = layer.U.detach() @ P
         if layer in cores:  # W = Û C = (Û P) S1 Qᵀ: the right factors are V₁
             change_basis(opt, layer, U1, Q, S1=S1, A=P.mT)

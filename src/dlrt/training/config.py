@@ -169,9 +169,8 @@ class TrainConfig(RunConfig):
         _check_choice("model", self.model.lower(), _models())
         _check_choice("integrator", self.integrator, _integrators())
         from ..conversion import INITS
-        from ..linalg import TAU_MODES, check_tau
+        from ..linalg import check_tau
 
-        _check_choice("tau_mode", self.tau_mode, TAU_MODES)
         check_tau(self.tau, self.tau_mode)
         if self.tau_grad is not None:
             check_tau(self.tau_grad, "relative", "tau_grad")
@@ -423,9 +422,8 @@ class FederatedConfig(RunConfig):
         _check_choice("engine", self.engine, ("inprocess", "flower"))
         _check_choice("optimizer", self.optimizer, ("sgd",))
         from ..conversion import INITS
-        from ..linalg import TAU_MODES, check_tau
+        from ..linalg import check_tau
 
-        _check_choice("tau_mode", self.tau_mode, TAU_MODES)
         check_tau(self.tau, self.tau_mode)
         _check_choice("init", self.init, INITS)
         sampled = self.sampled_clients
