@@ -17,6 +17,7 @@ from dlrt.training.finetune import finetune
 
 from .helpers import scheduled_lrs
 from .test_datasets import write_idx
+from .test_text_data import write_speeches
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -165,6 +166,24 @@ def test_cnn_adapted_to_generated_fashion_mnist(tmp_path):
     result = finetune(cfg)
     assert result.status == "completed"
     assert set(result.summary["ranks"]) == {"features.0", "features.3", "classifier.0"}
+
+
+def test_tiny_bert_on_convention_speeches(tmp_path):
+    """dataset=convention-party: the paragraphs of the speeches, split by speaker, through the same loop."""
+    from dlrt.data import load_convention_party
+    from dlrt.training.finetune import build_task
+
+    path = write_speeches(tmp_path / "speeches.csv", n_speakers=30)
+    cfg = tiny_cfg(tmp_path, dataset="convention-party", data_path=str(path), limit=40, max_steps=3, plots=False)
+    task = build_task(cfg)
+    train, test = load_convention_party(path, seed=cfg.seed)
+    assert len(task.train_set) == 40 and len(task.test_set) == min(40, len(test))
+    assert task.train_set.labels.tolist() == [label for _, label in train[:40]]
+    result = finetune(cfg, task)
+    assert result.status == "completed" and result.summary["steps"] == 3
+    assert result.summary["config"]["dataset"] == "convention-party"
+    with pytest.raises(ValueError, match=r"model='mnist-cnn' does not fit dataset='convention-party': it takes"):
+        FinetuneConfig(model="mnist-cnn", dataset="convention-party")
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])

@@ -79,8 +79,8 @@ class Pretrained:
 
 #: The registry behind ``FinetuneConfig.model`` (and its ``dataset`` choices).
 PRETRAINED: dict[str, Pretrained] = {
-    "minilm": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
-    "tiny-bert": Pretrained("text", ("rotten-tomatoes",), ("query", "value"), ("classifier",)),
+    "minilm": Pretrained("text", ("rotten-tomatoes", "convention-party"), ("query", "value"), ("classifier",)),
+    "tiny-bert": Pretrained("text", ("rotten-tomatoes", "convention-party"), ("query", "value"), ("classifier",)),
     "mnist-cnn": Pretrained(
         "image", ("fashion-mnist", "mnist"), ("features.0", "features.3", "classifier.0"), ("classifier.2",)
     ),

@@ -215,10 +215,21 @@ class FinetuneConfig(RunConfig):
 
     # task
     model: str = field(default="minilm", metadata={"help": "minilm | mnist-cnn (pretrained) | tiny-bert (tests)"})
-    dataset: str = field(default="rotten-tomatoes", metadata={"help": "rotten-tomatoes | fashion-mnist | mnist"})
+    dataset: str = field(
+        default="rotten-tomatoes",
+        metadata={
+            "help": "rotten-tomatoes (sentiment) | convention-party (party of a convention-speech paragraph): "
+            "text models; fashion-mnist | mnist: mnist-cnn"
+        },
+    )
     data_path: str | None = field(default=None, metadata={"help": "dataset file/directory (default: packaged)"})
-    test_fraction: float = field(default=0.2, metadata={"help": "share of movies held out (rotten-tomatoes)"})
-    max_length: int = field(default=64, metadata={"help": "tokens per snippet (text tasks)"})
+    test_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": "share of the examples held out, in whole movies (rotten-tomatoes) or speakers (convention-party)"
+        },
+    )
+    max_length: int = field(default=64, metadata={"help": "tokens per snippet or paragraph (text tasks)"})
     pooling: str = field(default="mean", metadata={"help": "mean | cls: what the text head reads"})
     # adapters
     method: str = field(default="geolora", metadata={"help": "geolora | lora | adalora | full"})

@@ -88,13 +88,14 @@ def build_task(cfg: FinetuneConfig) -> Task:
     from ..models import pretrained
 
     if PRETRAINED[cfg.model].kind == "text":
-        from ..data.text import TextClassificationDataset, load_rotten_tomatoes
+        from ..data.text import TextClassificationDataset, load_convention_party, load_rotten_tomatoes
 
         if cfg.model == "minilm":
             model, tokenizer = pretrained.load_minilm(num_labels=2, pooling=cfg.pooling)
         else:
             model, tokenizer = pretrained.tiny_bert(num_labels=2, seed=cfg.seed, pooling=cfg.pooling), HashTokenizer()
-        train, test = load_rotten_tomatoes(cfg.data_path, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        load = {"rotten-tomatoes": load_rotten_tomatoes, "convention-party": load_convention_party}[cfg.dataset]
+        train, test = load(cfg.data_path, test_fraction=cfg.test_fraction, seed=cfg.seed)
         if cfg.limit is not None:
             train, test = train[: cfg.limit], test[: cfg.limit]
         train_set = TextClassificationDataset(train, tokenizer, max_length=cfg.max_length)
