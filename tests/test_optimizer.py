@@ -874,3 +874,51 @@ def test_dense_lr_steps_the_dense_parameters_at_their_own_rate():
     before = dict(ref.named_parameters())
     for n, p in dense:
         torch.testing.assert_close(p.detach(), before[n].detach() - 0.3 * grads[n], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("integrator", ["bug", "parallel"])
+def test_small_factors_step_on_one_thread_and_the_passes_on_the_callers(integrator, monkeypatch):
+    import dlrt.integrators.base as base
+    import dlrt.linalg as linalg
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, y = data()
+        model = net()
+        opt = dlrt.DLRTOptimizer(model, integrator=integrator, optimizer="adam", lr=0.01, tau=0.05)
+        seen = {"pass": [], "factors": []}
+        change_basis = base.change_basis
+
+        def watched_change_basis(*args, **kwargs):
+            seen["factors"].append(torch.get_num_threads())
+            return change_basis(*args, **kwargs)
+
+        monkeypatch.setattr(base, "change_basis", watched_change_basis)
+        closure = mse_closure(model, opt, x, y)
+
+        def watched():
+            seen["pass"].append(torch.get_num_threads())
+            return closure()
+
+        opt.step(watched)
+        assert seen["pass"] and set(seen["pass"]) == {2}
+        assert seen["factors"] and set(seen["factors"]) == {1}  # the truncation's change of bases
+        assert torch.get_num_threads() == 2
+
+        # Factors above the limit keep the caller's threads; a failing step restores them too.
+        monkeypatch.setattr(linalg, "ONE_THREAD_FACTOR_ENTRIES", 0)
+        seen["factors"].clear()
+        opt.step(watched)
+        assert seen["factors"] and set(seen["factors"]) == {2}
+        monkeypatch.setattr(linalg, "ONE_THREAD_FACTOR_ENTRIES", 2**16)
+
+        def failing():
+            watched()
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(failing)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

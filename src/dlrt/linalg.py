@@ -84,6 +84,26 @@ def _qr_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+#: Largest basis block (entries of an ``n×2r`` augmented basis) whose algebra a step runs on one CPU
+#: thread (:meth:`dlrt.DLRTOptimizer.step`): below it, two threads on products and factorizations of
+#: factor-sized matrices cost more in thread barriers than they gain (docs/performance.md).
+ONE_THREAD_FACTOR_ENTRIES = 2**16
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op CPU threads; the count before it is restored on exit."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @contextmanager
 def small_lapack(t: Tensor) -> Iterator[None]:
     """Run the QR/SVD of small factor matrices on one CPU thread.
@@ -93,15 +113,11 @@ def small_lapack(t: Tensor) -> Iterator[None]:
     1 ms on one thread and 5–130 ms on two. The thread count is restored on
     exit; CUDA tensors are unaffected.
     """
-    n = torch.get_num_threads()
-    if t.device.type != "cpu" or n == 1:
+    if t.device.type != "cpu":
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with cpu_threads(1):
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _qr(A: Tensor) -> tuple[Tensor, Tensor]:

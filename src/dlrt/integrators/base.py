@@ -645,7 +645,8 @@ def tucker_galerkin_grad(
     the matrix parallel integrator leaves ``Ũᵀ G Ṽ`` out.
     """
     old = tuple(slice(0, r) for r in old_core_grad.shape)
-    g = layer.project_grad([B.detach() for B in layer.bases], records)
+    with opt._at_pass_threads():  # a contraction over the pass's inputs: batch-sized
+        g = layer.project_grad([B.detach() for B in layer.bases], records)
     if g is None:
         g = torch.zeros_like(layer.C)
     elif opt._pass_scale != 1.0:

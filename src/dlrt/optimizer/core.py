@@ -9,9 +9,10 @@ and the model's buffers exactly as they were (docs/algorithms.md §7).
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -263,6 +264,9 @@ class DLRTOptimizer(
         self.steps = 0
         #: Factor clipping and unscaling applied to the last pass's gradients (pass_grad applies it too).
         self._pass_scale = 1.0
+        #: The caller's CPU thread count during a step whose factor algebra runs on one thread
+        #: (:meth:`_factor_threads`); the passes and their contractions run on it. None between steps.
+        self._pass_threads: int | None = None
         #: Layers whose K/L states an augmentation left in the old coordinates for a truncation later in
         #: the same step (integrators/base.py, augment); empty between steps.
         self.deferred_kl_state: dict[LowRankLayer, tuple[int, int]] = {}
@@ -301,7 +305,7 @@ class DLRTOptimizer(
         else:
             self._set_request(request)
             self._pass_scale = 1.0
-            with torch.enable_grad():
+            with torch.enable_grad(), self._at_pass_threads():
                 loss = closure()
         peers_bad_loss = self._average_pass(loss, request, what) if self.communicator is not None else False
         self._check_finite(loss, request, what)
@@ -357,7 +361,8 @@ class DLRTOptimizer(
         """
         if self.communicator is not None:
             return self.pass_grads([(layer, left, right, records)])[0]
-        g = layer.project_grad(left, right, records)
+        with self._at_pass_threads():  # a contraction over the pass's inputs: batch-sized
+            g = layer.project_grad(left, right, records)
         if g is not None and self._pass_scale != 1.0:
             g = g * self._pass_scale
         direction = self.directions.get(layer)
@@ -375,7 +380,8 @@ class DLRTOptimizer(
             return [self.pass_grad(*r) for r in requests]
         local = []
         for layer, left, right, records in requests:
-            g = layer.project_grad(left, right, records)
+            with self._at_pass_threads():
+                g = layer.project_grad(left, right, records)
             if g is None:
                 g = left.new_zeros(left.shape[1], (layer.shape[1] if right is None else right.shape[1]))
             elif self._pass_scale != 1.0:
@@ -429,8 +435,9 @@ class DLRTOptimizer(
         saved = self._snapshot()
         try:
             try:
-                loss = self.integrator.step(self, closure)
-                settle_kl_state(self)
+                with self._factor_threads():
+                    loss = self.integrator.step(self, closure)
+                    settle_kl_state(self)
                 if self.communicator is not None:
                     self._agree_ranks()
             except torch.linalg.LinAlgError as err:
@@ -464,6 +471,33 @@ class DLRTOptimizer(
         if self.check_every and self.steps % self.check_every == 0:
             self.check_consistency()
         return loss
+
+    @contextlib.contextmanager
+    def _factor_threads(self) -> Iterator[None]:
+        """Run the integrator's factor algebra on one CPU thread where every layer's factors are small.
+
+        Products and factorizations of ``n×2r`` bases and ``r×r`` cores are far too
+        small for two threads to pay for their barriers (GeoLoRA on MiniLM, 36
+        adapters: docs/performance.md). The passes
+        (:meth:`evaluate`) and the contractions over their inputs (:meth:`pass_grad`)
+        keep the caller's threads. Above :data:`dlrt.linalg.ONE_THREAD_FACTOR_ENTRIES`
+        entries in any layer's augmented basis, and off the CPU, nothing changes.
+        """
+        threads = torch.get_num_threads()
+        largest = max((2 * b.numel() for m in self.lowrank_layers for b in m.bases), default=0)
+        if threads == 1 or largest > linalg.ONE_THREAD_FACTOR_ENTRIES or self.lowrank_layers[0].core.device.type != "cpu":
+            yield
+            return
+        self._pass_threads = threads
+        try:
+            with linalg.cpu_threads(1):
+                yield
+        finally:
+            self._pass_threads = None
+
+    def _at_pass_threads(self) -> contextlib.AbstractContextManager[None]:
+        """The caller's thread count inside :meth:`_factor_threads` (for a pass or a batch-sized product)."""
+        return contextlib.nullcontext() if self._pass_threads is None else linalg.cpu_threads(self._pass_threads)
 
     def _dense_updates(self) -> list[tuple[Tensor, Tensor, dict[str, Any]]]:
         """The inner step of every dense parameter, not yet applied: ``(p, new value, new state)``."""
