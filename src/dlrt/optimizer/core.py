@@ -485,7 +485,8 @@ class DLRTOptimizer(
         """
         threads = torch.get_num_threads()
         largest = max((2 * b.numel() for m in self.lowrank_layers for b in m.bases), default=0)
-        if threads == 1 or largest > linalg.ONE_THREAD_FACTOR_ENTRIES or self.lowrank_layers[0].core.device.type != "cpu":
+        on_cpu = self.lowrank_layers[0].core.device.type == "cpu"
+        if threads == 1 or largest > linalg.ONE_THREAD_FACTOR_ENTRIES or not on_cpu:
             yield
             return
         self._pass_threads = threads
