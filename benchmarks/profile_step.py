@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                       # MLP width 2048, rank 32, batch 256: every variant
     python benchmarks/profile_step.py --model lenet5        # LeNet5 (dlrt train's defaults), batches of 128
     python benchmarks/profile_step.py --variants parallel --width 4096 --rows 30
+    python benchmarks/profile_step.py --model minilm-geolora  # GeoLoRA on every linear layer of MiniLM, batch 16
 
 For every variant it prints two tables over the same steps as ``step_time.py`` and
 ``lenet_step_time.py`` take:
@@ -64,6 +65,30 @@ def lenet_step(variant: str):
     return step
 
 
+def minilm_geolora_step(batch: int, seed: int, lr: float = 5e-3):
+    """One GeoLoRA step on MiniLM-L6 / Rotten Tomatoes with adapters on all 36 linear layers of the encoder
+    (``dlrt finetune``'s defaults otherwise), and the batches it takes."""
+    from dlrt.training.config import FinetuneConfig
+    from dlrt.training.finetune import apply_method, build_task, step_closure
+
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    cfg = FinetuneConfig(target_modules=targets, batch_size=batch, lr=lr, seed=seed, max_steps=300)
+    torch.manual_seed(seed)
+    task = build_task(cfg)
+    model, opt, _ = apply_method(cfg, task.model, 300)
+    model.train()
+    loader = torch.utils.data.DataLoader(
+        task.train_set, batch_size=batch, shuffle=True, collate_fn=task.collate, generator=torch.Generator()
+    )
+    batches = [b for _, b in zip(range(8), loader)]
+
+    def step(i: int) -> Any:
+        return opt.step(step_closure(task, model, opt, batches[i % len(batches)]))
+
+    step.optimizer = opt
+    return step
+
+
 class PhaseTimer:
     """Wall time per (phase, layer) of dlrt steps, by wrapping the integrators' operations.
 
@@ -71,7 +96,9 @@ class PhaseTimer:
     (a single slow step, e.g. a page fault or another process, does not move it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, by_kind: bool = False) -> None:
+        #: Columns per kind of layer (the last part of its name: ``query``, ``dense``...) instead of per layer.
+        self.by_kind = by_kind
         self.ms: dict[tuple[str, str], float] = defaultdict(float)
         self.steps: list[dict[tuple[str, str], float]] = []
         self.names: dict[int, str] = {}
@@ -103,15 +130,22 @@ class PhaseTimer:
         import dlrt.integrators.bug as bug
         import dlrt.integrators.parallel as parallel
 
-        self.names = {id(m): n for n, m in zip(opt.layer_names, opt.lowrank_layers)}
+        def kind(name: str) -> str:  # e.g. "attention.self.query" of "...encoder.layer.3.attention.self.query.lora"
+            parts = [p for p in name.split(".") if p != "lora"]
+            numbered = [i for i, p in enumerate(parts) if p.isdigit()]
+            return ".".join(parts[numbered[-1] + 1 :] if numbered else parts[-1:])
+
+        self.names = {id(m): kind(n) if self.by_kind else n for n, m in zip(opt.layer_names, opt.lowrank_layers)}
         # (phase, where the name is looked up, name, position of the layer argument after self)
         targets = [
             ("pass (forward/backward, checks)", type(opt), "evaluate", None),
             ("K/L inner steps", base, "K_and_L_steps", None),
             ("augment (bases, core, state)", base, "augment", 1),
-            ("BUG block from kept pass inputs", type(opt), "pass_grad", 0),
+            ("geometric direction and momentum", type(opt), "_set_directions", None),
+            ("kept pass inputs: BUG block / parallel corner", type(opt), "pass_grad", 0),
             ("S-steps", base, "S_steps", None),
             ("truncate: SVDs, ranks", base, "truncate", None),
+            ("gradient rule: trend's normal directions", base, "_normal_bases", None),
             ("new bases + state transport", base, "change_basis", 1),
             ("step total", type(opt), "step", None),
         ]
@@ -129,7 +163,7 @@ class PhaseTimer:
                 setattr(module, name, fn)
 
     def table(self) -> str:
-        order = list(self.names.values())
+        order = list(dict.fromkeys(self.names.values()))
         per_step: list[dict[str, dict[str, float]]] = []
         for ms in self.steps:
             phases: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -146,20 +180,21 @@ class PhaseTimer:
         layers = [name for name in order if any(layer == name for _, layer in keys)]
         phase_names = list(dict.fromkeys(phase for phases in per_step for phase in phases))
         phase_names.remove("step")
-        head = f"{'phase':<46}" + "".join(f"{name[:12]:>13}" for name in layers) + f"{'total':>10}"
+        w = max([13, *(len(n) + 1 for n in layers)]) if self.by_kind else 13
+        head = f"{'phase':<46}" + "".join(f"{name[: w - 1]:>{w}}" for name in layers) + f"{'total':>10}"
         lines = [head, "-" * len(head)]
         for phase in phase_names:
-            cells = "".join(f"{median[(phase, n)]:>13.3f}" if (phase, n) in median else f"{'':>13}" for n in layers)
+            cells = "".join(f"{median[(phase, n)]:>{w}.3f}" if (phase, n) in median else f"{'':>{w}}" for n in layers)
             row_total = sum(v for (p, _), v in median.items() if p == phase)
             lines.append(f"{phase:<46}{cells}{row_total:>10.3f}")
         label = f"step (median of {len(per_step)})"
-        lines.append(f"{label:<46}{'':>{13 * len(layers)}}{median[('step', 'all')]:>10.3f}")
+        lines.append(f"{label:<46}{'':>{w * len(layers)}}{median[('step', 'all')]:>10.3f}")
         return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("mlp", "lenet5"), default="mlp")
+    p.add_argument("--model", choices=("mlp", "lenet5", "minilm-geolora"), default="mlp")
     p.add_argument("--variants", nargs="+", default=None, help=f"mlp: {VARIANTS}; lenet5: {tuple(LENET_VARIANTS)}")
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--rank", type=int, default=32)
@@ -171,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model == "minilm-geolora":
+        return profile_minilm(args)
     variants = args.variants or list(VARIANTS if args.model == "mlp" else LENET_VARIANTS)
     gen = torch.Generator().manual_seed(args.seed)
     if args.model == "mlp":
@@ -200,15 +237,41 @@ def main(argv: list[str] | None = None) -> int:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 step(x, y)
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events) / args.steps / 1e3
-        threads = torch.get_num_threads()
-        print(f"\n== {args.model} {variant}: {total:.2f} ms self CPU per step (profiled, {threads} threads)")
-        print(f"{'operator':<58} {'ms/step':>8} {'share':>7} {'calls/step':>10}")
-        for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.rows]:
-            ms = e.self_cpu_time_total / args.steps / 1e3
-            print(f"{e.key[:58]:<58} {ms:>8.3f} {ms / total:>7.1%} {e.count / args.steps:>10.1f}")
+        print_operators(prof, args, f"{args.model} {variant}")
     return 0
+
+
+def profile_minilm(args: argparse.Namespace) -> int:
+    """The phase table of GeoLoRA on MiniLM (columns per kind of adapted layer) and the operator table."""
+    batch = args.batch or 16
+    step = minilm_geolora_step(batch, args.seed)
+    for i in range(5):
+        step(i)
+    timer = PhaseTimer(by_kind=True)
+    with timer.installed(step.optimizer):
+        for i in range(args.steps):
+            step(i)
+    threads = torch.get_num_threads()
+    print(
+        f"\n== MiniLM GeoLoRA, 36 adapters, batch {batch}: wall ms per step by phase and layer kind ({threads} threads)"
+    )
+    print(timer.table())
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(args.steps):
+            step(i)
+    print_operators(prof, args, "MiniLM GeoLoRA")
+    return 0
+
+
+def print_operators(prof: Any, args: argparse.Namespace, what: str) -> None:
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / args.steps / 1e3
+    threads = torch.get_num_threads()
+    print(f"\n== {what}: {total:.2f} ms self CPU per step (profiled, {threads} threads)")
+    print(f"{'operator':<58} {'ms/step':>8} {'share':>7} {'calls/step':>10}")
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.rows]:
+        ms = e.self_cpu_time_total / args.steps / 1e3
+        print(f"{e.key[:58]:<58} {ms:>8.3f} {ms / total:>7.1%} {e.count / args.steps:>10.1f}")
 
 
 if __name__ == "__main__":
