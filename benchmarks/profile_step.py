@@ -203,7 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--one-thread-limit",
+        type=int,
+        default=None,
+        help="dlrt.linalg.ONE_THREAD_FACTOR_ENTRIES for this run (0: the factor algebra on every thread)",
+    )
     args = p.parse_args(argv)
+    if args.one_thread_limit is not None:
+        dlrt.linalg.ONE_THREAD_FACTOR_ENTRIES = args.one_thread_limit
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == "minilm-geolora":

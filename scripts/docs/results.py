@@ -614,6 +614,8 @@ def _finetune_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 where,
+                str(d["args"]["batch_size"]),
+                str(d["args"].get("threads") or "all"),
                 f"{t['geolora']:.3f}",
                 f"{t['lora']:.3f}",
                 f"{t['adalora']:.3f}",
@@ -621,7 +623,7 @@ def _finetune_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
                 " / ".join(f"{peak[m] / 2**20:.0f}" for m in ("geolora", "lora", "adalora")),
             ]
         )
-    header = ["adapters on", "GeoLoRA s/step", "LoRA", "AdaLoRA", "GeoLoRA vs LoRA / AdaLoRA"]
+    header = ["adapters on", "batch", "threads", "GeoLoRA s/step", "LoRA", "AdaLoRA", "GeoLoRA vs LoRA / AdaLoRA"]
     return [*header, "peak MiB (GeoLoRA / LoRA / AdaLoRA)"], rows
 
 
@@ -693,7 +695,14 @@ def _optimizers_d(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
 
 
 # ------------------------------------------------------------------ registry
-_FT_ALL = (*(f"finetune_all_seed{s}.json" for s in range(3)), "finetune_all_seed0_adalora.json")
+_FT_ALL = (
+    *(f"finetune_all_seed{s}.json" for s in range(3)),
+    "finetune_all_seed0_adalora.json",
+    "finetune_all_seed0_adalora_low.json",
+    "finetune_all_seed0_lora.json",
+)
+_FT_CONVENTION = ("finetune_convention_all_seed0.json",)
+_FT_FASHION = tuple(f"finetune_fashion_seed{s}.json" for s in range(3))
 _FT_QV = tuple(f"finetune_qv_seed{s}.json" for s in range(3))
 
 TABLES: dict[str, Table] = {
@@ -749,8 +758,10 @@ TABLES: dict[str, Table] = {
     "closure": Table(("closure.jsonl",), _closure, machine="a shared 2-core machine (load 6–12)"),
     "finetune-all": Table(_FT_ALL, _finetune_sweep),
     "finetune-qv": Table(_FT_QV, _finetune_sweep),
+    "finetune-convention": Table(_FT_CONVENTION, _finetune_sweep),
+    "finetune-fashion": Table(_FT_FASHION, _finetune_sweep),
     "finetune-default": Table(("finetune_default_seed0.json",), _finetune_default),
-    "finetune-timing": Table(("finetune_qv_timing.json", "finetune_all_timing.json"), _finetune_timing),
+    "finetune-timing": Table(("finetune_all_timing_b16.json", "finetune_all_timing_b32.json"), _finetune_timing),
     "optimizers-a": Table(("optimizers.json",), lambda p: _optimizers_part(p, "a"), part="a"),
     "optimizers-b": Table(("optimizers.json",), lambda p: _optimizers_part(p, "b"), part="b"),
     "optimizers-c": Table(("optimizers.json",), _optimizers_c, part="c"),
