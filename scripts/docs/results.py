@@ -758,10 +758,15 @@ TABLES: dict[str, Table] = {
     "closure": Table(("closure.jsonl",), _closure, machine="a shared 2-core machine (load 6–12)"),
     "finetune-all": Table(_FT_ALL, _finetune_sweep),
     "finetune-qv": Table(_FT_QV, _finetune_sweep),
+    "finetune-all-gradient": Table(
+        tuple(f"finetune_all_seed{s}_gradient_rule.json" for s in range(3)), _finetune_sweep
+    ),
     "finetune-convention": Table(_FT_CONVENTION, _finetune_sweep),
     "finetune-fashion": Table(_FT_FASHION, _finetune_sweep),
     "finetune-default": Table(("finetune_default_seed0.json",), _finetune_default),
-    "finetune-timing": Table(("finetune_all_timing_b16.json", "finetune_all_timing_b32.json"), _finetune_timing),
+    "finetune-timing": Table(
+        tuple(f"finetune_all_timing_b{b}{t}.json" for t in ("_threads1", "") for b in (16, 32)), _finetune_timing
+    ),
     "optimizers-a": Table(("optimizers.json",), lambda p: _optimizers_part(p, "a"), part="a"),
     "optimizers-b": Table(("optimizers.json",), lambda p: _optimizers_part(p, "b"), part="b"),
     "optimizers-c": Table(("optimizers.json",), _optimizers_c, part="c"),
