@@ -85,8 +85,8 @@ def _qr_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 #: Largest basis block (entries of an ``n×2r`` augmented basis) whose algebra a step runs on one CPU
-#: thread (:meth:`dlrt.DLRTOptimizer.step`): below it, two threads on products and factorizations of
-#: factor-sized matrices cost more in thread barriers than they gain (docs/performance.md).
+#: thread (:meth:`dlrt.DLRTOptimizer.step`): below it, a second thread gains little on such small
+#: products and factorizations, and costs much in barriers when the cores are shared (docs/performance.md).
 ONE_THREAD_FACTOR_ENTRIES = 2**16
 
 

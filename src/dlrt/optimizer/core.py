@@ -476,9 +476,10 @@ class DLRTOptimizer(
     def _factor_threads(self) -> Iterator[None]:
         """Run the integrator's factor algebra on one CPU thread where every layer's factors are small.
 
-        Products and factorizations of ``n×2r`` bases and ``r×r`` cores are far too
-        small for two threads to pay for their barriers (GeoLoRA on MiniLM, 36
-        adapters: docs/performance.md). The passes
+        Products and factorizations of ``n×2r`` bases and ``r×r`` cores gain little
+        from a second thread on an idle machine and lose much in thread barriers
+        when other processes share the cores (GeoLoRA on MiniLM, 36 adapters:
+        docs/performance.md). The passes
         (:meth:`evaluate`) and the contractions over their inputs (:meth:`pass_grad`)
         keep the caller's threads. Above :data:`dlrt.linalg.ONE_THREAD_FACTOR_ENTRIES`
         entries in any layer's augmented basis, and off the CPU, nothing changes.
