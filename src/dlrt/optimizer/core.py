@@ -377,11 +377,12 @@ class DLRTOptimizer(
         local contractions are averaged over the processes in one all-reduce (before a geometric
         optimizer's momentum is added), so integrators ask for all of a step's at once."""
         if self.communicator is None:
-            return [self.pass_grad(*r) for r in requests]
+            with self._at_pass_threads():  # once for all (pass_grad's own switch is then a no-op)
+                return [self.pass_grad(*r) for r in requests]
         local = []
-        for layer, left, right, records in requests:
-            with self._at_pass_threads():
-                g = layer.project_grad(left, right, records)
+        with self._at_pass_threads():
+            contracted = [layer.project_grad(left, right, records) for layer, left, right, records in requests]
+        for (layer, left, right, _), g in zip(requests, contracted):
             if g is None:
                 g = left.new_zeros(left.shape[1], (layer.shape[1] if right is None else right.shape[1]))
             elif self._pass_scale != 1.0:
