@@ -1,4 +1,4 @@
-"""The training driver: exact resume after Ctrl-C anywhere, steps.csv, plots without matplotlib, CLI validation."""
+"""The training driver: exact resume after Ctrl-C, SIGTERM or SIGUSR1 anywhere, steps.csv, plots without matplotlib, CLI validation."""
 
 from __future__ import annotations
 
@@ -91,6 +91,13 @@ def _interrupt(how):
     elif how == "twice":  # Ctrl-C pressed twice: the second one stops the run right here
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
+    elif how == "sigterm":  # a scheduler's preemption, `kill`, torchrun's agent
+        signal.raise_signal(signal.SIGTERM)
+    elif how == "sigterm-twice":  # a second SIGTERM is no second Ctrl-C: the run still stops at a safe point
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+    elif how == "sigusr1":  # sent by some schedulers ahead of the kill
+        signal.raise_signal(signal.SIGUSR1)
     else:
         raise KeyboardInterrupt
 
@@ -100,7 +107,8 @@ POINTS = [
     ("opt.step", 2),  # after a step, before the scheduler: the batch must not be replayed
     ("opt.step", 3),  # the last step of epoch 1
     ("scheduler.step", 4),
-    ("save", 1),  # during the epoch-1 checkpoint write: the epoch must not be retrained
+    ("save", 1),  # during the checkpoint of the start
+    ("save", 2),  # during the epoch-1 checkpoint write: the epoch must not be retrained
     ("metrics.csv", 1),  # writing epoch 1's row
     ("metrics.csv", 2),  # writing the last row
     ("evaluate", 1),
@@ -108,7 +116,7 @@ POINTS = [
 ]
 
 
-@pytest.mark.parametrize("how", ["signal", "twice", "raise"])
+@pytest.mark.parametrize("how", ["signal", "twice", "raise", "sigterm", "sigterm-twice", "sigusr1"])
 @pytest.mark.parametrize(("point", "k"), POINTS)
 def test_resume_after_ctrl_c_anywhere_is_exact(reference, tmp_path, monkeypatch, point, k, how):
     calls = {"n": 0}
@@ -152,6 +160,7 @@ def test_resume_after_ctrl_c_anywhere_is_exact(reference, tmp_path, monkeypatch,
     assert result.status == "completed"
     assert_same_run(reference, result.run_dir)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 # ------------------------------------------------------------------ steps.csv

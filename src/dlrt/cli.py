@@ -8,6 +8,29 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+#: Exit statuses of the training commands: an interrupted run (Ctrl-C, SIGTERM, SIGUSR1) exits with 130.
+EXIT = {"completed": 0, "interrupted": 130, "diverged": 1}
+
+
+def _exit_status(status: str) -> int:
+    """The exit status of a training command's run ``status`` (:data:`EXIT`).
+
+    Under torchrun an interrupted run's processes of rank > 0 exit with 0: the agent
+    stops every process as soon as one exits with an error status, and rank 0 may
+    still be finishing its files and its report; torchrun's own status is then rank 0's 130.
+    """
+    from .distributed import speaks
+
+    return 0 if status == "interrupted" and not speaks() else EXIT[status]
+
+
+def _say(line: str) -> None:
+    """Print ``line`` on this process unless it is one of torchrun's processes of rank > 0."""
+    from .distributed import speaks
+
+    if speaks():
+        print(line, flush=True)
+
 
 def _train(args: argparse.Namespace) -> int:
     from .training import load_config, train
@@ -18,8 +41,8 @@ def _train(args: argparse.Namespace) -> int:
         result = train(resume_dir=args.resume)
     else:
         result = train(load_config(args.config, args.overrides))
-    print(f"{result.status}: {result.run_dir}")
-    return {"completed": 0, "interrupted": 130, "diverged": 1}[result.status]
+    _say(f"{result.status}: {result.run_dir}")
+    return _exit_status(result.status)
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -29,11 +52,11 @@ def _finetune(args: argparse.Namespace) -> int:
     result = finetune(load_config(args.config, args.overrides, cls=FinetuneConfig))
     s = result.summary
     acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
-    print(
+    _say(
         f"{result.status}: {result.run_dir} (test accuracy {acc}, total rank {s['total_rank']}, "
         f"adapter parameters {s['adapter_params']:,d})"
     )
-    return {"completed": 0, "interrupted": 130, "diverged": 1}[result.status]
+    return _exit_status(result.status)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -72,8 +95,8 @@ def _federated(args: argparse.Namespace) -> int:
     s = result.summary
     acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
     mb = s["bytes_total"] / 1e6
-    print(f"{result.status}: {result.run_dir} (test accuracy {acc} after {s['rounds']} rounds, {mb:.1f} MB sent)")
-    return {"completed": 0, "interrupted": 130}[result.status]
+    _say(f"{result.status}: {result.run_dir} (test accuracy {acc} after {s['rounds']} rounds, {mb:.1f} MB sent)")
+    return _exit_status(result.status)
 
 
 def _robustness(args: argparse.Namespace) -> int:
@@ -135,11 +158,18 @@ def _closure(args: argparse.Namespace) -> int:
         from .kinetic.train import train_closure
         from .training.config import load_config
 
-        run = train_closure(load_config(args.config, args.overrides, cls=ClosureConfig))
+        if args.resume:
+            if args.config or args.overrides:
+                raise SystemExit(
+                    "dlrt closure train: --resume continues a run with its saved config; drop --config and key=value"
+                )
+            run = train_closure(resume_dir=args.resume)
+        else:
+            run = train_closure(load_config(args.config, args.overrides, cls=ClosureConfig))
         s = run.summary
         errors = ", ".join(f"{k} {s[k]:.2e}" for k in ("h_err", "alpha_err", "u_err") if k in s)
-        print(f"{run.status}: {run.run_dir} (relative validation errors: {errors})")
-        return {"completed": 0, "interrupted": 130, "diverged": 1}[run.status]
+        _say(f"{run.status}: {run.run_dir} (relative validation errors: {errors})")
+        return _exit_status(run.status)
     from .kinetic.train import solve_run
 
     cases = ["source", "periodic"] if args.case == "all" else [args.case]
@@ -191,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     closure = p.add_subparsers(dest="closure_command", required=True)
     q = closure.add_parser("train", help="train a neural closure (default: ICNN, 1D M2)")
     q.add_argument("--config", help="YAML config file (keys: dlrt.kinetic.ClosureConfig)")
+    q.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     q = closure.add_parser("solve", help="run the 1D test cases with the Newton and the run's network closure")
     q.add_argument("run_dir", help="a `dlrt closure train` run directory")

@@ -97,6 +97,15 @@ def env_world() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+def speaks() -> bool:
+    """Whether this process prints what a command reports: ``False`` on torchrun's processes of rank > 0.
+
+    Read from the environment, so it holds before the process group starts and after it ends.
+    """
+    world = env_world()
+    return world is None or world[0] == 0
+
+
 @contextlib.contextmanager
 def init_from_env(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Iterator[torch.device]:
     """Under torchrun, start the default process group for the run and destroy it afterwards.
@@ -126,6 +135,9 @@ def init_from_env(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Ite
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout), **kwargs)
     try:
         yield device
+        # Leave together: torchrun's agent stops the other processes as soon as one exits with an error status
+        # (an interrupted run's 130), and rank 0 may still be writing the run's last files.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

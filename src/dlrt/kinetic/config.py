@@ -55,9 +55,18 @@ class ClosureConfig(RunConfig):
     dtype: str = field(default="float32", metadata={"help": "float32 | float64: the dtype of training"})
     # outputs (and RunConfig's)
     log_every: int = field(default=50, metadata={"help": "steps between rows of steps.csv"})
+    checkpoint_every: int | None = field(
+        default=500, metadata={"help": "steps between checkpoints inside an epoch (none: at epoch ends only)"}
+    )
+    checkpoint_minutes: float | None = field(
+        default=None, metadata={"help": "minutes between checkpoints, at the next step (none: not by time)"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from ..training.driver import check_checkpoint_interval
+
+        check_checkpoint_interval(self.checkpoint_every, self.checkpoint_minutes)
         _check_choice("kind", self.kind, KINDS)
         _check_choice("model", self.model, tuple(MODELS))
         _check_choice("dtype", self.dtype, DTYPES)

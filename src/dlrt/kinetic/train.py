@@ -11,6 +11,7 @@ the training data are kept as ``data.safetensors``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import io
-from ..training.driver import CHECKPOINT, CONFIG, METRICS, Task, read_csv
+from ..distributed import speaks
+from ..training.driver import CHECKPOINT, CONFIG, METRICS, Task, interrupted_line, read_csv
 from ..training.runs import setup, start_run
 from .basis import Basis, make_basis
 from .config import ClosureConfig
@@ -127,15 +129,24 @@ def _data(cfg: ClosureConfig, basis: Basis) -> ClosureData:
     return data
 
 
-def train_closure(cfg: ClosureConfig | None = None) -> ClosureRun:
-    """Train a neural closure as ``cfg`` says in a new run directory (created once everything is built)."""
+def train_closure(cfg: ClosureConfig | None = None, *, resume_dir: str | os.PathLike[str] | None = None) -> ClosureRun:
+    """Train a neural closure as ``cfg`` says in a new run directory (created once everything is built),
+    or continue the run in ``resume_dir`` from its checkpoint, with its saved config and samples."""
     from ..conversion import lowrank_layers, ranks
+    from ..training.config import load_config
 
+    if resume_dir is not None:
+        if cfg is not None:
+            raise ValueError("resume_dir= continues a run with its saved config; do not pass cfg")
+        saved = Path(resume_dir)
+        if not (saved / CONFIG).is_file() or not (saved / DATA).is_file():
+            raise FileNotFoundError(f"{resume_dir} is not a `dlrt closure train` run directory (no {CONFIG}, {DATA})")
+        cfg = load_config(saved / CONFIG, cls=ClosureConfig)
     cfg = cfg or ClosureConfig()
     device = setup(cfg)
     dtype = getattr(torch, cfg.dtype)
     basis = _basis(cfg, dtype, device)
-    data = _data(cfg, basis)
+    data = load_data(Path(resume_dir) / DATA) if resume_dir is not None else _data(cfg, basis)
     train_data, val_data = (d.to(device, dtype) for d in data.split(cfg.val_fraction, cfg.seed))
     torch.manual_seed(cfg.seed)
     model = _build_model(cfg, basis.n, dtype, device)
@@ -176,9 +187,13 @@ def train_closure(cfg: ClosureConfig | None = None) -> ClosureRun:
             f"rel. errors h {r['h_err']:.2e} α {r['alpha_err']:.2e} u {r['u_err']:.2e}"
         ),
         checkpoint=True,
+        resume_dir=resume_dir,
     )
-    save_data(run_dir / DATA, data)
-    out = driver.run()
+    if resume_dir is None:
+        save_data(run_dir / DATA, data)
+    out = driver.run(resume=resume_dir is not None)
+    if out.status == "interrupted" and speaks():
+        print(interrupted_line(out, f"dlrt closure train --resume {run_dir}"), flush=True)
     final = validate(model) if out.status != "diverged" else {}
     stored = sum(p.numel() for p in model.parameters())
     summary = {

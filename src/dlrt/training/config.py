@@ -142,9 +142,18 @@ class TrainConfig(RunConfig):
     # outputs (and RunConfig's)
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when installed"})
     log_every: int = field(default=10, metadata={"help": "steps between rows of steps.csv (ranks of every layer)"})
+    checkpoint_every: int | None = field(
+        default=500, metadata={"help": "steps between checkpoints inside an epoch (none: at epoch ends only)"}
+    )
+    checkpoint_minutes: float | None = field(
+        default=None, metadata={"help": "minutes between checkpoints, at the next step (none: not by time)"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from .driver import check_checkpoint_interval
+
+        check_checkpoint_interval(self.checkpoint_every, self.checkpoint_minutes)
         positive = ("min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "step_size")
         for key in (*positive, "log_every"):
             if getattr(self, key) < 1:

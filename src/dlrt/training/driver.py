@@ -56,6 +56,7 @@ import contextlib
 import csv
 import json
 import math
+import numbers
 import os
 import signal
 import sys
@@ -83,6 +84,9 @@ CHECKPOINT = "checkpoint.safetensors"
 
 #: Columns of ``steps.csv``: a row before the first step (loss NaN), every ``log_every`` steps and after the last.
 STEP_FIELDS = ["step", "epoch", "loss", "lr", "seconds", "total_rank", "ranks"]
+
+#: The clock of ``checkpoint_minutes`` (monotonic seconds; tests replace it).
+_clock = time.monotonic
 
 MATPLOTLIB_HINT = "plots=true needs matplotlib: pip install matplotlib (or pip install dlrt[cli])"
 
@@ -122,9 +126,23 @@ class Outcome:
     step_seconds: list[float] = field(default_factory=list)
     #: interrupted: whether a checkpoint of the stopping point was written (else resume starts from the last one)
     checkpointed: bool = False
+    #: interrupted: the stop signal this process received first ("SIGINT", "SIGTERM", "SIGUSR1"), or "a stop
+    #: signal to another process" (under a process group), if any
+    signal: str | None = None
 
 
 # ------------------------------------------------------------------ helpers
+def check_checkpoint_interval(every: int | None, minutes: float | None) -> None:
+    """A clear ``ValueError`` unless ``checkpoint_every`` is a step count ``>= 1`` and ``checkpoint_minutes``
+    a finite number of minutes ``> 0`` (each may be ``None``: no checkpoints by that measure)."""
+    if every is not None and (isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1):
+        raise ValueError(f"checkpoint_every must be a number of steps >= 1 (or none: not by steps), got {every!r}")
+    if minutes is not None and (
+        isinstance(minutes, bool) or not isinstance(minutes, numbers.Real) or not math.isfinite(minutes) or minutes <= 0
+    ):
+        raise ValueError(f"checkpoint_minutes must be a number of minutes > 0 (or none: not by time), got {minutes!r}")
+
+
 def step_closure(
     task: Task,
     model: nn.Module,
@@ -156,18 +174,36 @@ def step_closure(
     return closure
 
 
+def interrupted_line(outcome: Outcome, resume: str) -> str:
+    """The one line an interrupted command prints: what stopped it, what was saved, the command that resumes it."""
+    by = {"SIGINT": "Ctrl-C", None: "an interrupt"}.get(outcome.signal, outcome.signal)
+    if outcome.checkpointed:
+        return f"interrupted by {by} at step {outcome.steps}: checkpoint saved; continue with `{resume}`"
+    return f"interrupted by {by} inside a step: nothing new saved; `{resume}` continues from the last checkpoint"
+
+
 def seed_for(seed: int, epoch: int, batch: int = -1) -> int:
     """The seed of ``(seed, epoch)``'s batch order (``batch=-1``) or of batch ``batch``'s RNG."""
     return (seed * 1_000_003 + epoch * 10_007 + batch + 1) % (2**63 - 1)
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` (a tensor, a tuple/list of tensors, or a dict of tensors) on ``device``."""
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """``batch`` (a tensor, a tuple/list of tensors, or a dict of tensors) on ``device``; with ``dtype``, its
+    floating-point tensors in that dtype (a model's: data stored as float32 feeds a float64 model)."""
+
+    def move(t: Tensor) -> Tensor:
+        return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+
     if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: move(v) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(t.to(device) for t in batch)
-    return batch.to(device)
+        return type(batch)(move(t) for t in batch)
+    return move(batch)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter (``None`` without one): what its inputs need."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def new_run_dir(runs_dir: str, name: str | None, stem: str, hint: str = "") -> Path:
@@ -292,34 +328,57 @@ class _Progress:
             self.bar.close()
 
 
-class _Interrupts:
-    """While active (main thread only), SIGINT sets :attr:`requested` instead of raising; a second one raises.
+#: The signals that stop a run at its next safe point, as the first Ctrl-C does: SIGINT (Ctrl-C), SIGTERM
+#: (a scheduler's preemption, torchrun's agent when a peer fails, ``kill``) and SIGUSR1 (sent by some
+#: schedulers ahead of the kill); those the platform has.
+STOP_SIGNALS: tuple[int, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
 
-    A :class:`KeyboardInterrupt` raised inside a section leaves that section
-    half done, so the driver saves nothing then and a resume continues from the
-    last checkpoint (step and checkpoint writes roll themselves back).
+
+class _Interrupts:
+    """While active (main thread only), a stop signal (:data:`STOP_SIGNALS`) sets :attr:`requested` instead of
+    ending the process; a second Ctrl-C raises :class:`KeyboardInterrupt` at once.
+
+    A repeated SIGTERM or SIGUSR1 changes nothing (a scheduler may send several
+    before its kill): only a person pressing Ctrl-C again means "stop now". A
+    :class:`KeyboardInterrupt` raised inside a section leaves that section half
+    done, so the driver saves nothing then and a resume continues from the last
+    checkpoint (step and checkpoint writes roll themselves back). ``speak=False``
+    (processes of rank > 0) prints nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, speak: bool = True) -> None:
         self.requested = False
-        self._previous: Any = None
+        #: The name of the first stop signal received (``"SIGTERM"``, ...), ``None`` before one.
+        self.received: str | None = None
+        self.speak = speak
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C: stop now; the last checkpoint stays as it was
-            print("\ninterrupt again: stopping now, without a new checkpoint", file=sys.stderr, flush=True)
+        name = signal.Signals(signum).name
+        if self.requested:
+            if signum != signal.SIGINT:
+                return
+            if self.speak:  # a second Ctrl-C: stop now; the last checkpoint stays as it was
+                print("\ninterrupt again: stopping now, without a new checkpoint", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
-        message = "\ninterrupt: stopping at the next safe point (press Ctrl-C again to stop now)"
-        print(message, file=sys.stderr, flush=True)
-        self.requested = True
+        self.requested, self.received = True, name
+        if self.speak:
+            what = "interrupt" if signum == signal.SIGINT else name
+            again = " (press Ctrl-C again to stop now)" if signum == signal.SIGINT else ""
+            print(f"\n{what}: stopping at the next safe point{again}", file=sys.stderr, flush=True)
 
     def check(self) -> None:
         if self.requested:
@@ -365,6 +424,21 @@ class RunWriter:
     @property
     def checkpoint(self) -> Path | None:
         return self.run_dir / CHECKPOINT if self.run_dir is not None else None
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete what killed writes of this run directory's files left behind (any age); return them.
+
+        Called when a run starts or resumes, when no other writer of the directory
+        can be alive: the checkpoint and the CSV/JSON files are written through
+        temporary files renamed into place, so a kill leaves the previous file
+        whole and, at most, a temporary one beside it.
+        """
+        if self.run_dir is None or not self.writes:
+            return []
+        removed: list[Path] = []
+        for name in (CHECKPOINT, METRICS, STEPS, SUMMARY):
+            removed += io.remove_stale_temporaries(self.run_dir / name, older_than=0.0)
+        return removed
 
     def bar(self, total: int, desc: str, initial: int = 0) -> _Progress:
         return _Progress(self.progress and self.writes, total, desc, initial)
@@ -424,8 +498,12 @@ class Driver:
     """Trains ``task.model`` with ``opt`` for ``epochs`` (or ``max_steps``), writing through ``writer``.
 
     See the module docstring for what it owns and its extension points.
-    ``checkpoint=True`` saves a checkpoint at every epoch end and on Ctrl-C, and
-    lets :meth:`run` continue from it (``resume=True``).
+    ``checkpoint=True`` saves a checkpoint when a new run starts, at every epoch
+    end, every ``checkpoint_every`` steps and every ``checkpoint_minutes`` minutes
+    since the last one (at the first step boundary after), and when a stop signal
+    (Ctrl-C, SIGTERM, SIGUSR1) ends the run; :meth:`run` continues from it
+    (``resume=True``). Each is written whole to a temporary file and renamed over
+    the previous one, so a killed process always leaves one complete checkpoint.
     """
 
     def __init__(
@@ -449,6 +527,8 @@ class Driver:
         epoch_hooks: Sequence[Callable[[dict[str, Any]], None]] = (),
         describe: Callable[[dict[str, Any]], str] | None = None,
         checkpoint: bool = False,
+        checkpoint_every: int | None = None,
+        checkpoint_minutes: float | None = None,
     ) -> None:
         self.task, self.model, self.opt, self.writer = task, task.model, opt, writer
         self.device, self.epochs, self.seed = device, epochs, seed
@@ -457,6 +537,10 @@ class Driver:
         self.ranks, self.extra_metrics = ranks, extra_metrics
         self.step_hooks, self.epoch_hooks, self.describe = list(step_hooks), list(epoch_hooks), describe
         self.checkpoint = writer.checkpoint if checkpoint else None
+        check_checkpoint_interval(checkpoint_every, checkpoint_minutes)
+        if not checkpoint and (checkpoint_every is not None or checkpoint_minutes is not None):
+            raise ValueError("checkpoint_every= and checkpoint_minutes= need checkpoint=True")
+        self.checkpoint_every, self.checkpoint_minutes = checkpoint_every, checkpoint_minutes
         group = resolve_group()
         self.comm = Communicator(group) if group is not None else None
         self.rank, self.world_size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
@@ -474,6 +558,10 @@ class Driver:
         self.rows: list[dict[str, Any]] = []
         self.step_rows: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
+        self._saved_step, self._saved_at = 0, _clock()
+        #: Under a process group: whether the processes agreed at the last step to stop (a stop signal reached
+        #: one of them) and to save (one of them found checkpoint_minutes passed).
+        self._agreed_stop = self._agreed_due = False
 
     def _position(self) -> dict[str, Any]:
         return {
@@ -491,6 +579,25 @@ class Driver:
     def _save(self) -> None:
         if self.checkpoint is not None and self.writer.writes:
             io.save(self.checkpoint, self.model, self.opt, extra=self._position())
+        self._saved_step, self._saved_at = self.step, _clock()
+
+    def _time_due(self) -> bool:
+        """Whether ``checkpoint_minutes`` have passed since the last checkpoint (on this process's clock)."""
+        m = self.checkpoint_minutes
+        return m is not None and _clock() - self._saved_at >= 60.0 * m
+
+    def _save_due(self) -> bool:
+        """Whether a checkpoint is due after this step (the epoch's end, which saves anyway, aside)."""
+        if self.checkpoint is None or self.batch >= self.steps_per_epoch or self.step >= self.total_steps:
+            return False
+        every = self.checkpoint_every is not None and self.step - self._saved_step >= self.checkpoint_every
+        due = self._agreed_due if self.comm is not None else self._time_due()
+        return every or due
+
+    def _stopping(self, interrupts: _Interrupts) -> bool:
+        """Whether to stop at this safe point: the signal flag, or under a process group what all processes
+        agreed at the last step (each stops at the same step, whichever of them got the signal)."""
+        return self._agreed_stop if self.comm is not None else interrupts.requested
 
     def _restore(self) -> None:
         """Load the checkpoint (if any) and rewrite the CSV files from it."""
@@ -508,6 +615,7 @@ class Driver:
         self.step = extra.get("step", self.epoch * self.steps_per_epoch + self.batch)
         self.carry = extra["carry"]
         self.elapsed_before = extra["elapsed"]
+        self._saved_step = self.step
         if self.scheduler is not None and extra.get("scheduler") is not None:
             self.scheduler.load_state_dict(extra["scheduler"])
         if "rows" in extra:
@@ -535,16 +643,22 @@ class Driver:
         else:
             sampler = order.tolist()
             it = iter(torch.utils.data.DataLoader(data, self.batch_size, sampler=sampler, collate_fn=self.task.collate))
+        dtype = model_dtype(self.model)
         for b in range(skip, self.steps_per_epoch):
             torch.manual_seed(seed_for(self.seed, epoch, b))
             batch = next(it, None)
             if batch is None:
                 return
-            yield to_device(batch, self.device)
+            yield to_device(batch, self.device, dtype)
 
     # ----------------------------------------------------------- the two sections
-    def _train_step(self, batch: Any) -> float:
-        """Section 1: step, hooks, scheduler, counters (and a ``steps.csv`` row every ``log_every`` steps)."""
+    def _train_step(self, batch: Any, interrupts: _Interrupts | None = None) -> float:
+        """Section 1: step, hooks, scheduler, counters (and a ``steps.csv`` row every ``log_every`` steps).
+
+        Under a process group the step's metrics are summed over the processes, and
+        with them each process's stop request and whether its clock says a
+        checkpoint is due: one collective, and every process takes the same decisions.
+        """
         from ..optimizer import DLRTOptimizer, NonFiniteError
 
         held: dict[str, Tensor] = {}
@@ -563,9 +677,11 @@ class Driver:
         # Accuracy for class labels; a task with real-valued targets (regression, a closure) counts none correct.
         correct = 0 if labels.is_floating_point() else int((held["logits"].argmax(-1) == labels).sum())
         if self.comm is not None:  # the global batch's numbers, the same on every process
-            sums = torch.tensor([loss * n, correct, n], dtype=torch.float64)
-            loss_sum, correct, n = self.comm.all_reduce(sums, "the step's train metrics").tolist()
+            stop = interrupts is not None and interrupts.requested
+            sums = torch.tensor([loss * n, correct, n, stop, self._time_due()], dtype=torch.float64)
+            loss_sum, correct, n, stops, dues = self.comm.all_reduce(sums, "the step's train metrics").tolist()
             loss, correct, n = loss_sum / n, int(correct), int(n)
+            self._agreed_stop, self._agreed_due = stops > 0, dues > 0
         self.carry["loss"] += loss * n
         self.carry["correct"] += correct
         self.carry["seen"] += n
@@ -635,35 +751,56 @@ class Driver:
 
         self._t_start = time.perf_counter()
         self._reset_position()
+        self.writer.remove_temporaries()
         if resume:
             self._restore()
         if self.step == 0 and not self.step_rows:
             self._log_step(float("nan"), 0.0)  # the starting ranks, before any step (no loss yet)
         status, message = "completed", ""
         step_seconds: list[float] = []
-        in_section = checkpointed = False
+        in_section = checkpointed = agreed = False
         t_epoch = time.perf_counter()
         self.model.train()
-        with _Interrupts() as interrupts:
+        speak = self.comm is None or self.comm.rank == 0
+        with _Interrupts(speak) as interrupts:
+
+            def stop_here() -> None:
+                nonlocal agreed
+                if self._stopping(interrupts):
+                    agreed = True  # every process stops here (under a process group)
+                    raise KeyboardInterrupt
+
             try:
+                if self.checkpoint is not None and self.step == 0 and not (resume and self.checkpoint.is_file()):
+                    in_section = True  # a new run: its start is a checkpoint too (a kill before the first save
+                    self._save()  # resumes from it, not from nothing)
+                    in_section = False
                 while self.epoch < self.epochs and self.step < self.total_steps:
-                    interrupts.check()
+                    stop_here()
                     t_epoch = time.perf_counter()
                     n = min(self.steps_per_epoch, self.batch + self.total_steps - self.step)
                     bar = self.writer.bar(n, f"epoch {self.epoch + 1}/{self.epochs}", initial=self.batch)
                     for batch in self._batches(self.epoch, self.batch):
-                        interrupts.check()
+                        stop_here()
                         if self.step >= self.total_steps:
                             break
                         in_section = True
-                        step_seconds.append(self._train_step(batch))
+                        step_seconds.append(self._train_step(batch, interrupts))
                         in_section = False
                         seen = max(self.carry["seen"], 1)
                         total_rank = sum(self.ranks(self.model).values())
                         loss, acc = self.carry["loss"] / seen, self.carry["correct"] / seen
                         bar.update(1, loss=f"{loss:.4f}", acc=f"{acc:.3f}", rank=total_rank)
+                        if self._save_due() and not self._stopping(interrupts):
+                            in_section = True  # a checkpoint inside the epoch, and the CSV files it holds
+                            now = time.perf_counter()
+                            self.carry["seconds"] += now - t_epoch
+                            t_epoch = now
+                            self._save()
+                            self.writer.write_rows(self.rows, self.step_rows)
+                            in_section = False
                     bar.close()
-                    interrupts.check()
+                    stop_here()
                     in_section = True
                     row = self._end_epoch(time.perf_counter() - t_epoch)
                     in_section = False
@@ -675,14 +812,19 @@ class Driver:
                 if not in_section and self.checkpoint is not None:  # a consistent position: save it
                     self.carry["seconds"] += time.perf_counter() - t_epoch
                     self._save()
+                    self.writer.write_rows(self.rows, self.step_rows)
                     checkpointed = True
+                if agreed and self.comm is not None:  # the others leave only once rank 0's checkpoint is whole
+                    self.comm.all_reduce(torch.zeros(1), "the stop's checkpoint")
             except NonFiniteError as err:
                 status, message = "diverged", str(err)
-                print(f"stopped: {message}", flush=True)
+                if speak:
+                    print(f"stopped: {message}", flush=True)
             finally:
                 self.writer.close()
         wall = self.elapsed_before + time.perf_counter() - self._t_start
-        return Outcome(status, message, self.rows, self.step_rows, self.step, wall, step_seconds, checkpointed)
+        by = interrupts.received or ("a stop signal to another process" if agreed and self.comm is not None else None)
+        return Outcome(status, message, self.rows, self.step_rows, self.step, wall, step_seconds, checkpointed, by)
 
 
 @torch.no_grad()
@@ -705,7 +847,7 @@ def evaluate(
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        batch = to_device(batch, device)
+        batch = to_device(batch, device, model_dtype(model))
         logits, y = forward(model, batch) if forward is not None else (model(batch[0]), batch[1])
         total_loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(-1) == y).sum())

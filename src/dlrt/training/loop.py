@@ -45,6 +45,7 @@ from .driver import (
     Task,
     classify,
     evaluate,
+    interrupted_line,
     new_run_dir,
     read_metrics,
     read_steps,
@@ -269,9 +270,10 @@ def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: 
         checkpoint=True,
     )
     out = driver.run(resume=resume_dir is not None)
-    if out.status == "interrupted":
-        saved = "checkpoint saved" if out.checkpointed else "stopped inside a step, nothing saved"
-        print(f"interrupted: {saved}; continue with `dlrt train --resume {run_dir}`", flush=True)
+    if out.status == "interrupted" and distributed.speaks():
+        # a checkpoint inside an epoch resumes with as many processes as wrote it
+        launch = "dlrt" if world == 1 else f"torchrun --nproc_per_node {world} -m dlrt"
+        print(interrupted_line(out, f"{launch} train --resume {run_dir}"), flush=True)
 
     stored, dense = conversion.parameter_counts(model)
     rows = out.rows

@@ -95,9 +95,13 @@ def start_run(
     """Open the run directory of ``cfg`` (:func:`open_run`) and the :class:`Driver` of ``task`` in it.
 
     ``cfg`` is a :class:`~dlrt.training.config.RunConfig` with the loop keys ``epochs``,
-    ``batch_size``, ``eval_batch_size`` and ``log_every`` (and, if it has one, ``max_steps``);
+    ``batch_size``, ``eval_batch_size`` and ``log_every`` (and, if it has them, ``max_steps``,
+    and with ``checkpoint=True`` ``checkpoint_every`` and ``checkpoint_minutes``);
     ``options`` are the recipe's own :class:`Driver` arguments (scheduler, hooks, metrics, ...).
     """
+    if options.get("checkpoint"):
+        for key in ("checkpoint_every", "checkpoint_minutes"):
+            options.setdefault(key, getattr(cfg, key, None))
     run_dir, writer = open_run(cfg, metric_fields, resume_dir=resume_dir, hint=hint, tensorboard=tensorboard)
     assert run_dir is not None
     driver = Driver(
