@@ -59,9 +59,9 @@ def spy_saves(monkeypatch) -> list[int]:
     steps: list[int] = []
     real = dlrt_io.save
 
-    def save(path, model, opt=None, *, extra=None):
-        steps.append(extra["step"])
-        return real(path, model, opt, extra=extra)
+    def save(path, model, opt=None, **kw):
+        steps.append(kw["extra"]["step"])
+        return real(path, model, opt, **kw)
 
     monkeypatch.setattr(dlrt_io, "save", save)
     return steps
@@ -364,3 +364,77 @@ def test_sigterm_to_one_torchrun_worker_stops_both_at_one_step_and_the_checkpoin
     code, out = finish(torchrun(["--resume", str(run)]))
     assert code == 0, out
     assert_same_final(runs / "full", run)
+
+
+# ------------------------------------------------------------------ the other driver commands
+@pytest.mark.parametrize(
+    ("method", "stop_at"),
+    [("geolora", 7), ("lora", 7), ("full", 7), ("adalora", 7), ("adalora", 21)],
+)
+def test_finetune_resumes_bit_identically_after_sigterm(tmp_path, monkeypatch, method, stop_at):
+    """Every method of `dlrt finetune`; AdaLoRA at step 7 (importance scores being averaged) and at step 21
+    (after its final budget mask): its rank allocator's state rides in the checkpoint."""
+    pytest.importorskip("peft")
+    from dlrt.training.finetune import finetune
+
+    from .test_finetune import tiny_cfg
+
+    full = finetune(tiny_cfg(tmp_path, method=method, name="full", plots=False))
+    assert full.status == "completed"
+    calls = {"n": 0}
+
+    def hook(step):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            signal.raise_signal(signal.SIGTERM)
+
+    from dlrt.training import driver as drv
+
+    real_init = drv.Driver.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.step_hooks.append(hook)
+
+    monkeypatch.setattr(drv.Driver, "__init__", init)
+    cut = finetune(tiny_cfg(tmp_path, method=method, name="cut", plots=False))
+    monkeypatch.undo()
+    assert cut.status == "interrupted" and cut.summary["steps"] == stop_at
+    resumed = finetune(resume_dir=cut.run_dir)
+    assert resumed.status == "completed" and resumed.summary["steps"] == 24
+    assert_same_final(full.run_dir, cut.run_dir)
+    assert resumed.summary["test_acc"] == full.summary["test_acc"]
+    assert resumed.summary["ranks"] == full.summary["ranks"]
+
+
+def test_closure_train_resumes_bit_identically_after_sigterm(tmp_path, monkeypatch):
+    from dlrt.kinetic import ClosureConfig, make_basis, sample, save_data
+    from dlrt.kinetic.train import train_closure
+
+    data = tmp_path / "m2.safetensors"
+    save_data(data, sample(make_basis("monomial", 2, 1), 400, bound=4.0, min_eig=1e-2, seed=0))
+
+    def cfg(name):
+        return ClosureConfig(
+            data_path=str(data), width=12, depth=2, epochs=2, batch_size=64, dtype="float64",
+            runs_dir=str(tmp_path), name=name, progress=False, plots=False,
+        )  # fmt: skip
+
+    full = train_closure(cfg("full"))
+    assert full.status == "completed"
+    calls = {"n": 0}
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    cut = train_closure(cfg("cut"))
+    monkeypatch.undo()
+    assert cut.status == "interrupted" and cut.summary["steps"] == 4
+    assert train_closure(resume_dir=cut.run_dir).status == "completed"
+    assert_same_final(full.run_dir, cut.run_dir)

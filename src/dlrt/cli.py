@@ -49,7 +49,14 @@ def _finetune(args: argparse.Namespace) -> int:
     from .training.config import FinetuneConfig, load_config
     from .training.finetune import finetune
 
-    result = finetune(load_config(args.config, args.overrides, cls=FinetuneConfig))
+    if args.resume:
+        if args.config or args.overrides:
+            raise SystemExit(
+                "dlrt finetune: --resume continues a run with its saved config; drop --config and key=value"
+            )
+        result = finetune(resume_dir=args.resume)
+    else:
+        result = finetune(load_config(args.config, args.overrides, cls=FinetuneConfig))
     s = result.summary
     acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
     _say(
@@ -195,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="fine-tune a pretrained model with adapters (default: GeoLoRA, MiniLM on Rotten Tomatoes)"
     )
     p.add_argument("--config", help="YAML config file (see configs/finetune_*.yaml)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     p.set_defaults(func=_finetune)
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on its test set")

@@ -34,6 +34,8 @@ FORMAT = "dlrt-checkpoint"
 VERSION = 1
 #: A temporary file of :func:`atomic_write` untouched for this long belongs to a dead writer.
 STALE_TMP_SECONDS = 300.0
+#: Where the ``tensors=`` of :func:`save` are stored in the file.
+EXTRA_PREFIX = "extra/"
 
 
 def save(
@@ -42,6 +44,7 @@ def save(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     extra: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (and ``optimizer``) to ``path`` atomically.
 
@@ -51,11 +54,13 @@ def save(
         optimizer: a :class:`~dlrt.DLRTOptimizer` (or any torch optimizer whose
             state is tensors and JSON values).
         extra: JSON-serializable values stored alongside (epoch, config, ...).
+        tensors: further named tensors stored alongside (state a training task keeps
+            outside the model and the optimizer); :func:`load` returns them on request.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
+    stored: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
 
     def put(key: str, t: torch.Tensor) -> None:
@@ -66,10 +71,14 @@ def save(
             t = t.clone()
         elif ptr is not None:
             seen.add(ptr)
-        tensors[key] = t.contiguous().cpu()
+        stored[key] = t.contiguous().cpu()
 
     for key, t in model.state_dict().items():
         put(f"model/{key}", t)
+    for key, t in (tensors or {}).items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors= holds tensors only; {key!r} is {type(t).__name__}")
+        put(f"{EXTRA_PREFIX}{key}", t)
     meta: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -104,7 +113,7 @@ def save(
         header = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise TypeError(f"checkpoint metadata must be JSON-serializable (check extra=): {err}") from err
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"dlrt": header}))
+    atomic_write(path, lambda tmp: save_file(stored, tmp, metadata={"dlrt": header}))
     return path
 
 
@@ -171,12 +180,15 @@ def load(
     path: str | os.PathLike[str],
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save` into ``model`` (and ``optimizer``).
 
     Low-rank layers are resized to the saved ranks first, so a model built at
     any rank loads a checkpoint taken after rank adaptation. Returns the
-    ``extra`` dict given to :func:`save`.
+    ``extra`` dict given to :func:`save`; a ``tensors`` dict receives the
+    ``tensors=`` given to it (on the CPU), once everything else has loaded.
 
     Everything is validated before anything changes: the header (layer names,
     types, shapes, rank bounds ``1 <= min_rank <= max_rank <= min(n, m)`` and
@@ -203,7 +215,7 @@ def load(
             raw = (f.metadata() or {}).get("dlrt")
             # Fresh (aligned) allocations: BLAS kernels may round differently on unaligned
             # buffers, which would break bit-identical resumption.
-            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+            stored = {k: f.get_tensor(k).clone() for k in f.keys()}
     except SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     if raw is None:
@@ -235,7 +247,7 @@ def load(
     for name, info in saved.items():
         cores[name] = _check_layer_header(path, name, info, mine[name], phase)
 
-    model_sd = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    model_sd = {k[len("model/") :]: v for k, v in stored.items() if k.startswith("model/")}
     target = model.state_dict()
     factor_shapes: dict[str, tuple[int, ...]] = {}
     for name, core in cores.items():
@@ -264,7 +276,7 @@ def load(
 
     osd = None
     if optimizer is not None:
-        osd = _optimizer_state_dict(path, meta, tensors)
+        osd = _optimizer_state_dict(path, meta, stored)
         _check_optimizer_state(path, osd, optimizer, model, cores, factor_shapes)
 
     # ---- apply, restoring model and optimizer if anything still fails
@@ -309,6 +321,8 @@ def load(
         if optimizer is not None:
             _optimizer_redo(optimizer, undo_opt)
         raise
+    if tensors is not None:
+        tensors.update({k[len(EXTRA_PREFIX) :]: v for k, v in stored.items() if k.startswith(EXTRA_PREFIX)})
     return meta.get("extra", {})
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..training.config import RunConfig, _check_choice, check_rank
+from ..training.config import (
+    RunConfig,
+    _check_choice,
+    check_rank,
+    checkpoint_every_key,
+    checkpoint_minutes_key,
+)
 from .basis import KINDS
 from .networks import MODELS
 
@@ -55,12 +61,8 @@ class ClosureConfig(RunConfig):
     dtype: str = field(default="float32", metadata={"help": "float32 | float64: the dtype of training"})
     # outputs (and RunConfig's)
     log_every: int = field(default=50, metadata={"help": "steps between rows of steps.csv"})
-    checkpoint_every: int | None = field(
-        default=500, metadata={"help": "steps between checkpoints inside an epoch (none: at epoch ends only)"}
-    )
-    checkpoint_minutes: float | None = field(
-        default=None, metadata={"help": "minutes between checkpoints, at the next step (none: not by time)"}
-    )
+    checkpoint_every: int | None = checkpoint_every_key()
+    checkpoint_minutes: float | None = checkpoint_minutes_key()
 
     def __post_init__(self) -> None:
         super().__post_init__()

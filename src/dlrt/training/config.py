@@ -23,6 +23,21 @@ __all__ = [
 ]
 
 
+#: Steps between checkpoints inside an epoch, by default (``checkpoint_every``).
+CHECKPOINT_EVERY = 500
+
+
+def checkpoint_every_key() -> Any:
+    """The ``checkpoint_every`` key of the commands whose runs checkpoint and resume (train, finetune, closure)."""
+    help = "steps between checkpoints inside an epoch (none: at epoch ends only)"
+    return field(default=CHECKPOINT_EVERY, metadata={"help": help})
+
+
+def checkpoint_minutes_key() -> Any:
+    """The ``checkpoint_minutes`` key of the commands whose runs checkpoint and resume."""
+    return field(default=None, metadata={"help": "minutes between checkpoints, at the next step (none: not by time)"})
+
+
 @dataclass
 class RunConfig:
     """The keys every command's config has: how the run is seeded, where it runs, and where and how it writes.
@@ -142,12 +157,8 @@ class TrainConfig(RunConfig):
     # outputs (and RunConfig's)
     tensorboard: bool = field(default=True, metadata={"help": "log to TensorBoard when installed"})
     log_every: int = field(default=10, metadata={"help": "steps between rows of steps.csv (ranks of every layer)"})
-    checkpoint_every: int | None = field(
-        default=500, metadata={"help": "steps between checkpoints inside an epoch (none: at epoch ends only)"}
-    )
-    checkpoint_minutes: float | None = field(
-        default=None, metadata={"help": "minutes between checkpoints, at the next step (none: not by time)"}
-    )
+    checkpoint_every: int | None = checkpoint_every_key()
+    checkpoint_minutes: float | None = checkpoint_minutes_key()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -297,9 +308,14 @@ class FinetuneConfig(RunConfig):
     limit: int | None = field(default=None, metadata={"help": "use only the first N train/test examples"})
     # outputs (and RunConfig's)
     log_every: int = field(default=10, metadata={"help": "steps between rows of steps.csv (ranks of every adapter)"})
+    checkpoint_every: int | None = checkpoint_every_key()
+    checkpoint_minutes: float | None = checkpoint_minutes_key()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from .driver import check_checkpoint_interval
+
+        check_checkpoint_interval(self.checkpoint_every, self.checkpoint_minutes)
         self._resolve_method_defaults()
         positive = ("r", "min_rank", "epochs", "batch_size", "eval_batch_size", "coefficient_steps", "max_length")
         for key in (*positive, "init_r", "target_r", "log_every"):

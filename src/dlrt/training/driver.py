@@ -74,7 +74,18 @@ from torch import Tensor, nn
 from .. import io
 from ..distributed import Communicator, resolve_group
 
-__all__ = ["Driver", "Outcome", "RunWriter", "Task", "classify", "new_run_dir", "seed_for", "step_closure", "to_device"]
+__all__ = [
+    "Driver",
+    "Outcome",
+    "RunWriter",
+    "Task",
+    "TaskState",
+    "classify",
+    "new_run_dir",
+    "seed_for",
+    "step_closure",
+    "to_device",
+]
 
 CONFIG = "config.yaml"
 METRICS = "metrics.csv"
@@ -105,6 +116,16 @@ class Task:
     test_set: Any
     collate: Callable[[list[Any]], Any] | None
     forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor, Tensor | None]]
+
+
+@dataclass
+class TaskState:
+    """State a recipe keeps outside the model and the optimizer that a checkpoint must hold for an exact
+    resume (PEFT AdaLoRA's importance scores): ``get() -> (tensors, json)`` when saving,
+    ``put(tensors, json)`` when resuming."""
+
+    get: Callable[[], tuple[dict[str, Tensor], dict[str, Any]]]
+    put: Callable[[dict[str, Tensor], dict[str, Any]], None]
 
 
 def classify(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, None]:
@@ -529,6 +550,7 @@ class Driver:
         checkpoint: bool = False,
         checkpoint_every: int | None = None,
         checkpoint_minutes: float | None = None,
+        task_state: TaskState | None = None,
     ) -> None:
         self.task, self.model, self.opt, self.writer = task, task.model, opt, writer
         self.device, self.epochs, self.seed = device, epochs, seed
@@ -541,6 +563,7 @@ class Driver:
         if not checkpoint and (checkpoint_every is not None or checkpoint_minutes is not None):
             raise ValueError("checkpoint_every= and checkpoint_minutes= need checkpoint=True")
         self.checkpoint_every, self.checkpoint_minutes = checkpoint_every, checkpoint_minutes
+        self.task_state = task_state
         group = resolve_group()
         self.comm = Communicator(group) if group is not None else None
         self.rank, self.world_size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
@@ -578,7 +601,10 @@ class Driver:
 
     def _save(self) -> None:
         if self.checkpoint is not None and self.writer.writes:
-            io.save(self.checkpoint, self.model, self.opt, extra=self._position())
+            extra, tensors = self._position(), None
+            if self.task_state is not None:
+                tensors, extra["task"] = self.task_state.get()
+            io.save(self.checkpoint, self.model, self.opt, extra=extra, tensors=tensors)
         self._saved_step, self._saved_at = self.step, _clock()
 
     def _time_due(self) -> bool:
@@ -604,7 +630,10 @@ class Driver:
         if self.checkpoint is None or not self.checkpoint.is_file():
             self.writer.write_rows([], [])
             return
-        extra = io.load(self.checkpoint, self.model, self.opt)
+        tensors: dict[str, Tensor] = {}
+        extra = io.load(self.checkpoint, self.model, self.opt, tensors=tensors)
+        if self.task_state is not None:
+            self.task_state.put(tensors, extra.get("task", {}))
         saved_world = extra.get("world_size", 1)
         if saved_world != self.world_size and extra["batch"] != 0:
             raise ValueError(

@@ -6,9 +6,10 @@ those); the loop is :class:`~dlrt.training.driver.Driver`. A run directory
 holds ``config.yaml``, ``metrics.csv`` (per epoch: losses, accuracies, the
 rank of every adapted module, adapter and trainable parameter counts,
 seconds), ``steps.csv`` (every ``log_every`` steps: loss, learning rate,
-seconds, the rank of every adapted module), ``summary.json``, the adapter
-(``adapter/``, written by ``save_pretrained``; not for full fine-tuning) and
-PNG plots.
+seconds, the rank of every adapted module), ``summary.json``, the checkpoint
+(``checkpoint.safetensors``: model, optimizer and position, from which
+``dlrt finetune --resume`` continues), the adapter (``adapter/``, written by
+``save_pretrained``; not for full fine-tuning) and PNG plots.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from ..models.pretrained import PRETRAINED, Pretrained
 from .config import FinetuneConfig
-from .driver import STEPS, Task, step_closure
+from .driver import CONFIG, STEPS, Task, TaskState, interrupted_line, step_closure
 from .driver import evaluate as driver_evaluate
 from .runs import setup, start_run
 from .schedule import lr_factor
@@ -147,7 +149,12 @@ def _torch_optimizer(cfg: FinetuneConfig, model: nn.Module, save: list[str]) -> 
 def apply_method(
     cfg: FinetuneConfig, model: nn.Module, total_steps: int
 ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[int], None]]:
-    """``(model, optimizer, after_step)`` for ``cfg.method``; ``after_step(step)`` runs after every step."""
+    """``(model, optimizer, after_step)`` for ``cfg.method``; ``after_step(step)`` runs after every step.
+
+    For AdaLoRA, ``after_step.state`` is the :class:`~dlrt.training.driver.TaskState` of
+    PEFT's rank allocator (its importance scores and the rank pattern live outside the
+    model's state dict), which a checkpoint must hold for an exact resume.
+    """
     targets, save = _modules(cfg)
     if cfg.method == "geolora":
         from ..peft import GeoLoRAConfig, get_geolora_model
@@ -209,7 +216,30 @@ def apply_method(
     def allocate(step: int) -> None:
         pmodel.base_model.update_and_allocate(step)
 
+    allocate.state = _adalora_state(pmodel)  # type: ignore[attr-defined]
     return pmodel, opt, allocate
+
+
+def _adalora_state(pmodel: nn.Module) -> TaskState:
+    """PEFT AdaLoRA's rank-allocator state (importance scores, their averages, the rank pattern) for checkpoints."""
+    allocator = pmodel.base_model.rankallocator
+    adapter = pmodel.base_model.trainable_adapter_name
+    scores = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def get() -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"{kind}/{name}": t for kind in scores for name, t in getattr(allocator, kind).items()}
+        return tensors, {"rank_pattern": pmodel.peft_config[adapter].rank_pattern}
+
+    def put(tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        device = next(pmodel.parameters()).device
+        for kind in scores:
+            getattr(allocator, kind).clear()
+        for key, t in tensors.items():
+            kind, name = key.split("/", 1)
+            getattr(allocator, kind)[name] = t.to(device)
+        pmodel.peft_config[adapter].rank_pattern = info.get("rank_pattern")
+
+    return TaskState(get, put)
 
 
 def build_scheduler(cfg: FinetuneConfig, opt: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -299,17 +329,32 @@ def _describe(cfg: FinetuneConfig, row: dict[str, Any]) -> str:
     )
 
 
-def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> FinetuneResult:
-    """Fine-tune as ``cfg`` says in a new run directory.
+def finetune(
+    cfg: FinetuneConfig | None = None,
+    task: Task | None = None,
+    *,
+    resume_dir: str | os.PathLike[str] | None = None,
+) -> FinetuneResult:
+    """Fine-tune as ``cfg`` says in a new run directory, or continue the run in ``resume_dir``.
 
     ``task`` (from :func:`build_task`) may be passed to reuse loaded data; its
     model is modified. The run directory is created only once the task, the
-    adapters and the optimizer are built. Ctrl-C stops with status
-    ``"interrupted"`` after writing the summary and the adapter; a non-finite
-    loss stops with ``"diverged"``.
+    adapters and the optimizer are built. The run checkpoints as ``dlrt train``
+    does (``checkpoint_every``, ``checkpoint_minutes``, epoch ends); Ctrl-C, SIGTERM
+    or SIGUSR1 stops it at the next step with status ``"interrupted"`` after
+    writing the checkpoint, the summary and the adapter, and ``resume_dir``
+    continues it exactly; a non-finite loss stops with ``"diverged"``.
     """
     from ..optimizer import DLRTOptimizer
+    from .config import load_config
 
+    if resume_dir is not None:
+        if cfg is not None:
+            raise ValueError("resume_dir= continues a run with its saved config; do not pass cfg")
+        saved = Path(resume_dir) / CONFIG
+        if not saved.is_file():
+            raise FileNotFoundError(f"{resume_dir} is not a run directory (no {CONFIG})")
+        cfg = load_config(saved, cls=FinetuneConfig)
     cfg = cfg or FinetuneConfig()
     device = setup(cfg)
     torch.manual_seed(cfg.seed)
@@ -344,11 +389,15 @@ def finetune(cfg: FinetuneConfig | None = None, task: Task | None = None) -> Fin
         extra_metrics=lambda m: {"adapter_params": adapter_parameters(m), "trainable_params": trainable},
         step_hooks=[after_step],
         describe=functools.partial(_describe, cfg),
+        checkpoint=True,
+        task_state=getattr(after_step, "state", None),
+        resume_dir=resume_dir,
+        hint="or continue it with `dlrt finetune --resume {}`",
     )
-    out = driver.run()
+    out = driver.run(resume=resume_dir is not None)
     status = out.status
     if status == "interrupted":
-        print(f"interrupted at step {out.steps}", flush=True)
+        print(interrupted_line(out, f"dlrt finetune --resume {run_dir}"), flush=True)
         if isinstance(opt, DLRTOptimizer):
             opt.finish_cycle()  # truncate before counting and saving
     if status != "diverged" and cfg.method != "full":
