@@ -389,7 +389,10 @@ def test_flower_simulation_gives_the_in_process_curve(data_root, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
 
 
-def test_ctrl_c_mid_round_keeps_the_last_completed_round(data_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "SIGTERM", "SIGUSR1"])
+def test_ctrl_c_or_sigterm_mid_round_keeps_the_last_completed_round(data_root, tmp_path, monkeypatch, capsys, how):
+    import signal
+
     from dlrt.federated import federate
     from dlrt.training.config import FederatedConfig, load_config
 
@@ -399,12 +402,18 @@ def test_ctrl_c_mid_round_keeps_the_last_completed_round(data_root, tmp_path, mo
 
     def interrupt(self, stage, payload, state, rnd):
         if rnd == 2 and stage == "train":
-            raise KeyboardInterrupt
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            signal.raise_signal(getattr(signal, how))  # (it would end the process were it not handled)
         return original(self, stage, payload, state, rnd)
 
     monkeypatch.setattr(Client, "handle", interrupt)
+    capsys.readouterr()
     stopped = federate(load_config(None, [*args, "rounds=3", "name=stopped"], FederatedConfig))
     assert stopped.status == "interrupted" and [r["round"] for r in stopped.rows] == [1]
+    by = "Ctrl-C" if how == "ctrl-c" else how
+    assert f"interrupted by {by}: the global model of round 1 is in" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     from safetensors.torch import load_file
 
     a, b = load_file(one.run_dir / "checkpoint.safetensors"), load_file(stopped.run_dir / "checkpoint.safetensors")

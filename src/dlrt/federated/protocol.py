@@ -582,8 +582,8 @@ class Client:
             ranks=lambda m: {},
         )
         outcome = driver.run()
-        if outcome.status == "interrupted":
-            raise KeyboardInterrupt
+        if outcome.status == "interrupted":  # the client's steps stopped on a signal: so do the rounds
+            raise KeyboardInterrupt(outcome.signal or "")
 
 
 # ------------------------------------------------------------------ one round

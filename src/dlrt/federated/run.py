@@ -176,7 +176,8 @@ def run_rounds(
     (default :class:`InProcess`; tests inject faults with it). ``write=False`` writes no
     run directory.
     """
-    from ..training.driver import METRICS, evaluate, write_csv
+    from ..distributed import speaks
+    from ..training.driver import METRICS, StopSignals, evaluate, write_csv
     from ..training.loop import build_data
     from ..training.runs import open_run, setup
 
@@ -196,50 +197,59 @@ def run_rounds(
     status = "completed"
     t0 = time.perf_counter()
     bytes_total = macs_total = 0.0
-    try:
-        with transport:
-            for rnd in range(1, cfg.rounds + 1):
-                t_round = time.perf_counter()
-                transport.round = rnd
-                record = run_round(
-                    server, transport.send, sample_clients(cfg, rnd), rnd=rnd, min_clients=cfg.min_clients
-                )
-                records.append(record)
-                sampled = max(len(record.sampled), 1)
-                down, up = sum(record.floats_down.values()), sum(record.floats_up.values())
-                macs = sum(record.macs.values())
-                bytes_total += (down + up) * per_float
-                macs_total += macs
-                ranks = {n: ly.rank for n, ly in server.layers.items()}
-                row: dict[str, Any] = {
-                    "round": rnd,
-                    "test_loss": float("nan"),
-                    "test_acc": float("nan"),
-                    "train_loss": (sum(record.losses.values()) / len(record.losses)) if record.losses else math.nan,
-                    "clients": len(record.aggregated),
-                    "dropped": len(record.dropped),
-                    "rejected": len(record.rejected),
-                    "total_rank": sum(ranks.values()),
-                    "ranks": ranks,
-                    "floats_down": down / sampled,
-                    "floats_up": up / sampled,
-                    "bytes_client": (down + up) * per_float / sampled,
-                    "macs_client": macs / sampled,
-                    "bytes_total": bytes_total,
-                    "macs_total": macs_total,
-                }
-                if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-                    row["test_loss"], row["test_acc"] = evaluate(model, test_set, cfg.eval_batch_size, device)
-                row["seconds"] = time.perf_counter() - t_round
-                rows.append(row)
-                if run_dir is not None:
-                    write_csv(run_dir / METRICS, FIELDS, rows)
-                if cfg.progress:
-                    print(_describe(row, record), flush=True)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        if server.in_round:  # stopped mid-round: the global model goes back to the last completed round
-            server.abort()
+    stops = StopSignals()  # SIGTERM, SIGUSR1: as Ctrl-C, the rounds stop where they are
+    with stops:
+        try:
+            with transport:
+                for rnd in range(1, cfg.rounds + 1):
+                    t_round = time.perf_counter()
+                    transport.round = rnd
+                    record = run_round(
+                        server, transport.send, sample_clients(cfg, rnd), rnd=rnd, min_clients=cfg.min_clients
+                    )
+                    records.append(record)
+                    sampled = max(len(record.sampled), 1)
+                    down, up = sum(record.floats_down.values()), sum(record.floats_up.values())
+                    macs = sum(record.macs.values())
+                    bytes_total += (down + up) * per_float
+                    macs_total += macs
+                    ranks = {n: ly.rank for n, ly in server.layers.items()}
+                    row: dict[str, Any] = {
+                        "round": rnd,
+                        "test_loss": float("nan"),
+                        "test_acc": float("nan"),
+                        "train_loss": (sum(record.losses.values()) / len(record.losses)) if record.losses else math.nan,
+                        "clients": len(record.aggregated),
+                        "dropped": len(record.dropped),
+                        "rejected": len(record.rejected),
+                        "total_rank": sum(ranks.values()),
+                        "ranks": ranks,
+                        "floats_down": down / sampled,
+                        "floats_up": up / sampled,
+                        "bytes_client": (down + up) * per_float / sampled,
+                        "macs_client": macs / sampled,
+                        "bytes_total": bytes_total,
+                        "macs_total": macs_total,
+                    }
+                    if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                        row["test_loss"], row["test_acc"] = evaluate(model, test_set, cfg.eval_batch_size, device)
+                    row["seconds"] = time.perf_counter() - t_round
+                    rows.append(row)
+                    if run_dir is not None:
+                        write_csv(run_dir / METRICS, FIELDS, rows)
+                    if cfg.progress:
+                        print(_describe(row, record), flush=True)
+        except KeyboardInterrupt as err:
+            status = "interrupted"
+            if stops.received is None and err.args and err.args[0]:  # a signal during a client's driver run
+                stops.received = str(err.args[0])
+            if server.in_round:  # stopped mid-round: the global model goes back to the last completed round
+                server.abort()
+    if status == "interrupted" and speaks():
+        by = {None: "Ctrl-C", "SIGINT": "Ctrl-C"}.get(stops.received, stops.received)
+        kept = f"round {len(rows)}" if rows else "the start"
+        saved = f"the global model of {kept} is in {run_dir / 'checkpoint.safetensors'}; " if run_dir else ""
+        print(f"interrupted by {by}: {saved}federated runs do not resume", flush=True)
     summary = _summary(cfg, server, rows, records, status, time.perf_counter() - t0, per_float)
     if run_dir is not None:
         io.save(run_dir / "checkpoint.safetensors", model)

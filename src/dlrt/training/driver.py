@@ -406,6 +406,35 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
+class StopSignals:
+    """For a loop with no safe points of its own (``dlrt federated``'s rounds): while active (main thread
+    only), SIGTERM and SIGUSR1 raise :class:`KeyboardInterrupt` where the code is, as Ctrl-C does by
+    default, so one ``except KeyboardInterrupt`` handles them all. :attr:`received` names the first.
+
+    A :class:`Driver` run inside (a client's local steps) installs its own handlers for its duration.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                if sig != signal.SIGINT:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+
 # ------------------------------------------------------------------ the writer
 class RunWriter:
     """Writes a run directory: ``config.yaml``, ``metrics.csv``, ``steps.csv``, ``summary.json``, the
