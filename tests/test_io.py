@@ -366,3 +366,49 @@ def test_stale_temporaries_of_a_killed_save_are_removed(tmp_path, via):
         dlrt.load(path, build())
     assert not stale.exists()
     assert fresh.exists() and other_dest.exists() and lookalike.exists()
+
+
+def frozen_base_model(seed: int = 0) -> nn.Module:
+    """A frozen dense base (a stand-in for a pretrained encoder) under a low-rank, trainable part."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    model[0].requires_grad_(False)
+    return dlrt.convert(model, rank=4, exclude=["0", "4"])
+
+
+def test_frozen_weights_are_left_out_and_must_match_on_load(tmp_path):
+    model = frozen_base_model()
+    opt = dlrt.DLRTOptimizer(model, "bug", "adam", lr=1e-2, tau=0.1)
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    frozen = ["0.weight", "0.bias"]
+    path = dlrt.save(tmp_path / "c.safetensors", model, opt, frozen=frozen)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        stored = set(f.keys())
+    assert "model/0.weight" not in stored and "model/2.U" in stored and "model/4.weight" in stored
+    # a model rebuilt from the same base loads it to the bit
+    fresh = frozen_base_model()
+    fresh_opt = dlrt.DLRTOptimizer(fresh, "bug", "adam", lr=1e-2, tau=0.1)
+    dlrt.load(path, fresh, fresh_opt)
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    # another base (one entry of the frozen weight differs): refused, naming it, and nothing changes
+    other = frozen_base_model()
+    with torch.no_grad():
+        other[0].weight[0, 0] += 1.0
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"frozen '0\.weight'.*same pretrained weights"):
+        dlrt.load(path, other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match="frozen= names keys"):
+        dlrt.save(tmp_path / "d.safetensors", model, frozen=["0.nope"])
+    assert not (tmp_path / "d.safetensors").exists()

@@ -403,6 +403,9 @@ def test_finetune_resumes_bit_identically_after_sigterm(tmp_path, monkeypatch, m
     resumed = finetune(resume_dir=cut.run_dir)
     assert resumed.status == "completed" and resumed.summary["steps"] == 24
     assert_same_final(full.run_dir, cut.run_dir)
+    # the frozen pretrained weights are left out of the checkpoint (the resume rebuilt them from the source)
+    tensors, _ = checkpoint_state(cut.run_dir)
+    assert any("word_embeddings" in k for k in tensors) == (method == "full")
     assert resumed.summary["test_acc"] == full.summary["test_acc"]
     assert resumed.summary["ranks"] == full.summary["ranks"]
 

@@ -13,13 +13,14 @@ both if applying it still fails (docs/algorithms.md §7).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def save(
     *,
     extra: dict[str, Any] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    frozen: Collection[str] = (),
 ) -> Path:
     """Write ``model`` (and ``optimizer``) to ``path`` atomically.
 
@@ -56,6 +58,9 @@ def save(
         extra: JSON-serializable values stored alongside (epoch, config, ...).
         tensors: further named tensors stored alongside (state a training task keeps
             outside the model and the optimizer); :func:`load` returns them on request.
+        frozen: keys of ``model.state_dict()`` not to store (a fine-tuning run's frozen
+            pretrained weights, which its model is rebuilt with); the header records a
+            fingerprint of each, and :func:`load` refuses a model whose tensor differs.
     """
     from safetensors.torch import save_file
 
@@ -73,8 +78,13 @@ def save(
             seen.add(ptr)
         stored[key] = t.contiguous().cpu()
 
-    for key, t in model.state_dict().items():
-        put(f"model/{key}", t)
+    state = model.state_dict()
+    unknown = sorted(set(frozen) - set(state))
+    if unknown:
+        raise ValueError(f"frozen= names keys the model's state dict does not have: {unknown[:5]}")
+    for key, t in state.items():
+        if key not in frozen:
+            put(f"model/{key}", t)
     for key, t in (tensors or {}).items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensors= holds tensors only; {key!r} is {type(t).__name__}")
@@ -96,6 +106,7 @@ def save(
             for name, layer in lowrank_layers(model)
         },
         "extra": extra or {},
+        **({"frozen": {key: fingerprint(state[key]) for key in sorted(frozen)}} if frozen else {}),
     }
     if optimizer is not None:
         sd = optimizer.state_dict()
@@ -115,6 +126,15 @@ def save(
         raise TypeError(f"checkpoint metadata must be JSON-serializable (check extra=): {err}") from err
     atomic_write(path, lambda tmp: save_file(stored, tmp, metadata={"dlrt": header}))
     return path
+
+
+def fingerprint(t: torch.Tensor) -> dict[str, Any]:
+    """Shape, dtype and a hash of (at most 65,536 evenly spaced entries of) ``t``: what tells a frozen tensor a
+    checkpoint left out from another (a different pretrained model), without hashing all of it at every save."""
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 65536)].contiguous().cpu()
+    digest = hashlib.blake2b(sample.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "sample_hash": digest}
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], Any]) -> Path:
@@ -259,8 +279,17 @@ def load(
             continue
         (r_u, r_v), (n, m) = core, saved[name]["shape"]
         factor_shapes.update({f"{prefix}U": (n, r_u), f"{prefix}S": (r_u, r_v), f"{prefix}V": (m, r_v)})
-    missing_keys = sorted(set(target) - set(model_sd))
-    unexpected_keys = sorted(set(model_sd) - set(target))
+    frozen = meta.get("frozen", {})
+    if not isinstance(frozen, dict):
+        raise ValueError(f"{path}: the checkpoint header's 'frozen' table is not a table")
+    for key, saved_print in frozen.items():
+        if key in target and fingerprint(target[key]) != saved_print:
+            raise ValueError(
+                f"{path}: the checkpoint left out the frozen {key!r}, and the model's {key!r} is not the one it "
+                "was saved with (shape, dtype or values differ): build the model from the same pretrained weights"
+            )
+    missing_keys = sorted(set(target) - set(model_sd) - set(frozen))
+    unexpected_keys = sorted((set(model_sd) | set(frozen)) - set(target))
     if missing_keys or unexpected_keys:
         raise ValueError(
             f"{path}: parameter names do not match the model: missing {missing_keys[:10]}, "
@@ -305,7 +334,7 @@ def load(
                 layer.set_factors(empty(n, r_u), empty(r_u, r_v), empty(m, r_v))
             layer.min_rank, layer.max_rank = int(info["min_rank"]), int(info["max_rank"])
             restore_layer_flags(layer, tuple(bool(info.get("flags", {}).get(f, False)) for f in LAYER_FLAGS))
-        model.load_state_dict(model_sd, strict=True)
+        model.load_state_dict(model_sd, strict=not frozen)  # the keys were checked above, frozen ones aside
         if optimizer is not None:
             optimizer.load_state_dict(osd)
     except BaseException:

@@ -222,6 +222,12 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None
     return move(batch)
 
 
+def frozen_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of ``model``'s parameters that do not require gradients (a fine-tuning run's frozen
+    pretrained weights)."""
+    return [name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+
 def model_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of ``model``'s first floating-point parameter (``None`` without one): what its inputs need."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -554,6 +560,8 @@ class Driver:
     (Ctrl-C, SIGTERM, SIGUSR1) ends the run; :meth:`run` continues from it
     (``resume=True``). Each is written whole to a temporary file and renamed over
     the previous one, so a killed process always leaves one complete checkpoint.
+    ``checkpoint_frozen=False`` leaves the parameters that do not require gradients
+    out of it (a frozen pretrained model, rebuilt on resume; :func:`dlrt.io.save`'s ``frozen``).
     """
 
     def __init__(
@@ -580,6 +588,7 @@ class Driver:
         checkpoint_every: int | None = None,
         checkpoint_minutes: float | None = None,
         task_state: TaskState | None = None,
+        checkpoint_frozen: bool = True,
     ) -> None:
         self.task, self.model, self.opt, self.writer = task, task.model, opt, writer
         self.device, self.epochs, self.seed = device, epochs, seed
@@ -593,6 +602,7 @@ class Driver:
             raise ValueError("checkpoint_every= and checkpoint_minutes= need checkpoint=True")
         self.checkpoint_every, self.checkpoint_minutes = checkpoint_every, checkpoint_minutes
         self.task_state = task_state
+        self.checkpoint_frozen = checkpoint_frozen
         group = resolve_group()
         self.comm = Communicator(group) if group is not None else None
         self.rank, self.world_size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
@@ -633,7 +643,8 @@ class Driver:
             extra, tensors = self._position(), None
             if self.task_state is not None:
                 tensors, extra["task"] = self.task_state.get()
-            io.save(self.checkpoint, self.model, self.opt, extra=extra, tensors=tensors)
+            frozen = () if self.checkpoint_frozen else frozen_keys(self.model)
+            io.save(self.checkpoint, self.model, self.opt, extra=extra, tensors=tensors, frozen=frozen)
         self._saved_step, self._saved_at = self.step, _clock()
 
     def _time_due(self) -> bool:

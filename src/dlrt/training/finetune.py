@@ -391,6 +391,7 @@ def finetune(
         describe=functools.partial(_describe, cfg),
         checkpoint=True,
         task_state=getattr(after_step, "state", None),
+        checkpoint_frozen=False,  # the pretrained weights come from the model's source on resume
         resume_dir=resume_dir,
         hint="or continue it with `dlrt finetune --resume {}`",
     )
