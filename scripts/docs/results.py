@@ -705,9 +705,30 @@ _FT_CONVENTION = ("finetune_convention_all_seed0.json",)
 _FT_FASHION = tuple(f"finetune_fashion_seed{s}.json" for s in range(3))
 _FT_QV = tuple(f"finetune_qv_seed{s}.json" for s in range(3))
 
+def _checkpoint_overhead(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    d = _json(paths[0])
+    header = ["checkpoint_every", "checkpoints", "kB each", "median write (ms)", "writes (s)", "CSV (s)"]
+    header += ["run (s)", "share of the run"]
+    rows = [
+        [
+            str(r["checkpoint_every"]),
+            str(r["checkpoints"]),
+            _int(r["checkpoint_bytes"] / 1e3),
+            f"{r['median_checkpoint_ms']:.1f}",
+            f"{r['checkpoint_seconds']:.2f}",
+            f"{r['csv_seconds']:.2f}",
+            f"{r['wall_seconds']:.1f}",
+            f"{_pct(r['overhead_share'])} %",
+        ]
+        for r in d["results"]
+    ]
+    return header, rows
+
+
 TABLES: dict[str, Table] = {
     "lenet-step-time": Table(("lenet_step_time.json",), _lenet_step_time, machine=PROJECT_MACHINE),
     "step-time": Table(("step_time.json",), _step_time, machine=PROJECT_MACHINE),
+    "checkpoint-overhead": Table(("checkpoint_overhead.json",), _checkpoint_overhead, machine=PROJECT_MACHINE),
     "ddp-scaling": Table(("ddp_scaling.jsonl",), _ddp_scaling, machine=PROJECT_MACHINE),
     "ddp-equivalence": Table(("ddp_scaling.jsonl",), _ddp_equivalence, machine=PROJECT_MACHINE),
     "federated": Table(

@@ -407,10 +407,6 @@ class _Interrupts:
             again = " (press Ctrl-C again to stop now)" if signum == signal.SIGINT else ""
             print(f"\n{what}: stopping at the next safe point{again}", file=sys.stderr, flush=True)
 
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-
 
 class StopSignals:
     """For a loop with no safe points of its own (``dlrt federated``'s rounds): while active (main thread
@@ -841,8 +837,9 @@ class Driver:
 
             try:
                 if self.checkpoint is not None and self.step == 0 and not (resume and self.checkpoint.is_file()):
-                    in_section = True  # a new run: its start is a checkpoint too (a kill before the first save
-                    self._save()  # resumes from it, not from nothing)
+                    # A new run: its start is a checkpoint too, so a kill before the first interval resumes from it.
+                    in_section = True
+                    self._save()
                     in_section = False
                 while self.epoch < self.epochs and self.step < self.total_steps:
                     stop_here()
