@@ -409,11 +409,12 @@ def test_ctrl_c_or_sigterm_mid_round_keeps_the_last_completed_round(data_root, t
 
     monkeypatch.setattr(Client, "handle", interrupt)
     capsys.readouterr()
+    handler = signal.getsignal(signal.SIGTERM)  # (what an earlier test's library may have installed)
     stopped = federate(load_config(None, [*args, "rounds=3", "name=stopped"], FederatedConfig))
     assert stopped.status == "interrupted" and [r["round"] for r in stopped.rows] == [1]
     by = "Ctrl-C" if how == "ctrl-c" else how
     assert f"interrupted by {by}: the global model of round 1 is in" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
     from safetensors.torch import load_file
 
     a, b = load_file(one.run_dir / "checkpoint.safetensors"), load_file(stopped.run_dir / "checkpoint.safetensors")

@@ -252,7 +252,11 @@ def test_sigkill_at_random_points_always_leaves_one_complete_checkpoint_and_resu
     run = runs / "cut"
     rng = random.Random(29)
     proc = dlrt_train([*KILL_ARGS, f"runs_dir={runs}", "name=cut"])
-    kills = 0
+    kills = inside_writes = 0
+
+    def temporaries() -> set[str]:
+        return {p.name for p in run.glob(".checkpoint.safetensors.*.tmp")}
+
     try:
         while kills < 6:
             deadline = time.monotonic() + 60
@@ -260,11 +264,16 @@ def test_sigkill_at_random_points_always_leaves_one_complete_checkpoint_and_resu
                 assert time.monotonic() < deadline, "no checkpoint appeared"
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.6))
+            before = temporaries()  # a killed write's leftover, until the resumed process removes it
+            if kills % 2:  # every other kill: the moment a new checkpoint write has begun
+                while proc.poll() is None and not (temporaries() - before):
+                    assert time.monotonic() < deadline + 60, "no checkpoint write began"
             if proc.poll() is not None:  # it finished before this kill
                 break
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             kills += 1
+            inside_writes += bool(temporaries() - before)
             # Whatever the moment: one complete checkpoint that loads into the model the config builds.
             from dlrt.training.loop import build_model, load_config
 
@@ -279,6 +288,7 @@ def test_sigkill_at_random_points_always_leaves_one_complete_checkpoint_and_resu
             proc.communicate()
     assert code == 0, out
     assert kills >= 3, "the run ended before most of the kills"
+    assert inside_writes >= 1, "no kill landed inside a checkpoint write"
     assert not list(run.glob(".*.tmp")), "a temporary file outlived the resume"
     assert_same_final(runs / "full", run)
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
