@@ -545,7 +545,7 @@ def global_truncation_ranks(
     if costs is not None:
         if budget is None:
             raise ValueError("costs= price the ranks against a budget: give budget= too")
-        price = [torch.as_tensor(c, dtype=torch.float64).flatten() for c in costs]
+        price = [torch.as_tensor(c, dtype=torch.float64).flatten().cpu() for c in costs]
         if len(price) != L or any(p.numel() < h for p, h in zip(price, hi)):
             raise ValueError("costs= needs one cost per rank up to each layer's max_rank, for every layer")
     else:
@@ -562,10 +562,12 @@ def global_truncation_ranks(
                 f"budget={budget} is below what the layers' min_rank cost ({floor:g}); "
                 "raise the budget or lower min_rank"
             )
+    # The decision is made on the CPU (a few values per layer), where the owners and prices are.
+    sigmas = [s.detach().double().cpu() for s in sigmas]
     # Candidates beyond each layer's guaranteed min_rank, within its max_rank.
     vals, owner, cost = [], [], []
     for i, s in enumerate(sigmas):
-        extra = s.detach().double()[lo[i] : hi[i]]
+        extra = s[lo[i] : hi[i]]
         vals.append(extra)
         owner.append(torch.full((extra.numel(),), i, dtype=torch.long))
         cost.append(price[i][lo[i] : hi[i]])
@@ -577,11 +579,11 @@ def global_truncation_ranks(
     keep = allv.numel()
     if tau is not None:
         _check_tau(tau)
-        total = torch.cat([s.detach().double() for s in sigmas]).norm()
+        total = torch.cat(sigmas).norm()
         theta = tau if absolute else tau * float(total)
         # Values beyond a layer's max_rank are dropped whatever the threshold; they count
         # towards the dropped norm, as in the per-layer rule (a single layer gets its local rank).
-        forced = sum(float(s.detach().double()[h:].square().sum()) for s, h in zip(sigmas, hi))
+        forced = sum(float(s[h:].square().sum()) for s, h in zip(sigmas, hi))
         tail = (torch.cat([allv.flip(0).square().cumsum(0).flip(0), allv.new_zeros(1)]) + forced).sqrt()
         within = torch.nonzero(tail <= theta)
         keep = int(within[0]) if within.numel() else allv.numel()
