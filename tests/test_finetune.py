@@ -407,3 +407,21 @@ def test_benchmark_majority_class_of_each_text_task():
     assert bench.majority_share("convention-party", 1) == pytest.approx(max(republican, 1 - republican))
     first = [label for _, label in test[:50]]
     assert bench.majority_share("convention-party", 1, limit=50) == max(first.count(0), first.count(1)) / 50
+
+
+def test_budget_unit_and_order_reach_the_geolora_config_and_optimizer(tmp_path):
+    from dlrt.training.finetune import apply_method, build_task
+
+    cfg = tiny_cfg(tmp_path, budget_unit="params", budget_order="energy")
+    model, opt, _ = apply_method(cfg, build_task(cfg).model, 10)
+    lora = sum(cfg.r * sum(a.lora.shape) for a in model.adapters().values())
+    assert (model.geolora_config.budget_unit, model.geolora_config.budget_order) == ("params", "energy")
+    group = opt.lowrank_group
+    assert (group["budget"], group["budget_unit"], group["budget_order"]) == (lora, "params", "energy")
+    # As KEY=VALUE overrides (dlrt finetune, benchmarks/finetune_vs_peft.py --geolora-set).
+    loaded = load_config(None, ["budget_unit=params", "budget_order=energy"], cls=FinetuneConfig)
+    assert (loaded.budget_unit, loaded.budget_order) == ("params", "energy")
+    with pytest.raises(ValueError, match="budget_unit='param' is not one of rank, params"):
+        FinetuneConfig(budget_unit="param")
+    with pytest.raises(ValueError, match="budget_order='sigma2' is not one of sigma, energy"):
+        FinetuneConfig(budget_order="sigma2")

@@ -184,6 +184,64 @@ def test_global_truncation_pools_singular_values():
         linalg.global_truncation_ranks([s1, s2], budget=1)
 
 
+def test_a_budget_in_parameters_prices_every_rank_and_stops_at_the_first_that_does_not_fit():
+    """Two layer sizes: the pooled order is the same, the budget is spent on what each rank costs."""
+    big = torch.tensor([10.0, 5.0, 4.0, 1.0], dtype=DT)  # each rank costs 10
+    small = torch.tensor([8.0, 3.0, 2.0, 0.5], dtype=DT)  # each rank costs 2
+    costs = [[10.0] * 4, [2.0] * 4]
+    # Counted in ranks, a total of 4 keeps the two largest pooled values beyond the floors: 5 and 4, both big.
+    assert linalg.global_truncation_ranks([big, small], budget=4) == [3, 1]
+    # 34 parameters: floors 10 + 2, then 5 (10), 4 (10) and 3 (2) exactly fill it.
+    assert linalg.global_truncation_ranks([big, small], budget=34, costs=costs) == [3, 2]
+    # 26: after 5 (10) four are left; the next value, 4, costs 10 and stops the cut although 3 (2) would fit.
+    assert linalg.global_truncation_ranks([big, small], budget=26, costs=costs) == [2, 1]
+    # 38: floors 12, then 5, 4, 3, 2 (24); the next, 1, costs 10 of the 2 left.
+    assert linalg.global_truncation_ranks([big, small], budget=38, costs=costs) == [3, 3]
+    # A price growing with the rank (as the core's k² of a matrix layer): the big layer's 2nd and 3rd ranks
+    # cost 12 and 14, so the same 38 buys 5 and 4 only, and 3 (2) does not come after 4 no longer fits.
+    rising = [[10.0, 12.0, 14.0, 16.0], [2.0] * 4]
+    assert linalg.global_truncation_ranks([big, small], budget=38, costs=rising) == [3, 1]
+    assert linalg.global_truncation_ranks([big, small], budget=37, costs=rising) == [2, 1]
+    # Floors hold and are paid first; tau still cuts within the budget; max_rank caps the candidates.
+    assert linalg.global_truncation_ranks([big, small], budget=12, costs=costs) == [1, 1]
+    assert linalg.global_truncation_ranks([big, small], budget=100, costs=costs, min_ranks=[1, 3]) == [4, 4]
+    assert linalg.global_truncation_ranks([big, small], budget=100, costs=costs, max_ranks=[2, None]) == [2, 4]
+    total = float(torch.cat([big, small]).norm())
+    assert linalg.global_truncation_ranks([big, small], tau=1.2 / total, budget=100, costs=costs) == [3, 3]
+    with pytest.raises(ValueError, match=r"below what the layers' min_rank cost \(12\)"):
+        linalg.global_truncation_ranks([big, small], budget=11, costs=costs)
+    with pytest.raises(ValueError, match="give budget= too"):
+        linalg.global_truncation_ranks([big, small], tau=0.1, costs=costs)
+    with pytest.raises(ValueError, match="one cost per rank"):
+        linalg.global_truncation_ranks([big, small], budget=40, costs=[[10.0] * 3, [2.0] * 4])
+
+
+def test_the_energy_order_takes_the_largest_sigma_squared_per_unit_of_budget():
+    big = torch.tensor([10.0, 5.0, 4.0, 1.0], dtype=DT)  # σ²/cost beyond the floor: 2.5, 1.6, 0.1
+    small = torch.tensor([8.0, 3.0, 2.0, 0.5], dtype=DT)  # 4.5, 2, 0.125
+    costs = [[10.0] * 4, [2.0] * 4]
+    # 26: σ order buys 5 (10) and stops at 4; by energy 3 (2), 5 (10), 2 (2) fill the 14 left after the floors.
+    assert linalg.global_truncation_ranks([big, small], budget=26, costs=costs) == [2, 1]
+    assert linalg.global_truncation_ranks([big, small], budget=26, costs=costs, order="energy") == [2, 3]
+    # Within what tau keeps (5, 4, 3, 2; see the test above): the same 26 takes 3, 5, 2 again, and 38 all four.
+    total = float(torch.cat([big, small]).norm())
+    assert linalg.global_truncation_ranks([big, small], tau=1.2 / total, budget=26, costs=costs, order="energy") == [
+        2,
+        3,
+    ]
+    assert linalg.global_truncation_ranks([big, small], tau=1.2 / total, budget=99, costs=costs, order="energy") == [
+        3,
+        3,
+    ]
+    # Without costs (a budget in ranks) σ² orders as σ does.
+    for budget in (2, 3, 4, 5, 8):
+        assert linalg.global_truncation_ranks([big, small], budget=budget, order="energy") == (
+            linalg.global_truncation_ranks([big, small], budget=budget)
+        )
+    with pytest.raises(ValueError, match="order must be one of"):
+        linalg.global_truncation_ranks([big, small], budget=4, order="sigma2")
+
+
 @pytest.mark.parametrize("absolute", [False, True])
 def test_global_truncation_of_one_layer_is_the_local_rule_even_when_max_rank_binds(absolute):
     """Values beyond max_rank are dropped anyway; they count towards the dropped norm as in the local rule."""

@@ -922,3 +922,118 @@ def test_small_factors_step_on_one_thread_and_the_passes_on_the_callers(integrat
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_budget_in_parameters_through_the_optimizer():
+    """budget_unit="params": the pooled σ, largest first, while the next rank's U, S, V parameters fit."""
+    torch.manual_seed(1)
+    a, pa = LowRankLinear(12, 12, 12, bias=False, dtype=DT), LeastSquares(12, 12, rank=2)
+    b, pb = _square_full_rank(4, 2)
+    lr, budget = 0.2, 150
+    W_tilde = [_dense_sgd_step(a, pa, lr), _dense_sgd_step(b, pb, lr)]
+    sigmas = [torch.linalg.svdvals(W) for W in W_tilde]
+    # The k-th rank of an n×n layer adds a column of U and of V and grows the core from (k−1)² to k².
+    ranks, left = [1, 1], budget - (12 + 12 + 1) - (4 + 4 + 1)
+    for _, i in sorted(((float(s), i) for i, sig in enumerate(sigmas) for s in sig[1:]), reverse=True):
+        n = (12, 4)[i]
+        cost = 2 * n + 2 * (ranks[i] + 1) - 1
+        if cost > left:
+            break
+        left, ranks[i] = left - cost, ranks[i] + 1
+    assert ranks == [4, 2] and left == 18  # here the next value is a's (33): b's next rank (13) would fit
+    model = nn.ModuleDict({"a": a, "b": b})
+    opt = dlrt.DLRTOptimizer(
+        model,
+        integrator="bug",
+        optimizer="sgd",
+        lr=lr,
+        tau=0.0,
+        tau_mode="relative",
+        truncation="global",
+        budget=budget,
+        budget_unit="params",
+    )
+    assert opt.lowrank_group["budget_unit"] == "params"
+
+    def closure():
+        opt.zero_grad()
+        loss = pa.loss(a(pa.X)) + pb.loss(b(pb.X))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert [a.rank, b.rank] == ranks
+    assert sum(p.numel() for m in (a, b) for p in m.factor_parameters()) == budget - left
+    for layer, W, r in zip((a, b), W_tilde, ranks):
+        torch.testing.assert_close(layer.matrix().detach(), _best_rank(W, r), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("order", ["sigma", "energy"])
+@pytest.mark.parametrize("integrator", ["bug", "parallel"])
+def test_a_budget_in_parameters_holds_with_the_gradient_rule(integrator, order):
+    """The gradient rule's new directions get only the parameters the weights' ranks leave."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LowRankLinear(24, 16, 3, dtype=DT), nn.Tanh(), LowRankLinear(16, 6, 3, dtype=DT))
+    x, y = torch.randn(64, 24, dtype=DT), torch.randn(64, 6, dtype=DT)
+    budget = 3 * (24 + 16) + 3 * (16 + 6)  # what rank-3 LoRA factors would hold
+    opt = dlrt.DLRTOptimizer(
+        model,
+        integrator=integrator,
+        optimizer="adam",
+        lr=0.05,
+        tau=0.0,
+        truncation="global",
+        budget=budget,
+        budget_unit="params",
+        budget_order=order,
+    )
+    largest = max(n + m + 2 * min(n, m) - 1 for n, m in ((16, 24), (6, 16)))  # the dearest rank
+    for _ in range(8):
+        opt.step(mse_closure(model, opt, x, y))
+        held = sum(p.numel() for m in (model[0], model[2]) for p in m.factor_parameters())
+        assert budget - largest < held <= budget  # tau 0: the budget binds, within one rank's price
+    assert dlrt.ranks(model) != {"0": 3, "2": 3}  # the ranks moved
+
+
+def test_budget_unit_is_checked_and_survives_a_state_dict_round_trip(tmp_path):
+    model = net()
+    with pytest.raises(ValueError, match=r"budget_unit must be one of \('rank', 'params'\), got 'parameters'"):
+        dlrt.DLRTOptimizer(model, truncation="global", budget=100, budget_unit="parameters")
+    with pytest.raises(ValueError, match="budget_unit='params' prices the ranks against a budget in parameters"):
+        dlrt.DLRTOptimizer(model, truncation="global", budget_unit="params")
+    with pytest.raises(ValueError, match=r"below what min_rank costs over 1 layers \(19\)"):  # 10 + 8 + 1
+        dlrt.DLRTOptimizer(model, truncation="global", budget=18, budget_unit="params")
+    tucker = dlrt.convert(nn.Sequential(nn.Conv2d(3, 4, 3).double()), rank=2, conv="tucker")
+    with pytest.raises(ValueError, match="budget_unit='params' prices the ranks of matrix layers only"):
+        dlrt.DLRTOptimizer(tucker, truncation="global", budget=500, budget_unit="params")
+    with pytest.raises(ValueError, match=r"budget_order must be one of \('sigma', 'energy'\), got 'sigma2'"):
+        dlrt.DLRTOptimizer(model, truncation="global", budget=100, budget_order="sigma2")
+    with pytest.raises(ValueError, match="budget_order='energy' orders what a budget keeps: give budget="):
+        dlrt.DLRTOptimizer(model, truncation="global", budget_order="energy")
+    group = dlrt.DLRTOptimizer(model).lowrank_group
+    assert (group["budget_unit"], group["budget_order"]) == ("rank", "sigma")  # the defaults: nothing changes
+
+    x, y = data()
+    opt = dlrt.DLRTOptimizer(
+        model, optimizer="adam", truncation="global", budget=60, budget_unit="params", budget_order="energy"
+    )
+    opt.step(mse_closure(model, opt, x, y))
+    sd = opt.state_dict()
+    keys = ("budget", "budget_unit", "budget_order")
+    fresh = dlrt.DLRTOptimizer(model, optimizer="adam", truncation="global", budget=3)
+    fresh.load_state_dict(sd)
+    assert [fresh.lowrank_group[k] for k in keys] == [60, "params", "energy"]
+    dlrt.save(tmp_path / "ckpt.safetensors", model, opt)
+    again = dlrt.DLRTOptimizer(model, optimizer="adam", truncation="global", budget=3)
+    dlrt.load(tmp_path / "ckpt.safetensors", model, again)
+    assert [again.lowrank_group[k] for k in keys] == [60, "params", "energy"]
+    # A saved group with a bad unit is refused before anything changes; one saved before the key existed counts ranks.
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["budget_unit"] = "flops"
+    with pytest.raises(ValueError, match="the state dict's low-rank group: budget_unit must be one of"):
+        fresh.load_state_dict(bad)
+    old = copy.deepcopy(sd)
+    del old["param_groups"][0]["budget_unit"], old["param_groups"][0]["budget_order"]
+    old["param_groups"][0]["budget"] = 3
+    fresh.load_state_dict(old)
+    assert [fresh.lowrank_group[k] for k in keys] == [3, "rank", "sigma"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -645,6 +646,44 @@ def test_default_budget_is_r_per_adapter_and_the_head_learns_faster():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 1.5e-3])
     del sched
+
+
+def test_a_budget_in_parameters_defaults_to_lora_r_and_holds_over_training(tmp_path):
+    config = GeoLoRAConfig(r=6, budget_unit="params", target_modules=["conv", "body.0", "body.2", "head"])
+    model = get_geolora_model(make_net(), config)
+    # LoRA r = 6 stores 6·(n + m) per n×m adapter; head (4×32) has full rank 4, so it counts 4.
+    lora = 6 * (8 + 27) + 6 * (32 + 128) + 6 * (32 + 32) + 4 * (4 + 32)
+    assert model.budget == lora == 1698
+    assert get_geolora_model(make_net(), GeoLoRAConfig(r=6, budget=9)).budget == 9  # ranks, as before
+    opt = model.make_optimizer(lr=2e-2)
+    assert (opt.lowrank_group["budget"], opt.lowrank_group["budget_unit"]) == (lora, "params")
+    assert model.num_adapter_parameters() > lora  # at rank r the cores' r² come on top of LoRA's count
+    x, y = batch()
+
+    def held(model, opt):
+        counts = []
+        for _ in range(6):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            counts.append(model.num_adapter_parameters())
+        return counts
+
+    # Step 1 grows the bases from the gradient at rank r (no truncation); every truncation after it
+    # keeps U, S, V of all adapters within LoRA's parameters.
+    in_params = held(model, opt)
+    assert all(h <= lora for h in in_params[1:]), in_params
+    assert model.ranks()["conv"] == 8  # the cheapest adapter (8×27) took its full rank
+    # Counted in ranks (r per adapter), the same training ends above LoRA's parameters here.
+    by_rank = get_geolora_model(make_net(), dataclasses.replace(config, budget_unit="rank"))
+    assert max(held(by_rank, by_rank.make_optimizer(lr=2e-2))[1:]) > lora
+    # The unit is part of the adapter config, and checked there.
+    model.save_pretrained(tmp_path / "ad")
+    assert GeoLoRAModel.from_pretrained(make_net(), tmp_path / "ad").geolora_config.budget_unit == "params"
+    with pytest.raises(ValueError, match="budget_unit must be one of"):
+        GeoLoRAConfig(budget_unit="parameters")
+    with pytest.raises(ValueError, match="budget_unit='params' prices the ranks against a budget"):
+        GeoLoRAConfig(truncation="local", budget_unit="params")
 
 
 @pytest.mark.parametrize("ratio", [0.0, -1.0, float("nan")])

@@ -470,6 +470,11 @@ def normal_directions(
     return A, B, share
 
 
+#: The orders in which a global budget takes the pooled values (:func:`global_truncation_ranks`): by ``σ``
+#: (GeoLoRA's), or by ``σ²`` per unit of the budget they cost.
+BUDGET_ORDERS = ("sigma", "energy")
+
+
 def check_tau(tau: float, tau_mode: str, name: str = "tau") -> float:
     """``tau`` as a float, checked for ``tau_mode`` (one of :data:`TAU_MODES`); a clear ``ValueError`` otherwise.
 
@@ -502,6 +507,8 @@ def global_truncation_ranks(
     absolute: bool = False,
     min_ranks: Sequence[int] | None = None,
     max_ranks: Sequence[int | None] | None = None,
+    costs: Sequence[Sequence[float] | Tensor] | None = None,
+    order: str = "sigma",
 ) -> list[int]:
     """Ranks for several layers truncated together (GeoLoRA, docs/algorithms.md §1).
 
@@ -513,47 +520,92 @@ def global_truncation_ranks(
     kept in total, the largest first. Every layer keeps at least its
     ``min_rank`` and at most its ``max_rank``.
 
+    ``costs`` prices the ranks against the ``budget`` (default: each rank costs
+    1, the budget is a total rank): ``costs[i][k]`` is what layer ``i``'s
+    ``(k+1)``-th rank costs, for ``k < max_rank`` (a layer's ranks are
+    bought in order, so the price may grow with the rank). The floors are paid
+    first; then the pooled values are taken, the largest first, until the next
+    one's cost no longer fits in what is left of the budget. ``order="energy"``
+    takes them by ``σ²/cost`` instead (the energy a unit of the budget buys;
+    with ``tau`` among the values ``tau`` keeps), the largest first, with the
+    same stop; without ``costs`` that is the order of ``σ``.
+
     Returns:
         One rank per layer, in the order of ``sigmas``.
     """
     if tau is None and budget is None:
         raise ValueError("global truncation needs tau, budget or both")
+    if order not in BUDGET_ORDERS:
+        raise ValueError(f"order must be one of {BUDGET_ORDERS}, got {order!r}")
     L = len(sigmas)
     lo = list(min_ranks) if min_ranks is not None else [1] * L
     hi_in = list(max_ranks) if max_ranks is not None else [None] * L
     hi = [s.numel() if h is None else min(h, s.numel()) for s, h in zip(sigmas, hi_in)]
     lo = [min(a, b) for a, b in zip(lo, hi)]
-    if budget is not None and budget < sum(lo):
-        raise ValueError(
-            f"budget={budget} is below the sum of the layers' min_rank ({sum(lo)}); raise the budget or lower min_rank"
-        )
+    if costs is not None:
+        if budget is None:
+            raise ValueError("costs= price the ranks against a budget: give budget= too")
+        price = [torch.as_tensor(c, dtype=torch.float64).flatten().cpu() for c in costs]
+        if len(price) != L or any(p.numel() < h for p, h in zip(price, hi)):
+            raise ValueError("costs= needs one cost per rank up to each layer's max_rank, for every layer")
+    else:
+        price = [torch.ones(h, dtype=torch.float64) for h in hi]
+    if budget is not None:
+        floor = sum(float(p[:a].sum()) for p, a in zip(price, lo))
+        if budget < floor:
+            if costs is None:
+                raise ValueError(
+                    f"budget={budget} is below the sum of the layers' min_rank ({sum(lo)}); "
+                    "raise the budget or lower min_rank"
+                )
+            raise ValueError(
+                f"budget={budget} is below what the layers' min_rank cost ({floor:g}); "
+                "raise the budget or lower min_rank"
+            )
+    # The decision is made on the CPU (a few values per layer), where the owners and prices are.
+    sigmas = [s.detach().double().cpu() for s in sigmas]
     # Candidates beyond each layer's guaranteed min_rank, within its max_rank.
-    vals, owner = [], []
+    vals, owner, cost = [], [], []
     for i, s in enumerate(sigmas):
-        extra = s.detach().double()[lo[i] : hi[i]]
+        extra = s[lo[i] : hi[i]]
         vals.append(extra)
         owner.append(torch.full((extra.numel(),), i, dtype=torch.long))
+        cost.append(price[i][lo[i] : hi[i]])
     allv = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64)
     own = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.long)
-    order = torch.argsort(allv, descending=True, stable=True)
-    allv, own = allv[order], own[order]
+    allc = torch.cat(cost) if cost else torch.zeros(0, dtype=torch.float64)
+    perm = torch.argsort(allv, descending=True, stable=True)
+    allv, own, allc = allv[perm], own[perm], allc[perm]
     keep = allv.numel()
     if tau is not None:
         _check_tau(tau)
-        total = torch.cat([s.detach().double() for s in sigmas]).norm()
+        total = torch.cat(sigmas).norm()
         theta = tau if absolute else tau * float(total)
         # Values beyond a layer's max_rank are dropped whatever the threshold; they count
         # towards the dropped norm, as in the per-layer rule (a single layer gets its local rank).
-        forced = sum(float(s.detach().double()[h:].square().sum()) for s, h in zip(sigmas, hi))
+        forced = sum(float(s[h:].square().sum()) for s, h in zip(sigmas, hi))
         tail = (torch.cat([allv.flip(0).square().cumsum(0).flip(0), allv.new_zeros(1)]) + forced).sqrt()
         within = torch.nonzero(tail <= theta)
         keep = int(within[0]) if within.numel() else allv.numel()
+    own = own[:keep]
     if budget is not None:
-        keep = min(keep, budget - sum(lo))
+        if order == "energy":
+            # σ and each layer's prices are sorted, so σ²/cost is too: a layer still buys its ranks in order.
+            by = torch.argsort(allv[:keep].square() / allc[:keep], descending=True, stable=True)
+            own, allc = own[by], allc[:keep][by]
+        own = own[: affordable(allc[: own.numel()], budget - floor)]
     ranks = list(lo)
-    for i in own[:keep].tolist():
+    for i in own.tolist():
         ranks[i] += 1
     return ranks
+
+
+def affordable(costs: Tensor, room: float) -> int:
+    """How many of ``costs``, taken in order, fit in ``room``: the longest prefix whose sum is ``≤ room``."""
+    if costs.numel() == 0:
+        return 0
+    # Integer prices (ranks, parameters) are summed exactly in float64 up to 2**53.
+    return int((costs.double().cumsum(0) <= room).sum())
 
 
 @dataclass(frozen=True)

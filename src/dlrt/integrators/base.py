@@ -191,8 +191,9 @@ class Integrator:
           spectrum, and truncating it would cut the layer to ``min_rank``.
 
         Layers not truncated keep their rank and, with ``truncation="global"``
-        and a ``budget``, count against it: the truncated layers share
-        ``budget − Σ(ranks kept)``, but never less than their ``min_rank`` s
+        and a ``budget``, count against it (their ranks, or their parameters with
+        ``budget_unit="params"``): the truncated layers share what is left of
+        the budget, but never less than their ``min_rank`` s
         (so the total stays within the budget whenever the ranks kept allow
         it). Then the flags are cleared and ``opt.phase`` returns to 0.
         Called by :meth:`advance` at the end of a full cycle and by
@@ -202,8 +203,9 @@ class Integrator:
         if self.adaptive:
             held = [any(layer_flags(m)) for m in layers]  # pending_growth or just_grown
             cut = [m for m, h in zip(layers, held) if not h]
-            kept = sum(m.rank for m, h in zip(layers, held) if h)
-            truncate(opt, cut, opt.lowrank_group, held_rank=kept, cores=cores)
+            unit = opt.lowrank_group.get("budget_unit", "rank")
+            kept = sum(budget_cost(m, unit) for m, h in zip(layers, held) if h)
+            truncate(opt, cut, opt.lowrank_group, held=kept, cores=cores)
         for m in layers:
             m.just_grown = False
         opt.trends = {}
@@ -435,18 +437,79 @@ def S_steps(opt: DLRTOptimizer, layers: list[LowRankLayer], grads: list[Tensor])
             opt.trends[layer] = opt.rule.trend(g, factor_state(opt, layer, "S"))
 
 
+#: What a global truncation's ``budget`` counts: ``"rank"`` (the sum of all ranks) or ``"params"`` (the
+#: parameters the low-rank factors hold; :func:`rank_costs`).
+BUDGET_UNITS = ("rank", "params")
+
+
+def check_budget_unit(budget_unit: Any, budget: Any, budget_order: Any = "sigma") -> str:
+    """``budget_unit`` and ``budget_order`` checked (one of :data:`BUDGET_UNITS`, of
+    :data:`~dlrt.linalg.BUDGET_ORDERS`, and other than the defaults only with a ``budget``); a clear
+    ``ValueError`` otherwise. Returns ``budget_unit``."""
+    if not isinstance(budget_unit, str) or budget_unit not in BUDGET_UNITS:
+        raise ValueError(
+            f"budget_unit must be one of {BUDGET_UNITS}, got {budget_unit!r}: 'rank' counts the budget as the sum "
+            "of all ranks, 'params' as the parameters the factors U, S, V hold"
+        )
+    if budget_unit == "params" and budget is None:
+        raise ValueError(
+            "budget_unit='params' prices the ranks against a budget in parameters: give budget= "
+            "(with truncation='global'), or leave budget_unit='rank'"
+        )
+    orders = linalg.BUDGET_ORDERS
+    if not isinstance(budget_order, str) or budget_order not in orders:
+        raise ValueError(
+            f"budget_order must be one of {orders}, got {budget_order!r}: 'sigma' keeps the largest singular "
+            "values first (GeoLoRA), 'energy' the largest σ² per unit of the budget they cost"
+        )
+    if budget_order != "sigma" and budget is None:
+        raise ValueError(
+            f"budget_order={budget_order!r} orders what a budget keeps: give budget= (with truncation='global'), "
+            "or leave budget_order='sigma'"
+        )
+    return budget_unit
+
+
+def budget_cost(layer: FactorizedLayer, unit: str) -> int:
+    """What ``layer`` takes of a global budget now: its rank (``unit="rank"``), or the parameters of its
+    factors ``U``, ``S``, ``V`` (``unit="params"``; the bias, never truncated, does not count)."""
+    if unit == "params":
+        return sum(p.numel() for p in layer.factor_parameters())
+    return layer.rank
+
+
+def rank_costs(layer: FactorizedLayer, unit: str, count: int) -> Tensor | None:
+    """The price of each of ``layer``'s first ``count`` ranks in a global budget's ``unit``; None for ``"rank"``.
+
+    With ``"params"`` the ``k``-th rank of an ``n×m`` matrix layer costs the
+    parameters it adds: a column of ``U`` and of ``V`` and the core's growth from
+    ``(k−1)²`` to ``k²``, ``n + m + 2k − 1``; so ``r`` ranks cost
+    ``r(n + m) + r²``, what the layer stores at rank ``r`` (a LoRA pair ``B A``
+    of rank ``r`` stores ``r(n + m)``).
+    """
+    if unit == "rank":
+        return None
+    if isinstance(layer, TuckerConv2d):
+        # Refused when the optimizer is built (core.py); a group edited since then gets here.
+        raise ValueError("budget_unit='params' prices matrix layers' ranks only, not Tucker layers' modes")
+    n, m = layer.shape
+    k = torch.arange(1, count + 1, dtype=torch.float64)
+    return n + m + 2 * k - 1
+
+
 def truncate(
     opt: DLRTOptimizer,
     layers: list[FactorizedLayer],
     group: dict[str, Any],
-    held_rank: int = 0,
+    held: int = 0,
     cores: dict[LowRankLayer, Tensor] | None = None,
 ) -> None:
     """docs/algorithms.md §1 on every layer of one truncation event (each layer exactly once).
 
     Per layer with the group's ``tau``, or jointly over all layers with
-    ``truncation="global"`` (and an optional total-rank ``budget``, of which
-    ``held_rank`` is already taken by layers not truncated now; the layers here
+    ``truncation="global"`` (and an optional ``budget``, a total rank or with
+    ``budget_unit="params"`` a total of parameters (:func:`rank_costs`), of which
+    ``held`` is already taken by layers not truncated now; the layers here
     keep at least their ``min_rank`` s even when that exceeds the rest).
 
     ``cores``: for a layer whose new weight is ``U C`` with an ``r×m`` matrix ``C``
@@ -472,11 +535,19 @@ def truncate(
             entries.append((layer, None, t, t.sigma, layer.min_rank, layer.max_rank))
     absolute = group["tau_mode"] == "absolute"
     budget = None
+    costs: list[Tensor] | None = None
     if group["truncation"] == "global":
         budget = group["budget"]
         if budget is not None:
-            floor = sum(min(lo, hi, sigma.numel()) for *_, sigma, lo, hi in entries)
-            budget = max(budget - held_rank, floor)
+            unit = group.get("budget_unit", "rank")  # a group saved before budget_unit existed counts ranks
+            his = [sigma.numel() if hi is None else min(hi, sigma.numel()) for *_, sigma, _, hi in entries]
+            if unit != "rank":  # priced up to max_rank: the gradient rule may grow a layer beyond its σ's count
+                costs = [rank_costs(e[0], unit, max(h, e[5] or 0)) for e, h in zip(entries, his)]
+            floor = sum(
+                min(lo, h) if costs is None else float(c[: min(lo, h)].sum())
+                for (*_, lo, _), h, c in zip(entries, his, costs or [None] * len(entries))
+            )
+            budget = max(budget - held, floor)
         ranks = linalg.global_truncation_ranks(
             [e[3] for e in entries],
             tau=group["tau"],
@@ -484,13 +555,15 @@ def truncate(
             absolute=absolute,
             min_ranks=[e[4] for e in entries],
             max_ranks=[e[5] for e in entries],
+            costs=costs,
+            order=group.get("budget_order", "sigma"),
         )
     else:
         ranks = [
             linalg.truncation_rank(sigma, group["tau"], absolute=absolute, min_rank=lo, max_rank=hi)
             for *_, sigma, lo, hi in entries
         ]
-    kept = _normal_bases(opt, entries, ranks, group, budget, cores)
+    kept = _normal_bases(opt, entries, ranks, group, budget, cores, costs)
     tucker: dict[TuckerConv2d, dict[int, Tensor]] = {}
     for (layer, mode, t, *_), (P, Q), r in zip(entries, kept, ranks):
         if mode is not None:
@@ -518,8 +591,9 @@ def _normal_bases(
     entries: list[tuple[Any, ...]],
     ranks: list[int],
     group: dict[str, Any],
-    budget: int | None,
+    budget: float | None,
     cores: dict[LowRankLayer, Tensor],
+    costs: list[Tensor] | None = None,
 ) -> list[tuple[Tensor, Tensor | None]]:
     """The kept factors of every truncation entry: ``(P, Q)`` of a matrix core, ``(P, None)`` of a Tucker mode.
 
@@ -529,7 +603,10 @@ def _normal_bases(
     the kept bases cannot represent (:func:`~dlrt.linalg.normal_directions`),
     within the layer's ``max_rank``; with a ``budget`` (what is left of it after
     the weights' ranks) the largest of them over all layers, relative to each
-    trend's norm.
+    trend's norm (or, with ``budget_order="energy"``, the largest squared share
+    per unit of cost), while the next one's cost fits (``costs``: the price of each
+    rank of each entry, as for :func:`~dlrt.linalg.global_truncation_ranks`;
+    default 1 a rank).
     """
     out: list[tuple[Tensor, Tensor | None]] = []
     extra: list[tuple[Tensor, Tensor | None, Tensor]] = []
@@ -554,9 +631,17 @@ def _normal_bases(
     counts = [e[2].numel() for e in extra]
     if budget is not None:
         shares = torch.cat([e[2].double().cpu() for e in extra]) if extra else torch.zeros(0)
-        room = max(budget - sum(ranks), 0)
+        if costs is None:  # each rank costs 1
+            costs = [torch.ones(r + c, dtype=torch.float64) for r, c in zip(ranks, counts)]
+        room = max(budget - sum(float(p[:r].sum()) for p, r in zip(costs, ranks)), 0)
         owners = [i for i, c in enumerate(counts) for _ in range(c)]
-        order = torch.argsort(shares, descending=True, stable=True)[:room].tolist()
+        # The a-th new direction of entry i is its (ranks[i] + a)-th rank.
+        price = torch.cat([p[r : r + c] for p, r, c in zip(costs, ranks, counts)]) if extra else torch.zeros(0)
+        score = shares.double()
+        if group.get("budget_order", "sigma") == "energy":
+            score = score.square() / price.double()
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[: linalg.affordable(price.double()[order], room)].tolist()
         counts = [0] * len(extra)
         for j in order:
             counts[owners[j]] += 1  # each layer's directions are sorted, so it keeps a leading block

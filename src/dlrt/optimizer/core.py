@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import linalg
 from ..distributed import Communicator, resolve_group
 from ..integrators import INTEGRATORS, Integrator
-from ..integrators.base import factor_state, set_factor_state, settle_kl_state
+from ..integrators.base import check_budget_unit, factor_state, rank_costs, set_factor_state, settle_kl_state
 from ..layers import FactorizedLayer, LowRankLayer, TuckerConv2d, check_rank
 from ..optim import RULES
 from ..optim.inner import InnerRule, check_real
@@ -80,7 +80,22 @@ class DLRTOptimizer(
         truncation: ``"local"`` (each layer by its own σ) or ``"global"``
             (σ of all layers pooled, GeoLoRA).
         budget: with global truncation, at most this many singular values
-            (the sum of all ranks) are kept.
+            (the sum of all ranks) are kept; with ``budget_unit="params"``, at
+            most this many parameters in the factors ``U``, ``S``, ``V`` of all
+            low-rank layers together.
+        budget_unit: what ``budget`` counts: ``"rank"`` (default) or
+            ``"params"``. With ``"params"`` the ``k``-th rank of an ``n×m`` layer
+            costs the ``n + m + 2k − 1`` parameters it adds (a column of ``U``
+            and of ``V``, the core's growth from ``(k−1)²`` to ``k²``): the
+            pooled singular values are kept, the largest first, while the next
+            one's parameters fit, and the gradient rule's new directions get
+            only the parameters left. Matrix layers only (not Tucker layers).
+        budget_order: the order in which the budget takes the pooled
+            singular values (and the gradient rule's new directions):
+            ``"sigma"`` (default, GeoLoRA's: the largest first) or
+            ``"energy"`` (the largest ``σ²`` per unit of the budget they cost:
+            the same order as ``"sigma"`` in ranks, a different one in
+            ``"params"``, where it favours the cheaper layers); needs a ``budget``.
         max_rank, min_rank: override the bounds stored in every layer. A
             layer whose current rank exceeds its (resulting) ``max_rank`` is an
             error naming the layer: truncate it first, or raise the bound.
@@ -155,6 +170,8 @@ class DLRTOptimizer(
         tau_grad: float | None = None,
         truncation: str = "local",
         budget: int | None = None,
+        budget_unit: str = "rank",
+        budget_order: str = "sigma",
         max_rank: int | None = None,
         min_rank: int | None = None,
         coefficient_steps: int | None = None,
@@ -195,6 +212,7 @@ class DLRTOptimizer(
             if truncation != "global" or budget < 1:
                 raise ValueError("budget= needs truncation='global' and a positive total rank")
             budget = int(budget)
+        budget_unit = check_budget_unit(budget_unit, budget, budget_order)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if max_grad_norm is not None:
@@ -209,6 +227,11 @@ class DLRTOptimizer(
                 "dlrt.convert(model, rank=...) or build it from dlrt.LowRankLinear/LowRankConv2d"
             )
         tucker = [n for n, m in named if isinstance(m, TuckerConv2d)]
+        if tucker and budget_unit == "params":
+            raise ValueError(
+                f"budget_unit='params' prices the ranks of matrix layers only, not those of the Tucker layers "
+                f"({', '.join(tucker)}): use budget_unit='rank', or convert those layers with conv='matrix'"
+            )
         if tucker and (self.rule.geometric or not self.integrator.tucker):
             what = f"optimizer={optimizer!r}" if self.rule.geometric else f"integrator={self.integrator.name!r}"
             raise ValueError(
@@ -228,7 +251,14 @@ class DLRTOptimizer(
                 )
             comm = Communicator(group)
             _check_same_model(comm, model, named)
-        if budget is not None and budget < sum(lo for lo, _ in bounds):
+        if budget is not None and budget_unit == "params":
+            floor = sum(int(rank_costs(m, "params", lo).sum()) for (_, m), (lo, _) in zip(named, bounds))
+            if budget < floor:
+                raise ValueError(
+                    f"budget={budget} parameters is below what min_rank costs over {len(named)} layers ({floor}): "
+                    "raise the budget or lower min_rank"
+                )
+        elif budget is not None and budget < sum(lo for lo, _ in bounds):
             raise ValueError(f"budget={budget} is below the sum of min_rank over {len(named)} layers")
         # Everything is validated: from here on the model and this object change.
         self.on_nonfinite = on_nonfinite
@@ -255,6 +285,8 @@ class DLRTOptimizer(
                 "tau_grad": tau_grad,
                 "truncation": truncation,
                 "budget": budget,
+                "budget_unit": budget_unit,
+                "budget_order": budget_order,
             }
         ]
         if dense:

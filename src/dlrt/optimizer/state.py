@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from ..integrators import Integrator
+from ..integrators.base import check_budget_unit
 from ..layers import FactorizedLayer, TuckerConv2d
 from ..optim.inner import InnerRule
 
@@ -98,6 +99,18 @@ class StateDictMixin:
             len(g["params"]) for g in self.param_groups
         ]:
             raise ValueError("the state dict's parameter groups do not match this optimizer's")
+        saved = groups[0]
+        # The saved group replaces this one on load; a group saved before budget_unit existed counts ranks.
+        unit = saved.get("budget_unit", "rank")
+        try:
+            check_budget_unit(unit, saved.get("budget"), saved.get("budget_order", "sigma"))
+        except ValueError as err:
+            raise ValueError(f"the state dict's low-rank group: {err}") from err
+        if unit == "params" and any(isinstance(m, TuckerConv2d) for m in self.lowrank_layers):
+            raise ValueError(
+                "the state dict's low-rank group has budget_unit='params', which does not price the ranks of this "
+                "model's Tucker layers: it belongs to another model"
+            )
         shapes: list[tuple[int, ...]] = []
         for name, layer in zip(self.layer_names, self.lowrank_layers):
             if isinstance(layer, TuckerConv2d):
@@ -145,6 +158,9 @@ class StateDictMixin:
         self._buffer_guard.clear()
         self.phase = int(meta["phase"])
         self.steps = int(meta["steps"])
+        # A group saved before these keys existed: a total rank, taken by σ.
+        self.lowrank_group.setdefault("budget_unit", "rank")
+        self.lowrank_group.setdefault("budget_order", "sigma")
         self.trends = {}  # a trend is not saved (core.py): a cycle ended right after a load uses the weight rule
         # The rank rule comes with the saved group (a checkpoint of the relative rule keeps it).
         self.integrator.sees_normal = self.lowrank_group["tau_mode"] == "gradient"

@@ -49,6 +49,21 @@ class GeoLoRAConfig:
             "global truncation: r per adapter; local truncation has no budget)"
         },
     )
+    budget_unit: str = field(
+        default="rank",
+        metadata={
+            "help": "what budget counts: rank (the sum of ranks) or params (the parameters U, S, V hold; the k-th "
+            "rank of an n×m adapter costs n + m + 2k − 1; default budget: what LoRA of rank r stores, "
+            "Σ r·(n + m) over the adapters)"
+        },
+    )
+    budget_order: str = field(
+        default="sigma",
+        metadata={
+            "help": "sigma: the budget keeps the largest singular values first (GeoLoRA); energy: the largest "
+            "σ² per unit of the budget they cost (with budget_unit=params it favours the cheaper adapters)"
+        },
+    )
     truncation: str = field(
         default="global",
         metadata={"help": "global: pool σ of all adapters (GeoLoRA); local: each adapter by its own σ"},
@@ -109,6 +124,10 @@ class GeoLoRAConfig:
             positive_int("budget", self.budget)
             if self.truncation != "global":
                 raise ValueError("budget= needs truncation='global' (a budget is shared by all adapters)")
+        from ..integrators.base import check_budget_unit
+
+        # Under global truncation a budget always exists (GeoLoRAModel.budget's default).
+        check_budget_unit(self.budget_unit, self.budget if self.truncation != "global" else 0, self.budget_order)
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         self.lora_alpha = float(self.lora_alpha)

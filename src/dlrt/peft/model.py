@@ -125,7 +125,8 @@ class GeoLoRAModel(nn.Module):
         head) learn at ``lr × modules_to_save_lr_ratio``: a head starting from
         random weights needs larger steps than adapters on pretrained weights
         (docs/geolora.md). With ``truncation="global"``
-        and no ``budget`` in the config, the budget is ``r`` per adapter.
+        and no ``budget`` in the config, the budget is ``r`` per adapter
+        (:attr:`budget`).
         """
         c = self.geolora_config
         from_config = {
@@ -133,6 +134,8 @@ class GeoLoRAModel(nn.Module):
             "tau": c.tau,
             "truncation": c.truncation,
             "budget": self.budget,
+            "budget_unit": c.budget_unit,
+            "budget_order": c.budget_order,
             "coefficient_steps": c.coefficient_steps,
         }
         clash = sorted(set(from_config) & set(kwargs))
@@ -147,11 +150,21 @@ class GeoLoRAModel(nn.Module):
 
     @property
     def budget(self) -> int | None:
-        """The total-rank budget the optimizer gets: the config's, else ``r`` per adapter under global truncation."""
+        """The budget the optimizer gets: the config's, else, under global truncation, ``r`` per adapter.
+
+        With ``budget_unit="rank"`` that is a total rank, ``Σ r``; with ``"params"``
+        the parameters a LoRA adapter of rank ``r`` stores, ``Σ r·(n + m)`` over the
+        ``n×m`` adapters, so GeoLoRA never holds more adapter parameters
+        (:meth:`num_adapter_parameters`, which counts the cores too) than LoRA of
+        the same ``r``. (An adapter whose full rank is below ``r`` counts its full rank.)
+        """
         c = self.geolora_config
         if c.budget is not None or c.truncation != "global":
             return c.budget
-        return sum(min(c.r, a.lora.max_rank) for a in self.adapters().values())
+        adapters = [a.lora for a in self.adapters().values()]
+        if c.budget_unit == "params":
+            return sum(min(c.r, lora.max_rank) * sum(lora.shape) for lora in adapters)
+        return sum(min(c.r, lora.max_rank) for lora in adapters)
 
     # ------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:

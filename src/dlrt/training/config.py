@@ -260,7 +260,25 @@ class FinetuneConfig(RunConfig):
         default=None, metadata={"help": "relative truncation tolerance (geolora; default: GeoLoRAConfig's)"}
     )
     budget: int | None = field(
-        default=None, metadata={"help": "total rank of all adapters (geolora; default: r per adapter)"}
+        default=None,
+        metadata={
+            "help": "total rank of all adapters, or their parameters with budget_unit=params "
+            "(geolora; default: r per adapter)"
+        },
+    )
+    budget_unit: str = field(
+        default="rank",
+        metadata={
+            "help": "rank | params: what budget counts (geolora); params: the parameters U, S, V hold, "
+            "by default what LoRA of rank r stores"
+        },
+    )
+    budget_order: str = field(
+        default="sigma",
+        metadata={
+            "help": "sigma | energy: the budget keeps the largest singular values first, or the largest σ² per "
+            "unit of budget (geolora)"
+        },
     )
     integrator: str = field(default="parallel", metadata={"help": "parallel | bug | abc (geolora)"})
     coefficient_steps: int | None = field(
@@ -350,6 +368,8 @@ class FinetuneConfig(RunConfig):
             raise ValueError(f"model={self.model!r} does not fit dataset={self.dataset!r}: it takes {takes}")
         _check_choice("method", self.method, ("geolora", "lora", "adalora", "full"))
         _check_choice("pooling", self.pooling, ("mean", "cls"))
+        _check_choice("budget_unit", self.budget_unit, ("rank", "params"))
+        _check_choice("budget_order", self.budget_order, ("sigma", "energy"))
         _check_choice("integrator", self.integrator, _integrators(adaptive=True))  # GeoLoRA adapts the rank
         _check_choice("optimizer", self.optimizer, _rules())
         flat = ("adamw", "adam", "sgd")

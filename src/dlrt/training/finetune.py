@@ -165,6 +165,8 @@ def apply_method(
             min_rank=cfg.min_rank,
             tau=cfg.tau,
             budget=cfg.budget,
+            budget_unit=cfg.budget_unit,
+            budget_order=cfg.budget_order,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=targets,
