@@ -24,8 +24,9 @@ The methods:
 * PEFT LoRA, r = 8;
 * PEFT AdaLoRA, init_r = 12, target_r = 8, ``update_and_allocate`` after every step;
 * GeoLoRA with its defaults (``GeoLoRAConfig(r=8)`` and ``make_optimizer(lr=...)``: parallel
-  integrator, geo-adam, the head at 10 × lr, tau pooled over all adapters, total-rank
-  budget r per adapter = AdaLoRA's final total rank).
+  integrator, geo-adam, the head at 10 × lr, tau pooled over all adapters, a budget of LoRA
+  r = 8's adapter parameters, ``budget_unit="params"``; ``--geolora-set budget_unit=rank``
+  gives the earlier total-rank budget, r per adapter = AdaLoRA's final total rank).
 
 For the text tasks ``--targets all`` adapts every linear layer of the encoder instead
 (36 modules). ``--default-run`` runs ``dlrt finetune`` with no arguments but the task's
@@ -413,11 +414,11 @@ def default_run(args: argparse.Namespace, task, pristine, out: Path, done: dict)
         run_and_record(args, task, pristine, cfg, key, runs, out)
     by = {r["key"]: r for r in runs}
     geo, lora = by["default-geolora"], by["default-lora"]
-    budget = geo["config"]["r"] * len(geo["ranks"])
     print(
         f"dlrt finetune (defaults, {geo['steps']} steps): GeoLoRA {100 * geo['test_acc']:.2f} % "
-        f"(final total rank {geo['total_rank']}, largest {geo['max_total_rank']}, budget {budget}), "
-        f"LoRA r 8 {100 * lora['test_acc']:.2f} %"
+        f"(final total rank {geo['total_rank']}, largest {geo['max_total_rank']}, "
+        f"{geo['adapter_params']:,d} adapter parameters), "
+        f"LoRA r 8 {100 * lora['test_acc']:.2f} % ({lora['adapter_params']:,d} adapter parameters)"
     )
     return 0
 

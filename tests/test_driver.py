@@ -1,4 +1,5 @@
-"""The training driver: exact resume after Ctrl-C, SIGTERM or SIGUSR1 anywhere, steps.csv, plots without matplotlib, CLI validation."""
+"""The training driver: exact resume after Ctrl-C, SIGTERM or SIGUSR1 anywhere, steps.csv, plots without
+matplotlib, CLI validation."""
 
 from __future__ import annotations
 

@@ -559,8 +559,8 @@ def global_truncation_ranks(
                     "raise the budget or lower min_rank"
                 )
             raise ValueError(
-                f"budget={budget} is below what the layers' min_rank cost ({floor:g}); "
-                "raise the budget or lower min_rank"
+                f"budget={budget} is below what the layers' min_rank cost ({floor:g}); raise the budget or lower "
+                "min_rank (this budget counts parameters, budget_unit='params'; a total rank is budget_unit='rank')"
             )
     # The decision is made on the CPU (a few values per layer), where the owners and prices are.
     sigmas = [s.detach().double().cpu() for s in sigmas]

@@ -49,12 +49,14 @@ class GeoLoRAConfig:
             "global truncation: r per adapter; local truncation has no budget)"
         },
     )
-    budget_unit: str = field(
-        default="rank",
+    budget_unit: str | None = field(
+        default=None,
         metadata={
             "help": "what budget counts: rank (the sum of ranks) or params (the parameters U, S, V hold; the k-th "
             "rank of an n×m adapter costs n + m + 2k − 1; default budget: what LoRA of rank r stores, "
-            "Σ r·(n + m) over the adapters)"
+            "Σ r·(n + m) over the adapters). Default: params with global truncation and no budget given (never "
+            "more adapter parameters than LoRA of rank r); rank for a budget given (a total rank, as it always "
+            "was) and with local truncation (no budget)"
         },
     )
     budget_order: str = field(
@@ -126,6 +128,8 @@ class GeoLoRAConfig:
                 raise ValueError("budget= needs truncation='global' (a budget is shared by all adapters)")
         from ..integrators.base import check_budget_unit
 
+        if self.budget_unit is None:
+            self.budget_unit = "params" if self.truncation == "global" and self.budget is None else "rank"
         # Under global truncation a budget always exists (GeoLoRAModel.budget's default).
         check_budget_unit(self.budget_unit, self.budget if self.truncation != "global" else 0, self.budget_order)
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:

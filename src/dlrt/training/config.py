@@ -266,11 +266,11 @@ class FinetuneConfig(RunConfig):
             "(geolora; default: r per adapter)"
         },
     )
-    budget_unit: str = field(
-        default="rank",
+    budget_unit: str | None = field(
+        default=None,
         metadata={
-            "help": "rank | params: what budget counts (geolora); params: the parameters U, S, V hold, "
-            "by default what LoRA of rank r stores"
+            "help": "rank | params: what budget counts (geolora; default: params, what LoRA of rank r stores, "
+            "without a budget; rank for a budget given)"
         },
     )
     budget_order: str = field(
@@ -398,6 +398,8 @@ class FinetuneConfig(RunConfig):
             self.optimizer = "geo-adam" if geo else "adamw"
         if self.modules_to_save_lr_ratio is None:
             self.modules_to_save_lr_ratio = MODULES_TO_SAVE_LR_RATIO if geo else 1.0
+        if self.budget_unit is None:
+            self.budget_unit = "params" if geo and self.budget is None else "rank"
 
     @property
     def run_stem(self) -> str:
