@@ -705,6 +705,7 @@ _FT_CONVENTION = ("finetune_convention_all_seed0.json",)
 _FT_FASHION = tuple(f"finetune_fashion_seed{s}.json" for s in range(3))
 _FT_QV = tuple(f"finetune_qv_seed{s}.json" for s in range(3))
 
+
 def _checkpoint_overhead(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     d = _json(paths[0])
     header = ["checkpoint_every", "checkpoints", "kB each", "median write (ms)", "writes (s)", "CSV (s)"]
