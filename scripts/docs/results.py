@@ -706,6 +706,55 @@ _FT_FASHION = tuple(f"finetune_fashion_seed{s}.json" for s in range(3))
 _FT_QV = tuple(f"finetune_qv_seed{s}.json" for s in range(3))
 
 
+#: GeoLoRA's budget variants at its default lr (5e-3) against LoRA's best-lr mean, per task:
+#: (task, budget, GeoLoRA's files, LoRA's files). The tables read every file named here.
+_FT_BUDGETS = (
+    ("Rotten Tomatoes, all linear", "rank (288)", [f"finetune_all_seed{s}_gradient_rule.json" for s in range(3)]),
+    ("Rotten Tomatoes, all linear", "params", [f"finetune_all_seed{s}_param_budget.json" for s in range(3)]),
+    (
+        "Rotten Tomatoes, all linear",
+        "params, energy order",
+        [f"finetune_all_seed{s}_param_budget_energy.json" for s in range(3)],
+    ),
+    ("Convention party, all linear", "rank (288)", ["finetune_convention_all_seed0.json"]),
+    ("Convention party, all linear", "params", ["finetune_convention_all_seed0_param_budget.json"]),
+    ("Fashion-MNIST CNN", "rank (24)", list(_FT_FASHION)),
+    ("Fashion-MNIST CNN", "params", [f"finetune_fashion_seed{s}_param_budget.json" for s in range(3)]),
+)
+_FT_LORA = {
+    "Rotten Tomatoes, all linear": [*(f"finetune_all_seed{s}.json" for s in range(3)), "finetune_all_seed0_lora.json"],
+    "Convention party, all linear": ["finetune_convention_all_seed0.json"],
+    "Fashion-MNIST CNN": list(_FT_FASHION),
+}
+
+def _finetune_budget(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    by_name = {p.name: p for p in paths}
+    header = ["task", "GeoLoRA budget", "GeoLoRA at 5e-3 (seed 0 / 1 / 2)", "mean", "adapter params"]
+    header += ["LoRA best lr: mean", "GeoLoRA − LoRA"]
+    rows = []
+    for task, budget, files in _FT_BUDGETS:
+        geo = _finetune_runs([by_name[f] for f in files])
+        lora = _finetune_runs([by_name[f] for f in _FT_LORA[task]])
+        seeds = sorted({k[1] for k in geo if k[0] == "geolora" and k[2] == 5e-3})
+        accs = [geo[("geolora", s, 5e-3)]["test_acc"] for s in seeds]
+        params = [geo[("geolora", s, 5e-3)]["adapter_params"] for s in seeds]
+        lrs = [lr for lr in _LRS if all(("lora", s, lr) in lora for s in seeds)]
+        best = max(_mean(lora[("lora", s, lr)]["test_acc"] for s in seeds) for lr in lrs)
+        lora_params = lora[("lora", seeds[0], lrs[0])]["adapter_params"]
+        rows.append(
+            [
+                task,
+                budget,
+                " / ".join(_pct(a) for a in accs),
+                _pct(_mean(accs)),
+                f"{_int(max(params))} (LoRA {_int(lora_params)})",
+                _pct(best),
+                f"{100 * (_mean(accs) - best):+.2f}",
+            ]
+        )
+    return header, rows
+
+
 def _checkpoint_overhead(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     d = _json(paths[0])
     header = ["checkpoint_every", "checkpoints", "kB each", "median write (ms)", "writes (s)", "CSV (s)"]
@@ -785,6 +834,11 @@ TABLES: dict[str, Table] = {
     ),
     "finetune-convention": Table(_FT_CONVENTION, _finetune_sweep),
     "finetune-fashion": Table(_FT_FASHION, _finetune_sweep),
+    "finetune-budget": Table(
+        tuple(dict.fromkeys(f for task, _, files in _FT_BUDGETS for f in [*files, *_FT_LORA[task]])),
+        _finetune_budget,
+        machine=PROJECT_MACHINE + ", one thread per run",
+    ),
     "finetune-default": Table(("finetune_default_seed0.json",), _finetune_default),
     "finetune-timing": Table(
         tuple(f"finetune_all_timing_b{b}{t}.json" for t in ("_threads1", "") for b in (16, 32)), _finetune_timing

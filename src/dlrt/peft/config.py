@@ -45,8 +45,9 @@ class GeoLoRAConfig:
     budget: int | None = field(
         default=None,
         metadata={
-            "help": "the most singular values (sum of ranks) all adapters may keep together (default with "
-            "global truncation: r per adapter; local truncation has no budget)"
+            "help": "what all adapters may keep together: a total rank (a budget given counts ranks unless "
+            "budget_unit=params); default with global truncation: the parameters LoRA of rank r stores; local "
+            "truncation has no budget"
         },
     )
     budget_unit: str | None = field(
