@@ -727,6 +727,7 @@ _FT_LORA = {
     "Fashion-MNIST CNN": list(_FT_FASHION),
 }
 
+
 def _finetune_budget(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     by_name = {p.name: p for p in paths}
     header = ["task", "GeoLoRA budget", "GeoLoRA at 5e-3 (seed 0 / 1 / 2)", "mean", "adapter params"]
