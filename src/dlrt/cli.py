@@ -15,13 +15,14 @@ EXIT = {"completed": 0, "interrupted": 130, "diverged": 1}
 def _exit_status(status: str) -> int:
     """The exit status of a training command's run ``status`` (:data:`EXIT`).
 
-    Under torchrun an interrupted run's processes of rank > 0 exit with 0: the agent
-    stops every process as soon as one exits with an error status, and rank 0 may
-    still be finishing its files and its report; torchrun's own status is then rank 0's 130.
+    Under torchrun the processes of rank > 0 exit with 0 whenever the run ended with a
+    status (interrupted or diverged too): torchrun's agent stops every process as soon
+    as one exits with an error status, and rank 0 may still be writing the run's last
+    files and its report. Rank 0's status (130, 1) is then torchrun's own.
     """
     from .distributed import speaks
 
-    return 0 if status == "interrupted" and not speaks() else EXIT[status]
+    return EXIT[status] if speaks() else 0
 
 
 def _say(line: str) -> None:

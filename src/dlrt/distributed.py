@@ -135,9 +135,6 @@ def init_from_env(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Ite
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout), **kwargs)
     try:
         yield device
-        # Leave together: torchrun's agent stops the other processes as soon as one exits with an error status
-        # (an interrupted run's 130), and rank 0 may still be writing the run's last files.
-        dist.barrier()
     finally:
         dist.destroy_process_group()
 
