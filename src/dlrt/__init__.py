@@ -8,10 +8,12 @@ integrators that adapt the rank on the fly::
     opt = dlrt.DLRTOptimizer(model, integrator="bug", optimizer="sgd", lr=0.05)
     loss = opt.step(closure)
     dlrt.ranks(model), dlrt.compression(model)
+    dlrt.export(model, (x,), "model.pt2")  # plain torch modules, loadable without dlrt
 """
 
 from . import linalg, robust
 from .conversion import compression, convert, lowrank_layers, parameter_counts, ranks, to_dense
+from .exporting import export, to_plain
 from .integrators import INTEGRATORS, Integrator
 from .io import load, save
 from .layers import FactorizedLayer, LowRankConv2d, LowRankLayer, LowRankLinear, TuckerConv2d
@@ -31,6 +33,7 @@ __all__ = [
     "TuckerConv2d",
     "compression",
     "convert",
+    "export",
     "linalg",
     "load",
     "lowrank_layers",
@@ -39,4 +42,5 @@ __all__ = [
     "robust",
     "save",
     "to_dense",
+    "to_plain",
 ]

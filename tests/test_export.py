@@ -1,0 +1,332 @@
+"""Export (issue 30, first slice): plain torch modules, torch.export programs that load without dlrt, safetensors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+import dlrt
+from dlrt import linalg
+from dlrt.exporting import AddBranches
+from dlrt.peft import GeoLoRAConfig, get_geolora_model
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _random_ranks(model: nn.Module) -> nn.Module:
+    """Every layer at a random rank below its full one, cores random (not diagonal) for a generic U S Vᵀ."""
+    for _, layer in dlrt.lowrank_layers(model):
+        n, m = layer.shape
+        r = int(torch.randint(1, min(n, m), ()))
+        kw = {"dtype": layer.U.dtype}
+        U = linalg.orth(torch.randn(n, r, **kw))
+        V = linalg.orth(torch.randn(m, r, **kw))
+        layer.set_factors(U, torch.randn(r, r, **kw), V)
+    return model
+
+
+def mlp(dtype=torch.float32) -> nn.Module:
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 30, bias=False), nn.Tanh(), nn.Linear(30, 5))
+    return _random_ranks(dlrt.convert(net.to(dtype), rank=4))
+
+
+class LeNetLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2, padding_mode="reflect"),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 4, padding="same", dilation=2),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, stride=2, bias=False),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(16 * 3 * 3, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def lenet(dtype=torch.float32) -> nn.Module:
+    return _random_ranks(dlrt.convert(LeNetLike().to(dtype), rank=3))
+
+
+def geolora(dtype=torch.float32) -> nn.Module:
+    """A GeoLoRA model on a conv + linear net, every update non-zero (as after training)."""
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 7)).to(dtype)
+    model = get_geolora_model(base, GeoLoRAConfig(r=3, lora_alpha=6.0))
+    for a in model.adapters().values():
+        lora = a.lora
+        lora.set_factors(lora.U.detach(), torch.randn(3, 3, dtype=dtype), lora.V.detach())
+    return model
+
+
+def _no_dlrt_modules(plain: nn.Module) -> None:
+    for name, module in plain.named_modules():
+        assert not type(module).__module__.startswith("dlrt") or isinstance(module, AddBranches), (name, module)
+
+
+def _close(a, b, dtype):
+    assert a.dtype == b.dtype == dtype
+    torch.testing.assert_close(a, b, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rule", ["flops", "factored", "dense"])
+def test_to_plain_mlp_and_conv_net(dtype, rule):
+    for model, x in (
+        (mlp(dtype), torch.randn(9, 20, dtype=dtype)),
+        (lenet(dtype), torch.randn(4, 1, 14, 14, dtype=dtype)),
+    ):
+        model.eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        plain = dlrt.to_plain(model, rule=rule)
+        _no_dlrt_modules(plain)
+        assert not any(isinstance(m, dlrt.FactorizedLayer) for m in plain.modules())
+        with torch.no_grad():
+            _close(plain(x), model(x), dtype)
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # the model itself is untouched
+    forms = {type(m) for m in plain.modules()}
+    assert (nn.Conv2d in forms) and (nn.Linear in forms)
+
+
+def test_conv_factors_are_the_layer_kernels():
+    model = lenet()
+    layer = model.features[0]
+    plain = dlrt.to_plain(model, rule="factored")
+    first, second = plain.features[0]
+    r = layer.S.shape[1]
+    assert first.weight.shape == (r, 1, 5, 5) and second.weight.shape == (6, r, 1, 1)
+    assert (first.padding, first.padding_mode, first.stride) == ((2, 2), "reflect", (1, 1))
+    dense = second.weight.reshape(6, r) @ first.weight.reshape(r, -1)
+    torch.testing.assert_close(dense.reshape(layer.weight.shape), layer.weight)
+    torch.testing.assert_close(second.bias, layer.bias.detach())
+
+
+def test_flops_rule_boundary():
+    # Linear 20 → 30: factored costs r·50, dense 600; equal at r = 12 → dense.
+    def linear_at(r):
+        layer = dlrt.LowRankLinear(20, 30, rank=r)
+        return dlrt.to_plain(nn.Sequential(layer))[0]
+
+    assert isinstance(linear_at(11), nn.Sequential) and linear_at(11)[0].weight.shape == (11, 20)
+    assert type(linear_at(12)) is nn.Linear and linear_at(12).weight.shape == (30, 20)
+    assert type(linear_at(20)) is nn.Linear
+    # Conv 3 → 8, 5×5: n = 8, m = 75, dense 600; r = 7 costs 581 (factored), r = 8 costs 664 (dense).
+    conv7 = dlrt.to_plain(dlrt.LowRankConv2d(3, 8, 5, rank=7))
+    conv8 = dlrt.to_plain(dlrt.LowRankConv2d(3, 8, 5, rank=8))
+    assert isinstance(conv7, nn.Sequential) and conv7[0].weight.shape == (7, 3, 5, 5)
+    assert type(conv8) is nn.Conv2d and conv8.weight.shape == (8, 3, 5, 5)
+    # forced forms
+    assert isinstance(dlrt.to_plain(dlrt.LowRankLinear(20, 30, rank=20), rule="factored"), nn.Sequential)
+    assert type(dlrt.to_plain(dlrt.LowRankLinear(20, 30, rank=2), rule="dense")) is nn.Linear
+    with pytest.raises(ValueError, match="rule must be one of"):
+        dlrt.to_plain(dlrt.LowRankLinear(20, 30, rank=2), rule="cheapest")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("merged", [True, False])
+def test_to_plain_geolora(dtype, merged):
+    model = geolora(dtype).eval()
+    x = torch.randn(5, 3, 6, 6, dtype=dtype)
+    with torch.no_grad():
+        want = model(x)
+    plain = dlrt.to_plain(model, merged=merged)
+    _no_dlrt_modules(plain)
+    kinds = {type(m) for m in plain.modules()}
+    assert (AddBranches in kinds) is (not merged)
+    with torch.no_grad():
+        _close(plain(x), want, dtype)
+        _close(model(x), want, dtype)  # the live model is untouched (merging worked on the copy)
+    # The updates are not zero: without them the output differs.
+    base_only = get_geolora_model(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(288, 7)).to(dtype),
+        GeoLoRAConfig(r=3),
+    )
+    base_only.load_state_dict(model.state_dict())
+    for a in base_only.adapters().values():
+        a.lora.set_factors(a.lora.U.detach(), torch.zeros(3, 3, dtype=dtype), a.lora.V.detach())
+    with torch.no_grad():
+        assert (base_only(x) - want).abs().max() > 1e-3
+
+
+def test_tucker_layer_is_a_clear_error_and_dense_works():
+    model = dlrt.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), rank=2, conv="tucker")
+    with pytest.raises(ValueError, match=r"'0' is a TuckerConv2d.*not supported yet.*rule=\"dense\""):
+        dlrt.to_plain(model)
+    plain = dlrt.to_plain(model, rule="dense")
+    assert type(plain[0]) is nn.Conv2d
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        _close(plain(x), model(x), torch.float32)
+
+
+def test_unknown_dlrt_layer_is_a_clear_error():
+    class MyLowRank(dlrt.FactorizedLayer):
+        pass
+
+    holder = nn.Sequential(nn.Linear(2, 2), MyLowRank())
+    with pytest.raises(ValueError, match="'1' is a MyLowRank, which to_plain does not know how to export"):
+        dlrt.to_plain(holder)
+
+
+_LOADER = r"""
+import sys
+sys.modules["dlrt"] = None  # import dlrt raises from here on
+import torch
+try:
+    import dlrt
+except ImportError:
+    pass
+else:
+    raise SystemExit("dlrt is importable")
+case = torch.load(sys.argv[1], weights_only=True)
+for i, path in enumerate(sys.argv[2:]):
+    program = torch.export.load(path).module()
+    for b in (1, 7):
+        x, want = case[f"{i}/x{b}"], case[f"{i}/y{b}"]
+        got = program(x)
+        assert got.shape == want.shape, (path, b, got.shape, want.shape)
+        err = (got - want).abs().max().item()
+        assert err <= 1e-5 * (1 + want.abs().max().item()), (path, b, err)
+        assert not any(m.startswith("dlrt") for m in sys.modules if sys.modules[m] is not None)
+print("ok", len(sys.argv) - 2)
+"""
+
+
+def test_pt2_loads_and_runs_without_dlrt(tmp_path):
+    cases = [
+        (lenet(), lambda b: torch.randn(b, 1, 14, 14), {}),
+        (mlp(), lambda b: torch.randn(b, 20), {"rule": "factored"}),
+        (geolora(), lambda b: torch.randn(b, 3, 6, 6), {"merged": False}),
+    ]
+    saved, paths = {}, []
+    for i, (model, make, kw) in enumerate(cases):
+        model.eval()
+        path = dlrt.export(model, (make(3),), tmp_path / "out" / f"m{i}.pt2", **kw)
+        assert path.is_file() and not list(path.parent.glob(".*.tmp"))
+        paths.append(str(path))
+        for b in (1, 7):
+            x = make(b)
+            with torch.no_grad():
+                saved[f"{i}/x{b}"], saved[f"{i}/y{b}"] = x, model(x)
+    torch.save(saved, tmp_path / "case.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", _LOADER, str(tmp_path / "case.pt"), *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok 3")
+
+
+def test_safetensors_metadata_and_weights(tmp_path):
+    model = lenet().eval()
+    path = dlrt.export(model, (torch.randn(2, 1, 14, 14),), tmp_path / "m.safetensors", format="safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["dlrt_export"])
+    assert meta["format"] == "dlrt-export" and meta["rule"] == "flops"
+    layers = meta["layers"]
+    assert set(layers) == {name for name, _ in dlrt.lowrank_layers(model)}
+    plain = dlrt.to_plain(model)
+    for name, layer in dlrt.lowrank_layers(model):
+        info = layers[name]
+        n, m = layer.shape
+        r = layer.S.shape[1]
+        assert info["shape"] == [n, m] and info["rank"] == r
+        assert info["kind"] == ("linear" if isinstance(layer, dlrt.LowRankLinear) else "conv")
+        assert info["form"] == ("factored" if r * (n + m) < n * m else "dense")
+        assert isinstance(plain.get_submodule(name), nn.Sequential) is (info["form"] == "factored")
+    # The stored tensors alone reproduce the outputs in to_plain's structure.
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.zero_()
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    x = torch.randn(3, 1, 14, 14)
+    with torch.no_grad():
+        _close(plain(x), model(x), torch.float32)
+
+
+def test_safetensors_geolora_unmerged_metadata(tmp_path):
+    model = geolora().eval()
+    path = dlrt.export(
+        model, (torch.randn(2, 3, 6, 6),), tmp_path / "g.safetensors", format="safetensors", merged=False
+    )
+    with safe_open(str(path), "pt") as f:
+        layers = json.loads(f.metadata()["dlrt_export"])["layers"]
+    assert set(layers) == set(model.adapters())
+    assert {v["kind"] for v in layers.values()} == {"adapter-conv", "adapter-linear"}
+    assert all(v["rank"] == 3 for v in layers.values())
+    plain = dlrt.to_plain(model, merged=False)
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        _close(plain(x), model(x), torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"format": "onnx"}, ValueError, "format must be one of"),
+        ({"rule": "fast"}, ValueError, "rule must be one of"),
+        ({"inputs": [torch.randn(2, 20)]}, TypeError, "non-empty tuple of tensors"),
+        ({"inputs": (torch.randn(2, 20), 3)}, TypeError, r"example_inputs\[1\] is a int"),
+        ({"inputs": (torch.randn(1, 20),)}, ValueError, "batch of at least 2"),
+        ({"conv": True}, ValueError, "TuckerConv2d"),
+    ],
+)
+def test_bad_arguments_write_nothing(tmp_path, kwargs, error, match):
+    if kwargs.pop("conv", False):
+        model = dlrt.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), rank=2, conv="tucker")
+        kwargs["inputs"] = (torch.randn(2, 3, 5, 5),)
+    else:
+        model = mlp()
+    inputs = kwargs.pop("inputs", (torch.randn(2, 20),))
+    for fmt in ("pt2", "safetensors"):
+        kw = {"format": fmt, **kwargs}
+        with pytest.raises(error, match=match):
+            dlrt.export(model, inputs, tmp_path / "out" / "m.bin", **kw)
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fixed_batch_export(tmp_path):
+    model = mlp().eval()
+    path = dlrt.export(model, (torch.randn(1, 20),), tmp_path / "m.pt2", dynamic_batch=False)
+    program = torch.export.load(str(path)).module()
+    x = torch.randn(1, 20)
+    with torch.no_grad():
+        _close(program(x), model(x), torch.float32)
+
+
+def test_export_finishes_the_cycle_of_the_optimizer(tmp_path):
+    model = nn.Sequential(dlrt.LowRankLinear(8, 6, rank=2), nn.Tanh(), nn.Linear(6, 3))
+    opt = dlrt.DLRTOptimizer(model, "bug", "sgd", lr=0.1, tau=0.1, coefficient_steps=3)
+    x, y = torch.randn(16, 8), torch.randn(16, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.phase != 0
+    augmented = model[0].S.shape
+    path = dlrt.export(model, (x,), tmp_path / "m.safetensors", format="safetensors", optimizer=opt)
+    assert opt.phase == 0
+    r = model[0].S.shape[1]
+    assert r <= augmented[1]
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["dlrt_export"])["layers"]["0"]["rank"] == r
