@@ -330,3 +330,27 @@ def test_export_finishes_the_cycle_of_the_optimizer(tmp_path):
     assert r <= augmented[1]
     with safe_open(str(path), "pt") as f:
         assert json.loads(f.metadata()["dlrt_export"])["layers"]["0"]["rank"] == r
+
+
+def test_an_unsupported_layer_fails_before_the_cycle_is_finished(tmp_path):
+    """Validation comes first: the live model and its optimizer stay mid-cycle when the export cannot proceed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 3 * 3, 4))
+    model = dlrt.convert(net, rank=2, conv="tucker", exclude=())
+    opt = dlrt.DLRTOptimizer(model, "bug", "sgd", lr=0.1, tau=0.1, coefficient_steps=3)
+    x, y = torch.randn(4, 3, 5, 5), torch.randint(0, 4, (4,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    phase, cores = opt.phase, [m.core.shape for m in model.modules() if isinstance(m, dlrt.layers.FactorizedLayer)]
+    assert phase != 0
+    with pytest.raises(ValueError, match="TuckerConv2d"):
+        dlrt.export(model, (x,), tmp_path / "m.pt2", optimizer=opt)
+    assert opt.phase == phase
+    assert [m.core.shape for m in model.modules() if isinstance(m, dlrt.layers.FactorizedLayer)] == cores
+    assert list(tmp_path.iterdir()) == []

@@ -274,6 +274,7 @@ def export(
     if path.is_dir():
         raise ValueError(f"path {str(path)!r} is a directory; give a file name")
     if optimizer is not None and getattr(optimizer, "phase", 0) != 0:
+        _plain_with_info(model, rule, merged)  # an unsupported layer fails here, before the live model changes
         optimizer.finish_cycle()
     plain, infos = _plain_with_info(model, rule, merged)
     plain.eval()
