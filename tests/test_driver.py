@@ -291,10 +291,10 @@ def test_cli_names_a_missing_module(tmp_path, capsys, monkeypatch):
 
 
 def test_a_second_ctrl_c_stops_at_once(capsys):
-    from dlrt.training.driver import _Interrupts
+    from dlrt.training.signals import Interrupts
 
     before = signal.getsignal(signal.SIGINT)
-    with _Interrupts() as interrupts:
+    with Interrupts() as interrupts:
         signal.raise_signal(signal.SIGINT)  # the first only asks for a stop at the next safe point
         assert interrupts.requested
         with pytest.raises(KeyboardInterrupt):

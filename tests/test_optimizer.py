@@ -815,6 +815,18 @@ def _pooled_ranks(sigmas, keep_extra):
     return ranks
 
 
+def step_both(opt, a, pa, b, pb):
+    """One optimizer step on the sum of two layers' least-squares losses."""
+
+    def closure():
+        opt.zero_grad()
+        loss = pa.loss(a(pa.X)) + pb.loss(b(pb.X))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
 @pytest.mark.parametrize("budget", [None, 7])
 def test_global_truncation_through_the_optimizer(budget):
     (a, pa), (b, pb) = _square_full_rank(8, 1), _square_full_rank(6, 2)
@@ -846,13 +858,7 @@ def test_global_truncation_through_the_optimizer(budget):
         tau_mode="relative",
     )
 
-    def closure():
-        opt.zero_grad()
-        loss = pa.loss(a(pa.X)) + pb.loss(b(pb.X))
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    step_both(opt, a, pa, b, pb)
     assert [a.rank, b.rank] == expected
     if budget is not None:
         assert sum(expected) == budget
@@ -955,13 +961,7 @@ def test_a_budget_in_parameters_through_the_optimizer():
     )
     assert opt.lowrank_group["budget_unit"] == "params"
 
-    def closure():
-        opt.zero_grad()
-        loss = pa.loss(a(pa.X)) + pb.loss(b(pb.X))
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    step_both(opt, a, pa, b, pb)
     assert [a.rank, b.rank] == ranks
     assert sum(p.numel() for m in (a, b) for p in m.factor_parameters()) == budget - left
     for layer, W, r in zip((a, b), W_tilde, ranks):

@@ -223,23 +223,27 @@ def finish(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[int, str]:
     return proc.returncode, out
 
 
-KILL_ARGS = [
+#: The `dlrt train` keys of the real-process tests: an MLP on the digits, one thread, no extras.
+DIGITS_ARGS = [
     "dataset=digits",
     "model=mlp",
     "rank=4",
-    "epochs=2",
-    "batch_size=16",
     "eval_batch_size=500",
-    "limit=320",  # 20 steps per epoch
     "optimizer=sgd",
     "lr=0.05",
-    "momentum=0.9",
     "tau=0.2",
     "threads=1",
     "device=cpu",
     "progress=false",
     "tensorboard=false",
     "plots=false",
+]
+KILL_ARGS = [
+    *DIGITS_ARGS,
+    "epochs=2",
+    "batch_size=16",
+    "limit=320",  # 20 steps per epoch
+    "momentum=0.9",
     "checkpoint_every=1",  # a write after every step: kills land inside writes as often as between them
 ]
 
@@ -320,20 +324,9 @@ def test_sigterm_to_one_torchrun_worker_stops_both_at_one_step_and_the_checkpoin
 
     runs = tmp_path / "runs"
     args = [
-        "dataset=digits",
-        "model=mlp",
-        "rank=4",
+        *DIGITS_ARGS,
         "epochs=3",
-        "batch_size=8",
-        "eval_batch_size=500",  # all 1,797 digits: 113 steps per epoch of 2 × 8, a few seconds
-        "optimizer=sgd",
-        "lr=0.05",
-        "tau=0.2",
-        "threads=1",
-        "device=cpu",
-        "progress=false",
-        "tensorboard=false",
-        "plots=false",
+        "batch_size=8",  # all 1,797 digits: 113 steps per epoch of 2 × 8, a few seconds
         "dist_timeout=60",
         f"runs_dir={runs}",
     ]

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 #: Exit statuses of the training commands: an interrupted run (Ctrl-C, SIGTERM, SIGUSR1) exits with 130.
 EXIT = {"completed": 0, "interrupted": 130, "diverged": 1}
@@ -25,6 +26,20 @@ def _exit_status(status: str) -> int:
     return EXIT[status] if speaks() else 0
 
 
+def _run(args: argparse.Namespace, command: str, run: Any, cls: type) -> Any:
+    """``run(cfg)`` with the config of ``--config`` and ``key=value``, or ``run(resume_dir=...)`` with ``--resume``
+    (which takes the run's saved config, so it refuses the other two)."""
+    from .training.config import load_config
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise SystemExit(
+                f"dlrt {command}: --resume continues a run with its saved config; drop --config and key=value"
+            )
+        return run(resume_dir=args.resume)
+    return run(load_config(args.config, args.overrides, cls=cls))
+
+
 def _say(line: str) -> None:
     """Print ``line`` on this process unless it is one of torchrun's processes of rank > 0."""
     from .distributed import speaks
@@ -34,30 +49,18 @@ def _say(line: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import load_config, train
+    from .training import TrainConfig, train
 
-    if args.resume:
-        if args.config or args.overrides:
-            raise SystemExit("dlrt train: --resume continues a run with its saved config; drop --config and key=value")
-        result = train(resume_dir=args.resume)
-    else:
-        result = train(load_config(args.config, args.overrides))
+    result = _run(args, "train", train, TrainConfig)
     _say(f"{result.status}: {result.run_dir}")
     return _exit_status(result.status)
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .training.config import FinetuneConfig, load_config
+    from .training.config import FinetuneConfig
     from .training.finetune import finetune
 
-    if args.resume:
-        if args.config or args.overrides:
-            raise SystemExit(
-                "dlrt finetune: --resume continues a run with its saved config; drop --config and key=value"
-            )
-        result = finetune(resume_dir=args.resume)
-    else:
-        result = finetune(load_config(args.config, args.overrides, cls=FinetuneConfig))
+    result = _run(args, "finetune", finetune, FinetuneConfig)
     s = result.summary
     acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.2f}%"
     _say(
@@ -164,16 +167,8 @@ def _closure(args: argparse.Namespace) -> int:
     if args.closure_command == "train":
         from .kinetic.config import ClosureConfig
         from .kinetic.train import train_closure
-        from .training.config import load_config
 
-        if args.resume:
-            if args.config or args.overrides:
-                raise SystemExit(
-                    "dlrt closure train: --resume continues a run with its saved config; drop --config and key=value"
-                )
-            run = train_closure(resume_dir=args.resume)
-        else:
-            run = train_closure(load_config(args.config, args.overrides, cls=ClosureConfig))
+        run = _run(args, "closure train", train_closure, ClosureConfig)
         s = run.summary
         errors = ", ".join(f"{k} {s[k]:.2e}" for k in ("h_err", "alpha_err", "u_err") if k in s)
         _say(f"{run.status}: {run.run_dir} (relative validation errors: {errors})")

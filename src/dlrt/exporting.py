@@ -93,17 +93,7 @@ def _plain_layer(layer: LowRankLayer, rule: str) -> tuple[nn.Module, dict[str, A
         second.weight.copy_(US)
     else:
         assert isinstance(layer, LowRankConv2d)
-        first = nn.Conv2d(
-            layer.in_channels,
-            r,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            bias=False,
-            padding_mode=layer.padding_mode,
-            **kw,
-        )
+        first = layer._dense_conv(False, kw["device"], kw["dtype"], out_channels=r)  # the k×k conv into r channels
         second = nn.Conv2d(r, n, 1, bias=has_bias, **kw)
         first.weight.copy_(layer._kernel(layer.V))  # the r filters Vᵀ, as the layer's forward applies them
         second.weight.copy_(US.reshape(n, r, 1, 1))

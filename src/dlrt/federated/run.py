@@ -177,9 +177,11 @@ def run_rounds(
     run directory.
     """
     from ..distributed import speaks
-    from ..training.driver import METRICS, StopSignals, evaluate, write_csv
+    from ..training.driver import evaluate
     from ..training.loop import build_data
+    from ..training.records import METRICS, write_csv
     from ..training.runs import open_run, setup
+    from ..training.signals import StopSignals
 
     device = setup(cfg)
     tcfg = _train_config(cfg)

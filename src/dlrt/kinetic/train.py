@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .. import io
 from ..distributed import speaks
-from ..training.driver import CHECKPOINT, CONFIG, METRICS, Task, interrupted_line, read_csv
+from ..training.driver import CHECKPOINT, CONFIG, Task, interrupted_line
+from ..training.records import METRICS, read_csv
 from ..training.runs import setup, start_run
 from .basis import Basis, make_basis
 from .config import ClosureConfig

@@ -101,11 +101,12 @@ class ConvGeometry:
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         return F.pad(x, self._pre_pad, mode=mode)
 
-    def _dense_conv(self, bias: bool, device: Any, dtype: Any) -> nn.Conv2d:
-        """An ``nn.Conv2d`` with this geometry (weights to be copied in)."""
+    def _dense_conv(self, bias: bool, device: Any, dtype: Any, out_channels: int | None = None) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with this geometry (weights to be copied in); ``out_channels`` other than the layer's
+        for the first factor of an exported layer (its ``r`` filters)."""
         return nn.Conv2d(
             self.in_channels,
-            self.out_channels,
+            self.out_channels if out_channels is None else out_channels,
             self.kernel_size,
             stride=self.stride,
             padding=self.padding,

@@ -53,14 +53,11 @@ Extension points (for FeDLRT, robust training, the closures, torchrun):
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import numbers
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -73,6 +70,8 @@ from torch import Tensor, nn
 
 from .. import io
 from ..distributed import Communicator, resolve_group
+from .records import METRICS, STEPS, from_json, read_csv, to_json, write_csv
+from .signals import Interrupts
 
 __all__ = [
     "Driver",
@@ -88,8 +87,6 @@ __all__ = [
 ]
 
 CONFIG = "config.yaml"
-METRICS = "metrics.csv"
-STEPS = "steps.csv"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -257,83 +254,6 @@ def free_run_dir(runs_dir: str, name: str | None, stem: str, hint: str = "") -> 
     return run_dir
 
 
-#: Columns holding a ``{layer: value}`` dict, written as ``name:value;…``, and the type of their values.
-DICT_FIELDS: dict[str, type] = {"ranks": int, "cond": float}
-
-
-def write_csv(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` as CSV through a temporary file; a dict column (:data:`DICT_FIELDS`) becomes ``name:value;…``."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                out = dict(row)
-                for key in DICT_FIELDS:
-                    if isinstance(out.get(key), dict):
-                        out[key] = ";".join(f"{k}:{v}" for k, v in out[key].items())
-                writer.writerow(out)
-
-    io.atomic_write(path, write)
-
-
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    """The rows of a CSV written by :func:`write_csv`: numbers parsed, dict columns as dicts.
-
-    An empty cell (a column added after the row was written) reads as ``None``.
-    """
-    rows: list[dict[str, Any]] = []
-    if not path.exists():
-        return rows
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            out: dict[str, Any] = {}
-            for key, value in row.items():
-                if key in DICT_FIELDS:
-                    kind = DICT_FIELDS[key]
-                    out[key] = {k: kind(v) for k, v in (p.rsplit(":", 1) for p in value.split(";") if p)}
-                elif value == "":
-                    out[key] = None
-                elif key in ("epoch", "step", "total_rank", "adapter_params", "trainable_params"):
-                    out[key] = int(value)
-                else:
-                    out[key] = float(value)
-            rows.append(out)
-    return rows
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of ``metrics.csv`` with numbers parsed and ``ranks`` as a dict."""
-    return read_csv(Path(run_dir) / METRICS)
-
-
-def read_steps(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of ``steps.csv`` (a row every ``log_every`` steps) with ``ranks`` as a dict."""
-    return read_csv(Path(run_dir) / STEPS)
-
-
-def _to_json(value: Any) -> Any:
-    """``value`` with non-finite floats as strings (checkpoint headers are strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_json(v) for v in value]
-    return value
-
-
-def _from_json(value: Any) -> Any:
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value
-
-
 class _Progress:
     """A tqdm bar when available, wanted and on a terminal, else nothing."""
 
@@ -353,88 +273,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-#: The signals that stop a run at its next safe point, as the first Ctrl-C does: SIGINT (Ctrl-C), SIGTERM
-#: (a scheduler's preemption, torchrun's agent when a peer fails, ``kill``) and SIGUSR1 (sent by some
-#: schedulers ahead of the kill); those the platform has.
-STOP_SIGNALS: tuple[int, ...] = tuple(
-    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)
-)
-
-
-class _Interrupts:
-    """While active (main thread only), a stop signal (:data:`STOP_SIGNALS`) sets :attr:`requested` instead of
-    ending the process; a second Ctrl-C raises :class:`KeyboardInterrupt` at once.
-
-    A repeated SIGTERM or SIGUSR1 changes nothing (a scheduler may send several
-    before its kill): only a person pressing Ctrl-C again means "stop now". A
-    :class:`KeyboardInterrupt` raised inside a section leaves that section half
-    done, so the driver saves nothing then and a resume continues from the last
-    checkpoint (step and checkpoint writes roll themselves back). ``speak=False``
-    (processes of rank > 0) prints nothing.
-    """
-
-    def __init__(self, speak: bool = True) -> None:
-        self.requested = False
-        #: The name of the first stop signal received (``"SIGTERM"``, ...), ``None`` before one.
-        self.received: str | None = None
-        self.speak = speak
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.requested:
-            if signum != signal.SIGINT:
-                return
-            if self.speak:  # a second Ctrl-C: stop now; the last checkpoint stays as it was
-                print("\ninterrupt again: stopping now, without a new checkpoint", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
-        self.requested, self.received = True, name
-        if self.speak:
-            what = "interrupt" if signum == signal.SIGINT else name
-            again = " (press Ctrl-C again to stop now)" if signum == signal.SIGINT else ""
-            print(f"\n{what}: stopping at the next safe point{again}", file=sys.stderr, flush=True)
-
-
-class StopSignals:
-    """For a loop with no safe points of its own (``dlrt federated``'s rounds): while active (main thread
-    only), SIGTERM and SIGUSR1 raise :class:`KeyboardInterrupt` where the code is, as Ctrl-C does by
-    default, so one ``except KeyboardInterrupt`` handles them all. :attr:`received` names the first.
-
-    A :class:`Driver` run inside (a client's local steps) installs its own handlers for its duration.
-    """
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                if sig != signal.SIGINT:
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = self.received or signal.Signals(signum).name
-        raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------ the writer
@@ -629,8 +467,8 @@ class Driver:
             "carry": dict(self.carry),
             "elapsed": self.elapsed_before + time.perf_counter() - self._t_start,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rows": _to_json(self.rows),
-            "step_rows": _to_json(self.step_rows),
+            "rows": to_json(self.rows),
+            "step_rows": to_json(self.step_rows),
             "world_size": self.world_size,
         }
 
@@ -656,7 +494,7 @@ class Driver:
         due = self._agreed_due if self.comm is not None else self._time_due()
         return every or due
 
-    def _stopping(self, interrupts: _Interrupts) -> bool:
+    def _stopping(self, interrupts: Interrupts) -> bool:
         """Whether to stop at this safe point: the signal flag, or under a process group what all processes
         agreed at the last step (each stops at the same step, whichever of them got the signal)."""
         return self._agreed_stop if self.comm is not None else interrupts.requested
@@ -684,7 +522,7 @@ class Driver:
         if self.scheduler is not None and extra.get("scheduler") is not None:
             self.scheduler.load_state_dict(extra["scheduler"])
         if "rows" in extra:
-            self.rows, self.step_rows = _from_json(extra["rows"]), _from_json(extra["step_rows"])
+            self.rows, self.step_rows = from_json(extra["rows"]), from_json(extra["step_rows"])
         else:  # a checkpoint from before the rows were stored in it
             self.rows = [r for r in read_csv(self.checkpoint.parent / METRICS) if r["epoch"] <= self.epoch]
         self.writer.write_rows(self.rows, self.step_rows)
@@ -717,7 +555,7 @@ class Driver:
             yield to_device(batch, self.device, dtype)
 
     # ----------------------------------------------------------- the two sections
-    def _train_step(self, batch: Any, interrupts: _Interrupts | None = None) -> float:
+    def _train_step(self, batch: Any, interrupts: Interrupts | None = None) -> float:
         """Section 1: step, hooks, scheduler, counters (and a ``steps.csv`` row every ``log_every`` steps).
 
         Under a process group the step's metrics are summed over the processes, and
@@ -827,7 +665,7 @@ class Driver:
         t_epoch = time.perf_counter()
         self.model.train()
         speak = self.comm is None or self.comm.rank == 0
-        with _Interrupts(speak) as interrupts:
+        with Interrupts(speak) as interrupts:
 
             def stop_here() -> None:
                 nonlocal agreed

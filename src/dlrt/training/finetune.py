@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from ..models.pretrained import PRETRAINED, Pretrained
 from .config import FinetuneConfig
-from .driver import CONFIG, STEPS, Task, TaskState, interrupted_line, step_closure
+from .driver import CONFIG, Task, TaskState, interrupted_line, step_closure
 from .driver import evaluate as driver_evaluate
+from .records import STEPS
 from .runs import setup, start_run
 from .schedule import lr_factor
 

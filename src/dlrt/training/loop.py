@@ -36,22 +36,8 @@ from ..optim import RULES
 from ..optimizer import DLRTOptimizer
 from ..robust import condition_numbers, condition_regularizer
 from .config import TrainConfig, load_config
-from .driver import (
-    CHECKPOINT,
-    CONFIG,
-    METRICS,
-    STEPS,
-    SUMMARY,
-    Task,
-    classify,
-    evaluate,
-    interrupted_line,
-    new_run_dir,
-    read_metrics,
-    read_steps,
-    to_device,
-    write_csv,
-)
+from .driver import CHECKPOINT, CONFIG, SUMMARY, Task, classify, evaluate, interrupted_line, new_run_dir, to_device
+from .records import METRICS, STEPS, read_metrics, read_steps, write_csv
 from .runs import setup, start_run
 from .schedule import lr_factor
 

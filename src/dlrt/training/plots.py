@@ -13,7 +13,7 @@ from torch import nn
 from .. import linalg
 from ..conversion import lowrank_layers
 from ..layers.tucker import MODE_NAMES
-from .driver import read_metrics, read_steps
+from .records import read_metrics, read_steps
 
 
 def _pyplot():
