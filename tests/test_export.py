@@ -159,21 +159,49 @@ def test_to_plain_geolora(dtype, merged):
         assert (base_only(x) - want).abs().max() > 1e-3
 
 
-def test_tucker_layer_is_a_clear_error_and_dense_works():
-    model = dlrt.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), rank=2, conv="tucker")
-    with pytest.raises(ValueError, match=r"'0' is a TuckerConv2d.*not supported yet.*rule=\"dense\""):
-        dlrt.to_plain(model)
-    plain = dlrt.to_plain(model, rule="dense")
-    assert type(plain[0]) is nn.Conv2d
-    x = torch.randn(2, 3, 7, 7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tucker_factored_is_three_convolutions(dtype):
+    net = nn.Sequential(
+        nn.Conv2d(6, 10, 3, padding=2, dilation=2, padding_mode="circular"),
+        nn.ReLU(),
+        nn.Conv2d(10, 12, 3, stride=2, bias=False),
+    ).to(dtype)
+    model = dlrt.convert(net, rank=3, conv="tucker").eval()
+    for layer in model.modules():
+        if isinstance(layer, dlrt.TuckerConv2d):  # a generic core, not the HOSVD's ordered one
+            layer.set_factors([B.detach() for B in layer.bases], torch.randn_like(layer.C))
+    plain = dlrt.to_plain(model, rule="factored")
+    _no_dlrt_modules(plain)
+    reduce, core, expand = plain[0]
+    r0, r1 = model[0].C.shape[:2]
+    assert reduce.weight.shape == (r1, 6, 1, 1) and expand.weight.shape == (10, r0, 1, 1)
+    assert core.weight.shape == (r0, r1, 3, 3)
+    assert (core.padding, core.dilation, core.padding_mode) == ((2, 2), (2, 2), "circular")
+    assert plain[2][1].stride == (2, 2) and plain[2][2].bias is None
+    x = torch.randn(3, 6, 9, 9, dtype=dtype)
     with torch.no_grad():
-        _close(plain(x), model(x), torch.float32)
+        _close(plain(x), model(x), dtype)
+        _close(dlrt.to_plain(model, rule="dense")(x), model(x), dtype)
+
+
+def test_tucker_flops_rule():
+    # 8 → 8 channels, 3×3: dense 576 per pixel; ranks (r₀, r₁) cost 8 r₁ + 9 r₀ r₁ + 8 r₀.
+    def tucker_at(r0, r1):
+        layer = dlrt.TuckerConv2d(8, 8, 3, ranks=(r0, r1, 3, 3))
+        return dlrt.to_plain(layer)
+
+    assert isinstance(tucker_at(6, 6), nn.Sequential)  # 48 + 324 + 48 = 420 < 576
+    assert type(tucker_at(8, 7)) is nn.Conv2d  # 56 + 504 + 64 = 624 ≥ 576
+
+
+class MyLowRank(dlrt.FactorizedLayer):
+    """A dlrt layer type the exporter does not know (the identity)."""
+
+    def forward(self, x):
+        return x
 
 
 def test_unknown_dlrt_layer_is_a_clear_error():
-    class MyLowRank(dlrt.FactorizedLayer):
-        pass
-
     holder = nn.Sequential(nn.Linear(2, 2), MyLowRank())
     with pytest.raises(ValueError, match="'1' is a MyLowRank, which to_plain does not know how to export"):
         dlrt.to_plain(holder)
@@ -278,22 +306,21 @@ def test_safetensors_geolora_unmerged_metadata(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"format": "onnx"}, ValueError, "format must be one of"),
+        ({"format": "tflite"}, ValueError, "format must be one of"),
         ({"rule": "fast"}, ValueError, "rule must be one of"),
         ({"inputs": [torch.randn(2, 20)]}, TypeError, "non-empty tuple of tensors"),
         ({"inputs": (torch.randn(2, 20), 3)}, TypeError, r"example_inputs\[1\] is a int"),
         ({"inputs": (torch.randn(1, 20),)}, ValueError, "batch of at least 2"),
-        ({"conv": True}, ValueError, "TuckerConv2d"),
+        ({"unknown": True}, ValueError, "MyLowRank, which to_plain does not know"),
+        ({"rule": "measured", "unknown": True}, ValueError, "MyLowRank, which to_plain does not know"),
     ],
 )
 def test_bad_arguments_write_nothing(tmp_path, kwargs, error, match):
-    if kwargs.pop("conv", False):
-        model = dlrt.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), rank=2, conv="tucker")
-        kwargs["inputs"] = (torch.randn(2, 3, 5, 5),)
-    else:
-        model = mlp()
+    model = mlp()
+    if kwargs.pop("unknown", False):
+        model.add_module("extra", MyLowRank())
     inputs = kwargs.pop("inputs", (torch.randn(2, 20),))
-    for fmt in ("pt2", "safetensors"):
+    for fmt in ("pt2", "onnx", "safetensors"):
         kw = {"format": fmt, **kwargs}
         with pytest.raises(error, match=match):
             dlrt.export(model, inputs, tmp_path / "out" / "m.bin", **kw)
@@ -336,7 +363,7 @@ def test_an_unsupported_layer_fails_before_the_cycle_is_finished(tmp_path):
     """Validation comes first: the live model and its optimizer stay mid-cycle when the export cannot proceed."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 3 * 3, 4))
-    model = dlrt.convert(net, rank=2, conv="tucker", exclude=())
+    model = dlrt.convert(net, rank=2, exclude=())
     opt = dlrt.DLRTOptimizer(model, "bug", "sgd", lr=0.1, tau=0.1, coefficient_steps=3)
     x, y = torch.randn(4, 3, 5, 5), torch.randint(0, 4, (4,))
 
@@ -347,10 +374,137 @@ def test_an_unsupported_layer_fails_before_the_cycle_is_finished(tmp_path):
         return loss
 
     opt.step(closure)
-    phase, cores = opt.phase, [m.core.shape for m in model.modules() if isinstance(m, dlrt.layers.FactorizedLayer)]
+    layers = [layer for _, layer in dlrt.lowrank_layers(model)]
+    phase, cores = opt.phase, [layer.core.shape for layer in layers]
+    model.add_module("extra", MyLowRank())  # the identity, added mid-cycle
     assert phase != 0
-    with pytest.raises(ValueError, match="TuckerConv2d"):
+    with pytest.raises(ValueError, match="MyLowRank"):
         dlrt.export(model, (x,), tmp_path / "m.pt2", optimizer=opt)
     assert opt.phase == phase
-    assert [m.core.shape for m in model.modules() if isinstance(m, dlrt.layers.FactorizedLayer)] == cores
+    assert [layer.core.shape for layer in layers] == cores
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- ONNX
+
+_ORT_LOADER = r"""
+import sys
+sys.modules["dlrt"] = None  # import dlrt raises from here on
+import numpy as np
+import onnxruntime
+case = np.load(sys.argv[1])
+for i, path in enumerate(sys.argv[2:]):
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for b in (1, 7):
+        x, want = case[f"x{i}_{b}"], case[f"y{i}_{b}"]
+        (got,) = session.run(None, {name: x})
+        assert got.shape == want.shape, (path, b, got.shape, want.shape)
+        err = float(np.abs(got - want).max())
+        assert err <= 1e-5 * (1 + float(np.abs(want).max())), (path, b, err)
+print("ok", len(sys.argv) - 2)
+"""
+
+
+def _tucker_net() -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.Flatten())
+    return dlrt.convert(net, rank=4, conv="tucker", exclude=())
+
+
+def test_onnx_runs_in_onnxruntime_without_dlrt(tmp_path):
+    pytest.importorskip("onnxruntime")
+    cases = [
+        (lenet(), lambda b: torch.randn(b, 1, 14, 14), {"rule": "factored"}),
+        (mlp(), lambda b: torch.randn(b, 20), {}),
+        (geolora(), lambda b: torch.randn(b, 3, 6, 6), {"merged": False, "rule": "factored"}),
+        (_tucker_net(), lambda b: torch.randn(b, 3, 6, 6), {"rule": "factored"}),
+    ]
+    arrays, paths = {}, []
+    for i, (model, make, kw) in enumerate(cases):
+        model.eval()
+        path = dlrt.export(model, (make(3),), tmp_path / f"m{i}.onnx", format="onnx", **kw)
+        paths.append(str(path))
+        for b in (1, 7):
+            x = make(b)
+            with torch.no_grad():
+                arrays[f"x{i}_{b}"], arrays[f"y{i}_{b}"] = x.numpy(), model(x).numpy()
+    import numpy as np
+
+    np.savez(tmp_path / "case.npz", **arrays)
+    run = subprocess.run(
+        [sys.executable, "-c", _ORT_LOADER, str(tmp_path / "case.npz"), *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith(f"ok {len(cases)}")
+
+
+def test_onnx_mismatch_writes_nothing(tmp_path, monkeypatch):
+    """The onnxruntime check runs before the file is written: a failed check leaves nothing behind."""
+    pytest.importorskip("onnxruntime")
+    import dlrt.exporting as exporting
+
+    monkeypatch.setattr(exporting, "ONNX_TOLERANCE", -1.0)  # no output can match
+    with pytest.raises(ValueError, match="onnxruntime's output 0 differs.*nothing was written"):
+        dlrt.export(mlp().eval(), (torch.randn(3, 20),), tmp_path / "m.onnx", format="onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_without_onnxruntime_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"needs onnxruntime.*pip install 'dlrt\[export\]'"):
+        dlrt.export(mlp(), (torch.randn(3, 20),), tmp_path / "m.onnx", format="onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- rule="measured"
+
+
+def test_measured_rule_keeps_the_faster_form_timed_on_each_layers_input(monkeypatch):
+    import dlrt.exporting as exporting
+
+    model = mlp().eval()  # layers 20→30 (ReLU) 30→30 (Tanh) 30→5
+    x = torch.randn(6, 20)
+    seen = []
+
+    def fake_time(dense, factored, layer_input):
+        seen.append(layer_input.clone())
+        # the first layer is "faster" dense, the others factored
+        return {"dense": 1.0, "factored": 2.0} if len(seen) == 1 else {"dense": 2.0, "factored": 1.0}
+
+    monkeypatch.setattr(exporting, "_time_forms", fake_time)
+    plain, layers = exporting.plain_and_layers(model, rule="measured", example_inputs=(x,))
+    assert [layers[k]["form"] for k in ("0", "2", "4")] == ["dense", "factored", "factored"]
+    assert layers["0"]["seconds"] == {"dense": 1.0, "factored": 2.0}
+    assert type(plain[0]) is nn.Linear and isinstance(plain[2], nn.Sequential)
+    with torch.no_grad():  # the inputs timed are the layers' inputs on the example
+        torch.testing.assert_close(seen[0], x)
+        torch.testing.assert_close(seen[1], torch.relu(model[0](x)))
+        torch.testing.assert_close(seen[2], torch.tanh(model[2](torch.relu(model[0](x)))))
+        _close(plain(x), model(x), torch.float32)
+
+
+def test_measured_rule_times_for_real_and_counts_an_unreached_layer():
+    net = nn.ModuleDict({"body": mlp(), "spare": dlrt.LowRankLinear(40, 40, rank=2)})
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts = net
+
+        def forward(self, x):
+            return self.parts["body"](x)
+
+    body = Body().eval()
+    x = torch.randn(4, 20)
+    plain, layers = dlrt.exporting.plain_and_layers(body, rule="measured", example_inputs=(x,))
+    timed = layers["parts.body.0"]["seconds"]
+    assert set(timed) == {"dense", "factored"} and all(t > 0 for t in timed.values())
+    assert layers["parts.spare"]["seconds"] is None and layers["parts.spare"]["form"] == "factored"  # by FLOPs
+    with torch.no_grad():
+        _close(plain(x), body(x), torch.float32)
+    with pytest.raises(ValueError, match='rule="measured" times each layer on its input: pass example_inputs'):
+        dlrt.to_plain(body, rule="measured")

@@ -15,12 +15,15 @@ import copy
 import io
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import linalg
 from .io import atomic_write
 from .layers import FactorizedLayer, LowRankConv2d, LowRankLinear, TuckerConv2d
 from .layers.adapter import LowRankAdapter
@@ -28,8 +31,14 @@ from .layers.base import LowRankLayer
 from .layers.registry import lowrank_types
 from .selection import set_submodule
 
-FORMATS = ("pt2", "safetensors")
-RULES = ("flops", "factored", "dense")
+FORMATS = ("pt2", "onnx", "safetensors")
+RULES = ("flops", "measured", "factored", "dense")
+#: Timed calls of each form per layer under ``rule="measured"`` (the median decides).
+MEASURE_REPEATS = 9
+#: The ONNX opset of ``format="onnx"``.
+ONNX_OPSET = 18
+#: onnxruntime's outputs must match the model's to this, relative to the output's largest entry (plus one).
+ONNX_TOLERANCE = 1e-5
 #: The ``format`` entry of an exported safetensors file's metadata.
 SAFETENSORS_FORMAT = "dlrt-export"
 SAFETENSORS_VERSION = 1
@@ -56,37 +65,47 @@ def _check_rule(rule: str) -> None:
         raise ValueError(f"rule must be one of {', '.join(map(repr, RULES))}, got {rule!r}")
 
 
-def factored_is_cheaper(layer: LowRankLayer) -> bool:
-    """Whether ``layer``'s two thin factors cost fewer multiply-adds than its dense weight.
+def factored_is_cheaper(layer: LowRankLayer | TuckerConv2d) -> bool:
+    """Whether ``layer``'s factors cost fewer multiply-adds than its dense weight.
 
     Per output position (a row of a linear layer, a pixel of a convolution) the
     factors ``Vᵀ`` (``r×m``) and ``U S`` (``n×r``) cost ``r (n + m)``, the dense
     ``n×m`` weight ``n m``; ``r`` is the inner dimension (the core's columns).
+    A :class:`~dlrt.TuckerConv2d` with core ``r₀×r₁×kh×kw`` costs
+    ``in·r₁ + r₀ r₁ kh kw + r₀·out`` against ``out·in·kh·kw``.
     """
+    if isinstance(layer, TuckerConv2d):
+        r0, r1 = layer.C.shape[:2]
+        kernel = layer.kernel_size[0] * layer.kernel_size[1]
+        out, inp = layer.out_channels, layer.in_channels
+        return inp * r1 + r0 * r1 * kernel + r0 * out < out * inp * kernel
     n, m = layer.shape
     r = layer.S.shape[1]
     return r * (n + m) < n * m
 
 
 @torch.no_grad()
-def _plain_layer(layer: LowRankLayer, rule: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The plain modules of one matrix-format layer, and its description for the metadata."""
+def _factored_layer(layer: LowRankLayer | TuckerConv2d) -> nn.Module:
+    """The factored plain modules of one layer (see :func:`to_plain`)."""
+    has_bias = layer.bias is not None
+    if isinstance(layer, TuckerConv2d):
+        C, U0, U1 = layer.C, layer.U0, layer.U1
+        kw = {"device": C.device, "dtype": C.dtype}
+        r0, r1 = C.shape[:2]
+        reduce = nn.Conv2d(layer.in_channels, r1, 1, bias=False, **kw)  # U₁ᵀ, pointwise: commutes with padding
+        core = layer._dense_conv(False, kw["device"], kw["dtype"], out_channels=r0, in_channels=r1)
+        expand = nn.Conv2d(r0, layer.out_channels, 1, bias=has_bias, **kw)
+        reduce.weight.copy_(U1.mT[:, :, None, None])
+        core.weight.copy_(linalg.multi_mode_product(C, [None, None, layer.U2, layer.U3]))
+        expand.weight.copy_(U0[:, :, None, None])
+        if has_bias:
+            expand.bias.copy_(layer.bias)
+        return nn.Sequential(reduce, core, expand)
     n, m = layer.shape
     r = layer.S.shape[1]
-    factored = rule == "factored" or (rule == "flops" and factored_is_cheaper(layer))
-    linear = isinstance(layer, LowRankLinear)
-    info: dict[str, Any] = {
-        "kind": "linear" if linear else "conv",
-        "form": "factored" if factored else "dense",
-        "shape": [n, m],
-        "rank": r,
-    }
-    if not factored:
-        return layer.to_dense(), info
     kw = {"device": layer.U.device, "dtype": layer.U.dtype}
-    has_bias = layer.bias is not None
     US = layer.U @ layer.S  # n × r: S folded into the second factor
-    if linear:
+    if isinstance(layer, LowRankLinear):
         first: nn.Module = nn.Linear(m, r, bias=False, **kw)
         second: nn.Module = nn.Linear(r, n, bias=has_bias, **kw)
         first.weight.copy_(layer.V.mT)
@@ -99,39 +118,94 @@ def _plain_layer(layer: LowRankLayer, rule: str) -> tuple[nn.Module, dict[str, A
         second.weight.copy_(US.reshape(n, r, 1, 1))
     if has_bias:
         second.bias.copy_(layer.bias)
-    return nn.Sequential(first, second), info
+    return nn.Sequential(first, second)
+
+
+def _median_seconds(module: nn.Module, x: Tensor, repeats: int) -> float:
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        module(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def _time_forms(dense: nn.Module, factored: nn.Module, x: Tensor) -> dict[str, float]:
+    """Median seconds of one call of each form on ``x``, the two timed in alternation after one warm-up call."""
+    dense(x), factored(x)
+    seconds: dict[str, list[float]] = {"dense": [], "factored": []}
+    for i in range(MEASURE_REPEATS):
+        order = (("dense", dense), ("factored", factored)) if i % 2 == 0 else (("factored", factored), ("dense", dense))
+        for name, module in order:
+            seconds[name].append(_median_seconds(module, x, 1))
+    return {name: statistics.median(ts) for name, ts in seconds.items()}
+
+
+@torch.no_grad()
+def _plain_layer(
+    layer: LowRankLayer | TuckerConv2d, rule: str, layer_input: Tensor | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The plain modules of one layer, and its description for the metadata.
+
+    ``layer_input`` is the layer's input on the example (``rule="measured"``).
+    """
+    tucker = isinstance(layer, TuckerConv2d)
+    n, m = layer.shape
+    info: dict[str, Any] = {
+        "kind": "tucker-conv" if tucker else ("linear" if isinstance(layer, LowRankLinear) else "conv"),
+        "shape": [n, m],
+        "rank": list(layer.C.shape) if tucker else layer.S.shape[1],
+    }
+    dense = layer.to_dense()
+    if rule == "dense":
+        return dense, {**info, "form": "dense"}
+    factored = _factored_layer(layer)
+    if rule == "factored":
+        return factored, {**info, "form": "factored"}
+    if rule == "flops":
+        cheaper = factored_is_cheaper(layer)
+        return (factored, {**info, "form": "factored"}) if cheaper else (dense, {**info, "form": "dense"})
+    assert rule == "measured"
+    if layer_input is None:  # the layer was not called on the example: nothing to measure, count instead
+        faster, seconds = factored_is_cheaper(layer), None
+    else:
+        dense.eval(), factored.eval()
+        seconds = _time_forms(dense, factored, layer_input)
+        faster = seconds["factored"] < seconds["dense"]
+    return (factored if faster else dense), {**info, "form": "factored" if faster else "dense", "seconds": seconds}
 
 
 def _unsupported(name: str, module: nn.Module) -> ValueError:
     where = f"layer {name!r}" if name else "the model"
-    if isinstance(module, TuckerConv2d):
-        return ValueError(
-            f"{where} is a TuckerConv2d: exporting the Tucker format in factored form is not supported yet; "
-            'pass rule="dense" to export it as the dense nn.Conv2d it computes'
-        )
     return ValueError(
         f"{where} is a {type(module).__name__}, which to_plain does not know how to export "
-        "(it handles LowRankLinear, LowRankConv2d, TuckerConv2d with rule='dense' and LowRankAdapter); "
+        "(it handles LowRankLinear, LowRankConv2d, TuckerConv2d and LowRankAdapter); "
         "replace it by plain modules first"
     )
 
 
+_EXPORTED = (LowRankLinear, LowRankConv2d, TuckerConv2d)
+
+
 @torch.no_grad()
-def _replacement(name: str, module: nn.Module, rule: str, merged: bool) -> tuple[nn.Module, dict[str, Any]]:
+def _replacement(
+    name: str, module: nn.Module, rule: str, merged: bool, layer_input: Tensor | None
+) -> tuple[nn.Module, dict[str, Any]]:
     if isinstance(module, LowRankAdapter):
         if merged:
             base = module.merged()  # the base layer with scaling · U S Vᵀ added to its weight (the copy's)
             return base, {"kind": "adapter", "form": "merged", "shape": list(module.lora.shape), "rank": module.rank}
         lora = module.lora
-        if not isinstance(lora, (LowRankLinear, LowRankConv2d)):
+        if not isinstance(lora, _EXPORTED):
             raise _unsupported(f"{name}.lora" if name else "lora", lora)
-        update, info = _plain_layer(lora, rule)
+        update, info = _plain_layer(lora, rule, layer_input)
         return AddBranches(module.base_layer, update, module.scaling), {**info, "kind": f"adapter-{info['kind']}"}
-    if isinstance(module, (LowRankLinear, LowRankConv2d)):
-        return _plain_layer(module, rule)
-    if isinstance(module, TuckerConv2d) and rule == "dense":
-        n, m = module.shape
-        return module.to_dense(), {"kind": "conv", "form": "dense", "shape": [n, m], "rank": list(module.ranks)}
+    if isinstance(module, _EXPORTED):
+        return _plain_layer(module, rule, layer_input)
     raise _unsupported(name, module)
 
 
@@ -139,24 +213,77 @@ def _dlrt_kinds() -> tuple[type, ...]:
     return (*lowrank_types(), FactorizedLayer, LowRankAdapter)
 
 
-def _plain_with_info(model: nn.Module, rule: str, merged: bool) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    _check_rule(rule)
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: tuple[Any, ...]) -> dict[str, Tensor]:
+    """The input of every layer of ``layers`` (its first call) when ``model`` runs on ``inputs`` in eval mode."""
+    seen: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name not in seen and args and isinstance(args[0], Tensor):
+                seen[name] = args[0].detach()
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in layers]
+    training = model.training
+    try:
+        model.eval()
+        model(*inputs)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
     from .peft.model import GeoLoRAModel  # imported here: dlrt.peft imports the optimizer stack
 
-    plain = copy.deepcopy(model)
-    if isinstance(plain, GeoLoRAModel):
-        plain = plain.base_model  # its forward only calls the base model's
+    return model.base_model if isinstance(model, GeoLoRAModel) else model  # its forward only calls the base model's
+
+
+def _find_layers(model: nn.Module, merged: bool) -> list[tuple[str, nn.Module]]:
+    """The outermost dlrt layers of ``model`` by name; raises for one :func:`to_plain` cannot export."""
+    from .peft.model import GeoLoRAModel  # imported here: dlrt.peft imports the optimizer stack
+
     kinds = _dlrt_kinds()
     found: list[tuple[str, nn.Module]] = []
-    for name, module in plain.named_modules():
+    for name, module in model.named_modules():
         if isinstance(module, GeoLoRAModel):
             raise _unsupported(name, module)
         if isinstance(module, kinds) and not any(not outer or name.startswith(outer + ".") for outer, _ in found):
             found.append((name, module))
+    for name, module in found:
+        inner = module.lora if isinstance(module, LowRankAdapter) and not merged else module
+        if not isinstance(inner, (*_EXPORTED, LowRankAdapter)):
+            raise _unsupported(f"{name}.lora" if inner is not module else name, inner)
+    return found
+
+
+def plain_and_layers(
+    model: nn.Module, *, rule: str = "flops", merged: bool = True, example_inputs: tuple[Any, ...] | None = None
+) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """:func:`to_plain` and the description of every exported layer, by module name.
+
+    Each description has ``kind`` (``linear``, ``conv``, ``tucker-conv``, ``adapter``,
+    ``adapter-linear``, ``adapter-conv``), ``form`` (``factored``, ``dense``, ``merged``),
+    ``shape`` (``[n, m]``), ``rank`` (the core's shape for a Tucker layer) and, under
+    ``rule="measured"``, ``seconds``: the median time of one call of each form on the
+    layer's input (``None`` for a layer the example did not reach, decided by FLOPs).
+    """
+    _check_rule(rule)
+    if rule == "measured" and example_inputs is None:
+        raise ValueError('rule="measured" times each layer on its input: pass example_inputs (a tuple of tensors)')
+    plain = _unwrap(copy.deepcopy(model))
+    found = _find_layers(plain, merged)
+    inputs: dict[str, Tensor] = {}
+    if rule == "measured":
+        inputs = _layer_inputs(plain, found, example_inputs)
     infos: dict[str, dict[str, Any]] = {}
     replaced: list[tuple[str, nn.Module]] = []
     for name, module in found:
-        new, info = _replacement(name, module, rule, merged)
+        new, info = _replacement(name, module, rule, merged, inputs.get(name))
         new.train(module.training)
         replaced.append((name, new))
         infos[name] = info
@@ -165,22 +292,32 @@ def _plain_with_info(model: nn.Module, rule: str, merged: bool) -> tuple[nn.Modu
             set_submodule(plain, name, new)
         else:
             plain = new
+    kinds = _dlrt_kinds()
     for name, module in plain.named_modules():
         if isinstance(module, kinds):  # not reached for the kinds handled above
             raise _unsupported(name, module)
     return plain, infos
 
 
-def to_plain(model: nn.Module, *, rule: str = "flops", merged: bool = True) -> nn.Module:
+def to_plain(
+    model: nn.Module, *, rule: str = "flops", merged: bool = True, example_inputs: tuple[Any, ...] | None = None
+) -> nn.Module:
     """A deep copy of ``model`` in plain torch modules computing the same function (``model`` is untouched).
 
     * :class:`~dlrt.LowRankLinear` → ``nn.Sequential(nn.Linear(m, r, bias=False), nn.Linear(r, n))``
       with weights ``Vᵀ`` and ``U S`` (the layer's bias on the second);
       :class:`~dlrt.LowRankConv2d` → ``nn.Sequential(nn.Conv2d(in, r, k×k, ...), nn.Conv2d(r, out, 1))``
       with the ``r`` filters ``Vᵀ`` (the layer's stride, padding, dilation and
-      padding mode) and ``U S``. Where those factors cost at least the dense
-      weight (``r (n + m) ≥ n m`` multiply-adds per output position) the layer
-      becomes the dense ``nn.Linear`` / ``nn.Conv2d`` (its ``to_dense()``) instead.
+      padding mode) and ``U S``;
+      :class:`~dlrt.TuckerConv2d` → ``nn.Sequential`` of the ``1×1`` convolution by ``U₁ᵀ``
+      into ``r₁`` channels, the ``k×k`` core convolution ``C ×₂ U₂ ×₃ U₃`` into ``r₀``
+      channels (the layer's geometry), and the ``1×1`` convolution by ``U₀``.
+    * Which layers take the factored form is ``rule``'s choice: ``"flops"`` keeps the
+      factors where they cost fewer multiply-adds per output position than the dense
+      weight (:func:`factored_is_cheaper`) and takes the dense ``nn.Linear`` /
+      ``nn.Conv2d`` (the layer's ``to_dense()``) elsewhere; ``"measured"`` times both
+      forms of each layer on its input when the model runs on ``example_inputs``, on
+      this machine, and keeps the faster; ``"factored"`` and ``"dense"`` take one form everywhere.
     * :class:`~dlrt.layers.LowRankAdapter` (GeoLoRA): with ``merged=True`` its base
       layer with the update merged into the weight (as
       :meth:`~dlrt.peft.GeoLoRAModel.merge_and_unload`); with ``merged=False`` an
@@ -191,14 +328,14 @@ def to_plain(model: nn.Module, *, rule: str = "flops", merged: bool = True) -> n
 
     Args:
         model: a model holding low-rank layers (or one such layer).
-        rule: ``"flops"`` (the cheaper form per layer), ``"factored"`` or ``"dense"`` (that form everywhere).
+        rule: ``"flops"``, ``"measured"``, ``"factored"`` or ``"dense"`` (see above).
         merged: merge GeoLoRA updates into their base layers.
+        example_inputs: the inputs ``rule="measured"`` times the layers on (``model(*example_inputs)``).
 
     Raises:
-        ValueError: an unknown ``rule``; a :class:`~dlrt.TuckerConv2d` with a rule other than ``"dense"``
-            (its factored form is not supported yet); any other dlrt layer type.
+        ValueError: an unknown ``rule``; ``rule="measured"`` without ``example_inputs``; any other dlrt layer type.
     """
-    return _plain_with_info(model, rule, merged)[0]
+    return plain_and_layers(model, rule=rule, merged=merged, example_inputs=example_inputs)[0]
 
 
 def _check_inputs(example_inputs: Any, dynamic_batch: bool) -> tuple[Tensor, ...]:
@@ -236,12 +373,17 @@ def export(
       ``example_inputs``, saved by ``torch.export.save``; ``torch.export.load(path).module()``
       runs it without dlrt installed. With ``dynamic_batch`` dimension 0 of every input
       is dynamic (the example batch must be at least 2).
+    * ``"onnx"``: the same program through ``torch.onnx.export`` (the ``torch.export``-based
+      exporter, opset :data:`ONNX_OPSET`); before the file is written, onnxruntime runs it
+      on ``example_inputs`` and its outputs must match the plain model's. Needs the
+      ``export`` extra (``onnx``, ``onnxscript``, ``onnxruntime``).
     * ``"safetensors"``: the plain model's ``state_dict`` and, in the metadata entry
-      ``"dlrt_export"``, a JSON document with every exported layer (by module name):
-      ``kind`` (``linear``, ``conv``, ``adapter``, ``adapter-linear``, ``adapter-conv``),
-      ``form`` (``factored``, ``dense``, ``merged``), ``shape`` (``[n, m]``) and ``rank``.
+      ``"dlrt_export"``, a JSON document with every exported layer (:func:`plain_and_layers`).
       It loads into ``to_plain(model, rule=..., merged=...)`` (which needs dlrt for an
       unmerged adapter's :class:`AddBranches`).
+
+    ``rule="measured"`` times the forms of each layer on its input from ``example_inputs``
+    (:func:`to_plain`).
 
     A model in the middle of a coefficient cycle (:class:`~dlrt.DLRTOptimizer` with
     ``coefficient_steps > 1`` and ``phase != 0``) sits on augmented bases: pass its
@@ -249,12 +391,14 @@ def export(
     live model, as a full cycle's end would). Without it the export cannot tell,
     and writes the model's current (augmented) factors, which compute its current function.
 
-    Everything is validated, and the plain model built and exported, before the file
-    is written; on an error nothing is written.
+    Everything is validated, and the plain model built and exported (and, for ONNX,
+    checked), before the file is written; on an error nothing is written.
 
     Raises:
-        ValueError: an unknown ``format`` or ``rule``, a bad batch dimension, an unsupported layer (:func:`to_plain`).
+        ValueError: an unknown ``format`` or ``rule``, a bad batch dimension, an unsupported layer (:func:`to_plain`),
+            an ONNX program whose outputs differ from the model's.
         TypeError: ``example_inputs`` is not a tuple of tensors.
+        ImportError: ``format="onnx"`` without onnx, onnxscript or onnxruntime installed.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
@@ -263,22 +407,30 @@ def export(
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path {str(path)!r} is a directory; give a file name")
+    if format == "onnx":
+        _require_onnx()
     if optimizer is not None and getattr(optimizer, "phase", 0) != 0:
-        _plain_with_info(model, rule, merged)  # an unsupported layer fails here, before the live model changes
+        _find_layers(_unwrap(model), merged)  # an unsupported layer fails here, before the live model changes
         optimizer.finish_cycle()
-    plain, infos = _plain_with_info(model, rule, merged)
+    plain, infos = plain_and_layers(model, rule=rule, merged=merged, example_inputs=inputs)
     plain.eval()
+    if format == "safetensors":
+        return _write_safetensors(plain, infos, rule, merged, path)
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} for _ in inputs)
     if format == "pt2":
-        dynamic_shapes = None
-        if dynamic_batch:
-            batch = torch.export.Dim("batch")
-            dynamic_shapes = tuple({0: batch} for _ in inputs)
         program = torch.export.export(plain, inputs, dynamic_shapes=dynamic_shapes)
         buf = io.BytesIO()
         torch.export.save(program, buf)  # to memory first: torch.export.save wants a *.pt2 name or a buffer
         data = buf.getvalue()
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    data = _onnx_bytes(plain, inputs, dynamic_shapes)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
+
+def _write_safetensors(plain: nn.Module, infos: dict[str, dict[str, Any]], rule: str, merged: bool, path: Path) -> Path:
     from safetensors.torch import save_file
 
     tensors = {key: t.detach().cpu().contiguous().clone() for key, t in plain.state_dict().items()}
@@ -291,3 +443,52 @@ def export(
     }
     header = json.dumps(meta, allow_nan=False)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"dlrt_export": header}))
+
+
+_ONNX_HINT = "install the export extra: pip install 'dlrt[export]' (onnx, onnxscript, onnxruntime)"
+
+
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f'format="onnx" needs {", ".join(missing)}; {_ONNX_HINT}', name=missing[0])
+
+
+def _flat_tensors(out: Any) -> list[Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in leaves if isinstance(t, Tensor)]
+
+
+@torch.no_grad()
+def _onnx_bytes(plain: nn.Module, inputs: tuple[Tensor, ...], dynamic_shapes: Any) -> bytes:
+    """The ONNX model of ``plain`` as bytes, after onnxruntime reproduced ``plain``'s outputs on ``inputs``."""
+    import tempfile
+
+    import onnxruntime
+
+    want = _flat_tensors(plain(*inputs))
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "model.onnx"
+        program = torch.onnx.export(
+            plain, inputs, dynamo=True, opset_version=ONNX_OPSET, dynamic_shapes=dynamic_shapes, verbose=False
+        )
+        program.save(str(file), external_data=False)
+        data = file.read_bytes()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    feed = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
+    got = session.run(None, feed)
+    if len(got) != len(want):
+        raise ValueError(f"the ONNX program returns {len(got)} outputs, the model {len(want)}; nothing was written")
+    for i, (g, w) in enumerate(zip(got, want)):
+        w = w.detach().cpu()
+        g = torch.from_numpy(g).to(w.dtype)
+        tol = ONNX_TOLERANCE * (1 + float(w.abs().max())) if w.numel() else 0.0
+        if g.shape != w.shape or float((g - w).abs().max()) > tol:
+            raise ValueError(
+                f"onnxruntime's output {i} differs from the model's (shape {tuple(g.shape)} vs {tuple(w.shape)}, "
+                f"max difference {float((g - w).abs().max()) if g.shape == w.shape else float('nan'):.3g}); "
+                "nothing was written"
+            )
+    return data

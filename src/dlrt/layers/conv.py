@@ -101,11 +101,13 @@ class ConvGeometry:
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
         return F.pad(x, self._pre_pad, mode=mode)
 
-    def _dense_conv(self, bias: bool, device: Any, dtype: Any, out_channels: int | None = None) -> nn.Conv2d:
-        """An ``nn.Conv2d`` with this geometry (weights to be copied in); ``out_channels`` other than the layer's
-        for the first factor of an exported layer (its ``r`` filters)."""
+    def _dense_conv(
+        self, bias: bool, device: Any, dtype: Any, out_channels: int | None = None, in_channels: int | None = None
+    ) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with this geometry (weights to be copied in); channel counts other than the layer's
+        for the factors of an exported layer (a low-rank layer's ``r`` filters, a Tucker layer's core)."""
         return nn.Conv2d(
-            self.in_channels,
+            self.in_channels if in_channels is None else in_channels,
             self.out_channels if out_channels is None else out_channels,
             self.kernel_size,
             stride=self.stride,
