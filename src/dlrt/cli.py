@@ -1,4 +1,4 @@
-"""The ``dlrt`` command line: ``dlrt train | finetune | eval | robustness | report | federated | closure``."""
+"""The ``dlrt`` command line: ``dlrt train | finetune | eval | export | robustness | report | federated | closure``."""
 
 from __future__ import annotations
 
@@ -95,6 +95,23 @@ def _eval(args: argparse.Namespace) -> int:
         "params_dense": dense,
     }
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .training.export_run import export_run
+
+    path, info = export_run(
+        args.run_dir, args.out, format=args.format, rule=args.rule, merged=not args.unmerged, batch=args.batch
+    )
+    print(f"{path} ({info['bytes'] / 1e6:.2f} MB, {args.format})")
+    for name, layer in info["layers"].items():
+        timed = layer.get("seconds")
+        how = ""
+        if timed:
+            how = f" (dense {1e6 * timed['dense']:.0f} µs, factored {1e6 * timed['factored']:.0f} µs)"
+        n, m = layer["shape"]
+        print(f"  {name}: {layer['kind']} {n}×{m} rank {layer['rank']} → {layer['form']}{how}")
     return 0
 
 
@@ -211,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="attack only the first N test images")
     p.add_argument("--steps", type=int, default=10, help="PGD steps")
     p.set_defaults(func=_robustness)
+    p = sub.add_parser("export", help="write a run's model as a file that runs without dlrt (docs/export.md)")
+    p.add_argument("run_dir", help="a `dlrt train` or `dlrt finetune` run directory")
+    p.add_argument("--format", choices=("pt2", "onnx", "safetensors"), default="pt2")
+    p.add_argument(
+        "--rule",
+        choices=("flops", "measured", "factored", "dense"),
+        default="flops",
+        help="factored where it costs fewer multiply-adds (flops) or runs faster here (measured), or one form",
+    )
+    p.add_argument("--unmerged", action="store_true", help="GeoLoRA: keep the frozen layer and the update apart")
+    p.add_argument("--out", help="output file (default: model.<format> in the run directory; never overwritten)")
+    p.add_argument("--batch", type=int, default=2, help="test examples the export traces (and measures) on")
+    p.set_defaults(func=_export)
     p = sub.add_parser(
         "federated", help="federated training: FeDLRT, FedAvg or FedLin, in process or on Flower (docs/federated.md)"
     )

@@ -238,20 +238,24 @@ def _layer_inputs(model: nn.Module, layers: list[tuple[str, nn.Module]], inputs:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    """``model`` with every :class:`~dlrt.peft.GeoLoRAModel` in it replaced by its base model (whose forward
+    is all it calls); ``model`` itself is changed where one is nested."""
     from .peft.model import GeoLoRAModel  # imported here: dlrt.peft imports the optimizer stack
 
-    return model.base_model if isinstance(model, GeoLoRAModel) else model  # its forward only calls the base model's
+    if isinstance(model, GeoLoRAModel):
+        return _unwrap(model.base_model)
+    nested = [name for name, m in model.named_modules() if isinstance(m, GeoLoRAModel)]
+    for name in nested:
+        if not any(name.startswith(outer + ".") for outer in nested if outer != name):
+            set_submodule(model, name, model.get_submodule(name).base_model)
+    return model
 
 
 def _find_layers(model: nn.Module, merged: bool) -> list[tuple[str, nn.Module]]:
     """The outermost dlrt layers of ``model`` by name; raises for one :func:`to_plain` cannot export."""
-    from .peft.model import GeoLoRAModel  # imported here: dlrt.peft imports the optimizer stack
-
     kinds = _dlrt_kinds()
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, GeoLoRAModel):
-            raise _unsupported(name, module)
         if isinstance(module, kinds) and not any(not outer or name.startswith(outer + ".") for outer, _ in found):
             found.append((name, module))
     for name, module in found:
@@ -410,12 +414,37 @@ def export(
     if format == "onnx":
         _require_onnx()
     if optimizer is not None and getattr(optimizer, "phase", 0) != 0:
-        _find_layers(_unwrap(model), merged)  # an unsupported layer fails here, before the live model changes
+        _find_layers(model, merged)  # an unsupported layer fails here, before the live model changes
         optimizer.finish_cycle()
     plain, infos = plain_and_layers(model, rule=rule, merged=merged, example_inputs=inputs)
+    return save_plain(plain, infos, inputs, path, format=format, rule=rule, merged=merged, dynamic_batch=dynamic_batch)
+
+
+def save_plain(
+    plain: nn.Module,
+    layers: dict[str, dict[str, Any]],
+    example_inputs: tuple[Tensor, ...],
+    path: str | os.PathLike[str],
+    *,
+    format: str = "pt2",
+    rule: str = "flops",
+    merged: bool = True,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Write a plain model from :func:`plain_and_layers` as :func:`export` does (``rule`` and ``merged``
+    only go into the safetensors metadata); for a caller that has already built it, e.g. to
+    report ``rule="measured"``'s timings and write the very forms they picked."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    inputs = _check_inputs(example_inputs, dynamic_batch)
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory; give a file name")
+    if format == "onnx":
+        _require_onnx()
     plain.eval()
     if format == "safetensors":
-        return _write_safetensors(plain, infos, rule, merged, path)
+        return _write_safetensors(plain, layers, rule, merged, path)
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
