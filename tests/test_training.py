@@ -257,3 +257,22 @@ def test_tucker_config_errors():
     with pytest.raises(ValueError, match="optimizer sgd, adam or adamw"):
         TrainConfig(conv="tucker", optimizer="geo-adam")
     assert load_config(None, ["conv=tucker", "tucker_modes=[1,0]"]).tucker_modes == [0, 1]
+
+
+def test_mlp_hidden_widths(data_root, tmp_path):
+    from dlrt.training.config import TrainConfig, load_config
+    from dlrt.training.loop import build_model
+
+    cfg = load_config(None, ["model=mlp", "hidden=[48,24]", "rank=4", f"data_root={data_root}"])
+    model = build_model(cfg)
+    shapes = [(name, layer.shape) for name, layer in __import__("dlrt").lowrank_layers(model)]
+    assert shapes == [("fc1", (48, 784)), ("fc2", (24, 48))]
+    assert model.head.in_features == 24
+    for bad, match in (
+        ({"hidden": []}, "non-empty list of positive ints"),
+        ({"hidden": [64, 0]}, "non-empty list of positive ints"),
+        ({"hidden": [64, True]}, "hidden must be an integer, got True"),
+        ({"hidden": [64], "model": "lenet5"}, "hidden applies to model=mlp, not model='lenet5'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**{"model": "mlp", **bad})

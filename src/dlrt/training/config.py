@@ -94,6 +94,9 @@ class TrainConfig(RunConfig):
     dataset: str = field(default="mnist", metadata={"help": "mnist | fashion-mnist | cifar10 | digits"})
     data_root: str | None = field(default=None, metadata={"help": "dataset directory (default: packaged data)"})
     model: str = field(default="lenet5", metadata={"help": "mlp | lenet5 | vgg11 | vgg16 | vgg_small | resnet20"})
+    hidden: list[int] | None = field(
+        default=None, metadata={"help": "model=mlp: widths of the hidden layers (default 500, 500, 500, 500)"}
+    )
     # low-rank conversion
     rank: int | float = field(
         default=2,
@@ -201,6 +204,13 @@ class TrainConfig(RunConfig):
             self.init = "scaled" if self.optimizer in ("sgd", "geo-heavyball") else "svd"
         _check_choice("init", self.init, INITS)
         _check_choice("conv", self.conv, ("matrix", "tucker"))
+        if self.hidden is not None:
+            if self.model.lower() != "mlp":
+                raise ValueError(f"hidden applies to model=mlp, not model={self.model!r}")
+            bad = not isinstance(self.hidden, (list, tuple)) or not self.hidden
+            if bad or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
+                raise ValueError(f"hidden must be a non-empty list of positive ints, got {self.hidden!r}")
+            self.hidden = list(self.hidden)
         if self.tucker_modes is not None:
             if self.conv != "tucker":
                 raise ValueError(f"tucker_modes applies to conv=tucker, not conv={self.conv!r}")

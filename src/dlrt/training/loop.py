@@ -80,6 +80,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     kwargs: dict[str, Any] = {"num_classes": info.num_classes}
     if cfg.model == "mlp":
         kwargs["in_features"] = info.input_size
+        if cfg.hidden is not None:
+            kwargs["hidden"] = tuple(cfg.hidden)
     else:
         kwargs["in_channels"] = info.input_shape[0]
     model = get_model(cfg.model, **kwargs)
