@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import os
 import statistics
 import time
@@ -498,13 +499,20 @@ def _onnx_bytes(plain: nn.Module, inputs: tuple[Tensor, ...], dynamic_shapes: An
     import onnxruntime
 
     want = _flat_tensors(plain(*inputs))
-    with tempfile.TemporaryDirectory() as tmp:
-        file = Path(tmp) / "model.onnx"
-        program = torch.onnx.export(
-            plain, inputs, dynamo=True, opset_version=ONNX_OPSET, dynamic_shapes=dynamic_shapes, verbose=False
-        )
-        program.save(str(file), external_data=False)
-        data = file.read_bytes()
+    # The exporter logs a warning per torchvision operator it cannot register when torchvision is absent.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / "model.onnx"
+            program = torch.onnx.export(
+                plain, inputs, dynamo=True, opset_version=ONNX_OPSET, dynamic_shapes=dynamic_shapes, verbose=False
+            )
+            program.save(str(file), external_data=False)
+            data = file.read_bytes()
+    finally:
+        registration.setLevel(level)
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     feed = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
     got = session.run(None, feed)
