@@ -776,10 +776,50 @@ def _checkpoint_overhead(paths: list[Path]) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
+def _inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """benchmarks/inference.py: the exported model's speed-up over dense (MiniLM: merged and unmerged over the base)."""
+    header = ["model", "test acc", "compression", "form", "batch", "eager", "torch.compile", "onnxruntime"]
+    header += ["compiled / eager", ".pt2 size (MB)"]
+    rows = []
+
+    def x(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}×"
+
+    for model, r in _json(paths[0])["models"].items():
+        ref = r["reference"]
+        forms = ["merged", "unmerged"] if model == "minilm" else ["flops", "measured"]
+        for form in forms:
+            for batch, e in r["batches"].items():
+                shown = e["forms"][form].get("same_as", form)
+                if form == "measured" and shown != form:
+                    continue  # the same modules as another rule's: timed once, shown once
+                speed = {b: v.get("speedup", {}).get(shown) for b, v in e["backends"].items()}
+                comp = e["backends"].get("compile", {}).get("compile_vs_eager", {}).get(shown)
+                files = r["files"].get(shown, {}).get("bytes", {})
+                ref_pt2 = r["files"].get(ref, {}).get("bytes", {}).get("pt2")
+                size = f"{ref_pt2 / 1e6:.2f} → {files['pt2'] / 1e6:.2f}" if files.get("pt2") and ref_pt2 else "–"
+                rows.append(
+                    [
+                        model,
+                        "–" if r["test_acc"] is None else f"{_pct(r['test_acc'])} %",
+                        "–" if model == "minilm" or r["compression"] is None else f"{_pct(r['compression'], 1)} %",
+                        f"{form} (vs {ref})",
+                        batch,
+                        x(speed.get("eager")),
+                        x(speed.get("compile")),
+                        x(speed.get("onnxruntime")),
+                        x(comp),
+                        size,
+                    ]
+                )
+    return header, rows
+
+
 TABLES: dict[str, Table] = {
     "lenet-step-time": Table(("lenet_step_time.json",), _lenet_step_time, machine=PROJECT_MACHINE),
     "step-time": Table(("step_time.json",), _step_time, machine=PROJECT_MACHINE),
     "checkpoint-overhead": Table(("checkpoint_overhead.json",), _checkpoint_overhead, machine=PROJECT_MACHINE),
+    "inference": Table(("inference.json",), _inference),
     "ddp-scaling": Table(("ddp_scaling.jsonl",), _ddp_scaling, machine=PROJECT_MACHINE),
     "ddp-equivalence": Table(("ddp_scaling.jsonl",), _ddp_equivalence, machine=PROJECT_MACHINE),
     "federated": Table(
