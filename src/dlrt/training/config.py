@@ -509,10 +509,11 @@ class FederatedConfig(RunConfig):
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
         check_rank(self.rank, self.max_rank, self.min_rank)
+        _check_choice("model", self.model.lower(), _models())
+        _refuse_text("dlrt federated", self.model, self.dataset)
         from ..data import dataset_info
 
         dataset_info(self.dataset)
-        _check_choice("model", self.model.lower(), _models())
         _check_choice("method", self.method, ("fedlrt", "fedavg", "fedlin"))
         _check_choice("correction", self.correction, ("full", "simplified", "none"))
         _check_choice("engine", self.engine, ("inprocess", "flower"))
@@ -547,6 +548,22 @@ def check_rank(rank: int | float, max_rank: int | None = None, min_rank: int = 1
         raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {rank}")
     if max_rank is not None and max_rank < min_rank:
         raise ValueError(f"max_rank={max_rank} is below min_rank={min_rank}")
+
+
+def _refuse_text(command: str, model: str, dataset: str) -> None:
+    """A clear ``ValueError`` when a command that trains image classifiers is given a language model or a
+    text corpus (``dlrt train`` trains those)."""
+    from ..data import CORPORA
+    from ..models import model_kind
+
+    if model_kind(model) == "language" or str(dataset).strip().lower() in CORPORA:
+        what = f"model={model!r} is a language model" if model_kind(model) == "language" else ""
+        if str(dataset).strip().lower() in CORPORA:
+            what = (what + " and " if what else "") + f"dataset={dataset!r} is a text corpus"
+        raise ValueError(
+            f"{command} trains image classifiers; {what}: train language models with "
+            "`dlrt train model=gpt-tiny dataset=hamlet`"
+        )
 
 
 def _models() -> tuple[str, ...]:
