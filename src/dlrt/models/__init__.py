@@ -104,7 +104,7 @@ def list_models(kind: str | None = None) -> list[str]:
     """Names accepted by :func:`get_model`, sorted; with ``kind``, those of that kind only."""
     if kind is not None and kind not in MODEL_KINDS:
         raise ValueError(f"kind={kind!r} is not one of {', '.join(MODEL_KINDS)}")
-    return sorted(name for name in _REGISTRY if kind is None or _KINDS[name] == kind)
+    return sorted(name for name in _REGISTRY if kind is None or _KINDS.get(name, "classifier") == kind)
 
 
 def model_kind(name: str) -> str:
@@ -114,9 +114,9 @@ def model_kind(name: str) -> str:
         ValueError: an unknown name; the message lists the valid ones.
     """
     key = str(name).lower()
-    if key not in _KINDS:
+    if key not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    return _KINDS[key]
+    return _KINDS.get(key, "classifier")
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
