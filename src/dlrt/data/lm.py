@@ -75,7 +75,10 @@ class ByteTokenizer:
         """The tokens of ``text``: an int64 tensor of its UTF-8 bytes."""
         if not isinstance(text, str):
             raise TypeError(f"ByteTokenizer.encode takes a str, got {type(text).__name__}")
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(torch.int64)
+        data = text.encode("utf-8")
+        if not data:  # frombuffer refuses an empty buffer
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
 
     def decode(self, tokens: Tensor | Sequence[int]) -> str:
         """The text of ``tokens`` (ids in ``0..255``)."""
