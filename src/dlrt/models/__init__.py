@@ -50,13 +50,13 @@ from .vgg import VGG, SmallVGG
 
 __all__ = [
     "GPT",
-    "GPTConfig",
     "GPT_SIZES",
     "MLP",
     "MNIST_CNN_MEAN",
-    "MODEL_KINDS",
     "MNIST_CNN_STD",
+    "MODEL_KINDS",
     "VGG",
+    "GPTConfig",
     "LeNet5",
     "MeanPoolClassifier",
     "MnistCNN",
@@ -65,9 +65,9 @@ __all__ = [
     "default_exclude",
     "get_model",
     "list_models",
-    "model_kind",
     "load_minilm",
     "load_pretrained_mnist_cnn",
+    "model_kind",
     "register_model",
     "tiny_bert",
 ]

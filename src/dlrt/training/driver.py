@@ -442,7 +442,9 @@ class Driver:
         if eval_every is not None and (
             isinstance(eval_every, bool) or not isinstance(eval_every, numbers.Integral) or eval_every < 1
         ):
-            raise ValueError(f"eval_every must be a number of steps >= 1 (or none: at epoch ends only), got {eval_every!r}")
+            raise ValueError(
+                f"eval_every must be a number of steps >= 1 (or none: at epoch ends only), got {eval_every!r}"
+            )
         self.task, self.model, self.opt, self.writer = task, task.model, opt, writer
         self.device, self.epochs, self.seed = device, epochs, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

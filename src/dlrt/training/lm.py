@@ -41,6 +41,7 @@ SAMPLES = "samples.txt"
 #: Columns of a language-model run's ``metrics.csv``.
 LM_METRIC_FIELDS = [
     "epoch",
+    "step",
     "train_loss",
     "train_ppl",
     "train_acc",

@@ -334,7 +334,7 @@ def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: 
         summary["test_loss"] = rows[-1]["test_loss"] if rows else None
         summary["test_ppl"] = rows[-1]["test_ppl"] if rows else None
         summary["best_test_ppl"] = min((r["test_ppl"] for r in rows), default=None)
-        if cfg.samples and out.status != "diverged" and driver.writer.writes and hasattr(model, "generate"):
+        if cfg.samples and out.status == "completed" and driver.writer.writes and hasattr(model, "generate"):
             lm.write_samples(
                 run_dir / lm.SAMPLES,
                 model,
