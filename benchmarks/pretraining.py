@@ -15,9 +15,11 @@ schedule and evaluation for all), with a linear warm-up and cosine decay:
   ``match``) is the one whose stored projection parameters come closest to the first DLRT
   method's at the end (equal stored parameters);
 * ``galore``, ``fira``, ``apollo``: the dense model with GaLore's, Fira's or APOLLO's AdamW on
-  the projections at ``--projection-rank``, the rest with their plain AdamW; they need the
-  optional packages (``pip install --no-deps galore-torch==1.0 fira==1.0.2 apollo-torch==1.0.3``)
-  and are recorded as skipped without them.
+  the projections at ``--projection-rank`` (default ``match``: the first DLRT method's mean
+  final rank, "the same rank"), their documented settings otherwise, the rest with their plain
+  AdamW. They need the optional packages, pinned in the extra ``pretraining`` of pyproject.toml
+  (``pip install --no-deps galore-torch==1.0 fira==1.0.2 apollo-torch==1.0.3 bitsandbytes==0.50.2``;
+  galore-torch and apollo-torch import bitsandbytes), and are recorded as skipped without them.
 
 Recorded per method: validation perplexity against steps (every ``--eval-every``) and
 against training seconds; stored weights, stored projection weights, optimizer-state bytes,
@@ -42,6 +44,7 @@ import math
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +52,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import environment, load_average  # noqa: E402
-
-import dlrt  # noqa: E402
-from dlrt.training.driver import Driver, RunWriter, Task  # noqa: E402
-from dlrt.training.lm import lm_forward, perplexity  # noqa: E402
-from dlrt.training.memory import peak_step_bytes, resident_bytes  # noqa: E402
-from dlrt.training.schedule import lr_factor  # noqa: E402
+import dlrt
+from benchlib import environment, load_average
+from dlrt.training.driver import Driver, RunWriter, Task
+from dlrt.training.lm import lm_forward, perplexity
+from dlrt.training.memory import peak_step_bytes, resident_bytes
+from dlrt.training.schedule import lr_factor
 
 PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc", "mlp.proj")
 DLRT_METHODS = [f"dlrt-{i}-{o}" for i in ("bug", "parallel", "abc") for o in ("adam", "geo-adam")]
@@ -120,6 +122,27 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+def closure_with_grad(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` whose ``step(closure)`` runs the closure with gradients enabled.
+
+    The three baselines copy transformers' AdamW, whose ``step`` (under ``torch.no_grad``)
+    calls the closure without ``torch.enable_grad()``, as torch's optimizers do; their own
+    training scripts never pass a closure.
+    """
+    step = opt.step
+
+    def step_with_closure(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        step()
+        return loss
+
+    opt.step = types.MethodType(step_with_closure, opt)  # a bound method, as LR schedulers expect
+    return opt
+
+
 def projection_baseline(method: str, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """GaLore / Fira / APOLLO on the projections at ``--projection-rank``, their documented defaults otherwise.
 
@@ -133,17 +156,23 @@ def projection_baseline(method: str, model: nn.Module, args: argparse.Namespace)
     ids = {id(m.weight) for _, m in projections(model)}
     low = [p for p in model.parameters() if id(p) in ids]
     rest = [p for p in model.parameters() if id(p) not in ids]
-    r, gap = args.projection_rank, args.update_proj_gap
+    r, gap = args.matched_projection_rank, args.update_proj_gap
     if method == "galore":  # GaLore's README: rank, update_proj_gap 200, scale 0.25, proj_type std
-        groups = [{"params": rest}, {"params": low, "rank": r, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}]
-        return lib.GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+        groups = [
+            {"params": rest},
+            {"params": low, "rank": r, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"},
+        ]
+        return closure_with_grad(lib.GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay))
     if method == "fira":  # Fira's README: the same group keys, alpha (scale) 1.0
-        groups = [{"params": rest}, {"params": low, "rank": r, "update_proj_gap": gap, "alpha": 1.0, "proj_type": "std"}]
-        return lib.FiraAdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+        groups = [
+            {"params": rest},
+            {"params": low, "rank": r, "update_proj_gap": gap, "alpha": 1.0, "proj_type": "std"},
+        ]
+        return closure_with_grad(lib.FiraAdamW(groups, lr=args.lr, weight_decay=args.weight_decay))
     # APOLLO's README: random projection, channel-wise scaling, scale 1 at the projection rank
     group = {"params": low, "rank": r, "proj": "random", "scale_type": "channel", "scale": 1}
     group |= {"update_proj_gap": gap, "proj_type": "std"}
-    return lib.APOLLOAdamW([{"params": rest}, group], lr=args.lr, weight_decay=args.weight_decay)
+    return closure_with_grad(lib.APOLLOAdamW([{"params": rest}, group], lr=args.lr, weight_decay=args.weight_decay))
 
 
 def build(method: str, pristine: nn.Module, args: argparse.Namespace, fixed_rank: int | None):
@@ -185,7 +214,9 @@ def train_one(method, pristine, data, args, device, seed, fixed_rank) -> tuple[d
     train_set, val_set = data
     task = Task(model, train_set, val_set, None, autocast_forward(device, args.bf16))
     per_epoch = math.ceil(len(train_set) / args.batch_size)
-    factor = functools.partial(lr_factor, total=args.steps, schedule="cosine", warmup_steps=int(args.warmup * args.steps))
+    factor = functools.partial(
+        lr_factor, total=args.steps, schedule="cosine", warmup_steps=int(args.warmup * args.steps)
+    )
     driver = Driver(
         task,
         opt,
@@ -228,6 +259,7 @@ def train_one(method, pristine, data, args, device, seed, fixed_rank) -> tuple[d
         "optimizer_state_bytes": optimizer_state_bytes(opt),
         "ranks": dlrt.ranks(model),
         "fixed_rank": fixed_rank if method == "factorized" else None,
+        "projection_rank": args.matched_projection_rank if method in BASELINES else None,
     }
     if device.type == "cuda":
         record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -295,14 +327,14 @@ def table(records: list[dict[str, Any]]) -> str:
             continue
         q = r.get("ratio_to_dense") or {}
 
-        def x(key: str) -> str:
+        def x(key: str, q: dict[str, Any] = q) -> str:
             return f"{q[key]:.3f}" if q.get(key) is not None else "-"
 
         lines.append(
             f"{r['method']:<22} {r['seed']:>4} {r['val_ppl']:>8.3f} {x('val_ppl'):>7} {r['projection_params']:>12,d} "
             f"{x('projection_params'):>7} {r['optimizer_state_bytes'] / 1e6:>9.2f}M {x('optimizer_state_bytes'):>7} "
             f"{r['peak_bytes'] / 1e6:>8.1f} {x('peak_bytes'):>7} {r['s_per_step']:>7.3f} {x('s_per_step'):>7} "
-            f"{str(r.get('steps_to_dense_final_loss') or '-'):>11}"
+            f"{r.get('steps_to_dense_final_loss') or '-'!s:>11}"
         )
     return "\n".join(lines)
 
@@ -338,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--model", default="gpt-tiny")
+    p.add_argument("--model-kw", nargs="*", default=[], metavar="KEY=INT", help="GPTConfig overrides, e.g. n_layers=2")
     p.add_argument("--dataset", default="hamlet")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--steps", type=int, default=300)
@@ -351,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rank", type=int, default=None, help="DLRT's largest rank per layer")
     p.add_argument("--tau", type=float, default=0.11, help="DLRT's truncation tolerance (gradient rule)")
     p.add_argument("--fixed-rank", default="match", help="the factorized model's rank, or 'match' (see above)")
-    p.add_argument("--projection-rank", type=int, default=32, help="GaLore / Fira / APOLLO rank")
+    p.add_argument("--projection-rank", default="match", help="GaLore / Fira / APOLLO rank, or 'match' (see above)")
     p.add_argument("--update-proj-gap", type=int, default=200, help="GaLore / Fira / APOLLO projection refresh")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--timing-steps", type=int, default=4)
@@ -379,17 +412,25 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     for seed in args.seeds:
         torch.manual_seed(seed)
-        pristine = get_model(args.model, context=args.context)
+        kw = {k: int(v) for k, v in (item.split("=", 1) for item in args.model_kw)}
+        pristine = get_model(args.model, context=args.context, **kw)
         setups: dict[str, Any] = {}
         fixed = None if args.fixed_rank == "match" else int(args.fixed_rank)
-        # DLRT before the factorized model, whose matched rank reads DLRT's stored size
-        order = sorted(args.methods, key=lambda m: (m == "factorized", METHODS.index(m)))
+        args.matched_projection_rank = None if args.projection_rank == "match" else int(args.projection_rank)
+        # DLRT first: the factorized model's and the baselines' matched ranks read its final state
+        order = sorted(args.methods, key=lambda m: (not m.startswith("dlrt-"), METHODS.index(m)))
         for method in order:
+            first = next((r for r in records if r["seed"] == seed and r["method"].startswith("dlrt-")), None)
+            if (method == "factorized" and fixed is None) or (
+                method in BASELINES and args.matched_projection_rank is None
+            ):
+                if first is None or first["status"] != "completed":
+                    raise SystemExit(f"--fixed-rank / --projection-rank match need a completed dlrt-* method; {method}")
             if method == "factorized" and fixed is None:
-                first = next((r for r in records if r["seed"] == seed and r["method"].startswith("dlrt-")), None)
-                if first is None:
-                    raise SystemExit("--fixed-rank match needs a dlrt-* method in --methods; or give a rank")
                 fixed = matched_rank(pristine, first["projection_params"])
+            if method in BASELINES and args.matched_projection_rank is None:
+                ranks = list(first["ranks"].values())
+                args.matched_projection_rank = max(1, round(sum(ranks) / len(ranks)))
             print(f"== seed {seed}: {method}", flush=True)
             try:
                 record, setup = train_one(method, pristine, (train_set, val_set), args, device, seed, fixed)
