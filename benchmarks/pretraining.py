@@ -451,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "benchmark": "pretraining",
         "environment": environment(args),
-        "load_average_before": before,
-        "load_average_after": load_average("after"),
+        "load_before": list(before),
+        "load_after": list(load_average("after")),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "records": records,
     }
