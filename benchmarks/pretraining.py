@@ -175,18 +175,20 @@ def projection_baseline(method: str, model: nn.Module, args: argparse.Namespace)
     return closure_with_grad(lib.APOLLOAdamW([{"params": rest}, group], lr=args.lr, weight_decay=args.weight_decay))
 
 
-def build(method: str, pristine: nn.Module, args: argparse.Namespace, fixed_rank: int | None):
-    """A fresh model and optimizer of ``method`` from the dense start ``pristine``."""
+def build(method: str, pristine: nn.Module, args: argparse.Namespace, fixed_rank: int | None, device: torch.device):
+    """A fresh model of ``method`` from the dense start ``pristine``, on ``device``, and its optimizer."""
     model = copy.deepcopy(pristine)
     if method.startswith("dlrt-"):
         _, integrator, optimizer = method.split("-", 2)
         dlrt.convert(model, rank=args.rank, max_rank=args.max_rank, init="svd")
+        model.to(device)
         opt = dlrt.DLRTOptimizer(
             model, integrator=integrator, optimizer=optimizer, lr=args.lr, tau=args.tau, weight_decay=args.weight_decay
         )
         return model, opt
     if method == "factorized":
         factorize(model, fixed_rank)
+    model.to(device)
     if method in BASELINES:
         return model, projection_baseline(method, model, args)
     return model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -209,8 +211,7 @@ def autocast_forward(device: torch.device, bf16: bool):
 def train_one(method, pristine, data, args, device, seed, fixed_rank) -> tuple[dict[str, Any], Any]:
     """Train ``method`` for ``--steps`` steps through the driver; its record and (model, opt, task)."""
     torch.manual_seed(seed)
-    model, opt = build(method, pristine, args, fixed_rank)
-    model.to(device)
+    model, opt = build(method, pristine, args, fixed_rank, device)
     train_set, val_set = data
     task = Task(model, train_set, val_set, None, autocast_forward(device, args.bf16))
     per_epoch = math.ceil(len(train_set) / args.batch_size)
