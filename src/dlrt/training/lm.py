@@ -95,6 +95,8 @@ def check_task(cfg: Any) -> None:
         )
     if not language:
         dataset_info(cfg.dataset)  # unknown names: a ValueError listing the registered datasets
+        if cfg.context is not None:
+            raise ValueError(f"context= sets a language model's window; model={cfg.model!r} is a classifier: drop it")
         return
     cfg.dataset = str(cfg.dataset).strip().lower()
     if cfg.augment:
