@@ -128,6 +128,7 @@ def test_dense_language_model_and_the_dense_optimizers(tmp_path):
         ({"model": "gpt-tiny", "dataset": "hamlet", "augment": True}, "augment=true crops and flips images"),
         ({"model": "gpt-tiny", "dataset": "hamlet", "eval_every": 0}, "eval_every must be >= 1"),
         ({"model": "gpt-tiny", "dataset": "hamlet", "val_fraction": 1.5}, r"val_fraction must lie in \(0, 1\)"),
+        ({"context": 64}, "context= sets a language model's window; model='lenet5' is a classifier"),
         (
             {"model": "gpt-tiny", "dataset": "macbeth"},
             "is a language model: train it on a text corpus, dataset= one of",
