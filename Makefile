@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml scripts/install_fashion_mnist.sh
 	# The attacks' cross-check (tests/test_robust.py). Its declared torchvision would replace the pinned torch
 	# with a CUDA build; it imports only torch, numpy and scipy (installed above, scipy with scikit-learn).
 	$(PY) -m pip install -q --no-deps "torchattacks==3.5.1"
+	# The projection baselines of benchmarks/pretraining.py (the pretraining extra): --no-deps keeps the pinned torch;
+	# their other dependencies come with the finetune and tucker extras.
+	$(PY) -m pip install -q --no-deps "galore-torch==1.0" "fira==1.0.2" "apollo-torch==1.0.3" "bitsandbytes==0.50.2"
 	# Fashion-MNIST ships as a Debian package (configs/finetune_cnn_fashion.yaml, benchmarks, tests).
 	sh scripts/install_fashion_mnist.sh
 	touch $@

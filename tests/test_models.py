@@ -29,7 +29,9 @@ def n_params(model):
 
 
 def test_registry_names_and_unknown_name():
-    assert list_models() == sorted(EXPECTED_INPUT)
+    assert list_models("classifier") == sorted(EXPECTED_INPUT)
+    assert list_models("language") == ["gpt-large", "gpt-medium", "gpt-small", "gpt-tiny"]
+    assert list_models() == sorted([*EXPECTED_INPUT, *list_models("language")])
     with pytest.raises(ValueError, match=r"unknown model 'resnet18'.*lenet5, mlp, resnet20, vgg11, vgg16, vgg_small"):
         get_model("resnet18")
     assert isinstance(get_model("VGG11"), VGG) and get_model("vgg11").depth == 11
@@ -40,7 +42,7 @@ def test_import_dlrt_does_not_import_the_zoo():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classifier"))
 def test_dense_forward_shape(name):
     model = get_model(name, num_classes=7)
     assert model.input_shape == EXPECTED_INPUT[name]
@@ -103,7 +105,7 @@ def test_a_rank_too_large_for_every_layer_names_the_rank_and_each_range():
 
 
 # Every registered model, plus ResNet-20 with its 1×1 projection shortcuts (converted too).
-CASES = [pytest.param(n, {}, id=n) for n in list_models()]
+CASES = [pytest.param(n, {}, id=n) for n in list_models("classifier")]
 CASES.append(pytest.param("resnet20", {"shortcut": "B"}, id="resnet20-B"))
 
 

@@ -815,7 +815,39 @@ def _inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _pretraining(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """benchmarks/pretraining.py: per method and seed, the figure and its ratio to dense of the same run."""
+    header = ["method", "seed", "val. ppl", "projection weights", "optimizer state", "peak memory", "s/step"]
+    header.append("steps to dense's final loss")
+
+    def cell(r: dict[str, Any], key: str, text: str) -> str:
+        ratio = (r.get("ratio_to_dense") or {}).get(key)
+        return text if r["method"] == "dense" or ratio is None else f"{text} (×{ratio:.2f})"
+
+    rows = []
+    for r in _json(paths[0])["records"]:
+        if r["status"] != "completed":
+            rows.append([r["method"], str(r["seed"]), r["status"], "", "", "", "", ""])
+            continue
+        rank = r.get("fixed_rank") or r.get("projection_rank")
+        name = f"{r['method']} (rank {rank})" if rank else r["method"]
+        rows.append(
+            [
+                name,
+                str(r["seed"]),
+                cell(r, "val_ppl", f"{r['val_ppl']:.2f}"),
+                cell(r, "projection_params", _int(r["projection_params"])),
+                cell(r, "optimizer_state_bytes", f"{r['optimizer_state_bytes'] / 1e6:.2f} MB"),
+                cell(r, "peak_bytes", f"{r['peak_bytes'] / 1e6:.1f} MB"),
+                cell(r, "s_per_step", f"{r['s_per_step']:.3f}"),
+                str(r.get("steps_to_dense_final_loss") or "not reached"),
+            ]
+        )
+    return header, rows
+
+
 TABLES: dict[str, Table] = {
+    "pretraining": Table(("pretraining.json",), _pretraining, machine=PROJECT_MACHINE),
     "lenet-step-time": Table(("lenet_step_time.json",), _lenet_step_time, machine=PROJECT_MACHINE),
     "step-time": Table(("step_time.json",), _step_time, machine=PROJECT_MACHINE),
     "checkpoint-overhead": Table(("checkpoint_overhead.json",), _checkpoint_overhead, machine=PROJECT_MACHINE),

@@ -73,7 +73,8 @@ def _finetune(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from . import conversion, io
     from .training.config import load_config
-    from .training.loop import CHECKPOINT, CONFIG, build_data, build_model, evaluate
+    from .training.lm import is_language_run, perplexity
+    from .training.loop import CHECKPOINT, CONFIG, build_data, build_forward, build_model, evaluate
     from .training.runs import resolve_device
 
     run_dir = Path(args.run_dir)
@@ -84,10 +85,12 @@ def _eval(args: argparse.Namespace) -> int:
     _, test_set = build_data(cfg)
     model = build_model(cfg).to(device)
     io.load(run_dir / CHECKPOINT, model)
-    loss, acc = evaluate(model, test_set, cfg.eval_batch_size, device)
+    forward = build_forward(cfg)
+    loss, acc = evaluate(model, test_set, cfg.eval_batch_size, device, forward=lambda m, b: forward(m, b)[:2])
     stored, dense = conversion.parameter_counts(model)
     out = {
         "test_loss": loss,
+        **({"test_ppl": perplexity(loss)} if is_language_run(cfg) else {}),
         "test_acc": acc,
         "compression": conversion.compression(model),
         "ranks": conversion.ranks(model),
@@ -218,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     p.set_defaults(func=_finetune)
-    p = sub.add_parser("eval", help="evaluate a run's checkpoint on its test set")
+    p = sub.add_parser(
+        "eval", help="evaluate a run's checkpoint on its test set (a language model's: validation loss and perplexity)"
+    )
     p.add_argument("run_dir")
     p.set_defaults(func=_eval)
     p = sub.add_parser("robustness", help="clean and adversarial accuracy of a run's checkpoint (FGSM or PGD)")

@@ -78,7 +78,9 @@ def convert(
     ``min(out, in)``, at least 1), or at the rank the truncation rule picks with
     ``tau`` (capped by ``rank`` when both are given). ``max_rank`` and
     ``min_rank`` bound later rank adaptation (``max_rank`` is capped per layer
-    at ``min(out, in)``).
+    at ``min(out, in)``). A layer that shares a parameter with another module
+    (a language model's head tied to its token embedding) stays dense, like
+    every module of a type without a low-rank twin (embeddings, norms).
 
     Everything is validated before the model changes: a call that raises
     leaves ``model`` as it was.
@@ -117,7 +119,7 @@ def convert(
         ValueError: a bad rank (the message names the rank and each layer's
             valid range), ``tau``, ``max_rank``, ``min_rank`` or ``conv``; an
             explicitly selected layer that cannot be converted (a grouped
-            convolution); or nothing to convert.
+            convolution, a tied layer); or nothing to convert.
         TypeError: ``target_modules`` names a module whose type has no
             registered low-rank type (the message lists the registered ones).
     """
@@ -134,6 +136,7 @@ def convert(
     exclude = exclude or ()
     check_selector(exclude, "exclude")
     skip = (*lowrank_types(), FactorizedLayer)
+    tied = _tied_modules(model)
     chosen = []
     for name, module in model.named_modules():
         if name == "" or isinstance(module, skip) or excluded(name, exclude):
@@ -151,6 +154,8 @@ def convert(
                 )
             continue
         reason = spec.unsupported(module)
+        if reason is None and name in tied:
+            reason = f"tied to {tied[name]!r} (they share a parameter)"
         if reason is not None:
             if target_modules is not None:
                 raise ValueError(f"layer {name!r} is {reason}, which {spec.describe()} cannot hold; exclude it")
@@ -202,6 +207,22 @@ def convert(
     for name, new in built:
         set_submodule(model, name, new)
     return model
+
+
+def _tied_modules(model: nn.Module) -> dict[str, str]:
+    """Modules that hold a parameter another module holds too (a language model's head tied to its
+    embedding), each mapped to the first other holder: a low-rank layer cannot share its weight."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    tied: dict[str, str] = {}
+    for names in holders.values():
+        for name in names:
+            others = [other for other in names if other != name]
+            if others:
+                tied.setdefault(name, others[0])
+    return tied
 
 
 def _scale_to(layer: FactorizedLayer, weight: Tensor) -> None:

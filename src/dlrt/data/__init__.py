@@ -9,11 +9,17 @@ split by movie, :func:`load_convention_party` paragraphs of the 2012 US conventi
 speeches labelled by party and split by speaker; :class:`TextClassificationDataset`
 tokenises either once and :class:`TextCollator` pads each batch (see
 :mod:`dlrt.data.text`).
+
+For language modelling, :func:`lm_datasets` cuts a text corpus (:func:`list_corpora`:
+``hamlet``, ``convention-speeches``, ``rotten-tomatoes``, ``debates``) split by
+document into :class:`TokenWindows` of :class:`ByteTokenizer` tokens (see
+:mod:`dlrt.data.lm`).
 """
 
-from . import datasets, text
+from . import datasets, lm, text
 from .datasets import *  # noqa: F403  (the public names are datasets.__all__)
+from .lm import *  # noqa: F403  (the public names are lm.__all__)
 from .mnist import load_mnist
 from .text import *  # noqa: F403  (the public names are text.__all__)
 
-__all__ = [*datasets.__all__, *text.__all__, "load_mnist"]
+__all__ = [*datasets.__all__, *lm.__all__, *text.__all__, "load_mnist"]

@@ -10,7 +10,15 @@ Build one by name and convert it, leaving the classifier dense::
 
 Every model names its last layer ``head`` and carries ``input_shape``, the
 shape of one example (28×28 MNIST for ``mlp``, ``lenet5`` and ``vgg_small``,
-32×32 CIFAR for ``vgg11``, ``vgg16`` and ``resnet20``).
+32×32 CIFAR for ``vgg11``, ``vgg16`` and ``resnet20``; ``(context,)`` token
+ids for the language models).
+
+Two kinds of model are registered (:func:`list_models` takes the kind):
+``"classifier"`` (image classifiers, built with ``num_classes``) and
+``"language"``: the decoder-only transformers ``gpt-tiny`` (3.3 M parameters,
+trains on a laptop CPU), ``gpt-small`` (25 M), ``gpt-medium`` (100 M) and
+``gpt-large`` (304 M) of :mod:`dlrt.models.gpt`, whose head shares the token
+embedding's weight (and which :func:`dlrt.convert` therefore leaves dense).
 
 Pretrained networks (not in the registry) come from :mod:`dlrt.models.pretrained`:
 :func:`load_pretrained_mnist_cnn` (a 99 % MNIST CNN, :class:`MnistCNN`),
@@ -25,6 +33,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..layers.registry import find_lowrank
+from .gpt import GPT, GPT_SIZES, GPTConfig
 from .lenet import LeNet5
 from .mlp import MLP
 from .pretrained import (
@@ -40,10 +49,14 @@ from .resnet import ResNet20
 from .vgg import VGG, SmallVGG
 
 __all__ = [
+    "GPT",
+    "GPT_SIZES",
     "MLP",
     "MNIST_CNN_MEAN",
     "MNIST_CNN_STD",
+    "MODEL_KINDS",
     "VGG",
+    "GPTConfig",
     "LeNet5",
     "MeanPoolClassifier",
     "MnistCNN",
@@ -54,28 +67,56 @@ __all__ = [
     "list_models",
     "load_minilm",
     "load_pretrained_mnist_cnn",
+    "model_kind",
     "register_model",
     "tiny_bert",
 ]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_KINDS: dict[str, str] = {}
+
+#: The kinds of registered model: image classifiers and (next-token) language models.
+MODEL_KINDS = ("classifier", "language")
 
 
-def register_model(name: str, builder: Callable[..., nn.Module]) -> None:
+def register_model(name: str, builder: Callable[..., nn.Module], *, kind: str = "classifier") -> None:
     """Make ``builder(**kw)`` available as ``get_model(name, **kw)``.
 
+    Args:
+        name: the registry name (case-insensitive).
+        builder: builds the dense model.
+        kind: ``"classifier"`` (``builder`` takes ``num_classes``) or ``"language"``
+            (it maps ``(batch, time)`` token ids to ``(batch, time, vocab)`` logits).
+
     Raises:
-        ValueError: ``name`` is already registered.
+        ValueError: ``name`` is already registered, or an unknown ``kind``.
     """
     key = name.lower()
     if key in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(MODEL_KINDS)}")
     _REGISTRY[key] = builder
+    _KINDS[key] = kind
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`get_model`, sorted."""
-    return sorted(_REGISTRY)
+def list_models(kind: str | None = None) -> list[str]:
+    """Names accepted by :func:`get_model`, sorted; with ``kind``, those of that kind only."""
+    if kind is not None and kind not in MODEL_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {', '.join(MODEL_KINDS)}")
+    return sorted(name for name in _REGISTRY if kind is None or _KINDS.get(name, "classifier") == kind)
+
+
+def model_kind(name: str) -> str:
+    """The kind (``"classifier"`` or ``"language"``) of the model registered as ``name``.
+
+    Raises:
+        ValueError: an unknown name; the message lists the valid ones.
+    """
+    key = str(name).lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return _KINDS.get(key, "classifier")
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
@@ -83,8 +124,10 @@ def get_model(name: str, **kwargs) -> nn.Module:
 
     Args:
         name: one of :func:`list_models`: ``"lenet5"``, ``"mlp"``,
-            ``"resnet20"``, ``"vgg11"``, ``"vgg16"``, ``"vgg_small"``.
-        **kwargs: passed to the model's constructor (e.g. ``num_classes``).
+            ``"resnet20"``, ``"vgg11"``, ``"vgg16"``, ``"vgg_small"``;
+            ``"gpt-tiny"``, ``"gpt-small"``, ``"gpt-medium"``, ``"gpt-large"``.
+        **kwargs: passed to the model's constructor (e.g. ``num_classes``;
+            a :class:`GPTConfig` field such as ``context`` for the GPTs).
 
     Raises:
         ValueError: an unknown name; the message lists the valid ones.
@@ -149,3 +192,5 @@ register_model("vgg11", lambda **kw: VGG(depth=11, **kw))
 register_model("vgg16", lambda **kw: VGG(depth=16, **kw))
 register_model("vgg_small", SmallVGG)
 register_model("resnet20", ResNet20)
+for _size, _config in GPT_SIZES.items():
+    register_model(f"gpt-{_size}", lambda _config=_config, **kw: GPT(_config, **kw), kind="language")

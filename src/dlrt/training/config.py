@@ -91,9 +91,29 @@ class TrainConfig(RunConfig):
     """
 
     # data and model
-    dataset: str = field(default="mnist", metadata={"help": "mnist | fashion-mnist | cifar10 | digits"})
-    data_root: str | None = field(default=None, metadata={"help": "dataset directory (default: packaged data)"})
-    model: str = field(default="lenet5", metadata={"help": "mlp | lenet5 | vgg11 | vgg16 | vgg_small | resnet20"})
+    dataset: str = field(
+        default="mnist",
+        metadata={
+            "help": "mnist | fashion-mnist | cifar10 | digits; text corpora for the gpt models: hamlet | "
+            "convention-speeches | rotten-tomatoes | debates"
+        },
+    )
+    data_root: str | None = field(
+        default=None, metadata={"help": "dataset directory, or a text corpus's file (default: packaged data)"}
+    )
+    model: str = field(
+        default="lenet5",
+        metadata={
+            "help": "mlp | lenet5 | vgg11 | vgg16 | vgg_small | resnet20; language models: gpt-tiny | gpt-small | "
+            "gpt-medium | gpt-large"
+        },
+    )
+    context: int | None = field(
+        default=None, metadata={"help": "language models: tokens per window (default: the model's context)"}
+    )
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "language models: share of the corpus held out for validation, by document"}
+    )
     hidden: list[int] | None = field(
         default=None, metadata={"help": "model=mlp: widths of the hidden layers (default 500, 500, 500, 500)"}
     )
@@ -146,10 +166,21 @@ class TrainConfig(RunConfig):
     warmup: float = field(default=0.0, metadata={"help": "share of the steps with a linear lr warm-up from 0"})
     # loop
     epochs: int = field(default=3, metadata={"help": "training epochs"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "stop after this many steps, the schedule's length (none: all epochs)"}
+    )
     batch_size: int = field(default=128, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=1000, metadata={"help": "evaluation batch size"})
     augment: bool = field(default=False, metadata={"help": "light augmentation (CIFAR: crop + flip)"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N train/test samples"})
+    eval_every: int | None = field(
+        default=None,
+        metadata={"help": "steps between evaluations of the test (validation) set in steps.csv (none: epoch ends)"},
+    )
+    samples: int = field(
+        default=3, metadata={"help": "language models: texts generated into samples.txt at the end (0: none)"}
+    )
+    sample_tokens: int = field(default=200, metadata={"help": "language models: tokens per generated sample"})
     # data parallelism (torchrun; docs/distributed.md)
     dist_timeout: float = field(
         default=300.0, metadata={"help": "seconds a process waits for its peers before it stops with an error"}
@@ -186,10 +217,17 @@ class TrainConfig(RunConfig):
             raise ValueError(f"check_every must be >= 0 (0: never), got {self.check_every}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 (or none), got {self.limit}")
-        from ..data import dataset_info
-
-        dataset_info(self.dataset)  # unknown names: a ValueError listing the registered datasets
+        for key in ("eval_every", "context", "max_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1 (or none), got {getattr(self, key)}")
+        if self.samples < 0 or self.sample_tokens < 1:
+            raise ValueError(f"samples must be >= 0 and sample_tokens >= 1, got {self.samples}, {self.sample_tokens}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         _check_choice("model", self.model.lower(), _models())
+        from .lm import check_task
+
+        check_task(self)  # the dataset fits the model: an image dataset a classifier, a text corpus a GPT
         _check_choice("integrator", self.integrator, _integrators())
         from ..conversion import INITS
         from ..linalg import check_tau
@@ -481,10 +519,11 @@ class FederatedConfig(RunConfig):
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
         check_rank(self.rank, self.max_rank, self.min_rank)
+        _check_choice("model", self.model.lower(), _models())
+        _refuse_text("dlrt federated", self.model, self.dataset)
         from ..data import dataset_info
 
         dataset_info(self.dataset)
-        _check_choice("model", self.model.lower(), _models())
         _check_choice("method", self.method, ("fedlrt", "fedavg", "fedlin"))
         _check_choice("correction", self.correction, ("full", "simplified", "none"))
         _check_choice("engine", self.engine, ("inprocess", "flower"))
@@ -519,6 +558,22 @@ def check_rank(rank: int | float, max_rank: int | None = None, min_rank: int = 1
         raise ValueError(f"rank must be >= 1 (or a fraction in (0, 1]), got {rank}")
     if max_rank is not None and max_rank < min_rank:
         raise ValueError(f"max_rank={max_rank} is below min_rank={min_rank}")
+
+
+def _refuse_text(command: str, model: str, dataset: str) -> None:
+    """A clear ``ValueError`` when a command that trains image classifiers is given a language model or a
+    text corpus (``dlrt train`` trains those)."""
+    from ..data import CORPORA
+    from ..models import model_kind
+
+    if model_kind(model) == "language" or str(dataset).strip().lower() in CORPORA:
+        what = f"model={model!r} is a language model" if model_kind(model) == "language" else ""
+        if str(dataset).strip().lower() in CORPORA:
+            what = (what + " and " if what else "") + f"dataset={dataset!r} is a text corpus"
+        raise ValueError(
+            f"{command} trains image classifiers; {what}: train language models with "
+            "`dlrt train model=gpt-tiny dataset=hamlet`"
+        )
 
 
 def _models() -> tuple[str, ...]:

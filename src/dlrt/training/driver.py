@@ -10,9 +10,11 @@ which owns everything that is the same for all of them:
   replays exactly what an uninterrupted one would have done;
 * the step: ``opt.step(closure)`` for a :class:`~dlrt.DLRTOptimizer` as for any
   torch optimizer, the per-step hooks, the scheduler, the counters;
-* running train metrics, one evaluation per epoch, the ``metrics.csv`` rows,
-  a ``steps.csv`` row at the start and every ``log_every`` steps (loss, learning
-  rate, the rank of every layer), TensorBoard scalars and the progress bar (through the writer);
+* running train metrics, one evaluation per epoch (and, with ``eval_every``, every
+  ``eval_every`` steps, recorded as ``test_loss``/``test_acc`` in that step's row), the
+  ``metrics.csv`` rows, a ``steps.csv`` row at the start and every ``log_every`` steps
+  (loss, learning rate, the rank of every layer), TensorBoard scalars and the progress
+  bar (through the writer);
 * checkpoint/resume, Ctrl-C (status ``"interrupted"``) and divergence
   (:class:`~dlrt.optimizer.NonFiniteError` or a non-finite loss: status
   ``"diverged"``);
@@ -45,6 +47,9 @@ Extension points (for FeDLRT, robust training, the closures, torchrun):
   scheduler (e.g. AdaLoRA's ``update_and_allocate``), inside the step section;
 * ``epoch_hooks``: ``hook(row)`` at every epoch end, before the row is stored;
   it may add columns to the row (name them in ``metric_fields``);
+* ``step_row_hooks``: ``hook(row)`` on every ``steps.csv`` row before it is stored;
+  it may add columns (name them in the writer's ``step_fields``), e.g. a language
+  model's perplexity;
 * ``extra_metrics(model) -> dict``: extra columns of every ``metrics.csv`` row;
 * ``ranks(model) -> {name: rank}``: what "rank" means for the task;
 * ``describe(row) -> str``: the line printed at every epoch end.
@@ -92,6 +97,8 @@ CHECKPOINT = "checkpoint.safetensors"
 
 #: Columns of ``steps.csv``: a row before the first step (loss NaN), every ``log_every`` steps and after the last.
 STEP_FIELDS = ["step", "epoch", "loss", "lr", "seconds", "total_rank", "ranks"]
+#: Columns a ``steps.csv`` row gains at the steps of a driver's ``eval_every``.
+EVAL_STEP_FIELDS = ["test_loss", "test_acc"]
 
 #: The clock of ``checkpoint_minutes`` (monotonic seconds; tests replace it).
 _clock = time.monotonic
@@ -293,11 +300,14 @@ class RunWriter:
         progress: bool = True,
         tensorboard: bool = False,
         writes: bool = True,
+        step_fields: Sequence[str] = (),
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         #: False on the processes of rank > 0 of a distributed run: they read ``checkpoint`` but write nothing.
         self.writes = writes
         self.metric_fields = list(metric_fields)
+        #: The columns of ``steps.csv``: :data:`STEP_FIELDS` and the recipe's ``step_fields``.
+        self.step_fields = [*STEP_FIELDS, *(f for f in step_fields if f not in STEP_FIELDS)]
         self.progress = progress
         self._tensorboard = tensorboard
         self._tb: Any = None
@@ -336,7 +346,7 @@ class RunWriter:
     def write_rows(self, rows: list[dict[str, Any]], step_rows: list[dict[str, Any]]) -> None:
         if self.run_dir is not None and self.writes:
             write_csv(self.run_dir / METRICS, self.metric_fields, rows)
-            write_csv(self.run_dir / STEPS, STEP_FIELDS, step_rows)
+            write_csv(self.run_dir / STEPS, self.step_fields, step_rows)
 
     def log(self, row: dict[str, Any], x: int) -> None:
         """TensorBoard scalars of ``row`` (numbers, and ``rank/<layer>`` for its ranks) at ``x``."""
@@ -396,6 +406,9 @@ class Driver:
     the previous one, so a killed process always leaves one complete checkpoint.
     ``checkpoint_frozen=False`` leaves the parameters that do not require gradients
     out of it (a frozen pretrained model, rebuilt on resume; :func:`dlrt.io.save`'s ``frozen``).
+    ``eval_every=N`` also evaluates the test set after every ``N``-th step and writes a
+    ``steps.csv`` row there with ``test_loss`` and ``test_acc`` (name them in the writer's
+    ``step_fields``, :data:`EVAL_STEP_FIELDS`).
     """
 
     def __init__(
@@ -423,7 +436,15 @@ class Driver:
         checkpoint_minutes: float | None = None,
         task_state: TaskState | None = None,
         checkpoint_frozen: bool = True,
+        eval_every: int | None = None,
+        step_row_hooks: Sequence[Callable[[dict[str, Any]], None]] = (),
     ) -> None:
+        if eval_every is not None and (
+            isinstance(eval_every, bool) or not isinstance(eval_every, numbers.Integral) or eval_every < 1
+        ):
+            raise ValueError(
+                f"eval_every must be a number of steps >= 1 (or none: at epoch ends only), got {eval_every!r}"
+            )
         self.task, self.model, self.opt, self.writer = task, task.model, opt, writer
         self.device, self.epochs, self.seed = device, epochs, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -437,6 +458,7 @@ class Driver:
         self.checkpoint_every, self.checkpoint_minutes = checkpoint_every, checkpoint_minutes
         self.task_state = task_state
         self.checkpoint_frozen = checkpoint_frozen
+        self.eval_every, self.step_row_hooks = eval_every, list(step_row_hooks)
         group = resolve_group()
         self.comm = Communicator(group) if group is not None else None
         self.rank, self.world_size = (0, 1) if self.comm is None else (self.comm.rank, self.comm.size)
@@ -592,37 +614,50 @@ class Driver:
         self.batch += 1
         if self.step == self.total_steps and isinstance(self.opt, DLRTOptimizer):
             self.opt.finish_cycle()  # the last step ends a coefficient cycle (GeoLoRA): truncate now
-        if self.step % self.log_every == 0 or self.step == self.total_steps:
-            self._log_step(loss, seconds)
+        evaluated = self.eval_every is not None and self.step % self.eval_every == 0
+        if evaluated or self.step % self.log_every == 0 or self.step == self.total_steps:
+            self._log_step(loss, seconds, self._evaluate() if evaluated else None)
         return seconds
 
-    def _log_step(self, loss: float, seconds: float) -> None:
-        """A ``steps.csv`` row: the ranks of every layer after step ``self.step`` (0: the starting ranks)."""
+    def _log_step(self, loss: float, seconds: float, test: tuple[float, float] | None = None) -> None:
+        """A ``steps.csv`` row: the ranks of every layer after step ``self.step`` (0: the starting ranks),
+        with the test loss and accuracy when ``test`` holds them."""
         ranks = self.ranks(self.model)
         lr = self.opt.param_groups[0]["lr"]
         row = {"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr, "seconds": seconds}
-        self.step_rows.append({**row, "total_rank": sum(ranks.values()), "ranks": ranks})
+        row = {**row, "total_rank": sum(ranks.values()), "ranks": ranks}
+        if test is not None:
+            row["test_loss"], row["test_acc"] = test
+        for hook in self.step_row_hooks:
+            hook(row)
+        self.step_rows.append(row)
+
+    def _evaluate(self) -> tuple[float, float]:
+        """Loss and accuracy on the test set (NaN without one); under a process group each process scores
+        its share and the sums are exchanged, so every process gets the same numbers."""
+        if self.task.test_set is None:
+            return float("nan"), float("nan")
+        test_set = self.task.test_set
+        if self.comm is not None:  # each process its share, then the sums
+            test_set = torch.utils.data.Subset(test_set, range(self.rank, len(test_set), self.world_size))
+        test_loss, test_acc = evaluate(
+            self.model,
+            test_set,
+            self.eval_batch_size,
+            self.device,
+            forward=lambda m, b: self.task.forward(m, b)[:2],
+            collate=self.task.collate,
+        )
+        if self.comm is not None:
+            n = len(test_set)
+            sums = torch.tensor([test_loss * n, test_acc * n, n], dtype=torch.float64)
+            loss_sum, correct, seen = self.comm.all_reduce(sums, "the evaluation").tolist()
+            test_loss, test_acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+        return test_loss, test_acc
 
     def _end_epoch(self, seconds: float) -> dict[str, Any]:
         """Section 2: evaluation, the epoch's row, checkpoint, CSV files."""
-        test_loss, test_acc = float("nan"), float("nan")
-        if self.task.test_set is not None:
-            test_set = self.task.test_set
-            if self.comm is not None:  # each process its share, then the sums
-                test_set = torch.utils.data.Subset(test_set, range(self.rank, len(test_set), self.world_size))
-            test_loss, test_acc = evaluate(
-                self.model,
-                test_set,
-                self.eval_batch_size,
-                self.device,
-                forward=lambda m, b: self.task.forward(m, b)[:2],
-                collate=self.task.collate,
-            )
-            if self.comm is not None:
-                n = len(test_set)
-                sums = torch.tensor([test_loss * n, test_acc * n, n], dtype=torch.float64)
-                loss_sum, correct, seen = self.comm.all_reduce(sums, "the evaluation").tolist()
-                test_loss, test_acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+        test_loss, test_acc = self._evaluate()
         ranks = self.ranks(self.model)
         seen = max(self.carry["seen"], 1)
         row = {

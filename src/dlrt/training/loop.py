@@ -13,6 +13,11 @@ A run directory holds:
 * ``summary.json`` — final accuracy, compression, ranks, parameter counts, wall time
   and the run's status.
 
+A language model (``model=gpt-…`` on a text corpus, :mod:`dlrt.training.lm`) trains
+through the same recipe: its test set is the held-out validation text, ``metrics.csv``
+and ``steps.csv`` gain perplexity columns (``train_ppl``, ``test_ppl``; ``ppl``), and the
+run ends by writing ``samples.txt``, a few texts the model generated.
+
 The loop itself is :class:`~dlrt.training.driver.Driver`: every source of
 randomness is a function of ``(seed, epoch, batch)`` and the checkpoint is the
 one record of progress, so a run resumed from it (``resume(run_dir)``)
@@ -36,12 +41,25 @@ from ..optim import RULES
 from ..optimizer import DLRTOptimizer
 from ..robust import condition_numbers, condition_regularizer
 from .config import TrainConfig, load_config
-from .driver import CHECKPOINT, CONFIG, SUMMARY, Task, classify, evaluate, interrupted_line, new_run_dir, to_device
+from .driver import (
+    CHECKPOINT,
+    CONFIG,
+    EVAL_STEP_FIELDS,
+    SUMMARY,
+    Task,
+    classify,
+    evaluate,
+    interrupted_line,
+    new_run_dir,
+    to_device,
+)
+from .lm import is_language_run
 from .records import METRICS, STEPS, read_metrics, read_steps, write_csv
 from .runs import setup, start_run
 from .schedule import lr_factor
 
-__all__ = ["RunResult", "build_data", "build_model", "evaluate", "read_metrics", "read_steps", "resume", "train"]
+__all__ = ["RunResult", "build_data", "build_forward", "build_model", "evaluate", "read_metrics", "read_steps"]
+__all__ += ["resume", "train"]
 __all__ += ["CHECKPOINT", "CONFIG", "METRICS", "STEPS", "SUMMARY", "new_run_dir", "to_device", "write_csv"]
 
 
@@ -56,14 +74,18 @@ class RunResult:
 
 # ------------------------------------------------------------------ building
 def build_data(cfg: TrainConfig) -> tuple[Any, Any]:
-    """The train and test datasets of ``cfg`` (``limit`` applied)."""
+    """The train and test datasets of ``cfg`` (``limit`` applied); a language model's are token windows of
+    its corpus, the test set the held-out validation documents (:func:`dlrt.training.lm.build_lm_data`)."""
     from ..data import get_dataset
 
-    kw: dict[str, Any] = {}
-    if cfg.augment:
-        kw["augment"] = True
-    train_set = get_dataset(cfg.dataset, "train", root=cfg.data_root, **kw)
-    test_set = get_dataset(cfg.dataset, "test", root=cfg.data_root)
+    if is_language_run(cfg):
+        from .lm import build_lm_data
+
+        train_set, test_set = build_lm_data(cfg)
+    else:
+        kw: dict[str, Any] = {"augment": True} if cfg.augment else {}
+        train_set = get_dataset(cfg.dataset, "train", root=cfg.data_root, **kw)
+        test_set = get_dataset(cfg.dataset, "test", root=cfg.data_root)
     if cfg.limit is not None:
         train_set = torch.utils.data.Subset(train_set, range(min(cfg.limit, len(train_set))))
         test_set = torch.utils.data.Subset(test_set, range(min(cfg.limit, len(test_set))))
@@ -75,15 +97,20 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     from ..data import dataset_info
     from ..models import default_exclude, get_model
 
-    info = dataset_info(cfg.dataset)
-    torch.manual_seed(cfg.seed)
-    kwargs: dict[str, Any] = {"num_classes": info.num_classes}
-    if cfg.model == "mlp":
-        kwargs["in_features"] = info.input_size
-        if cfg.hidden is not None:
-            kwargs["hidden"] = tuple(cfg.hidden)
+    kwargs: dict[str, Any] = {}
+    if is_language_run(cfg):
+        if cfg.context is not None:
+            kwargs["context"] = cfg.context
     else:
-        kwargs["in_channels"] = info.input_shape[0]
+        info = dataset_info(cfg.dataset)
+        kwargs["num_classes"] = info.num_classes
+        if cfg.model == "mlp":
+            kwargs["in_features"] = info.input_size
+            if cfg.hidden is not None:
+                kwargs["hidden"] = tuple(cfg.hidden)
+        else:
+            kwargs["in_channels"] = info.input_shape[0]
+    torch.manual_seed(cfg.seed)
     model = get_model(cfg.model, **kwargs)
     if not cfg.dense:
         small = default_exclude(model, rank=cfg.rank, head="") if isinstance(cfg.rank, int) else ()
@@ -99,6 +126,16 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             init=cfg.init,
         )
     return model
+
+
+def build_forward(cfg: TrainConfig) -> Any:
+    """How the task of ``cfg`` runs a batch (:attr:`Task.forward`): classification, or a language model's
+    next-token prediction (:func:`dlrt.training.lm.lm_forward`), with ``robust_beta``'s regularizer."""
+    if is_language_run(cfg):
+        from .lm import lm_forward
+
+        return functools.partial(lm_forward, beta=cfg.robust_beta)
+    return functools.partial(_robust_forward, cfg.robust_beta) if cfg.robust_beta else classify
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -132,6 +169,8 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
     before ``warmup`` existed, so those runs still resume.
     """
     total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
     warm = int(cfg.warmup * total)
     if warm:
         factor = functools.partial(
@@ -144,7 +183,7 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
         )
         return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma)
     return None
@@ -241,21 +280,33 @@ def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: 
     opt = build_optimizer(cfg, model)
     world = 1 if comm is None else comm.size
     scheduler = build_scheduler(cfg, opt, math.ceil(math.ceil(len(train_set) / world) / cfg.batch_size))
-    forward = functools.partial(_robust_forward, cfg.robust_beta) if cfg.robust_beta else classify
+    language = is_language_run(cfg)
+    options: dict[str, Any] = {"metric_fields": METRIC_FIELDS, "describe": functools.partial(_describe, cfg)}
+    if cfg.eval_every is not None:
+        options["step_fields"] = EVAL_STEP_FIELDS
+    if language:
+        from . import lm
+
+        options = {
+            "metric_fields": lm.LM_METRIC_FIELDS,
+            "describe": functools.partial(lm.describe, cfg.epochs),
+            "step_fields": lm.LM_STEP_FIELDS,
+            "epoch_hooks": [lm.add_epoch_perplexity],
+            "step_row_hooks": [lm.add_step_perplexity],
+        }
     run_dir, driver = start_run(
         cfg,
-        Task(model, train_set, test_set, None, forward),
+        Task(model, train_set, test_set, None, build_forward(cfg)),
         opt,
         device=device,
-        metric_fields=METRIC_FIELDS,
         resume_dir=resume_dir,
         hint="or continue it with `dlrt train --resume {}`",
         tensorboard=cfg.tensorboard,
         scheduler=scheduler,
         ranks=conversion.mode_ranks,
         extra_metrics=_layer_metrics,
-        describe=functools.partial(_describe, cfg),
         checkpoint=True,
+        **options,
     )
     out = driver.run(resume=resume_dir is not None)
     if out.status == "interrupted" and distributed.speaks():
@@ -279,6 +330,23 @@ def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: 
         "wall_seconds": out.wall_seconds,
         "config": cfg.to_dict(),
     }
+    if language:
+        from . import lm
+
+        summary["test_loss"] = rows[-1]["test_loss"] if rows else None
+        summary["test_ppl"] = rows[-1]["test_ppl"] if rows else None
+        summary["best_test_ppl"] = min((r["test_ppl"] for r in rows), default=None)
+        if cfg.samples and out.status == "completed" and driver.writer.writes and hasattr(model, "generate"):
+            lm.write_samples(
+                run_dir / lm.SAMPLES,
+                model,
+                test_set,
+                samples=cfg.samples,
+                tokens=cfg.sample_tokens,
+                seed=cfg.seed,
+                device=device,
+            )
+            summary["samples"] = lm.SAMPLES
     driver.writer.write_summary(summary)
     if cfg.plots and rows:
         from .plots import plot_run

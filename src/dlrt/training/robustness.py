@@ -67,7 +67,8 @@ def evaluate_robustness(
 
     Raises:
         FileNotFoundError: no run directory or no checkpoint there.
-        ValueError: a bad attack, ε, limit or steps (checked before anything is loaded).
+        ValueError: a bad attack, ε, limit or steps (checked before anything is loaded), or a run of
+            a language model (text has no pixels to perturb).
     """
     from .config import load_config
     from .loop import CHECKPOINT, CONFIG, build_model
@@ -80,6 +81,13 @@ def evaluate_robustness(
     if not (run_dir / CHECKPOINT).is_file():
         raise FileNotFoundError(f"{run_dir} has no {CHECKPOINT}: the run saved no checkpoint to attack")
     cfg = load_config(run_dir / CONFIG)
+    from .lm import is_language_run
+
+    if is_language_run(cfg):
+        raise ValueError(
+            f"{run_dir} trained the language model {cfg.model!r} on text ({cfg.dataset!r}); the FGSM and PGD "
+            "attacks perturb the pixels of images: attack a run of an image classifier"
+        )
     device = resolve_device(cfg.device)
     model = build_model(cfg).to(device)
     io.load(run_dir / CHECKPOINT, model)

@@ -59,12 +59,14 @@ def open_run(
     tensorboard: bool = False,
     record: dict[str, Any] | None = None,
     write: bool = True,
+    step_fields: Sequence[str] = (),
 ) -> tuple[Path | None, RunWriter]:
     """The run directory of ``cfg`` (``resume_dir`` to continue one) and its :class:`RunWriter`.
 
     A new directory is created with ``config.yaml`` (``record``, default ``cfg.to_dict()``).
     ``hint`` completes the error for a taken ``name`` (``{}``: the directory). Under
     torchrun, rank 0 names the directory and alone writes. ``write=False``: no directory.
+    ``step_fields``: the columns ``steps.csv`` has beyond the driver's own.
     """
     group = resolve_group()
     comm = Communicator(group) if group is not None else None
@@ -74,7 +76,9 @@ def open_run(
     elif write:
         run_dir = _name_run_dir(cfg, hint, comm)
     writes = comm is None or comm.rank == 0
-    writer = RunWriter(run_dir, metric_fields, progress=cfg.progress, tensorboard=tensorboard, writes=writes)
+    writer = RunWriter(
+        run_dir, metric_fields, progress=cfg.progress, tensorboard=tensorboard, writes=writes, step_fields=step_fields
+    )
     if resume_dir is None:
         writer.create(cfg.to_dict() if record is None else record)
     return run_dir, writer
@@ -90,19 +94,22 @@ def start_run(
     resume_dir: str | os.PathLike[str] | None = None,
     hint: str = "",
     tensorboard: bool = False,
+    step_fields: Sequence[str] = (),
     **options: Any,
 ) -> tuple[Path, Driver]:
     """Open the run directory of ``cfg`` (:func:`open_run`) and the :class:`Driver` of ``task`` in it.
 
     ``cfg`` is a :class:`~dlrt.training.config.RunConfig` with the loop keys ``epochs``,
-    ``batch_size``, ``eval_batch_size`` and ``log_every`` (and, if it has them, ``max_steps``,
+    ``batch_size``, ``eval_batch_size`` and ``log_every`` (and, if it has them, ``max_steps``, ``eval_every``,
     and with ``checkpoint=True`` ``checkpoint_every`` and ``checkpoint_minutes``);
     ``options`` are the recipe's own :class:`Driver` arguments (scheduler, hooks, metrics, ...).
     """
     if options.get("checkpoint"):
         for key in ("checkpoint_every", "checkpoint_minutes"):
             options.setdefault(key, getattr(cfg, key, None))
-    run_dir, writer = open_run(cfg, metric_fields, resume_dir=resume_dir, hint=hint, tensorboard=tensorboard)
+    run_dir, writer = open_run(
+        cfg, metric_fields, resume_dir=resume_dir, hint=hint, tensorboard=tensorboard, step_fields=step_fields
+    )
     assert run_dir is not None
     driver = Driver(
         task,
@@ -114,6 +121,7 @@ def start_run(
         eval_batch_size=cfg.eval_batch_size,  # type: ignore[attr-defined]
         seed=cfg.seed,
         max_steps=getattr(cfg, "max_steps", None),
+        eval_every=getattr(cfg, "eval_every", None),
         log_every=cfg.log_every,  # type: ignore[attr-defined]
         **options,
     )
