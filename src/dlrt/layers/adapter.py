@@ -91,7 +91,8 @@ class LowRankAdapter(nn.Module):
         return self.lora.rank
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base_layer(x) + self.scaling * self.lora(self.dropout(x))
+        # The scaling rides on the update's r-wide products (LowRankLayer's scale), not on an n-wide output.
+        return self.base_layer(x) + self.lora(self.dropout(x), scale=self.scaling)
 
     def delta_weight(self) -> Tensor:
         """``scaling · U S Vᵀ`` in the shape of the base layer's weight (detached)."""

@@ -93,8 +93,9 @@ class LowRankLinear(LowRankLayer):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._apply_lowrank(x, self.bias)
+    def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
+        """``scale · x Wᵀ + b``; ``scale`` (an adapter's ``lora_alpha / r``) costs only ``r``-wide products."""
+        return self._apply_lowrank(x, self.bias, scale)
 
     @property
     def weight(self) -> Tensor:
