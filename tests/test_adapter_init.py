@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dlrt.layers import LowRankAdapter
-from dlrt.layers.adapter import ADAPTER_INITS
+from dlrt.layers import ADAPTER_INITS, LowRankAdapter
 from dlrt.peft import GeoLoRAConfig, get_geolora_model
 from dlrt.training.config import FinetuneConfig
 
