@@ -764,7 +764,7 @@ _FT_INITS = (
         "gradient (default)",
         [f"finetune_all_seed{s}_param_budget.json" for s in range(3)],
     ),
-    ("Rotten Tomatoes, all linear", "random", [f"finetune_all_seed{s}_init_random.json" for s in range(2)]),
+    ("Rotten Tomatoes, all linear", "random", [f"finetune_all_seed{s}_init_random.json" for s in range(3)]),
 )
 
 
