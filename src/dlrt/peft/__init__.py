@@ -16,11 +16,11 @@
 
 from typing import Any
 
-from ..layers import ADAPTER_INITS, LowRankAdapter
+from ..layers import LowRankAdapter
 from .config import GeoLoRAConfig
 from .model import GeoLoRAModel, get_geolora_model
 
-__all__ = ["ADAPTER_INITS", "GeoLoRACallback", "GeoLoRAConfig", "GeoLoRAModel", "LowRankAdapter", "get_geolora_model"]
+__all__ = ["GeoLoRACallback", "GeoLoRAConfig", "GeoLoRAModel", "LowRankAdapter", "get_geolora_model"]
 
 
 def __getattr__(name: str) -> Any:
