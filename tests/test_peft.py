@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dlrt.layers import LowRankAdapter
+from dlrt.layers import LowRankAdapter, LowRankLinear
 from dlrt.peft import GeoLoRAConfig, GeoLoRAModel, get_geolora_model
 
 
@@ -714,3 +714,22 @@ def test_bad_modules_to_save_lr_ratio_is_refused_before_anything_changes(ratio):
         model.make_optimizer(lr=1e-3, modules_to_save_lr_ratio=ratio)
     with pytest.raises(ValueError, match="modules_to_save_lr_ratio="):
         model.make_optimizer(lr=1e-3, dense_lr=1e-2)
+
+
+def test_an_update_layer_without_scale_is_scaled_on_its_output():
+    """A low-rank type registered without forward(x, scale=) still gets the adapter's scaling (on its output)."""
+
+    class NoScale(LowRankLinear):
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9).double()
+    adapter = LowRankAdapter(copy.deepcopy(lin), 3, scaling=2.5)
+    with torch.no_grad():
+        adapter.lora.S.copy_(torch.randn(3, 3, dtype=torch.float64))
+    x = torch.randn(4, 12, dtype=torch.float64)
+    expected = lin(x) + 2.5 * x @ adapter.lora.matrix().detach().T
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-12, atol=1e-12)
+    adapter.lora.__class__ = NoScale
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-12, atol=1e-12)

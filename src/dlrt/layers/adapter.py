@@ -10,6 +10,9 @@ is the child ``base_layer``. Forward cost on top of the frozen layer:
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +40,13 @@ def check_adapter_init(init: object) -> str:
             "first gradient, 'random' starts on random bases, 'lora' on the row space of LoRA's A"
         )
     return init
+
+
+@functools.cache
+def _takes_scale(layer_type: type) -> bool:
+    """Whether ``layer_type``'s forward takes ``scale=`` (the built-in low-rank layers; a type registered
+    with :func:`~dlrt.layers.register_lowrank` may not)."""
+    return "scale" in inspect.signature(layer_type.forward).parameters
 
 
 class LowRankAdapter(nn.Module):
@@ -133,8 +143,11 @@ class LowRankAdapter(nn.Module):
         return self.lora.rank
 
     def forward(self, x: Tensor) -> Tensor:
-        # The scaling rides on the update's r-wide products (LowRankLayer's scale), not on an n-wide output.
-        return self.base_layer(x) + self.lora(self.dropout(x), scale=self.scaling)
+        if _takes_scale(type(self.lora)):
+            # The scaling rides on the update's r-wide products (LowRankLinear/LowRankConv2d's scale=),
+            # not on an n-wide output and its gradient.
+            return self.base_layer(x) + self.lora(self.dropout(x), scale=self.scaling)
+        return self.base_layer(x) + self.scaling * self.lora(self.dropout(x))  # a registered type without scale=
 
     def delta_weight(self) -> Tensor:
         """``scaling · U S Vᵀ`` in the shape of the base layer's weight (detached)."""
