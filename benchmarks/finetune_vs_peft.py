@@ -61,6 +61,7 @@ import argparse
 import copy
 import csv
 import json
+import os
 import statistics
 import sys
 import time
@@ -235,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         run_and_record(args, task, pristine, cfg, key, runs, out)
 
+    load_before = list(os.getloadavg())
     timing, peak = interleaved_step_times(args, task, pristine) if args.timing_rounds > 0 else ({}, {})
-    write_results(out, args, runs, timing=timing, peak_bytes=peak)
+    # The load the interleaved timing ran under (the ratios hold under load, the seconds do not).
+    write_results(
+        out, args, runs, timing=timing, peak_bytes=peak, load_before=load_before, load_after=list(os.getloadavg())
+    )
     by_key = {r["key"]: r for r in runs}
     if timing:
         print("interleaved median s/step: " + ", ".join(f"{m} {t:.3f}" for m, t in timing.items()))

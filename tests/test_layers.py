@@ -66,6 +66,35 @@ def test_conv_projected_gradients_equal_dense_formulas(kw, route):
 
 
 @pytest.mark.parametrize("route", ["thin", "dense"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_output_scale_equals_the_scaled_dense_layer(kind, route):
+    """``layer(x, scale=s)`` is the dense layer with weight ``s·W`` (and the same bias): output, input
+    gradient and projected gradients of ``s·G``, float64."""
+    if kind == "linear":
+        layer, x = LowRankLinear(13, 9, rank=4, dtype=DT), torch.randn(3, 5, 13, dtype=DT)
+    else:
+        layer, x = LowRankConv2d(3, 7, 3, rank=4, dtype=DT, padding=1), torch.randn(2, 3, 6, 5, dtype=DT)
+    layer.contraction = route
+    dense = layer.to_dense()
+    with torch.no_grad():
+        dense.weight.mul_(2.5)
+    layer.grad_request = frozenset({"K", "L"})
+    x = x.requires_grad_()
+    y = layer(x, scale=2.5)
+    torch.testing.assert_close(y, dense(x), atol=1e-12, rtol=0)
+    _loss(y).backward()
+    gx_dense = _dense_grads(dense, x, _loss)
+    G = 2.5 * dense.weight.grad.reshape(dense.weight.shape[0], -1)
+    U, V = layer.U.detach(), layer.V.detach()
+    tol = {"atol": 1e-10, "rtol": 1e-10}
+    torch.testing.assert_close(layer.grad_K, G @ V, **tol)
+    torch.testing.assert_close(layer.grad_L, G.T @ U, **tol)
+    torch.testing.assert_close(layer.S.grad, U.T @ G @ V, **tol)
+    torch.testing.assert_close(x.grad, gx_dense, **tol)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, **tol)
+
+
+@pytest.mark.parametrize("route", ["thin", "dense"])
 def test_plain_mode_gives_the_true_factor_gradients(route):
     layer = LowRankLinear(6, 5, rank=3, dtype=DT)
     layer.contraction = route

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from dlrt.layers import LowRankAdapter
+from dlrt.layers import LowRankAdapter, LowRankLinear
 from dlrt.peft import GeoLoRAConfig, GeoLoRAModel, get_geolora_model
 
 
@@ -74,24 +74,36 @@ def test_training_changes_only_adapters_and_modules_to_save():
     assert not torch.equal(model.base_model.head.weight, head)
 
 
-def test_adapter_gradients_are_the_scaled_projected_dense_gradient():
-    """G V, Gᵀ U and Uᵀ G V of the update equal s·(dense gradient of W₀) projected, float64."""
+@pytest.mark.parametrize("route", ["thin", "dense"])
+def test_adapter_gradients_are_the_scaled_projected_dense_gradient(route):
+    """G V, Gᵀ U, Uᵀ G V, the kept pass's Lᵀ G R and the input gradient of the update equal those of
+    s·(dense gradient of W₀), float64, on both contraction routes (the scale rides on the thin side)."""
     torch.manual_seed(0)
     lin = nn.Linear(12, 9).double()
     adapter = LowRankAdapter(copy.deepcopy(lin), 3, scaling=2.5)
+    adapter.lora.contraction = route
     with torch.no_grad():
         adapter.lora.S.copy_(torch.randn(3, 3, dtype=torch.float64))
-    adapter.lora.grad_request = frozenset({"K", "L"})
-    x = torch.randn(7, 12, dtype=torch.float64)
+    adapter.lora.grad_request = frozenset({"K", "L", "X"})
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
     adapter(x).pow(2).sum().backward()
     # Dense reference: the same function with W = W₀ + s U S Vᵀ as one free matrix.
     U, S, V = (t.detach() for t in (adapter.lora.U, adapter.lora.S, adapter.lora.V))
     W = (lin.weight.detach() + 2.5 * U @ S @ V.T).requires_grad_(True)
-    nn.functional.linear(x, W, lin.bias).pow(2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    nn.functional.linear(x_ref, W, lin.bias).pow(2).sum().backward()
     G = 2.5 * W.grad
-    torch.testing.assert_close(adapter.lora.grad_K, G @ V, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(adapter.lora.grad_L, G.T @ U, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(adapter.lora.S.grad, U.T @ G @ V, rtol=1e-10, atol=1e-10)
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(adapter.lora.grad_K, G @ V, **tol)
+    torch.testing.assert_close(adapter.lora.grad_L, G.T @ U, **tol)
+    torch.testing.assert_close(adapter.lora.S.grad, U.T @ G @ V, **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    L, R = (
+        torch.linalg.qr(torch.randn(9, 2, dtype=torch.float64))[0],
+        torch.linalg.qr(torch.randn(12, 4, dtype=torch.float64))[0],
+    )
+    torch.testing.assert_close(adapter.lora.project_grad(L, R), L.T @ G @ R, **tol)
+    torch.testing.assert_close(adapter.lora.project_grad(L, None), L.T @ G, **tol)
 
 
 def test_one_sgd_step_matches_the_dense_parallel_bug_formula():
@@ -702,3 +714,22 @@ def test_bad_modules_to_save_lr_ratio_is_refused_before_anything_changes(ratio):
         model.make_optimizer(lr=1e-3, modules_to_save_lr_ratio=ratio)
     with pytest.raises(ValueError, match="modules_to_save_lr_ratio="):
         model.make_optimizer(lr=1e-3, dense_lr=1e-2)
+
+
+def test_an_update_layer_without_scale_is_scaled_on_its_output():
+    """A low-rank type registered without forward(x, scale=) still gets the adapter's scaling (on its output)."""
+
+    class NoScale(LowRankLinear):
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9).double()
+    adapter = LowRankAdapter(copy.deepcopy(lin), 3, scaling=2.5)
+    with torch.no_grad():
+        adapter.lora.S.copy_(torch.randn(3, 3, dtype=torch.float64))
+    x = torch.randn(4, 12, dtype=torch.float64)
+    expected = lin(x) + 2.5 * x @ adapter.lora.matrix().detach().T
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-12, atol=1e-12)
+    adapter.lora.__class__ = NoScale
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-12, atol=1e-12)

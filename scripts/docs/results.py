@@ -756,6 +756,51 @@ def _finetune_budget(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+#: GeoLoRA's adapter initialisations at its default lr (5e-3), all else at the defaults (the parameter budget),
+#: against LoRA's best-lr mean on the same seeds: (task, init, GeoLoRA's files). LoRA's files: _FT_LORA.
+_FT_INITS = (
+    (
+        "Rotten Tomatoes, all linear",
+        "gradient (default)",
+        [f"finetune_all_seed{s}_param_budget.json" for s in range(3)],
+    ),
+    ("Rotten Tomatoes, all linear", "random", [f"finetune_all_seed{s}_init_random.json" for s in range(3)]),
+    ("Convention party, all linear", "gradient (default)", ["finetune_convention_all_seed0_param_budget.json"]),
+    ("Convention party, all linear", "random", ["finetune_convention_all_seed0_init_random.json"]),
+    ("Fashion-MNIST CNN", "gradient (default)", [f"finetune_fashion_seed{s}_param_budget.json" for s in range(3)]),
+    ("Fashion-MNIST CNN", "random", [f"finetune_fashion_seed{s}_init_random.json" for s in range(3)]),
+)
+
+
+def _finetune_init(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    by_name = {p.name: p for p in paths}
+    header = ["task", "init", "seeds", "GeoLoRA at 5e-3", "mean", "adapter params", "LoRA best lr: mean, same seeds"]
+    header += ["GeoLoRA − LoRA"]
+    rows = []
+    for task, init, files in _FT_INITS:
+        geo = _finetune_runs([by_name[f] for f in files])
+        lora = _finetune_runs([by_name[f] for f in _FT_LORA[task]])
+        seeds = sorted({k[1] for k in geo if k[0] == "geolora" and k[2] == 5e-3})
+        accs = [geo[("geolora", s, 5e-3)]["test_acc"] for s in seeds]
+        params = [geo[("geolora", s, 5e-3)]["adapter_params"] for s in seeds]
+        lrs = [lr for lr in _LRS if all(("lora", s, lr) in lora for s in seeds)]
+        best_lr = max(lrs, key=lambda lr: _mean(lora[("lora", s, lr)]["test_acc"] for s in seeds))
+        best = _mean(lora[("lora", s, best_lr)]["test_acc"] for s in seeds)
+        rows.append(
+            [
+                task,
+                f"`{init.split()[0]}`" + init[len(init.split()[0]) :],
+                " / ".join(map(str, seeds)),
+                " / ".join(_pct(a) for a in accs),
+                _pct(_mean(accs)),
+                " / ".join(_int(p) for p in params),
+                f"{_pct(best)} ({_lr(best_lr)})",
+                f"{100 * (_mean(accs) - best):+.2f}",
+            ]
+        )
+    return header, rows
+
+
 def _checkpoint_overhead(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     d = _json(paths[0])
     header = ["checkpoint_every", "checkpoints", "kB each", "median write (ms)", "writes (s)", "CSV (s)"]
@@ -910,6 +955,11 @@ TABLES: dict[str, Table] = {
     "finetune-budget": Table(
         tuple(dict.fromkeys(f for task, _, files in _FT_BUDGETS for f in [*files, *_FT_LORA[task]])),
         _finetune_budget,
+        machine=PROJECT_MACHINE + ", one thread per run",
+    ),
+    "finetune-init": Table(
+        tuple(dict.fromkeys(f for task, _, files in _FT_INITS for f in [*files, *_FT_LORA[task]])),
+        _finetune_init,
         machine=PROJECT_MACHINE + ", one thread per run",
     ),
     "finetune-default": Table(("finetune_default_seed0.json",), _finetune_default),

@@ -7,7 +7,7 @@ Each dense module type has its low-rank types registered in :mod:`dlrt.layers.re
 :func:`check_rank`.
 """
 
-from .adapter import LowRankAdapter
+from .adapter import ADAPTER_INITS, LowRankAdapter
 from .base import FactorizedLayer, LowRankLayer
 from .conv import LowRankConv2d
 from .linear import LowRankLinear
@@ -26,6 +26,7 @@ from .registry import (
 from .tucker import TuckerConv2d
 
 __all__ = [
+    "ADAPTER_INITS",
     "FactorizedLayer",
     "LowRankAdapter",
     "LowRankConv2d",

@@ -28,7 +28,12 @@ GRAD_KINDS = frozenset({"K", "L", "X"})
 
 
 class _LowRankFunction(torch.autograd.Function):
-    """y = project_out(project_in(x, V) Sᵀ, U) + b with the projected gradients in backward.
+    """y = scale · project_out(project_in(x, V) Sᵀ, U) + b with the projected gradients in backward.
+
+    ``scale`` (an adapter's ``lora_alpha / r``) is applied to the ``r``-channel
+    quantities (the core in the forward, ``Δ U`` and ``G V`` in the backward),
+    never to a full-width activation or gradient; the recorded pass inputs
+    carry it (``(x, Δ, scale)``) for :meth:`LowRankLayer.project_grad`.
 
     Where the dense weight is the cheaper route (:meth:`LowRankLayer.uses_dense_kernel`),
     the forward applies ``W = U S Vᵀ`` and the backward forms the weight gradient
@@ -37,7 +42,7 @@ class _LowRankFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, U, S, V, bias, layer):  # type: ignore[override]
+    def forward(ctx, x, U, S, V, bias, layer, scale=1.0):  # type: ignore[override]
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             dt = torch.get_autocast_dtype(device_type)
@@ -45,15 +50,17 @@ class _LowRankFunction(torch.autograd.Function):
             bias = bias.to(dt) if bias is not None else None
         with torch.autocast(device_type, enabled=False):
             ctx.dense = layer.uses_dense_kernel(x)
+            core = S if scale == 1.0 else S * scale
             if ctx.dense:
-                a = (U @ S) @ V.mT  # W, kept for the input gradient
+                a = (U @ core) @ V.mT  # scale · W, kept for the input gradient
                 y = layer._dense_apply(x, a, bias)
             else:
                 a = layer._project_in(x, V)  # X V
-                y = layer._project_out(layer._mul_core(a, S.mT), U, bias)
+                y = layer._project_out(layer._mul_core(a, core.mT), U, bias)
         ctx.layer = layer
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
+        ctx.scale = scale
         ctx.save_for_backward(x, U, S, V, a)
         return y
 
@@ -62,15 +69,17 @@ class _LowRankFunction(torch.autograd.Function):
         x, U, S, V, a = ctx.saved_tensors
         layer = ctx.layer
         request = layer.grad_request
-        need_x, need_U, need_S, need_V, need_b, _ = ctx.needs_input_grad
+        need_x, need_U, need_S, need_V, need_b, *_ = ctx.needs_input_grad
         dy = dy.to(x.dtype)
         plain = request is None
         want_K = (plain and need_U) or (request is not None and "K" in request)
         want_L = (plain and need_V) or (request is not None and "L" in request)
         keep = request is not None and "X" in request
+        scale = ctx.scale
 
-        if ctx.dense:  # dense route (a = W): G once, then its projections
+        if ctx.dense:  # dense route (a = scale · W): G once, then its projections
             G = layer._dense_weight_grad(x, dy)  # n×m
+            G = G if scale == 1.0 else G * scale
             GV = G @ V
             gK = GV if want_K else None  # G V
             gL = G.mT @ U if want_L else None  # Gᵀ U
@@ -81,9 +90,12 @@ class _LowRankFunction(torch.autograd.Function):
         else:
             if keep:
                 # Kept for Lᵀ G R in other bases later (LowRankLayer.project_grad): the BUG S-step.
-                layer.__dict__.setdefault("pass_inputs", []).append((x, dy))
+                layer.__dict__.setdefault("pass_inputs", []).append((x, dy) if scale == 1.0 else (x, dy, scale))
             b = layer._project_out_adjoint(dy, U)  # Δ U
             gK = layer._contract(dy, a) if want_K else None  # G V
+            if scale != 1.0:
+                b = b * scale
+                gK = None if gK is None else gK * scale
             gL = layer._basis_grad_in(x, b) if want_L else None  # Gᵀ U
             gS = layer._contract(b, a) if need_S else None  # Uᵀ G V
             gx = layer._input_grad(layer._mul_core(b, S), V, ctx.x_shape) if need_x else None
@@ -97,7 +109,7 @@ class _LowRankFunction(torch.autograd.Function):
             layer._accumulate(gK, gL)
             if gS is not None:
                 gS = _carry_nonfinite(gS, gK, gL)
-        return gx, gU, gS, gV, gb, None
+        return gx, gU, gS, gV, gb, None, None
 
 
 def _carry_nonfinite(gS: Tensor, *others: Tensor | None) -> Tensor:
@@ -205,8 +217,9 @@ class LowRankLayer(FactorizedLayer):
         grad_K, grad_L: the recorded projected gradients (accumulated like
             ``.grad``), or ``None``.
         pass_inputs: what every backward since the gradients were last
-            cleared recorded under ``"X"``: ``(input, output gradient)``, or
-            the weight gradient ``G`` on the dense route.
+            cleared recorded under ``"X"``: ``(input, output gradient)`` (and the
+            output scale of the pass when it is not 1), or the weight gradient
+            ``G`` on the dense route.
         contraction: ``"auto"`` (default), ``"thin"`` or ``"dense"``: how the
             forward and backward contract (:meth:`uses_dense_kernel`).
     """
@@ -348,12 +361,13 @@ class LowRankLayer(FactorizedLayer):
                 g = left.to(entry.dtype).mT @ entry
                 g = g if right is None else g @ right.to(entry.dtype)
             else:
-                x, dy = entry
+                x, dy, *scale = entry  # (x, Δ) or (x, Δ, scale) of a pass with an output scale
                 b = self._project_out_adjoint(dy, left.to(dy.dtype))  # Δ L
                 if right is None:
                     g = self._basis_grad_in(x, b).mT  # (Xᵀ Δ L)ᵀ
                 else:
                     g = self._contract(b, self._project_in(x, right.to(x.dtype)))  # (Δ L)ᵀ (X R)
+                g = g * scale[0] if scale else g
             out = g if out is None else out + g
         return None if out is None else out.to(left.dtype)
 
@@ -393,8 +407,8 @@ class LowRankLayer(FactorizedLayer):
             gL = gL.to(self.V.dtype)
             self.grad_L = gL if self.grad_L is None else self.grad_L + gL
 
-    def _apply_lowrank(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        return _LowRankFunction.apply(x, self.U, self.S, self.V, bias, self)
+    def _apply_lowrank(self, x: Tensor, bias: Tensor | None, scale: float = 1.0) -> Tensor:
+        return _LowRankFunction.apply(x, self.U, self.S, self.V, bias, self, float(scale))
 
     @staticmethod
     def _mul_core(a: Tensor, C: Tensor) -> Tensor:

@@ -191,11 +191,13 @@ class LowRankConv2d(ConvGeometry, LowRankLayer):
             layer.bias.data.copy_(conv.bias.detach())
         return layer
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
+        """The convolution by ``scale · W`` plus the bias; ``scale`` (an adapter's ``lora_alpha / r``) costs
+        only ``r``-channel products."""
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        y = self._apply_lowrank(self._pad_input(x), self.bias)
+        y = self._apply_lowrank(self._pad_input(x), self.bias, scale)
         return y.squeeze(0) if unbatched else y
 
     @property

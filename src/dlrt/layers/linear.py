@@ -93,8 +93,9 @@ class LowRankLinear(LowRankLayer):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._apply_lowrank(x, self.bias)
+    def forward(self, x: Tensor, *, scale: float = 1.0) -> Tensor:
+        """``scale · x Wᵀ + b``; ``scale`` (an adapter's ``lora_alpha / r``) costs only ``r``-wide products."""
+        return self._apply_lowrank(x, self.bias, scale)
 
     @property
     def weight(self) -> Tensor:
@@ -112,10 +113,13 @@ class LowRankLinear(LowRankLayer):
                 lin.bias.copy_(self.bias)
         return lin
 
-    # Shape-specific products of LowRankLayer (rows = batch, any leading dims).
+    # Shape-specific products of LowRankLayer (rows = batch, any leading dims). A product with a thin
+    # result (r columns, B·T rows) is formed transposed, thin factor on the left (``(Vᵀ Xᵀ)ᵀ``): the
+    # result is then stored r×(B·T), its long side contiguous, and MKL's kernels for a narrow right
+    # factor, which are several times slower below 16 columns, are avoided (benchmarks/profile_step.py).
     @staticmethod
     def _project_in(x: Tensor, V: Tensor) -> Tensor:
-        return x @ V
+        return _thin_product(x, V)
 
     @staticmethod
     def _mul_core(a: Tensor, C: Tensor) -> Tensor:
@@ -129,15 +133,18 @@ class LowRankLinear(LowRankLayer):
 
     @staticmethod
     def _project_out_adjoint(dy: Tensor, U: Tensor) -> Tensor:
-        return dy @ U
+        return _thin_product(dy, U)
 
     @staticmethod
     def _contract(p: Tensor, q: Tensor) -> Tensor:
-        return p.reshape(-1, p.shape[-1]).mT @ q.reshape(-1, q.shape[-1])
+        p, q = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
+        if q.shape[-1] < p.shape[-1]:
+            return (q.mT @ p).mT
+        return p.mT @ q
 
     @staticmethod
     def _basis_grad_in(x: Tensor, b: Tensor) -> Tensor:
-        return x.reshape(-1, x.shape[-1]).mT @ b.reshape(-1, b.shape[-1])
+        return LowRankLinear._contract(x, b)
 
     @staticmethod
     def _input_grad(c: Tensor, V: Tensor, x_shape: torch.Size) -> Tensor:
@@ -163,3 +170,20 @@ class LowRankLinear(LowRankLayer):
     @staticmethod
     def _dense_input_grad(dy: Tensor, W: Tensor, x_shape: torch.Size) -> Tensor:
         return dy @ W
+
+
+#: Columns of a thin factor from which ``x @ M`` is formed directly (no faster transposed).
+_THIN_COLUMNS = 64
+
+
+def _thin_product(x: Tensor, M: Tensor) -> Tensor:
+    """``x @ M`` for a thin ``M`` (``k×r``) over the last dimension of ``x``, formed as ``(Mᵀ xᵀ)ᵀ``.
+
+    The result has ``x``'s shape with the last dimension ``r``; its storage is
+    ``r × rows`` (a transposed view), which every later product reads as it is.
+    From ``_THIN_COLUMNS`` columns on, both forms cost the same and ``x @ M`` is kept.
+    """
+    if M.shape[-1] >= _THIN_COLUMNS:
+        return x @ M
+    rows = x.reshape(-1, x.shape[-1])
+    return (M.mT @ rows.mT).mT.reshape(*x.shape[:-1], M.shape[-1])

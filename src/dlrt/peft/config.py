@@ -101,6 +101,13 @@ class GeoLoRAConfig:
         },
     )
     integrator: str = field(default="parallel", metadata={"help": "parallel (one pass per step) | bug"})
+    init: str = field(
+        default="gradient",
+        metadata={
+            "help": "how every update starts (S = 0 in all): gradient (bases grown from the first gradient), "
+            "random (random orthonormal bases, LoRA-like), lora (V on the rows of LoRA's kaiming-uniform A)"
+        },
+    )
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any) -> None:
@@ -138,6 +145,9 @@ class GeoLoRAConfig:
         self.lora_alpha = float(self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        from ..layers.adapter import check_adapter_init
+
+        check_adapter_init(self.init)
         adaptive = sorted(name for name, cls in INTEGRATORS.items() if cls.adaptive)
         if self.integrator not in adaptive:
             raise ValueError(f"integrator must be a rank-adaptive one, one of {adaptive}; got {self.integrator!r}")

@@ -373,6 +373,7 @@ def _inject(
                 dropout=config.lora_dropout,
                 max_rank=min(config.max_rank or full, full),
                 min_rank=min(config.min_rank, full),
+                init=config.init,
             )
             if load is not None:
                 load(name, built[name])

@@ -329,6 +329,10 @@ class FinetuneConfig(RunConfig):
         },
     )
     integrator: str = field(default="parallel", metadata={"help": "parallel | bug | abc (geolora)"})
+    adapter_init: str | None = field(
+        default=None,
+        metadata={"help": "gradient | random | lora: how the adapters start (geolora; default: GeoLoRAConfig's init)"},
+    )
     coefficient_steps: int | None = field(
         default=None, metadata={"help": "S-steps between truncations (geolora; default: GeoLoRAConfig's)"}
     )
@@ -419,6 +423,15 @@ class FinetuneConfig(RunConfig):
         _check_choice("budget_unit", self.budget_unit, ("rank", "params"))
         _check_choice("budget_order", self.budget_order, ("sigma", "energy"))
         _check_choice("integrator", self.integrator, _integrators(adaptive=True))  # GeoLoRA adapts the rank
+        from ..layers.adapter import ADAPTER_INITS
+
+        if self.method == "geolora":
+            _check_choice("adapter_init", self.adapter_init, ADAPTER_INITS)
+        elif self.adapter_init is not None:
+            raise ValueError(
+                f"adapter_init={self.adapter_init!r} sets how GeoLoRA's adapters start; method={self.method!r} "
+                "starts its own way: leave adapter_init unset"
+            )
         _check_choice("optimizer", self.optimizer, _rules())
         flat = ("adamw", "adam", "sgd")
         if self.method != "geolora" and self.optimizer not in flat:
@@ -442,6 +455,8 @@ class FinetuneConfig(RunConfig):
             self.lora_alpha = defaults.lora_alpha if geo else 16.0
         if self.tau is None:
             self.tau = defaults.tau if geo else 0.1
+        if self.adapter_init is None and geo:
+            self.adapter_init = defaults.init
         if self.optimizer is None:
             self.optimizer = "geo-adam" if geo else "adamw"
         if self.modules_to_save_lr_ratio is None:

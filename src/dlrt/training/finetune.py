@@ -174,6 +174,7 @@ def apply_method(
             modules_to_save=save,
             coefficient_steps=cfg.coefficient_steps,
             integrator=cfg.integrator,
+            init=cfg.adapter_init,
         )
         geo = get_geolora_model(model, config)
         opt = geo.make_optimizer(
