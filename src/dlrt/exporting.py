@@ -122,27 +122,22 @@ def _factored_layer(layer: LowRankLayer | TuckerConv2d) -> nn.Module:
     return nn.Sequential(first, second)
 
 
-def _median_seconds(module: nn.Module, x: Tensor, repeats: int) -> float:
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        module(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def _time_forms(dense: nn.Module, factored: nn.Module, x: Tensor) -> dict[str, float]:
-    """Median seconds of one call of each form on ``x``, the two timed in alternation after one warm-up call."""
-    dense(x), factored(x)
-    seconds: dict[str, list[float]] = {"dense": [], "factored": []}
+    """Median seconds of one call of each form on ``x``: after a warm-up call, :data:`MEASURE_REPEATS` calls
+    of each in alternation (the order flipped every round)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    forms = {"dense": dense, "factored": factored}
+    seconds: dict[str, list[float]] = {name: [] for name in forms}
+    for module in forms.values():
+        module(x)
     for i in range(MEASURE_REPEATS):
-        order = (("dense", dense), ("factored", factored)) if i % 2 == 0 else (("factored", factored), ("dense", dense))
-        for name, module in order:
-            seconds[name].append(_median_seconds(module, x, 1))
+        for name in ("dense", "factored") if i % 2 == 0 else ("factored", "dense"):
+            sync()
+            t0 = time.perf_counter()
+            forms[name](x)
+            sync()
+            seconds[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in seconds.items()}
 
 
@@ -161,23 +156,19 @@ def _plain_layer(
         "shape": [n, m],
         "rank": list(layer.C.shape) if tucker else layer.S.shape[1],
     }
-    dense = layer.to_dense()
-    if rule == "dense":
-        return dense, {**info, "form": "dense"}
-    factored = _factored_layer(layer)
-    if rule == "factored":
-        return factored, {**info, "form": "factored"}
-    if rule == "flops":
-        cheaper = factored_is_cheaper(layer)
-        return (factored, {**info, "form": "factored"}) if cheaper else (dense, {**info, "form": "dense"})
-    assert rule == "measured"
-    if layer_input is None:  # the layer was not called on the example: nothing to measure, count instead
-        faster, seconds = factored_is_cheaper(layer), None
+    if rule in ("dense", "factored"):
+        factored = rule == "factored"
+    elif rule == "flops" or layer_input is None:  # under "measured", a layer the example did not reach is counted
+        factored = factored_is_cheaper(layer)
     else:
-        dense.eval(), factored.eval()
-        seconds = _time_forms(dense, factored, layer_input)
-        faster = seconds["factored"] < seconds["dense"]
-    return (factored if faster else dense), {**info, "form": "factored" if faster else "dense", "seconds": seconds}
+        forms = {"dense": layer.to_dense().eval(), "factored": _factored_layer(layer).eval()}
+        info["seconds"] = _time_forms(forms["dense"], forms["factored"], layer_input)
+        factored = info["seconds"]["factored"] < info["seconds"]["dense"]
+        return forms["factored" if factored else "dense"], {**info, "form": "factored" if factored else "dense"}
+    if rule == "measured":
+        info["seconds"] = None
+    module = _factored_layer(layer) if factored else layer.to_dense()
+    return module, {**info, "form": "factored" if factored else "dense"}
 
 
 def _unsupported(name: str, module: nn.Module) -> ValueError:
