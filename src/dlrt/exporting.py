@@ -350,6 +350,21 @@ def _check_inputs(example_inputs: Any, dynamic_batch: bool) -> tuple[Tensor, ...
     return example_inputs
 
 
+def _check_target(
+    example_inputs: Any, path: str | os.PathLike[str], format: str, dynamic_batch: bool
+) -> tuple[tuple[Tensor, ...], Path]:
+    """The checked inputs and path of a write in ``format`` (its dependencies installed)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    inputs = _check_inputs(example_inputs, dynamic_batch)
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory; give a file name")
+    if format == "onnx":
+        _require_onnx()
+    return inputs, path
+
+
 def export(
     model: nn.Module,
     example_inputs: tuple[Tensor, ...],
@@ -396,15 +411,8 @@ def export(
         TypeError: ``example_inputs`` is not a tuple of tensors.
         ImportError: ``format="onnx"`` without onnx, onnxscript or onnxruntime installed.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
     _check_rule(rule)
-    inputs = _check_inputs(example_inputs, dynamic_batch)
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"path {str(path)!r} is a directory; give a file name")
-    if format == "onnx":
-        _require_onnx()
+    inputs, path = _check_target(example_inputs, path, format, dynamic_batch)
     if optimizer is not None and getattr(optimizer, "phase", 0) != 0:
         _find_layers(model, merged)  # an unsupported layer fails here, before the live model changes
         optimizer.finish_cycle()
@@ -426,14 +434,7 @@ def save_plain(
     """Write a plain model from :func:`plain_and_layers` as :func:`export` does (``rule`` and ``merged``
     only go into the safetensors metadata); for a caller that has already built it, e.g. to
     report ``rule="measured"``'s timings and write the very forms they picked."""
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
-    inputs = _check_inputs(example_inputs, dynamic_batch)
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"path {str(path)!r} is a directory; give a file name")
-    if format == "onnx":
-        _require_onnx()
+    inputs, path = _check_target(example_inputs, path, format, dynamic_batch)
     plain.eval()
     if format == "safetensors":
         return _write_safetensors(plain, layers, rule, merged, path)
