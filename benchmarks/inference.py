@@ -16,7 +16,7 @@ no adapters), ``merged`` and ``unmerged`` GeoLoRA.
 
 Backends: eager PyTorch (inference mode), ``torch.compile`` and onnxruntime (the file
 ``dlrt.export(format="onnx")`` writes). Each (model, backend, batch) times its forms in
-interleaved rounds (one call of every form per round, in a rotated order) and reports
+interleaved rounds (one call of every form per round, in a random order) and reports
 medians and the ratios to ``dense`` (``base`` for MiniLM) measured in the same rounds.
 File sizes are those of the ``.pt2``, ``.onnx`` and ``.safetensors`` files; memory is the
 weights' bytes and the peak resident-memory growth of a fresh process that loads the
@@ -35,6 +35,7 @@ import argparse
 import copy
 import itertools
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -150,14 +151,20 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved(calls: dict[str, Any], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each call over ``repeats`` rounds; each round calls every one once, in a rotated order."""
+    """Seconds of each call over ``repeats`` rounds; each round calls every one once, in a random order.
+
+    Random (seeded), not rotated: in a rotation a call always follows the same neighbour,
+    and one that follows a call on the same weights (the eager and compiled runs of one
+    form) finds them in cache while its twin follows the dense model and does not.
+    """
     names = list(calls)
     for name in names:  # warm-up (compilation, onnxruntime's first run, caches)
         calls[name]()
         calls[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             _sync(device)
             t0 = time.perf_counter()
             calls[name]()
