@@ -728,20 +728,29 @@ _FT_LORA = {
 }
 
 
+def _geolora_against_lora(
+    by_name: dict[str, Path], task: str, files: list[str]
+) -> tuple[list[int], list[float], list[int], float, float, int]:
+    """GeoLoRA at 5e-3 in ``files`` against LoRA's runs of ``task`` on the same seeds: the seeds, GeoLoRA's
+    accuracies and adapter parameters per seed, LoRA's best lr, its mean accuracy and adapter parameters."""
+    geo = _finetune_runs([by_name[f] for f in files])
+    lora = _finetune_runs([by_name[f] for f in _FT_LORA[task]])
+    seeds = sorted({k[1] for k in geo if k[0] == "geolora" and k[2] == 5e-3})
+    accs = [geo[("geolora", s, 5e-3)]["test_acc"] for s in seeds]
+    params = [geo[("geolora", s, 5e-3)]["adapter_params"] for s in seeds]
+    lrs = [lr for lr in _LRS if all(("lora", s, lr) in lora for s in seeds)]
+    best_lr = max(lrs, key=lambda lr: _mean(lora[("lora", s, lr)]["test_acc"] for s in seeds))
+    best = _mean(lora[("lora", s, best_lr)]["test_acc"] for s in seeds)
+    return seeds, accs, params, best_lr, best, lora[("lora", seeds[0], lrs[0])]["adapter_params"]
+
+
 def _finetune_budget(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     by_name = {p.name: p for p in paths}
     header = ["task", "GeoLoRA budget", "GeoLoRA at 5e-3 (seed 0 / 1 / 2)", "mean", "adapter params"]
     header += ["LoRA best lr: mean", "GeoLoRA − LoRA"]
     rows = []
     for task, budget, files in _FT_BUDGETS:
-        geo = _finetune_runs([by_name[f] for f in files])
-        lora = _finetune_runs([by_name[f] for f in _FT_LORA[task]])
-        seeds = sorted({k[1] for k in geo if k[0] == "geolora" and k[2] == 5e-3})
-        accs = [geo[("geolora", s, 5e-3)]["test_acc"] for s in seeds]
-        params = [geo[("geolora", s, 5e-3)]["adapter_params"] for s in seeds]
-        lrs = [lr for lr in _LRS if all(("lora", s, lr) in lora for s in seeds)]
-        best = max(_mean(lora[("lora", s, lr)]["test_acc"] for s in seeds) for lr in lrs)
-        lora_params = lora[("lora", seeds[0], lrs[0])]["adapter_params"]
+        _, accs, params, _, best, lora_params = _geolora_against_lora(by_name, task, files)
         rows.append(
             [
                 task,
@@ -778,14 +787,7 @@ def _finetune_init(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     header += ["GeoLoRA − LoRA"]
     rows = []
     for task, init, files in _FT_INITS:
-        geo = _finetune_runs([by_name[f] for f in files])
-        lora = _finetune_runs([by_name[f] for f in _FT_LORA[task]])
-        seeds = sorted({k[1] for k in geo if k[0] == "geolora" and k[2] == 5e-3})
-        accs = [geo[("geolora", s, 5e-3)]["test_acc"] for s in seeds]
-        params = [geo[("geolora", s, 5e-3)]["adapter_params"] for s in seeds]
-        lrs = [lr for lr in _LRS if all(("lora", s, lr) in lora for s in seeds)]
-        best_lr = max(lrs, key=lambda lr: _mean(lora[("lora", s, lr)]["test_acc"] for s in seeds))
-        best = _mean(lora[("lora", s, best_lr)]["test_acc"] for s in seeds)
+        seeds, accs, params, best_lr, best, _ = _geolora_against_lora(by_name, task, files)
         rows.append(
             [
                 task,

@@ -25,37 +25,33 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "LM_METRIC_FIELDS",
     "LM_STEP_FIELDS",
     "SAMPLES",
     "build_lm_data",
     "check_task",
     "is_language_run",
     "lm_forward",
+    "metric_fields",
     "perplexity",
     "write_samples",
 ]
 
 SAMPLES = "samples.txt"
 
-#: Columns of a language-model run's ``metrics.csv``.
-LM_METRIC_FIELDS = [
-    "epoch",
-    "step",
-    "train_loss",
-    "train_ppl",
-    "train_acc",
-    "test_loss",
-    "test_ppl",
-    "test_acc",
-    "total_rank",
-    "ranks",
-    "compression",
-    "cond_mean",
-    "cond",
-    "lr",
-    "seconds",
-]
+
+def metric_fields(fields: list[str]) -> list[str]:
+    """The columns of a language-model run's ``metrics.csv`` from a classifier run's ``fields``: ``step``
+    after ``epoch`` and each loss followed by its perplexity (``train_ppl``, ``test_ppl``)."""
+    out: list[str] = []
+    for name in fields:
+        out.append(name)
+        if name == "epoch":
+            out.append("step")
+        elif name.endswith("_loss"):
+            out.append(name[: -len("loss")] + "ppl")
+    return out
+
+
 #: Columns a language-model run's ``steps.csv`` has beyond the driver's own.
 LM_STEP_FIELDS = ["ppl", "test_loss", "test_ppl", "test_acc"]
 

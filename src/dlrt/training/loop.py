@@ -288,7 +288,7 @@ def _train(cfg: TrainConfig, resume_dir: str | os.PathLike[str] | None, device: 
         from . import lm
 
         options = {
-            "metric_fields": lm.LM_METRIC_FIELDS,
+            "metric_fields": lm.metric_fields(METRIC_FIELDS),
             "describe": functools.partial(lm.describe, cfg.epochs),
             "step_fields": lm.LM_STEP_FIELDS,
             "epoch_hooks": [lm.add_epoch_perplexity],
