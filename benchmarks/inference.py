@@ -105,29 +105,39 @@ def _forms_key(layers: dict[str, dict[str, Any]]) -> tuple:
 
 
 def build_forms(
-    name: str, model: nn.Module, example: tuple[torch.Tensor, ...]
+    name: str, model: nn.Module, example: tuple[torch.Tensor, ...], built: dict[str, Any]
 ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """The plain forms of the model (see the module docstring) and, for each, its per-layer forms or ``same_as``."""
+    """The plain forms of the model (see the module docstring) and, for each, its per-layer forms or ``same_as``.
+
+    ``built`` keeps the forms that do not depend on the batch (all but ``measured``) from one batch to the next.
+    """
     from dlrt.exporting import plain_and_layers
+
+    def plain(rule: str, **kw: Any) -> tuple[nn.Module, dict[str, Any]]:
+        if rule == "measured":
+            return plain_and_layers(model, rule=rule, example_inputs=example)
+        if rule not in built:
+            built[rule] = plain_and_layers(model, rule="flops" if name == "minilm" else rule, **kw)
+        return built[rule]
 
     forms: dict[str, nn.Module] = {}
     info: dict[str, Any] = {}
     if name == "minilm":
-        forms["base"] = _base_without_adapters(copy.deepcopy(model)).eval()
-        info["base"] = {"layers": {}}
-        for form, merged in (("merged", True), ("unmerged", False)):
-            plain, layers = plain_and_layers(model, rule="flops", merged=merged)
-            forms[form], info[form] = plain.eval(), {"layers": layers}
+        if "base" not in built:
+            built["base"] = (_base_without_adapters(copy.deepcopy(model)), {})
+        for form, merged in (("base", None), ("merged", True), ("unmerged", False)):
+            module, layers = plain(form, merged=merged)
+            forms[form], info[form] = module.eval(), {"layers": layers}
         return forms, info
     seen: dict[tuple, str] = {}
     for rule in ("dense", "flops", "measured", "factored"):
-        plain, layers = plain_and_layers(model, rule=rule, example_inputs=example)
+        module, layers = plain(rule)
         key = _forms_key(layers)
         if key in seen:
             info[rule] = {"same_as": seen[key], "layers": layers}
             continue
         seen[key] = rule
-        forms[rule], info[rule] = plain.eval(), {"layers": layers}
+        forms[rule], info[rule] = module.eval(), {"layers": layers}
     return forms, info
 
 
@@ -253,7 +263,7 @@ def _export(module: nn.Module, layers: dict[str, Any], inputs: tuple[torch.Tenso
 
     if inputs[0].shape[0] < 2:  # the batch dimension is dynamic: trace on two examples
         inputs = tuple(torch.cat([x, x]) for x in inputs)
-    return save_plain(copy.deepcopy(module), layers, inputs, path, format=fmt)
+    return save_plain(module, layers, inputs, path, format=fmt)
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: Path) -> dict[str, Any]:
@@ -272,10 +282,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
         "batches": {},
     }
     onnx_files: dict[tuple, Path] = {}
+    built: dict[str, Any] = {}
     for b in batches:
         torch._dynamo.reset()
         inputs = tuple(x[:b] for x in pool)
-        forms, info = build_forms(name, model, inputs)
+        forms, info = build_forms(name, model, inputs, built)
         entry: dict[str, Any] = {"forms": info, "backends": {}}
         for backend in args.backends:
             calls: dict[str, Any] = {}
