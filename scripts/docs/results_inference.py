@@ -1,0 +1,79 @@
+"""Results tables of the export and language-model pages: the exported model's speed (``docs/export.md``) and
+pre-training (``docs/language-models.md``) (``TABLES`` in ``results.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from results_common import _int, _json, _pct
+
+
+def _inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """benchmarks/inference.py: the exported model's speed-up over dense (MiniLM: merged and unmerged over the base)."""
+    header = ["model", "test acc", "compression", "form", "batch", "eager", "torch.compile", "onnxruntime"]
+    header += ["compiled / eager", ".pt2 size (MB)"]
+    rows = []
+
+    def x(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}×"
+
+    for model, r in _json(paths[0])["models"].items():
+        ref = r["reference"]
+        forms = ["merged", "unmerged"] if model == "minilm" else ["flops", "measured"]
+        for form in forms:
+            for batch, e in r["batches"].items():
+                shown = e["forms"][form].get("same_as", form)
+                if form == "measured" and shown != form:
+                    continue  # the same modules as another rule's: timed once, shown once
+                speed = {b: v.get("speedup", {}).get(shown) for b, v in e["backends"].items()}
+                comp = e["backends"].get("compile", {}).get("compile_vs_eager", {}).get(shown)
+                files = r["files"].get(shown, {}).get("bytes", {})
+                ref_pt2 = r["files"].get(ref, {}).get("bytes", {}).get("pt2")
+                size = f"{ref_pt2 / 1e6:.2f} → {files['pt2'] / 1e6:.2f}" if files.get("pt2") and ref_pt2 else "–"
+                rows.append(
+                    [
+                        model,
+                        "–" if r["test_acc"] is None else f"{_pct(r['test_acc'])} %",
+                        "–" if model == "minilm" or r["compression"] is None else f"{_pct(r['compression'], 1)} %",
+                        f"{form} (vs {ref})",
+                        batch,
+                        x(speed.get("eager")),
+                        x(speed.get("compile")),
+                        x(speed.get("onnxruntime")),
+                        x(comp),
+                        size,
+                    ]
+                )
+    return header, rows
+
+
+def _pretraining(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """benchmarks/pretraining.py: per method and seed, the figure and its ratio to dense of the same run."""
+    header = ["method", "seed", "val. ppl", "projection weights", "optimizer state", "peak memory", "s/step"]
+    header.append("steps to dense's final loss")
+
+    def cell(r: dict[str, Any], key: str, text: str) -> str:
+        ratio = (r.get("ratio_to_dense") or {}).get(key)
+        return text if r["method"] == "dense" or ratio is None else f"{text} (×{ratio:.2f})"
+
+    rows = []
+    for r in _json(paths[0])["records"]:
+        if r["status"] != "completed":
+            rows.append([r["method"], str(r["seed"]), r["status"], "", "", "", "", ""])
+            continue
+        rank = r.get("fixed_rank") or r.get("projection_rank")
+        name = f"{r['method']} (rank {rank})" if rank else r["method"]
+        rows.append(
+            [
+                name,
+                str(r["seed"]),
+                cell(r, "val_ppl", f"{r['val_ppl']:.2f}"),
+                cell(r, "projection_params", _int(r["projection_params"])),
+                cell(r, "optimizer_state_bytes", f"{r['optimizer_state_bytes'] / 1e6:.2f} MB"),
+                cell(r, "peak_bytes", f"{r['peak_bytes'] / 1e6:.1f} MB"),
+                cell(r, "s_per_step", f"{r['s_per_step']:.3f}"),
+                str(r.get("steps_to_dense_final_loss") or "not reached"),
+            ]
+        )
+    return header, rows
