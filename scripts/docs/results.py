@@ -21,37 +21,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from results_common import _json, _jsonl
+from results_common import read_json, read_jsonl
 from results_finetune import (
-    _FT_ALL,
-    _FT_BUDGETS,
-    _FT_CONVENTION,
-    _FT_FASHION,
-    _FT_INITS,
-    _FT_LORA,
-    _FT_QV,
-    _finetune_budget,
-    _finetune_default,
-    _finetune_init,
-    _finetune_sweep,
-    _finetune_timing,
+    FT_ALL,
+    FT_BUDGETS,
+    FT_CONVENTION,
+    FT_FASHION,
+    FT_INITS,
+    FT_LORA,
+    FT_QV,
+    finetune_budget,
+    finetune_default,
+    finetune_init,
+    finetune_sweep,
+    finetune_timing,
 )
-from results_inference import _inference, _pretraining
+from results_inference import inference, pretraining
 from results_training import (
-    _checkpoint_overhead,
-    _closure,
-    _ddp_equivalence,
-    _ddp_scaling,
-    _federated,
-    _lenet_step_time,
-    _optimizers_c,
-    _optimizers_d,
-    _optimizers_part,
-    _rank_start,
-    _robustness,
-    _step_time,
-    _tucker,
-    _tucker_timing,
+    checkpoint_overhead,
+    closure,
+    ddp_equivalence,
+    ddp_scaling,
+    federated,
+    lenet_step_time,
+    optimizers_c,
+    optimizers_d,
+    optimizers_part,
+    rank_start,
+    robustness,
+    step_time,
+    tucker,
+    tucker_timing,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,13 +117,13 @@ def measured_on(path: Path) -> str:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    return _jsonl(path) if path.suffix == ".jsonl" else [_json(path)]
+    return read_jsonl(path) if path.suffix == ".jsonl" else [read_json(path)]
 
 
 def _environments(path: Path, part: str | None = None) -> list[dict[str, Any]]:
     """Every place in a results file that records how it was run (top level, per part, per run)."""
     if part is not None:  # one part of a file that several invocations filled (benchmarks/optimizers.py)
-        section = _json(path)["parts"][part]
+        section = read_json(path)["parts"][part]
         return [section, section["environment"]]
     found = []
     for record in _records(path):
@@ -195,84 +195,82 @@ def caption(table: Table, paths: list[Path]) -> str:
 
 
 TABLES: dict[str, Table] = {
-    "pretraining": Table(("pretraining.json",), _pretraining, machine=PROJECT_MACHINE),
-    "lenet-step-time": Table(("lenet_step_time.json",), _lenet_step_time, machine=PROJECT_MACHINE),
-    "step-time": Table(("step_time.json",), _step_time, machine=PROJECT_MACHINE),
-    "checkpoint-overhead": Table(("checkpoint_overhead.json",), _checkpoint_overhead, machine=PROJECT_MACHINE),
-    "inference": Table(("inference.json",), _inference),
-    "ddp-scaling": Table(("ddp_scaling.jsonl",), _ddp_scaling, machine=PROJECT_MACHINE),
-    "ddp-equivalence": Table(("ddp_scaling.jsonl",), _ddp_equivalence, machine=PROJECT_MACHINE),
+    "pretraining": Table(("pretraining.json",), pretraining, machine=PROJECT_MACHINE),
+    "lenet-step-time": Table(("lenet_step_time.json",), lenet_step_time, machine=PROJECT_MACHINE),
+    "step-time": Table(("step_time.json",), step_time, machine=PROJECT_MACHINE),
+    "checkpoint-overhead": Table(("checkpoint_overhead.json",), checkpoint_overhead, machine=PROJECT_MACHINE),
+    "inference": Table(("inference.json",), inference),
+    "ddp-scaling": Table(("ddp_scaling.jsonl",), ddp_scaling, machine=PROJECT_MACHINE),
+    "ddp-equivalence": Table(("ddp_scaling.jsonl",), ddp_equivalence, machine=PROJECT_MACHINE),
     "federated": Table(
-        ("federated.jsonl",), _federated, command="python benchmarks/federated.py (the options of each setting below)"
+        ("federated.jsonl",), federated, command="python benchmarks/federated.py (the options of each setting below)"
     ),
     "robustness": Table(
         ("robustness.jsonl",),
-        lambda p: _robustness(p, longer=False),
+        lambda p: robustness(p, longer=False),
         command="python benchmarks/robustness.py --betas 0.075 0.3 --attack-limit 500 (vgg_small: --model vgg_small "
         "--datasets fashion-mnist --tau 0.3)",
     ),
     "robustness-longer": Table(
         ("robustness.jsonl",),
-        lambda p: _robustness(p, longer=True),
+        lambda p: robustness(p, longer=True),
         command="python benchmarks/robustness.py --epochs 3|5 [--tau 0.15] --betas 0.075 --attack-limit 500",
     ),
     "tucker-lenet5": Table(
         ("tucker_vs_matrix.jsonl",),
-        lambda p: _tucker(p, "lenet5", 1),
+        lambda p: tucker(p, "lenet5", 1),
         command="python benchmarks/tucker_vs_matrix.py --epochs 1",
         machine=TUCKER_MACHINE,
     ),
     "tucker-vgg-small": Table(
         ("tucker_vs_matrix.jsonl",),
-        lambda p: _tucker(p, "vgg_small", 1),
+        lambda p: tucker(p, "vgg_small", 1),
         command="python benchmarks/tucker_vs_matrix.py --model vgg_small --epochs 1 --limit 30000 "
         "--matrix-taus 0.1 0.2 0.3 --tucker-taus 0.1 0.2 0.3 --fixed-fractions 0.1 0.2 0.4",
         machine=TUCKER_MACHINE,
     ),
     "tucker-lenet5-3-epochs": Table(
         ("tucker_vs_matrix.jsonl",),
-        lambda p: _tucker(p, "lenet5", 3),
+        lambda p: tucker(p, "lenet5", 3),
         command="python benchmarks/tucker_vs_matrix.py --datasets fashion-mnist --epochs 3 --matrix-taus 0.45 "
         "--tucker-taus 0.25 0.3 --fixed-fractions",
         machine=TUCKER_MACHINE,
     ),
     "tucker-timing": Table(
         ("tucker_vs_matrix_timing_threads2.json", "tucker_vs_matrix_timing_threads1.json"),
-        _tucker_timing,
+        tucker_timing,
         machine=TUCKER_MACHINE,
     ),
     "rank-start": Table(
         ("rank_start.jsonl",),
-        _rank_start,
+        rank_start,
         command="python benchmarks/rank_start.py [--taus 0.2] [--conv tucker] [--model mlp --small 5 --taus 0.1]",
         machine=PROJECT_MACHINE + ", two runs at a time (one thread each)",
     ),
-    "closure": Table(("closure.jsonl",), _closure, machine="a shared 2-core machine (load 6–12)"),
-    "finetune-all": Table(_FT_ALL, _finetune_sweep),
-    "finetune-qv": Table(_FT_QV, _finetune_sweep),
-    "finetune-all-gradient": Table(
-        tuple(f"finetune_all_seed{s}_gradient_rule.json" for s in range(3)), _finetune_sweep
-    ),
-    "finetune-convention": Table(_FT_CONVENTION, _finetune_sweep),
-    "finetune-fashion": Table(_FT_FASHION, _finetune_sweep),
+    "closure": Table(("closure.jsonl",), closure, machine="a shared 2-core machine (load 6–12)"),
+    "finetune-all": Table(FT_ALL, finetune_sweep),
+    "finetune-qv": Table(FT_QV, finetune_sweep),
+    "finetune-all-gradient": Table(tuple(f"finetune_all_seed{s}_gradient_rule.json" for s in range(3)), finetune_sweep),
+    "finetune-convention": Table(FT_CONVENTION, finetune_sweep),
+    "finetune-fashion": Table(FT_FASHION, finetune_sweep),
     "finetune-budget": Table(
-        tuple(dict.fromkeys(f for task, _, files in _FT_BUDGETS for f in [*files, *_FT_LORA[task]])),
-        _finetune_budget,
+        tuple(dict.fromkeys(f for task, _, files in FT_BUDGETS for f in [*files, *FT_LORA[task]])),
+        finetune_budget,
         machine=PROJECT_MACHINE + ", one thread per run",
     ),
     "finetune-init": Table(
-        tuple(dict.fromkeys(f for task, _, files in _FT_INITS for f in [*files, *_FT_LORA[task]])),
-        _finetune_init,
+        tuple(dict.fromkeys(f for task, _, files in FT_INITS for f in [*files, *FT_LORA[task]])),
+        finetune_init,
         machine=PROJECT_MACHINE + ", one thread per run",
     ),
-    "finetune-default": Table(("finetune_default_seed0.json",), _finetune_default),
+    "finetune-default": Table(("finetune_default_seed0.json",), finetune_default),
     "finetune-timing": Table(
-        tuple(f"finetune_all_timing_b{b}{t}.json" for t in ("_threads1", "") for b in (16, 32)), _finetune_timing
+        tuple(f"finetune_all_timing_b{b}{t}.json" for t in ("_threads1", "") for b in (16, 32)), finetune_timing
     ),
-    "optimizers-a": Table(("optimizers.json",), lambda p: _optimizers_part(p, "a"), part="a"),
-    "optimizers-b": Table(("optimizers.json",), lambda p: _optimizers_part(p, "b"), part="b"),
-    "optimizers-c": Table(("optimizers.json",), _optimizers_c, part="c"),
-    "optimizers-d": Table(("optimizers.json",), _optimizers_d, part="d"),
+    "optimizers-a": Table(("optimizers.json",), lambda p: optimizers_part(p, "a"), part="a"),
+    "optimizers-b": Table(("optimizers.json",), lambda p: optimizers_part(p, "b"), part="b"),
+    "optimizers-c": Table(("optimizers.json",), optimizers_c, part="c"),
+    "optimizers-d": Table(("optimizers.json",), optimizers_d, part="d"),
 }
 
 

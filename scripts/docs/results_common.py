@@ -1,4 +1,4 @@
-"""What the table builders of ``results.py`` share: reading a results file, averaging, formatting a number.
+"""What the table builders of ``results.py`` share: reading a results file, formatting a number.
 
 Imported by ``results.py`` and by the modules of builders (``results_training.py``, ``results_finetune.py``,
 ``results_inference.py``), which import nothing else from this folder: no import circles.
@@ -7,38 +7,28 @@ Imported by ``results.py`` and by the modules of builders (``results_training.py
 from __future__ import annotations
 
 import json
-import statistics
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 #: The learning rates of the fine-tuning sweeps (benchmarks/finetune.py; part c of benchmarks/optimizers.py).
-_LRS = (1e-4, 5e-4, 1e-3, 5e-3)
+FINETUNE_LRS = (1e-4, 5e-4, 1e-3, 5e-3)
 
 
-def _json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _mean(values: Iterable[float]) -> float:
-    return statistics.fmean(values)
-
-
-def _sd(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _pct(x: float, digits: int = 2) -> str:
+def pct_text(x: float, digits: int = 2) -> str:
     return f"{100 * x:.{digits}f}"
 
 
-def _int(x: float) -> str:
+def int_text(x: float) -> str:
     return f"{round(x):,d}"
 
 
-def _lr(x: float) -> str:
+def lr_text(x: float) -> str:
     return f"{x:.0e}".replace("e-0", "e-")

@@ -4,9 +4,10 @@ GeoLoRA's budgets and initialisations against LoRA (``TABLES`` in ``results.py``
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
-from results_common import _LRS, _int, _json, _lr, _mean, _pct
+from results_common import FINETUNE_LRS, int_text, lr_text, pct_text, read_json
 
 # ------------------------------------------------------------------ fine-tuning
 _FT_NAMES = {"geolora": "GeoLoRA (defaults)", "lora": "PEFT LoRA r 8", "adalora": "PEFT AdaLoRA", "full": "full"}
@@ -15,56 +16,60 @@ _FT_NAMES = {"geolora": "GeoLoRA (defaults)", "lora": "PEFT LoRA r 8", "adalora"
 def _finetune_runs(paths: list[Path]) -> dict[tuple[str, int, float], dict[str, Any]]:
     runs = {}
     for path in paths:
-        for r in _json(path)["runs"]:
+        for r in read_json(path)["runs"]:
             if r["status"] == "completed":
                 runs[(r["method"], r["config"]["seed"], r["lr"])] = r
     return runs
 
 
-def _finetune_sweep(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def finetune_sweep(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     runs = _finetune_runs(paths)
-    header = ["method", "seed", *(_lr(lr) for lr in _LRS), "adapter params (best lr)"]
+    header = ["method", "seed", *(lr_text(lr) for lr in FINETUNE_LRS), "adapter params (best lr)"]
     rows = []
     for method in [m for m in ("geolora", "lora", "adalora") if any(k[0] == m for k in runs)]:
         seeds = sorted({k[1] for k in runs if k[0] == method})
         cells, means = [], []
-        for lr in _LRS:
+        for lr in FINETUNE_LRS:
             accs = [runs[(method, s, lr)]["test_acc"] if (method, s, lr) in runs else None for s in seeds]
-            cells.append(" / ".join("—" if a is None else _pct(a) for a in accs) if any(accs) else "—")
+            cells.append(" / ".join("—" if a is None else pct_text(a) for a in accs) if any(accs) else "—")
             got = [a for a in accs if a is not None]
-            means.append(_mean(got) if len(got) == len(seeds) and len(seeds) > 1 else None)
-        full = [lr for lr in _LRS if all((method, s, lr) in runs for s in seeds)]
-        best = max(full, key=lambda lr: _mean(runs[(method, s, lr)]["test_acc"] for s in seeds)) if full else None
-        params = " / ".join(_int(runs[(method, s, best)]["adapter_params"]) for s in seeds) if best is not None else "—"
+            means.append(fmean(got) if len(got) == len(seeds) and len(seeds) > 1 else None)
+        full = [lr for lr in FINETUNE_LRS if all((method, s, lr) in runs for s in seeds)]
+        best = max(full, key=lambda lr: fmean(runs[(method, s, lr)]["test_acc"] for s in seeds)) if full else None
+        params = (
+            " / ".join(int_text(runs[(method, s, best)]["adapter_params"]) for s in seeds) if best is not None else "—"
+        )
         rows.append([_FT_NAMES[method], " / ".join(map(str, seeds)), *cells, params])
         if len(seeds) > 1 and any(m is not None for m in means):
             top = max(m for m in means if m is not None)
             rows.append(
-                ["", "mean"] + ["" if m is None else (f"**{_pct(m)}**" if m == top else _pct(m)) for m in means] + [""]
+                ["", "mean"]
+                + ["" if m is None else (f"**{pct_text(m)}**" if m == top else pct_text(m)) for m in means]
+                + [""]
             )
     return header, rows
 
 
-def _finetune_default(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    d = _json(paths[0])
+def finetune_default(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    d = read_json(paths[0])
     rows = []
     for r in d["runs"]:
         rows.append(
             [
                 _FT_NAMES.get(r["method"], r["method"]).replace(" (defaults)", ""),
-                _lr(r["lr"]),
-                _pct(r["test_acc"]) + " %",
+                lr_text(r["lr"]),
+                pct_text(r["test_acc"]) + " %",
                 f"{r['total_rank']} (at most {r['max_total_rank']})",
-                _int(r["adapter_params"]),
+                int_text(r["adapter_params"]),
             ]
         )
     return ["method", "lr", "test accuracy", "final total rank", "adapter params"], rows
 
 
-def _finetune_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def finetune_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for path in paths:
-        d = _json(path)
+        d = read_json(path)
         t, peak = d["timing"], d["peak_bytes"]
         where = {"qv": "query/value", "all": "all linear layers"}[d["args"]["targets"]]
         rows.append(
@@ -84,20 +89,20 @@ def _finetune_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
 
 
 # ------------------------------------------------------------------ the files the tables read
-_FT_ALL = (
+FT_ALL = (
     *(f"finetune_all_seed{s}.json" for s in range(3)),
     "finetune_all_seed0_adalora.json",
     "finetune_all_seed0_adalora_low.json",
     "finetune_all_seed0_lora.json",
 )
-_FT_CONVENTION = ("finetune_convention_all_seed0.json",)
-_FT_FASHION = tuple(f"finetune_fashion_seed{s}.json" for s in range(3))
-_FT_QV = tuple(f"finetune_qv_seed{s}.json" for s in range(3))
+FT_CONVENTION = ("finetune_convention_all_seed0.json",)
+FT_FASHION = tuple(f"finetune_fashion_seed{s}.json" for s in range(3))
+FT_QV = tuple(f"finetune_qv_seed{s}.json" for s in range(3))
 
 
 #: GeoLoRA's budget variants at its default lr (5e-3) against LoRA's best-lr mean, per task:
 #: (task, budget, GeoLoRA's files, LoRA's files). The tables read every file named here.
-_FT_BUDGETS = (
+FT_BUDGETS = (
     ("Rotten Tomatoes, all linear", "rank (288)", [f"finetune_all_seed{s}_gradient_rule.json" for s in range(3)]),
     ("Rotten Tomatoes, all linear", "params", [f"finetune_all_seed{s}_param_budget.json" for s in range(3)]),
     (
@@ -107,13 +112,13 @@ _FT_BUDGETS = (
     ),
     ("Convention party, all linear", "rank (288)", ["finetune_convention_all_seed0.json"]),
     ("Convention party, all linear", "params", ["finetune_convention_all_seed0_param_budget.json"]),
-    ("Fashion-MNIST CNN", "rank (24)", list(_FT_FASHION)),
+    ("Fashion-MNIST CNN", "rank (24)", list(FT_FASHION)),
     ("Fashion-MNIST CNN", "params", [f"finetune_fashion_seed{s}_param_budget.json" for s in range(3)]),
 )
-_FT_LORA = {
+FT_LORA = {
     "Rotten Tomatoes, all linear": [*(f"finetune_all_seed{s}.json" for s in range(3)), "finetune_all_seed0_lora.json"],
     "Convention party, all linear": ["finetune_convention_all_seed0.json"],
-    "Fashion-MNIST CNN": list(_FT_FASHION),
+    "Fashion-MNIST CNN": list(FT_FASHION),
 }
 
 
@@ -123,40 +128,40 @@ def _geolora_against_lora(
     """GeoLoRA at 5e-3 in ``files`` against LoRA's runs of ``task`` on the same seeds: the seeds, GeoLoRA's
     accuracies and adapter parameters per seed, LoRA's best lr, its mean accuracy and adapter parameters."""
     geo = _finetune_runs([by_name[f] for f in files])
-    lora = _finetune_runs([by_name[f] for f in _FT_LORA[task]])
+    lora = _finetune_runs([by_name[f] for f in FT_LORA[task]])
     seeds = sorted({k[1] for k in geo if k[0] == "geolora" and k[2] == 5e-3})
     accs = [geo[("geolora", s, 5e-3)]["test_acc"] for s in seeds]
     params = [geo[("geolora", s, 5e-3)]["adapter_params"] for s in seeds]
-    lrs = [lr for lr in _LRS if all(("lora", s, lr) in lora for s in seeds)]
-    best_lr = max(lrs, key=lambda lr: _mean(lora[("lora", s, lr)]["test_acc"] for s in seeds))
-    best = _mean(lora[("lora", s, best_lr)]["test_acc"] for s in seeds)
+    lrs = [lr for lr in FINETUNE_LRS if all(("lora", s, lr) in lora for s in seeds)]
+    best_lr = max(lrs, key=lambda lr: fmean(lora[("lora", s, lr)]["test_acc"] for s in seeds))
+    best = fmean(lora[("lora", s, best_lr)]["test_acc"] for s in seeds)
     return seeds, accs, params, best_lr, best, lora[("lora", seeds[0], lrs[0])]["adapter_params"]
 
 
-def _finetune_budget(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def finetune_budget(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     by_name = {p.name: p for p in paths}
     header = ["task", "GeoLoRA budget", "GeoLoRA at 5e-3 (seed 0 / 1 / 2)", "mean", "adapter params"]
     header += ["LoRA best lr: mean", "GeoLoRA − LoRA"]
     rows = []
-    for task, budget, files in _FT_BUDGETS:
+    for task, budget, files in FT_BUDGETS:
         _, accs, params, _, best, lora_params = _geolora_against_lora(by_name, task, files)
         rows.append(
             [
                 task,
                 budget,
-                " / ".join(_pct(a) for a in accs),
-                _pct(_mean(accs)),
-                f"{_int(max(params))} (LoRA {_int(lora_params)})",
-                _pct(best),
-                f"{100 * (_mean(accs) - best):+.2f}",
+                " / ".join(pct_text(a) for a in accs),
+                pct_text(fmean(accs)),
+                f"{int_text(max(params))} (LoRA {int_text(lora_params)})",
+                pct_text(best),
+                f"{100 * (fmean(accs) - best):+.2f}",
             ]
         )
     return header, rows
 
 
 #: GeoLoRA's adapter initialisations at its default lr (5e-3), all else at the defaults (the parameter budget),
-#: against LoRA's best-lr mean on the same seeds: (task, init, GeoLoRA's files). LoRA's files: _FT_LORA.
-_FT_INITS = (
+#: against LoRA's best-lr mean on the same seeds: (task, init, GeoLoRA's files). LoRA's files: FT_LORA.
+FT_INITS = (
     (
         "Rotten Tomatoes, all linear",
         "gradient (default)",
@@ -170,23 +175,23 @@ _FT_INITS = (
 )
 
 
-def _finetune_init(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def finetune_init(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     by_name = {p.name: p for p in paths}
     header = ["task", "init", "seeds", "GeoLoRA at 5e-3", "mean", "adapter params", "LoRA best lr: mean, same seeds"]
     header += ["GeoLoRA − LoRA"]
     rows = []
-    for task, init, files in _FT_INITS:
+    for task, init, files in FT_INITS:
         seeds, accs, params, best_lr, best, _ = _geolora_against_lora(by_name, task, files)
         rows.append(
             [
                 task,
                 f"`{init.split()[0]}`" + init[len(init.split()[0]) :],
                 " / ".join(map(str, seeds)),
-                " / ".join(_pct(a) for a in accs),
-                _pct(_mean(accs)),
-                " / ".join(_int(p) for p in params),
-                f"{_pct(best)} ({_lr(best_lr)})",
-                f"{100 * (_mean(accs) - best):+.2f}",
+                " / ".join(pct_text(a) for a in accs),
+                pct_text(fmean(accs)),
+                " / ".join(int_text(p) for p in params),
+                f"{pct_text(best)} ({lr_text(best_lr)})",
+                f"{100 * (fmean(accs) - best):+.2f}",
             ]
         )
     return header, rows

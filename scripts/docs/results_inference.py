@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from results_common import _int, _json, _pct
+from results_common import int_text, pct_text, read_json
 
 
-def _inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     """benchmarks/inference.py: the exported model's speed-up over dense (MiniLM: merged and unmerged over the base)."""
     header = ["model", "test acc", "compression", "form", "batch", "eager", "torch.compile", "onnxruntime"]
     header += ["compiled / eager", ".pt2 size (MB)"]
@@ -18,7 +18,7 @@ def _inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     def x(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f}×"
 
-    for model, r in _json(paths[0])["models"].items():
+    for model, r in read_json(paths[0])["models"].items():
         ref = r["reference"]
         forms = ["merged", "unmerged"] if model == "minilm" else ["flops", "measured"]
         for form in forms:
@@ -34,8 +34,8 @@ def _inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
                 rows.append(
                     [
                         model,
-                        "–" if r["test_acc"] is None else f"{_pct(r['test_acc'])} %",
-                        "–" if model == "minilm" or r["compression"] is None else f"{_pct(r['compression'], 1)} %",
+                        "–" if r["test_acc"] is None else f"{pct_text(r['test_acc'])} %",
+                        "–" if model == "minilm" or r["compression"] is None else f"{pct_text(r['compression'], 1)} %",
                         f"{form} (vs {ref})",
                         batch,
                         x(speed.get("eager")),
@@ -48,7 +48,7 @@ def _inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _pretraining(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def pretraining(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     """benchmarks/pretraining.py: per method and seed, the figure and its ratio to dense of the same run."""
     header = ["method", "seed", "val. ppl", "projection weights", "optimizer state", "peak memory", "s/step"]
     header.append("steps to dense's final loss")
@@ -58,7 +58,7 @@ def _pretraining(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         return text if r["method"] == "dense" or ratio is None else f"{text} (×{ratio:.2f})"
 
     rows = []
-    for r in _json(paths[0])["records"]:
+    for r in read_json(paths[0])["records"]:
         if r["status"] != "completed":
             rows.append([r["method"], str(r["seed"]), r["status"], "", "", "", "", ""])
             continue
@@ -69,7 +69,7 @@ def _pretraining(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
                 name,
                 str(r["seed"]),
                 cell(r, "val_ppl", f"{r['val_ppl']:.2f}"),
-                cell(r, "projection_params", _int(r["projection_params"])),
+                cell(r, "projection_params", int_text(r["projection_params"])),
                 cell(r, "optimizer_state_bytes", f"{r['optimizer_state_bytes'] / 1e6:.2f} MB"),
                 cell(r, "peak_bytes", f"{r['peak_bytes'] / 1e6:.1f} MB"),
                 cell(r, "s_per_step", f"{r['s_per_step']:.3f}"),

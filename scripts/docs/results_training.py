@@ -4,17 +4,22 @@ Tucker, closures, the geometric optimizers and the checkpoints' overhead (``TABL
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import fmean, stdev
 from typing import Any
 
-from results_common import _LRS, _int, _json, _jsonl, _lr, _mean, _pct, _sd
+from results_common import FINETUNE_LRS, int_text, lr_text, pct_text, read_json, read_jsonl
 
 #: The ε of `dlrt robustness` in benchmarks/robustness.py (pixel units); the results file does not repeat them.
 ROBUSTNESS_EPS = (0.01, 0.03, 0.05, 0.1)
 
 
+def _sd(values: list[float]) -> float:
+    return stdev(values) if len(values) > 1 else 0.0
+
+
 # ------------------------------------------------------------------ step time
-def _lenet_step_time(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    d = _json(paths[0])
+def lenet_step_time(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    d = read_json(paths[0])
     names = {
         "dense": "dense",
         "bug": "`bug`",
@@ -29,8 +34,8 @@ def _lenet_step_time(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     return ["variant", "s/step", "vs dense", f"s/epoch ({steps} steps)"], rows
 
 
-def _step_time(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    d = _json(paths[0])
+def step_time(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    d = read_json(paths[0])
     header = [
         "width",
         "dense s/step",
@@ -68,8 +73,8 @@ def _kb(x: float) -> str:
     return f"{x / 1e6:.2f} MB" if x >= 1e6 else f"{x / 1e3:.0f} kB"
 
 
-def _ddp_scaling(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    by = {(r["model"], r["variant"], r["world"]): r for r in _jsonl(paths[0])}
+def ddp_scaling(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    by = {(r["model"], r["variant"], r["world"]): r for r in read_jsonl(paths[0])}
     header = [
         "model",
         "bytes/step low-rank",
@@ -90,8 +95,8 @@ def _ddp_scaling(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 names.get(model, model),
-                _int(low),
-                _int(dense),
+                int_text(low),
+                int_text(dense),
                 f"**{dense / low:.1f}×**",
                 f"{_kb(_ring(low, 8))} / {_kb(_ring(low, 64))} (DDP {_kb(_ring(dense, 8))} / {_kb(_ring(dense, 64))})",
                 f"{calls:g} (DDP 1)",
@@ -104,8 +109,8 @@ def _ddp_scaling(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _ddp_equivalence(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    by = {(r["model"], r["variant"], r["world"]): r for r in _jsonl(paths[0])}
+def ddp_equivalence(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    by = {(r["model"], r["variant"], r["world"]): r for r in read_jsonl(paths[0])}
     rows = []
     for model in sorted({m for m, _, _ in by}):
         one, two = by[(model, "equivalence", 1)], by[(model, "equivalence", 2)]
@@ -142,9 +147,9 @@ def _fed_setting(r: dict[str, Any]) -> tuple:
     return (r["model"], r["dataset"], r["clients"], str(r["alpha"]), r["rounds"], r["local_steps"], r["lr"], rule)
 
 
-def _federated(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def federated(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
-    for r in _jsonl(paths[0]):
+    for r in read_jsonl(paths[0]):
         label = r["method"] if r["method"] != "fedlrt" else f"fedlrt-{r['correction']}"
         groups.setdefault((*_fed_setting(r), r.get("grad_batches", 4)), {}).setdefault(label, []).append(r)
 
@@ -173,16 +178,16 @@ def _federated(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         )
         for label in sorted(by_method, key=_FED_ORDER.index):
             rs = by_method[label]
-            b = _mean(r["bytes_client_round"] for r in rs)
-            m = _mean(r["macs_client_round"] for r in rs)
-            bb = _mean(r["bytes_client_round"] for r in base) if base else float("nan")
-            bm = _mean(r["macs_client_round"] for r in base) if base else float("nan")
+            b = fmean(r["bytes_client_round"] for r in rs)
+            m = fmean(r["macs_client_round"] for r in rs)
+            bb = fmean(r["bytes_client_round"] for r in base) if base else float("nan")
+            bm = fmean(r["macs_client_round"] for r in base) if base else float("nan")
             rows.append(
                 [
                     where,
                     _FED_NAMES[label],
                     str(len(rs)),
-                    _pct(_mean(r["test_acc"] for r in rs)),
+                    pct_text(fmean(r["test_acc"] for r in rs)),
                     f"{b / 1e6:.3f}",
                     f"{bb / b:.1f}×",
                     f"{m / 1e9:.3f}",
@@ -194,9 +199,9 @@ def _federated(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
 
 
 # ------------------------------------------------------------------ robustness
-def _robustness(paths: list[Path], longer: bool) -> tuple[list[str], list[list[str]]]:
+def robustness(paths: list[Path], longer: bool) -> tuple[list[str], list[list[str]]]:
     groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
-    for r in _jsonl(paths[0]):
+    for r in read_jsonl(paths[0]):
         if r["status"] != "completed" or (r["epochs"] > 1) != longer:
             continue
         setting = (r["model"], r["dataset"], r["epochs"], r["tau"])
@@ -212,20 +217,20 @@ def _robustness(paths: list[Path], longer: bool) -> tuple[list[str], list[list[s
             rs = groups[setting][(method, beta)]
             label = {"dense": "dense", "dlrt": "DLRT β 0"}.get(method, f"robust β {beta:g}")
             attacked = [
-                " / ".join(f"{100 * _mean(r[attack][i] for r in rs):.1f}" for i in range(len(ROBUSTNESS_EPS)))
+                " / ".join(f"{100 * fmean(r[attack][i] for r in rs):.1f}" for i in range(len(ROBUSTNESS_EPS)))
                 for attack in ("fgsm", "pgd")
             ]
-            compr = _mean(r["compression"] for r in rs)
+            compr = fmean(r["compression"] for r in rs)
             cond = [r["cond_mean"] for r in rs if r.get("cond_mean") is not None and r["cond_mean"] == r["cond_mean"]]
             rows.append(
                 [
                     where,
                     label,
                     str(len(rs)),
-                    _pct(_mean(r["clean_acc"] for r in rs)),
+                    pct_text(fmean(r["clean_acc"] for r in rs)),
                     *attacked,
                     "0" if method == "dense" else f"{100 * compr:.1f} %",
-                    f"{_mean(cond):.2f}" if cond else "—",
+                    f"{fmean(cond):.2f}" if cond else "—",
                 ]
             )
             where = ""
@@ -233,9 +238,9 @@ def _robustness(paths: list[Path], longer: bool) -> tuple[list[str], list[list[s
 
 
 # ------------------------------------------------------------------ rank rule: the start
-def _rank_start(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def rank_start(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
-    for r in _jsonl(paths[0]):
+    for r in read_jsonl(paths[0]):
         start = "full" if str(r["rank"]) == "1.0" else str(r["rank"])
         key = (r["model"], r["conv"], r["tau"], r["tau_mode"], r.get("tau_grad"), r["epochs"])
         groups.setdefault(key, {}).setdefault(start, []).append(r)
@@ -245,10 +250,10 @@ def _rank_start(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         parts = []
         for name, value in first.items():
             if isinstance(value, list):
-                mean = [_mean(r["ranks"][name][i] for r in rs) for i in range(len(value))]
+                mean = [fmean(r["ranks"][name][i] for r in rs) for i in range(len(value))]
                 parts.append("(" + ",".join(f"{m:.0f}" for m in mean) + ")")
             else:
-                parts.append(f"{_mean(r['ranks'][name] for r in rs):.1f}")
+                parts.append(f"{fmean(r['ranks'][name] for r in rs):.1f}")
         return "/".join(parts) if not any(isinstance(v, list) for v in first.values()) else " ".join(parts)
 
     header = ["setting", "start", "seeds", "test acc. %", "compression %", "first epoch s", "final ranks (mean)"]
@@ -263,9 +268,9 @@ def _rank_start(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
                     where,
                     "full rank" if start == "full" else f"rank {start}",
                     str(len(rs)),
-                    _pct(_mean(r["final_acc"] for r in rs)),
-                    f"{100 * _mean(r['compression'] for r in rs):.1f}",
-                    f"{_mean(r['epoch_seconds'][0] for r in rs):.1f}",
+                    pct_text(fmean(r["final_acc"] for r in rs)),
+                    f"{100 * fmean(r['compression'] for r in rs):.1f}",
+                    f"{fmean(r['epoch_seconds'][0] for r in rs):.1f}",
                     ranks(rs),
                 ]
             )
@@ -276,7 +281,7 @@ def _rank_start(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
 # ------------------------------------------------------------------ Tucker
 def _tucker_groups(path: Path) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in _jsonl(path):
+    for r in read_jsonl(path):
         if r["status"] == "completed":
             key = (r.get("model", "lenet5"), r["epochs"], r["dataset"], r["method"], float(r["setting"]))
             groups.setdefault(key, []).append(r)
@@ -291,7 +296,7 @@ def _tucker_ranks(ranks: dict[str, Any], method: str) -> str:
     return "/".join(str(v) for v in ranks.values()) if method == "matrix" else "—"
 
 
-def _tucker(paths: list[Path], model: str, epochs: int) -> tuple[list[str], list[list[str]]]:
+def tucker(paths: list[Path], model: str, epochs: int) -> tuple[list[str], list[list[str]]]:
     groups = _tucker_groups(paths[0])
     datasets = [d for d in ("mnist", "fashion-mnist") if any(k[:3] == (model, epochs, d) for k in groups)]
     names = {"mnist": "MNIST", "fashion-mnist": "Fashion"}
@@ -315,18 +320,18 @@ def _tucker(paths: list[Path], model: str, epochs: int) -> tuple[list[str], list
             accs = [100 * r["test_acc"] for r in rs]
             seed0 = min(rs, key=lambda r: r["seed"])
             row += [
-                f"{_mean(accs):.2f} ± {_sd(accs):.2f}" + ("" if len(rs) == 3 else f" ({len(rs)} seeds)"),
-                _int(_mean(r["conv_params"] for r in rs)),
+                f"{fmean(accs):.2f} ± {_sd(accs):.2f}" + ("" if len(rs) == 3 else f" ({len(rs)} seeds)"),
+                int_text(fmean(r["conv_params"] for r in rs)),
                 _tucker_ranks(seed0["ranks"], method),
             ]
         rows.append(row)
     return header, rows
 
 
-def _tucker_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def tucker_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     rows = []
-    for path in sorted(paths, key=lambda p: -_json(p)["threads"]):
-        d = _json(path)
+    for path in sorted(paths, key=lambda p: -read_json(p)["threads"]):
+        d = read_json(path)
         s = d["seconds_per_step"]
         rows.append(
             [
@@ -342,9 +347,9 @@ def _tucker_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
 
 
 # ------------------------------------------------------------------ closures
-def _closure(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+def closure(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     runs = sorted(
-        _jsonl(paths[0]),
+        read_jsonl(paths[0]),
         key=lambda r: (r["order"], r["model"] != "icnn", r["width"], -r["epochs"], r.get("loss_u", 1.0)),
     )
     header = ["closure", "epochs", "u err", "α err", "h err", "speed-up vs Newton", "solver L² source"]
@@ -384,23 +389,23 @@ _OPT_NAMES = {
 }
 
 
-def _optimizers_part(paths: list[Path], part: str) -> tuple[list[str], list[list[str]]]:
-    p = _json(paths[0])["parts"][part]
+def optimizers_part(paths: list[Path], part: str) -> tuple[list[str], list[list[str]]]:
+    p = read_json(paths[0])["parts"][part]
     rows = []
     for method, best in p["best"].items():
         steps = best.get("steps_to_target")
         row = [_OPT_NAMES.get(method, method), f"{best['lr']:g}", "not reached" if steps is None else str(steps)]
-        row.append(f"{best['final_rel_loss']:.2e}" if part == "a" else _pct(best["test_acc"]) + " %")
+        row.append(f"{best['final_rel_loss']:.2e}" if part == "a" else pct_text(best["test_acc"]) + " %")
         rows.append(row)
     last = "final rel. loss" if part == "a" else "test acc."
     target = f"{p['problem']['target']:g}" if part == "a" else f"{p['setting']['target']:g}"
     return ["method", "best lr", f"steps to {target}", last], rows
 
 
-def _optimizers_c(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    c = _json(paths[0])["parts"]["c"]
+def optimizers_c(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    c = read_json(paths[0])["parts"]["c"]
     names = {"adalora/adamw": "AdaLoRA", "geolora/geo-adam": "GeoLoRA, **geo-adam**"}
-    header = ["method", *(_lr(lr) for lr in _LRS), "adapter params at the best lr"]
+    header = ["method", *(lr_text(lr) for lr in FINETUNE_LRS), "adapter params at the best lr"]
     rows = []
     for method, s in c["summary"].items():
         per = s["per_lr"]
@@ -408,18 +413,22 @@ def _optimizers_c(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         name = names.get(method, "GeoLoRA, " + method.split("/")[1])
         if len(seeds) < 3:
             name += f" (seeds {' / '.join(map(str, seeds))} only)"
-        cells = [" / ".join(_pct(a) for a in per[str(lr)]["accs"]) if str(lr) in per else "—" for lr in _LRS]
+        cells = [
+            " / ".join(pct_text(a) for a in per[str(lr)]["accs"]) if str(lr) in per else "—" for lr in FINETUNE_LRS
+        ]
         best = per.get(str(s["best_lr"]), {})
         params = best.get("adapter_params")
-        rows.append([name, *cells, "—" if params is None else f"{_int(params)} (mean; {_lr(s['best_lr'])})"])
-        means = [per[str(lr)]["mean"] if str(lr) in per else None for lr in _LRS]
+        rows.append([name, *cells, "—" if params is None else f"{int_text(params)} (mean; {lr_text(s['best_lr'])})"])
+        means = [per[str(lr)]["mean"] if str(lr) in per else None for lr in FINETUNE_LRS]
         top = max(m for m in means if m is not None)
-        rows.append(["", *("" if m is None else (f"**{_pct(m)}**" if m == top else _pct(m)) for m in means), ""])
+        rows.append(
+            ["", *("" if m is None else (f"**{pct_text(m)}**" if m == top else pct_text(m)) for m in means), ""]
+        )
     return header, rows
 
 
-def _optimizers_d(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    d = _json(paths[0])["parts"]["d"]
+def optimizers_d(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    d = read_json(paths[0])["parts"]["d"]
     rows = []
     for c in d["configs"]:
         cfg = dict(kv.split("=") for kv in c["config"].split(","))
@@ -429,28 +438,29 @@ def _optimizers_d(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
                 f"{cfg['optimizer']} {cfg['lr']}, {cfg.get('coefficient_steps', '1')}",
                 " / ".join(str(v) for v in low["ranks"].values()),
                 " / ".join(str(v) for v in full["ranks"].values()),
-                _pct(low["test_acc"]) + " %",
-                _pct(full["test_acc"]) + " %",
+                pct_text(low["test_acc"]) + " %",
+                pct_text(full["test_acc"]) + " %",
             ]
         )
     header = ["optimizer, lr, coefficient steps", "ranks from 2 (conv1/conv2/fc1)", "ranks from full"]
     return [*header, "test acc. from 2", "from full"], rows
 
 
-def _checkpoint_overhead(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    d = _json(paths[0])
+# ------------------------------------------------------------------ checkpoints
+def checkpoint_overhead(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    d = read_json(paths[0])
     header = ["checkpoint_every", "checkpoints", "kB each", "median write (ms)", "writes (s)", "CSV (s)"]
     header += ["run (s)", "share of the run"]
     rows = [
         [
             str(r["checkpoint_every"]),
             str(r["checkpoints"]),
-            _int(r["checkpoint_bytes"] / 1e3),
+            int_text(r["checkpoint_bytes"] / 1e3),
             f"{r['median_checkpoint_ms']:.1f}",
             f"{r['checkpoint_seconds']:.2f}",
             f"{r['csv_seconds']:.2f}",
             f"{r['wall_seconds']:.1f}",
-            f"{_pct(r['overhead_share'])} %",
+            f"{pct_text(r['overhead_share'])} %",
         ]
         for r in d["results"]
     ]
