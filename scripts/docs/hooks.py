@@ -2,7 +2,8 @@
 
 Before a page is rendered, two kinds of marker in its Markdown are replaced by generated text:
 
-* ``<!-- results: NAME -->``: a results table read from ``benchmarks/results/`` (``results.py``);
+* ``<!-- results: NAME -->``: a results table read from ``benchmarks/results/`` (``results.py``, its builders in
+  ``results_*.py``, imported from this folder: MkDocs puts it on ``sys.path`` while it runs this file);
 * ``<!-- cli-reference -->``: the reference of the ``dlrt`` command (``cli_reference.py``).
 
 The plots the benchmarks write (``benchmarks/results/*.png``) are published as ``assets/NAME.png``.

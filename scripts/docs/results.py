@@ -6,6 +6,14 @@ says which file it came from, the command that wrote it, the date it was measure
 of the file's last commit, or its modification date while uncommitted) and the machine.
 Nothing here imports torch or dlrt: the tables are read from the files, never re-run.
 
+This file holds what every table shares (``Table``, the caption, the registry ``TABLES``, ``render``); the
+functions that turn a file's records into rows live beside it, grouped by the pages they serve:
+``results_training.py`` (step time, data parallel, FeDLRT, robustness, rank start, Tucker, closures,
+optimizers, checkpoints), ``results_finetune.py`` (GeoLoRA), ``results_inference.py`` (export, pre-training),
+all over ``results_common.py`` (reading and formatting). They are imported by name, so this folder must be
+on ``sys.path`` while this file is imported: running it does that, so does MkDocs while it loads
+``hooks.py``, and the tests insert it.
+
     python scripts/docs/results.py                 # the names of all tables
     python scripts/docs/results.py step-time       # print one table as Markdown
 """
