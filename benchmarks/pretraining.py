@@ -162,17 +162,18 @@ def projection_baseline(method: str, model: nn.Module, args: argparse.Namespace)
             {"params": rest},
             {"params": low, "rank": r, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"},
         ]
-        return closure_with_grad(lib.GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay))
+        return closure_with_grad(lib.GaLoreAdamW(groups, lr=method_lr(method, args), weight_decay=args.weight_decay))
     if method == "fira":  # Fira's README: the same group keys, alpha (scale) 1.0
         groups = [
             {"params": rest},
             {"params": low, "rank": r, "update_proj_gap": gap, "alpha": 1.0, "proj_type": "std"},
         ]
-        return closure_with_grad(lib.FiraAdamW(groups, lr=args.lr, weight_decay=args.weight_decay))
+        return closure_with_grad(lib.FiraAdamW(groups, lr=method_lr(method, args), weight_decay=args.weight_decay))
     # APOLLO's README: random projection, channel-wise scaling, scale 1 at the projection rank
     group = {"params": low, "rank": r, "proj": "random", "scale_type": "channel", "scale": 1}
     group |= {"update_proj_gap": gap, "proj_type": "std"}
-    return closure_with_grad(lib.APOLLOAdamW([{"params": rest}, group], lr=args.lr, weight_decay=args.weight_decay))
+    lr = method_lr(method, args)
+    return closure_with_grad(lib.APOLLOAdamW([{"params": rest}, group], lr=lr, weight_decay=args.weight_decay))
 
 
 def build(method: str, pristine: nn.Module, args: argparse.Namespace, fixed_rank: int | None, device: torch.device):
@@ -182,8 +183,9 @@ def build(method: str, pristine: nn.Module, args: argparse.Namespace, fixed_rank
         _, integrator, optimizer = method.split("-", 2)
         dlrt.convert(model, rank=args.rank, max_rank=args.max_rank, init="svd")
         model.to(device)
+        lr = method_lr(method, args)
         opt = dlrt.DLRTOptimizer(
-            model, integrator=integrator, optimizer=optimizer, lr=args.lr, tau=args.tau, weight_decay=args.weight_decay
+            model, integrator=integrator, optimizer=optimizer, lr=lr, tau=args.tau, weight_decay=args.weight_decay
         )
         return model, opt
     if method == "factorized":
@@ -191,7 +193,29 @@ def build(method: str, pristine: nn.Module, args: argparse.Namespace, fixed_rank
     model.to(device)
     if method in BASELINES:
         return model, projection_baseline(method, model, args)
-    return model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return model, torch.optim.AdamW(model.parameters(), lr=method_lr(method, args), weight_decay=args.weight_decay)
+
+
+def method_lr(method: str, args: argparse.Namespace) -> float:
+    """``method``'s peak learning rate: its ``--method-lr``, else ``--lr``."""
+    return args.method_lrs.get(method, args.lr)
+
+
+def parse_method_lrs(items: list[str]) -> dict[str, float]:
+    """``--method-lr METHOD=LR ...`` as a dict; a bad item is an error naming it."""
+    out = {}
+    for item in items:
+        method, sep, value = item.partition("=")
+        if not sep or method not in METHODS:
+            raise SystemExit(f"--method-lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(METHODS)}")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if not (math.isfinite(lr) and lr > 0):
+            raise SystemExit(f"--method-lr {item!r}: the learning rate must be a positive number")
+        out[method] = lr
+    return out
 
 
 def autocast_forward(device: torch.device, bf16: bool):
@@ -248,6 +272,7 @@ def train_one(method, pristine, data, args, device, seed, fixed_rank) -> tuple[d
     record = {
         "method": method,
         "seed": seed,
+        "lr": method_lr(method, args),
         "status": out.status,
         "message": out.message,
         "curve": curve,
@@ -319,7 +344,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 def table(records: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'method':<22} {'seed':>4} {'val ppl':>8} {'×dense':>7} {'proj params':>12} {'×dense':>7} "
+        f"{'method':<22} {'seed':>4} {'lr':>7} {'val ppl':>8} {'×dense':>7} {'proj params':>12} {'×dense':>7} "
         f"{'opt state':>10} {'×dense':>7} {'peak MB':>8} {'×dense':>7} {'s/step':>7} {'×dense':>7} {'steps→dense':>11}"
     ]
     for r in records:
@@ -332,7 +357,8 @@ def table(records: list[dict[str, Any]]) -> str:
             return f"{q[key]:.3f}" if q.get(key) is not None else "-"
 
         lines.append(
-            f"{r['method']:<22} {r['seed']:>4} {r['val_ppl']:>8.3f} {x('val_ppl'):>7} {r['projection_params']:>12,d} "
+            f"{r['method']:<22} {r['seed']:>4} {r.get('lr', float('nan')):>7.0e} {r['val_ppl']:>8.3f} "
+            f"{x('val_ppl'):>7} {r['projection_params']:>12,d} "
             f"{x('projection_params'):>7} {r['optimizer_state_bytes'] / 1e6:>9.2f}M {x('optimizer_state_bytes'):>7} "
             f"{r['peak_bytes'] / 1e6:>8.1f} {x('peak_bytes'):>7} {r['s_per_step']:>7.3f} {x('s_per_step'):>7} "
             f"{r.get('steps_to_dense_final_loss') or '-'!s:>11}"
@@ -379,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--method-lr", nargs="+", default=[], metavar="METHOD=LR", help="a method's own peak learning rate (else --lr)"
+    )
     p.add_argument("--warmup", type=float, default=0.05, help="share of the steps with a linear warm-up")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--rank", type=int, default=8, help="DLRT's start rank")
@@ -397,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pretraining.json"))
     p.add_argument("--summarize", type=Path, default=None, help="print the table of a results file and stop")
     args = p.parse_args(argv)
+    args.method_lrs = parse_method_lrs(args.method_lr)
     if args.summarize is not None:
         print(table(json.loads(args.summarize.read_text())["records"]))
         return 0

@@ -59,3 +59,37 @@ def test_benchmark_runs_every_method_and_reports_ratios_to_dense(tmp_path, bf16)
             assert records[name]["projection_rank"] == max(1, round(sum(ranks) / len(ranks)))
     assert out.with_suffix(".png").is_file()
     assert "dlrt-bug-adam" in bench.table(json.loads(out.read_text())["records"])
+
+
+def test_method_lr_sets_one_methods_learning_rate_and_refuses_bad_items():
+    import argparse
+
+    import torch
+
+    from dlrt.models import get_model
+
+    bench = _benchmark()
+    args = argparse.Namespace(
+        lr=3e-3,
+        method_lrs=bench.parse_method_lrs(["dlrt-bug-geo-adam=0.03"]),
+        rank=2,
+        max_rank=None,
+        tau=0.1,
+        weight_decay=0.0,
+    )
+    pristine = get_model("gpt-tiny", n_layers=1, d_model=32, n_heads=2, context=16)
+    _, opt = bench.build("dlrt-bug-geo-adam", pristine, args, None, torch.device("cpu"))
+    assert {g["lr"] for g in opt.param_groups} == {0.03}
+    _, opt = bench.build("dense", pristine, args, None, torch.device("cpu"))  # no --method-lr: --lr
+    assert {g["lr"] for g in opt.param_groups} == {3e-3}
+    for bad, says in (
+        (["dense"], "METHOD=LR"),
+        (["sgd=0.1"], "METHOD=LR"),
+        (["dense=nan"], "positive"),
+        (
+            ["dense=x"],
+            "positive",
+        ),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            bench.parse_method_lrs(bad)
