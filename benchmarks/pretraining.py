@@ -41,6 +41,7 @@ import functools
 import itertools
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -328,18 +329,72 @@ RATIO_KEYS = ("val_ppl", "params_stored", "projection_params", "optimizer_state_
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Every record's figures over dense's of the same seed (same run)."""
+    """Every record's figures over dense's of the same seed.
+
+    Records merged from several files (``--merge``) carry the file's index as ``run``;
+    seconds per step compare only within one run (the same load), so against a dense
+    record of another run that ratio is ``None``.
+    """
     dense = {r["seed"]: r for r in records if r["method"] == "dense" and r["status"] == "completed"}
     for r in records:
         base = dense.get(r["seed"])
         if base is None or r["status"] != "completed":
             continue
+        same_run = r.get("run") == base.get("run")
         r["ratio_to_dense"] = {
-            k: (r[k] / base[k] if r.get(k) is not None and base.get(k) else None) for k in RATIO_KEYS
+            k: (r[k] / base[k] if r.get(k) is not None and base.get(k) and (same_run or k != "s_per_step") else None)
+            for k in RATIO_KEYS
         }
         # steps to reach dense's final validation loss (None: never within the run)
         target = base["val_loss"]
         r["steps_to_dense_final_loss"] = next((c["step"] for c in r["curve"] if c["val_loss"] <= target), None)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as JSON at ``path``, through a temporary file and a rename (a file there is replaced whole or kept)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+def merge(paths: list[Path], out: Path) -> dict[str, Any]:
+    """One results file of the records of ``paths`` (e.g. one run per seed), ratios recomputed across them.
+
+    A (method, learning rate, seed) in two files is an error: the merge would have to pick one.
+    """
+    records, sources = [], []
+    for i, path in enumerate(paths):
+        data = json.loads(path.read_text())
+        if data.get("benchmark") != "pretraining":
+            raise SystemExit(f"--merge: {path} is not a results file of benchmarks/pretraining.py")
+        sources.append({"file": str(path), **{k: data.get(k) for k in ("environment", "load_before", "load_after")}})
+        for r in data["records"]:
+            records.append({**r, "run": i})
+    seen: dict[tuple, str] = {}
+    for r in records:
+        key = (r["method"], r.get("lr"), r["seed"])
+        if key in seen:
+            raise SystemExit(f"--merge: {r['method']} (lr {r.get('lr')}, seed {r['seed']}) is in two of the files")
+        seen[key] = r["method"]
+    add_ratios(records)
+    env = sources[0]["environment"] or {}
+    return {
+        "benchmark": "pretraining",
+        "environment": {
+            **env,
+            "command": shlex.join(
+                ["python", "benchmarks/pretraining.py", "--merge", *map(str, paths), "--out", str(out)]
+            ),
+            "extra_commands": [s["environment"]["command"] for s in sources if s.get("environment")],
+        },
+        "load_before": max((s["load_before"] for s in sources if s.get("load_before")), key=lambda x: x[0]),
+        "load_after": max((s["load_after"] for s in sources if s.get("load_after")), key=lambda x: x[0]),
+        "device": json.loads(paths[0].read_text()).get("device"),
+        "merged_from": sources,
+        "records": records,
+    }
 
 
 def table(records: list[dict[str, Any]]) -> str:
@@ -373,14 +428,18 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    lrs: dict[str, set] = {}
+    for r in records:
+        lrs.setdefault(r["method"], set()).add(r.get("lr"))
     for r in records:
         if r["status"] != "completed" or not r["curve"] or r["seed"] != records[0]["seed"]:
             continue
         steps = [c["step"] for c in r["curve"]]
         ppl = [c["val_ppl"] for c in r["curve"]]
         style = "-" if r["method"].startswith("dlrt") else "--"
-        axes[0].plot(steps, ppl, style, label=r["method"])
-        axes[1].plot([s * r["s_per_step"] for s in steps], ppl, style, label=r["method"])
+        label = r["method"] + (f" lr {r['lr']:g}" if len(lrs[r["method"]]) > 1 else "")
+        axes[0].plot(steps, ppl, style, label=label)
+        axes[1].plot([s * r["s_per_step"] for s in steps], ppl, style, label=label)
     axes[0].set_xlabel("step")
     axes[1].set_xlabel("seconds (steps × median s/step, timed round-robin)")
     for ax in axes:
@@ -425,10 +484,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="use only the first N training windows (smoke runs)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/pretraining.json"))
     p.add_argument("--summarize", type=Path, default=None, help="print the table of a results file and stop")
+    p.add_argument(
+        "--merge", type=Path, nargs="+", default=None, metavar="FILE", help="combine results files (e.g. one per seed)"
+    )
     args = p.parse_args(argv)
     args.method_lrs = parse_method_lrs(args.method_lr)
     if args.summarize is not None:
         print(table(json.loads(args.summarize.read_text())["records"]))
+        return 0
+    if args.merge:
+        merged = merge(args.merge, args.out)
+        print(table(merged["records"]))
+        write_json(args.out, merged)
+        with contextlib.suppress(ImportError):
+            plot(merged["records"], args.out.with_suffix(".png"))
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -487,9 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "records": records,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, record)
     with contextlib.suppress(ImportError):
         plot(records, args.out.with_suffix(".png"))
         print(f"wrote {args.out.with_suffix('.png')}")

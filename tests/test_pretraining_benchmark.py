@@ -93,3 +93,58 @@ def test_method_lr_sets_one_methods_learning_rate_and_refuses_bad_items():
     ):
         with pytest.raises(SystemExit, match=says):
             bench.parse_method_lrs(bad)
+
+
+def _record(method, seed, lr, val_loss, s_per_step, curve):
+    import math
+
+    return {
+        "method": method, "seed": seed, "lr": lr, "status": "completed", "message": "",
+        "curve": [{"step": s, "seconds": s * s_per_step, "val_loss": v, "val_ppl": math.exp(v)} for s, v in curve],
+        "val_loss": val_loss, "val_ppl": math.exp(val_loss), "train_seconds": 1.0, "params_stored": 10,
+        "params_dense": 20, "projection_params": 10 if method != "dense" else 20, "optimizer_state_bytes": 100,
+        "ranks": {}, "fixed_rank": None, "projection_rank": None, "s_per_step": s_per_step, "peak_bytes": 1000,
+    }  # fmt: skip
+
+
+def test_merge_recomputes_ratios_across_files_and_refuses_a_run_given_twice(tmp_path):
+    bench = _benchmark()
+    env = {"command": "python benchmarks/pretraining.py --seeds 0"}
+    first = tmp_path / "s0.json"
+    first.write_text(
+        json.dumps(
+            {
+                "benchmark": "pretraining", "environment": env, "load_before": [1.0, 1, 1], "load_after": [2.0, 1, 1],
+                "device": "cpu",
+                "records": [
+                    _record("dense", 0, 3e-3, 2.0, 0.5, [(50, 2.5), (100, 2.0)]),
+                    _record("dlrt-parallel-adam", 0, 3e-3, 1.8, 0.25, [(50, 2.0), (100, 1.8)]),
+                ],
+            }
+        )
+    )  # fmt: skip
+    second = tmp_path / "geo.json"
+    second.write_text(
+        json.dumps(
+            {
+                "benchmark": "pretraining", "environment": {"command": "python benchmarks/pretraining.py --lr 0.03"},
+                "load_before": [3.0, 1, 1], "load_after": [1.0, 1, 1], "device": "cpu",
+                "records": [_record("dlrt-parallel-geo-adam", 0, 3e-2, 2.2, 0.2, [(50, 2.4), (100, 2.2)])],
+            }
+        )
+    )  # fmt: skip
+    out = tmp_path / "merged.json"
+    assert bench.main(["--merge", str(first), str(second), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    by = {r["method"]: r for r in merged["records"]}
+    # the same file: every ratio, and the step at which dense's final loss (2.0) is reached
+    assert by["dlrt-parallel-adam"]["ratio_to_dense"]["s_per_step"] == 0.5
+    assert by["dlrt-parallel-adam"]["steps_to_dense_final_loss"] == 50
+    # another file: no seconds ratio (another load), the others still; dense's loss is never reached
+    geo = by["dlrt-parallel-geo-adam"]
+    assert geo["ratio_to_dense"]["s_per_step"] is None and geo["ratio_to_dense"]["projection_params"] == 0.5
+    assert geo["steps_to_dense_final_loss"] is None
+    assert merged["load_before"] == [3.0, 1, 1] and len(merged["environment"]["extra_commands"]) == 2
+    with pytest.raises(SystemExit, match="in two of the files"):
+        bench.main(["--merge", str(first), str(first), "--out", str(tmp_path / "again.json")])
+    assert not (tmp_path / "again.json").exists()
