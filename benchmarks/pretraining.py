@@ -274,6 +274,7 @@ def train_one(method, pristine, data, args, device, seed, fixed_rank) -> tuple[d
         "method": method,
         "seed": seed,
         "lr": method_lr(method, args),
+        "tau": args.tau if method.startswith("dlrt-") else None,
         "status": out.status,
         "message": out.message,
         "curve": curve,
@@ -374,9 +375,11 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
             records.append({**r, "run": i})
     seen: dict[tuple, str] = {}
     for r in records:
-        key = (r["method"], r.get("lr"), r["seed"])
+        key = (r["method"], r.get("lr"), r.get("tau"), r["seed"])
         if key in seen:
-            raise SystemExit(f"--merge: {r['method']} (lr {r.get('lr')}, seed {r['seed']}) is in two of the files")
+            raise SystemExit(
+                f"--merge: {r['method']} (lr {r.get('lr')}, tau {r.get('tau')}, seed {r['seed']}) is in two files"
+            )
         seen[key] = r["method"]
     add_ratios(records)
     env = sources[0]["environment"] or {}
@@ -421,6 +424,11 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def setting_label(r: dict[str, Any]) -> str:
+    """`` lr 0.03`` / `` lr 0.003 τ 0.05``: a record's learning rate, and its tolerance for a DLRT method."""
+    return (f" lr {r['lr']:g}" if r.get("lr") else "") + (f" τ {r['tau']:g}" if r.get("tau") else "")
+
+
 def plot(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -428,16 +436,16 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    lrs: dict[str, set] = {}
+    settings: dict[str, set] = {}  # a method run at several learning rates or tolerances is labelled with them
     for r in records:
-        lrs.setdefault(r["method"], set()).add(r.get("lr"))
+        settings.setdefault(r["method"], set()).add((r.get("lr"), r.get("tau")))
     for r in records:
         if r["status"] != "completed" or not r["curve"] or r["seed"] != records[0]["seed"]:
             continue
         steps = [c["step"] for c in r["curve"]]
         ppl = [c["val_ppl"] for c in r["curve"]]
         style = "-" if r["method"].startswith("dlrt") else "--"
-        label = r["method"] + (f" lr {r['lr']:g}" if len(lrs[r["method"]]) > 1 else "")
+        label = r["method"] + (setting_label(r) if len(settings[r["method"]]) > 1 else "")
         axes[0].plot(steps, ppl, style, label=label)
         axes[1].plot([s * r["s_per_step"] for s in steps], ppl, style, label=label)
     axes[0].set_xlabel("step")

@@ -145,6 +145,6 @@ def test_merge_recomputes_ratios_across_files_and_refuses_a_run_given_twice(tmp_
     assert geo["ratio_to_dense"]["s_per_step"] is None and geo["ratio_to_dense"]["projection_params"] == 0.5
     assert geo["steps_to_dense_final_loss"] is None
     assert merged["load_before"] == [3.0, 1, 1] and len(merged["environment"]["extra_commands"]) == 2
-    with pytest.raises(SystemExit, match="in two of the files"):
+    with pytest.raises(SystemExit, match="is in two files"):
         bench.main(["--merge", str(first), str(first), "--out", str(tmp_path / "again.json")])
     assert not (tmp_path / "again.json").exists()
