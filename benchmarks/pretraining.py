@@ -371,8 +371,12 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
         if data.get("benchmark") != "pretraining":
             raise SystemExit(f"--merge: {path} is not a results file of benchmarks/pretraining.py")
         sources.append({"file": str(path), **{k: data.get(k) for k in ("environment", "load_before", "load_after")}})
+        run_args = (data.get("environment") or {}).get("args") or {}
         for r in data["records"]:
-            records.append({**r, "run": i})
+            # a file written before records kept their lr and tau: the run's own arguments
+            lr = r.get("lr", (run_args.get("method_lrs") or {}).get(r["method"], run_args.get("lr")))
+            tau = r.get("tau", run_args.get("tau") if r["method"].startswith("dlrt-") else None)
+            records.append({**r, "lr": lr, "tau": tau, "run": i})
     seen: dict[tuple, str] = {}
     for r in records:
         key = (r["method"], r.get("lr"), r.get("tau"), r["seed"])
