@@ -11,10 +11,37 @@ def eye(k):
 
 
 def _no_householder(monkeypatch):
+    """The matrix-product paths only: Householder QR refused, also for the narrow CPU blocks it takes by default."""
+
     def refuse(A):
         raise AssertionError("Householder QR ran where matrix products suffice")
 
+    monkeypatch.setattr(linalg, "HOUSEHOLDER_MAX_COLUMNS", 0)
     monkeypatch.setattr(linalg, "_qr", refuse)
+
+
+@pytest.mark.parametrize("r0, k", [(8, 8), (12, 12)])
+def test_narrow_cpu_blocks_take_householder_qr_and_wide_ones_cholesky_qr_with_the_same_result(monkeypatch, r0, k):
+    U0 = linalg.orth(torch.randn(200, r0, dtype=DT))
+    X = torch.randn(200, k, dtype=DT)
+    A = torch.randn(200, r0 + k, dtype=DT)
+    used = []
+    for name in ("_qr", "_cholesky_pass"):
+        real = getattr(linalg, name)
+        monkeypatch.setattr(linalg, name, lambda *a, real=real, name=name, **kw: used.append(name) or real(*a, **kw))
+    narrow = r0 + k <= linalg.HOUSEHOLDER_MAX_COLUMNS
+    U_hat, R = linalg.augment_basis_qr(U0, X)
+    Q, RA = linalg.qr(A)
+    assert set(used) == ({"_qr"} if narrow else {"_cholesky_pass"})
+    # the other path gives the same factors to round-off
+    monkeypatch.setattr(linalg, "HOUSEHOLDER_MAX_COLUMNS", 0 if narrow else 1000)
+    used.clear()
+    U_other, R_other = linalg.augment_basis_qr(U0, X)
+    Q_other, RA_other = linalg.qr(A)
+    assert set(used) == ({"_cholesky_pass"} if narrow else {"_qr"})
+    for mine, other in ((U_hat, U_other), (R, R_other), (Q, Q_other), (RA, RA_other)):
+        torch.testing.assert_close(mine, other, atol=1e-12, rtol=0)
+    torch.testing.assert_close(U_hat[:, :r0], U0, atol=1e-12, rtol=0)
 
 
 def test_orth_is_orthonormal_with_nonnegative_diagonal():

@@ -137,7 +137,8 @@ def orth(A: Tensor) -> Tensor:
     deterministic across runs and processes (docs/algorithms.md §0). A
     well-conditioned ``A`` takes two Cholesky-QR passes (matrix products, no
     Householder reflections; :func:`_cholesky_qr2`), anything else (rank
-    deficient, ill-conditioned, wide, non-finite) Householder QR: both give the
+    deficient, ill-conditioned, wide, non-finite, or on the CPU at most
+    :data:`HOUSEHOLDER_MAX_COLUMNS` columns) Householder QR: both give the
     same ``Q`` up to round-off where both apply.
 
     Args:
@@ -156,9 +157,22 @@ def qr(A: Tensor) -> tuple[Tensor, Tensor]:
     """
     _counted("qr")
     work = A.to(_qr_dtype(A.dtype))
-    fast = _cholesky_qr2(work) if 0 < work.shape[1] <= work.shape[0] else None
+    n, k = work.shape
+    fast = _cholesky_qr2(work) if 0 < k <= n and not _householder_preferred(work, k) else None
     Q, R = fast if fast is not None else _qr(work)
     return Q.to(A.dtype), R.to(A.dtype)
+
+
+#: Columns up to which a QR on the CPU is LAPACK's Householder QR rather than Cholesky QR. For blocks this
+#: narrow the reflections cost less than the Cholesky passes' dozen small products, factorizations and
+#: checks (about 2–3.5× less at 8 to 16 columns for 256 to 4096 rows, one thread); from about 32 columns
+#: on, Cholesky QR is as fast or faster (docs/performance.md). On a GPU every block takes Cholesky QR.
+HOUSEHOLDER_MAX_COLUMNS = 16
+
+
+def _householder_preferred(A: Tensor, columns: int) -> bool:
+    """Whether a QR of ``columns`` columns on ``A``'s device is Householder QR (:data:`HOUSEHOLDER_MAX_COLUMNS`)."""
+    return A.device.type == "cpu" and columns <= HOUSEHOLDER_MAX_COLUMNS
 
 
 #: Largest ``‖YᵀY − I‖_F`` a second Cholesky-QR pass accepts: below it ``κ(Y)² ≤ 3``, so the
@@ -290,7 +304,8 @@ def augment_basis_qr(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple
     outside ``range(U0)`` is rank-deficient, QR of the projected matrix returns
     columns that are not orthogonal to ``U0`` (docs/algorithms.md §0).
 
-    Where ``r0 + k ≤ n`` (every layer but the smallest), :func:`_augment_fast`
+    Where ``r0 + k ≤ n`` (every layer but the smallest) and the block is wider
+    than :data:`HOUSEHOLDER_MAX_COLUMNS` or not on the CPU, :func:`_augment_fast`
     orthogonalizes only the ``k`` new directions, in a handful of matrix
     products: by Cholesky QR when they are well conditioned, else from the
     singular vectors of the complement above the rank tolerance. Otherwise (and
@@ -328,7 +343,7 @@ def augment_basis_qr(U0: Tensor, X: Tensor, max_new: int | None = None) -> tuple
     work = U0.to(_qr_dtype(dt))
     Xw = X.to(work.dtype)
     tol = max(n, r0 + k) * torch.finfo(work.dtype).eps * torch.linalg.vector_norm(Xw)
-    if 0 < k and r0 + k <= n:
+    if 0 < k and r0 + k <= n and not _householder_preferred(work, r0 + k):
         fast = _augment_fast(work, Xw, tol, max_new)
         if fast is not None:
             return fast[0].to(dt), fast[1].to(dt)
