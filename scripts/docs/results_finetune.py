@@ -168,6 +168,11 @@ FT_INITS = (
         [f"finetune_all_seed{s}_param_budget.json" for s in range(3)],
     ),
     ("Rotten Tomatoes, all linear", "random", [f"finetune_all_seed{s}_init_random.json" for s in range(3)]),
+    (
+        "Rotten Tomatoes, all linear",
+        "random + 10 % warm-up",
+        [f"finetune_all_seed{s}_init_random_warmup.json" for s in range(3)],
+    ),
     ("Convention party, all linear", "gradient (default)", ["finetune_convention_all_seed0_param_budget.json"]),
     ("Convention party, all linear", "random", ["finetune_convention_all_seed0_init_random.json"]),
     ("Fashion-MNIST CNN", "gradient (default)", [f"finetune_fashion_seed{s}_param_budget.json" for s in range(3)]),
