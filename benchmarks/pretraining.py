@@ -186,7 +186,13 @@ def build(method: str, pristine: nn.Module, args: argparse.Namespace, fixed_rank
         model.to(device)
         lr = method_lr(method, args)
         opt = dlrt.DLRTOptimizer(
-            model, integrator=integrator, optimizer=optimizer, lr=lr, tau=args.tau, weight_decay=args.weight_decay
+            model,
+            integrator=integrator,
+            optimizer=optimizer,
+            lr=lr,
+            tau=args.tau,
+            tau_mode=args.tau_mode,
+            weight_decay=args.weight_decay,
         )
         return model, opt
     if method == "factorized":
@@ -275,6 +281,7 @@ def train_one(method, pristine, data, args, device, seed, fixed_rank) -> tuple[d
         "seed": seed,
         "lr": method_lr(method, args),
         "tau": args.tau if method.startswith("dlrt-") else None,
+        "tau_mode": args.tau_mode if method.startswith("dlrt-") else None,
         "status": out.status,
         "message": out.message,
         "curve": curve,
@@ -375,11 +382,13 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
         for r in data["records"]:
             # a file written before records kept their lr and tau: the run's own arguments
             lr = r.get("lr", (run_args.get("method_lrs") or {}).get(r["method"], run_args.get("lr")))
-            tau = r.get("tau", run_args.get("tau") if r["method"].startswith("dlrt-") else None)
-            records.append({**r, "lr": lr, "tau": tau, "run": i})
+            low_rank = r["method"].startswith("dlrt-")
+            tau = r.get("tau", run_args.get("tau") if low_rank else None)
+            mode = r.get("tau_mode", run_args.get("tau_mode", "gradient") if low_rank else None)
+            records.append({**r, "lr": lr, "tau": tau, "tau_mode": mode, "run": i})
     seen: dict[tuple, str] = {}
     for r in records:
-        key = (r["method"], r.get("lr"), r.get("tau"), r["seed"])
+        key = (r["method"], r.get("lr"), r.get("tau"), r.get("tau_mode"), r["seed"])
         if key in seen:
             raise SystemExit(
                 f"--merge: {r['method']} (lr {r.get('lr')}, tau {r.get('tau')}, seed {r['seed']}) is in two files"
@@ -429,8 +438,10 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def setting_label(r: dict[str, Any]) -> str:
-    """`` lr 0.03`` / `` lr 0.003 τ 0.05``: a record's learning rate, and its tolerance for a DLRT method."""
-    return (f" lr {r['lr']:g}" if r.get("lr") else "") + (f" τ {r['tau']:g}" if r.get("tau") else "")
+    """`` lr 0.03`` / `` lr 0.003 τ 0.05 relative``: a record's learning rate, and a DLRT method's tolerance
+    and rank rule (when not the gradient rule)."""
+    mode = f" {r['tau_mode']}" if r.get("tau_mode") not in (None, "gradient") else ""
+    return (f" lr {r['lr']:g}" if r.get("lr") else "") + (f" τ {r['tau']:g}" if r.get("tau") else "") + mode
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
@@ -442,7 +453,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     settings: dict[str, set] = {}  # a method run at several learning rates or tolerances is labelled with them
     for r in records:
-        settings.setdefault(r["method"], set()).add((r.get("lr"), r.get("tau")))
+        settings.setdefault(r["method"], set()).add((r.get("lr"), r.get("tau"), r.get("tau_mode")))
     for r in records:
         if r["status"] != "completed" or not r["curve"] or r["seed"] != records[0]["seed"]:
             continue
@@ -484,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8, help="DLRT's start rank")
     p.add_argument("--max-rank", type=int, default=None, help="DLRT's largest rank per layer")
     p.add_argument("--tau", type=float, default=0.11, help="DLRT's truncation tolerance (gradient rule)")
+    p.add_argument(
+        "--tau-mode",
+        default="gradient",
+        choices=("gradient", "relative"),
+        help="DLRT's rank rule: gradient (ranks grow and shrink) or relative (ranks only fall from --rank)",
+    )
     p.add_argument("--fixed-rank", default="match", help="the factorized model's rank, or 'match' (see above)")
     p.add_argument("--projection-rank", default="match", help="GaLore / Fira / APOLLO rank, or 'match' (see above)")
     p.add_argument("--update-proj-gap", type=int, default=200, help="GaLore / Fira / APOLLO projection refresh")

@@ -61,7 +61,7 @@ def test_benchmark_runs_every_method_and_reports_ratios_to_dense(tmp_path, bf16)
     assert "dlrt-bug-adam" in bench.table(json.loads(out.read_text())["records"])
 
 
-def test_method_lr_sets_one_methods_learning_rate_and_refuses_bad_items():
+def test_method_lr_and_tau_mode_reach_the_optimizer_and_a_bad_method_lr_is_refused():
     import argparse
 
     import torch
@@ -75,11 +75,13 @@ def test_method_lr_sets_one_methods_learning_rate_and_refuses_bad_items():
         rank=2,
         max_rank=None,
         tau=0.1,
+        tau_mode="relative",
         weight_decay=0.0,
     )
     pristine = get_model("gpt-tiny", n_layers=1, d_model=32, n_heads=2, context=16)
     _, opt = bench.build("dlrt-bug-geo-adam", pristine, args, None, torch.device("cpu"))
     assert {g["lr"] for g in opt.param_groups} == {0.03}
+    assert opt.lowrank_group["tau_mode"] == "relative"  # --tau-mode reaches the optimizer
     _, opt = bench.build("dense", pristine, args, None, torch.device("cpu"))  # no --method-lr: --lr
     assert {g["lr"] for g in opt.param_groups} == {3e-3}
     for bad, says in (
