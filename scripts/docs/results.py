@@ -44,7 +44,7 @@ from results_finetune import (
     finetune_sweep,
     finetune_timing,
 )
-from results_inference import inference, pretraining
+from results_inference import inference, pretraining, pretraining_seeds
 from results_training import (
     checkpoint_overhead,
     closure,
@@ -204,6 +204,7 @@ def caption(table: Table, paths: list[Path]) -> str:
 
 TABLES: dict[str, Table] = {
     "pretraining": Table(("pretraining.json",), pretraining, machine=PROJECT_MACHINE),
+    "pretraining-seeds": Table(("pretraining_1000.json",), pretraining_seeds, machine=PROJECT_MACHINE),
     "lenet-step-time": Table(("lenet_step_time.json",), lenet_step_time, machine=PROJECT_MACHINE),
     "step-time": Table(("step_time.json",), step_time, machine=PROJECT_MACHINE),
     "checkpoint-overhead": Table(("checkpoint_overhead.json",), checkpoint_overhead, machine=PROJECT_MACHINE),

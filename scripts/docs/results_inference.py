@@ -3,10 +3,11 @@ pre-training (``docs/language-models.md``) (``TABLES`` in ``results.py``)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
-from results_common import int_text, pct_text, read_json
+from results_common import int_text, lr_text, pct_text, read_json
 
 
 def inference(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
@@ -74,6 +75,49 @@ def pretraining(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
                 cell(r, "peak_bytes", f"{r['peak_bytes'] / 1e6:.1f} MB"),
                 cell(r, "s_per_step", f"{r['s_per_step']:.3f}"),
                 str(r.get("steps_to_dense_final_loss") or "not reached"),
+            ]
+        )
+    return header, rows
+
+
+def pretraining_seeds(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """benchmarks/pretraining.py over several seeds: per method and setting, the mean over seeds and the ratios
+    to dense of the same seed (seconds only where timed in the same run)."""
+    header = ["method", "lr", "τ", "seeds", "val. ppl (mean ± sd)", "× dense", "projection weights", "optimizer state"]
+    header += ["peak memory", "s/step", "steps to dense's final loss"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in read_json(paths[0])["records"]:
+        if r["status"] == "completed":
+            groups.setdefault((r["method"], r.get("lr"), r.get("tau")), []).append(r)
+
+    def ratio(rs: list[dict[str, Any]], key: str) -> str:
+        values = [(r.get("ratio_to_dense") or {}).get(key) for r in rs]
+        values = [v for v in values if v is not None]
+        return f"×{statistics.fmean(values):.2f}" if values else "–"
+
+    rows = []
+    for (method, lr, tau), rs in groups.items():
+        ppl = [r["val_ppl"] for r in rs]
+        spread = f" ± {statistics.stdev(ppl):.2f}" if len(ppl) > 1 else ""
+        dense = method == "dense"
+        reached = [r.get("steps_to_dense_final_loss") for r in sorted(rs, key=lambda r: r["seed"])]
+        rows.append(
+            [
+                method,
+                "–" if lr is None else lr_text(lr),
+                "–" if tau is None else f"{tau:g}",
+                " ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
+                f"{statistics.fmean(ppl):.2f}{spread}",
+                "1" if dense else ratio(rs, "val_ppl"),
+                int_text(statistics.fmean(r["projection_params"] for r in rs))
+                + ("" if dense else f" ({ratio(rs, 'projection_params')})"),
+                f"{statistics.fmean(r['optimizer_state_bytes'] for r in rs) / 1e6:.2f} MB"
+                + ("" if dense else f" ({ratio(rs, 'optimizer_state_bytes')})"),
+                f"{statistics.fmean(r['peak_bytes'] for r in rs) / 1e6:.1f} MB"
+                + ("" if dense else f" ({ratio(rs, 'peak_bytes')})"),
+                f"{statistics.fmean(r['s_per_step'] for r in rs):.3f}"
+                + ("" if dense else f" ({ratio(rs, 's_per_step')})"),
+                " / ".join(str(s) if s else "not reached" for s in reached),
             ]
         )
     return header, rows
