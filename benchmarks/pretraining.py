@@ -336,14 +336,31 @@ def timing_and_memory(setups: dict[str, Any], args: argparse.Namespace, device: 
 RATIO_KEYS = ("val_ppl", "params_stored", "projection_params", "optimizer_state_bytes", "peak_bytes", "s_per_step")
 
 
+def reference_lr(records: list[dict[str, Any]]) -> float | None:
+    """The learning rate of the dense runs that the ratios refer to, when dense ran at several: the one
+    with runs for the most seeds, and of those the lowest mean final validation loss."""
+    by_lr: dict[Any, list[float]] = {}
+    for r in records:
+        if r["method"] == "dense" and r["status"] == "completed":
+            by_lr.setdefault(r.get("lr"), []).append(r["val_loss"])
+    if not by_lr:
+        return None
+    return min(by_lr, key=lambda lr: (-len(by_lr[lr]), statistics.fmean(by_lr[lr])))
+
+
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Every record's figures over dense's of the same seed.
+    """Every record's figures over dense's of the same seed (at :func:`reference_lr`; marked ``reference``).
 
     Records merged from several files (``--merge``) carry the file's index as ``run``;
     seconds per step compare only within one run (the same load), so against a dense
     record of another run that ratio is ``None``.
     """
-    dense = {r["seed"]: r for r in records if r["method"] == "dense" and r["status"] == "completed"}
+    lr = reference_lr(records)
+    dense = {}
+    for r in records:
+        if r["method"] == "dense" and r["status"] == "completed" and r.get("lr") == lr:
+            dense[r["seed"]] = r
+            r["reference"] = True
     for r in records:
         base = dense.get(r["seed"])
         if base is None or r["status"] != "completed":

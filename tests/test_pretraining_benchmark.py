@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -131,14 +132,17 @@ def test_merge_recomputes_ratios_across_files_and_refuses_a_run_given_twice(tmp_
             {
                 "benchmark": "pretraining", "environment": {"command": "python benchmarks/pretraining.py --lr 0.03"},
                 "load_before": [3.0, 1, 1], "load_after": [1.0, 1, 1], "device": "cpu",
-                "records": [_record("dlrt-parallel-geo-adam", 0, 3e-2, 2.2, 0.2, [(50, 2.4), (100, 2.2)])],
+                "records": [
+                    _record("dlrt-parallel-geo-adam", 0, 3e-2, 2.2, 0.2, [(50, 2.4), (100, 2.2)]),
+                    _record("dense", 1, 3e-3, 2.1, 0.5, [(50, 2.5), (100, 2.1)]),
+                ],
             }
         )
     )  # fmt: skip
     out = tmp_path / "merged.json"
     assert bench.main(["--merge", str(first), str(second), "--out", str(out)]) == 0
     merged = json.loads(out.read_text())
-    by = {r["method"]: r for r in merged["records"]}
+    by = {r["method"]: r for r in merged["records"] if r["seed"] == 0}
     # the same file: every ratio, and the step at which dense's final loss (2.0) is reached
     assert by["dlrt-parallel-adam"]["ratio_to_dense"]["s_per_step"] == 0.5
     assert by["dlrt-parallel-adam"]["steps_to_dense_final_loss"] == 50
@@ -146,7 +150,27 @@ def test_merge_recomputes_ratios_across_files_and_refuses_a_run_given_twice(tmp_
     geo = by["dlrt-parallel-geo-adam"]
     assert geo["ratio_to_dense"]["s_per_step"] is None and geo["ratio_to_dense"]["projection_params"] == 0.5
     assert geo["steps_to_dense_final_loss"] is None
+    assert by["dense"].get("reference")
     assert merged["load_before"] == [3.0, 1, 1] and len(merged["environment"]["extra_commands"]) == 2
     with pytest.raises(SystemExit, match="is in two files"):
         bench.main(["--merge", str(first), str(first), "--out", str(tmp_path / "again.json")])
     assert not (tmp_path / "again.json").exists()
+
+
+def test_the_ratios_refer_to_the_dense_learning_rate_run_for_most_seeds_then_with_the_lowest_loss():
+    bench = _benchmark()
+    curve = [(50, 2.2), (100, 1.95)]
+    records = [
+        _record("dense", 0, 3e-3, 1.9, 0.5, [(100, 1.9)]),  # the lowest loss, but one seed only
+        _record("dense", 0, 1e-3, 2.0, 0.5, [(100, 2.0)]),
+        _record("dense", 1, 1e-3, 2.0, 0.5, [(100, 2.0)]),
+        _record("dlrt-parallel-adam", 0, 3e-3, 1.95, 0.25, curve),
+    ]
+    assert bench.reference_lr(records) == 1e-3
+    bench.add_ratios(records)
+    assert [bool(r.get("reference")) for r in records] == [False, True, True, False]
+    adam = records[3]
+    assert adam["ratio_to_dense"]["val_ppl"] == pytest.approx(math.exp(1.95 - 2.0))
+    assert adam["steps_to_dense_final_loss"] == 100
+    records.append(_record("dense", 1, 3e-3, 1.8, 0.5, [(100, 1.8)]))  # now both cover two seeds: the lower wins
+    assert bench.reference_lr(records) == 3e-3

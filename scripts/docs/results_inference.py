@@ -96,14 +96,16 @@ def pretraining_seeds(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         return f"×{statistics.fmean(values):.2f}" if values else "–"
 
     rows = []
-    for (method, lr, tau), rs in groups.items():
+    order = sorted(groups, key=lambda k: (k[0] != "dense", k[0], k[1] or 0, k[2] or 0))  # dense first
+    for method, lr, tau in order:
+        rs = groups[(method, lr, tau)]
         ppl = [r["val_ppl"] for r in rs]
         spread = f" ± {statistics.stdev(ppl):.2f}" if len(ppl) > 1 else ""
-        dense = method == "dense"
+        dense = all(r.get("reference") for r in rs)  # the dense runs the ratios refer to
         reached = [r.get("steps_to_dense_final_loss") for r in sorted(rs, key=lambda r: r["seed"])]
         rows.append(
             [
-                method,
+                f"{method} (reference)" if dense else method,
                 "–" if lr is None else lr_text(lr),
                 "–" if tau is None else f"{tau:g}",
                 " ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
