@@ -102,10 +102,11 @@ def pretraining_seeds(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
         ppl = [r["val_ppl"] for r in rs]
         spread = f" ± {statistics.stdev(ppl):.2f}" if len(ppl) > 1 else ""
         dense = all(r.get("reference") for r in rs)  # the dense runs the ratios refer to
+        rank = rs[0].get("fixed_rank") or rs[0].get("projection_rank")
         reached = [r.get("steps_to_dense_final_loss") for r in sorted(rs, key=lambda r: r["seed"])]
         rows.append(
             [
-                f"{method} (reference)" if dense else method,
+                f"{method} (reference)" if dense else f"{method} (rank {rank})" if rank else method,
                 "–" if lr is None else lr_text(lr),
                 "–" if tau is None else f"{tau:g}",
                 " ".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"])),
