@@ -221,6 +221,8 @@ def parse_method_lrs(items: list[str]) -> dict[str, float]:
             lr = float("nan")
         if not (math.isfinite(lr) and lr > 0):
             raise SystemExit(f"--method-lr {item!r}: the learning rate must be a positive number")
+        if method in out:
+            raise SystemExit(f"--method-lr gives {method} twice: give each method one learning rate")
         out[method] = lr
     return out
 
@@ -387,7 +389,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def merge(paths: list[Path], out: Path) -> dict[str, Any]:
     """One results file of the records of ``paths`` (e.g. one run per seed), ratios recomputed across them.
 
-    A (method, learning rate, seed) in two files is an error: the merge would have to pick one.
+    A run in two files (the same method, learning rate, tolerance, rank rule and seed) is an error:
+    the merge would have to pick one.
     """
     records, sources = [], []
     for i, path in enumerate(paths):

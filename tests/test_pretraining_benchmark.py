@@ -89,10 +89,8 @@ def test_method_lr_and_tau_mode_reach_the_optimizer_and_a_bad_method_lr_is_refus
         (["dense"], "METHOD=LR"),
         (["sgd=0.1"], "METHOD=LR"),
         (["dense=nan"], "positive"),
-        (
-            ["dense=x"],
-            "positive",
-        ),
+        (["dense=x"], "positive"),
+        (["dense=1e-3", "dense=3e-3"], "twice"),
     ):
         with pytest.raises(SystemExit, match=says):
             bench.parse_method_lrs(bad)
