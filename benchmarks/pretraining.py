@@ -397,7 +397,8 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
         if data.get("benchmark") != "pretraining":
             raise SystemExit(f"--merge: {path} is not a results file of benchmarks/pretraining.py")
-        sources.append({"file": str(path), **{k: data.get(k) for k in ("environment", "load_before", "load_after")}})
+        keys = ("environment", "load_before", "load_after", "device")
+        sources.append({"file": str(path), **{k: data.get(k) for k in keys}})
         run_args = (data.get("environment") or {}).get("args") or {}
         for r in data["records"]:
             # a file written before records kept their lr and tau: the run's own arguments
@@ -427,7 +428,7 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
         },
         "load_before": max((s["load_before"] for s in sources if s.get("load_before")), key=lambda x: x[0]),
         "load_after": max((s["load_after"] for s in sources if s.get("load_after")), key=lambda x: x[0]),
-        "device": json.loads(paths[0].read_text()).get("device"),
+        "device": sources[0]["device"],
         "merged_from": sources,
         "records": records,
     }

@@ -165,8 +165,9 @@ def qr(A: Tensor) -> tuple[Tensor, Tensor]:
 
 #: Columns up to which a QR on the CPU is LAPACK's Householder QR rather than Cholesky QR. For blocks this
 #: narrow the reflections cost less than the Cholesky passes' dozen small products, factorizations and
-#: checks (about 2–3.5× less at 8 to 16 columns for 256 to 4096 rows, one thread); from about 32 columns
-#: on, Cholesky QR is as fast or faster (docs/performance.md). On a GPU every block takes Cholesky QR.
+#: checks (an augmentation 1.2–2.2× faster at 8 to 16 columns for 256 to 4096 rows, one thread); from 32
+#: columns on the two are even (benchmarks/qr_paths.py, docs/performance.md). On a GPU every block takes
+#: Cholesky QR.
 HOUSEHOLDER_MAX_COLUMNS = 16
 
 
