@@ -475,22 +475,35 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     settings: dict[str, set] = {}  # a method run at several learning rates or tolerances is labelled with them
     for r in records:
         settings.setdefault(r["method"], set()).add((r.get("lr"), r.get("tau"), r.get("tau_mode")))
+    # One curve per method, the first record's seed: its best setting (dense: the reference the ratios use).
+    best: dict[str, dict[str, Any]] = {}
     for r in records:
         if r["status"] != "completed" or not r["curve"] or r["seed"] != records[0]["seed"]:
             continue
+        rank = (not r.get("reference"), r["val_ppl"])
+        if r["method"] not in best or rank < (not best[r["method"]].get("reference"), best[r["method"]]["val_ppl"]):
+            best[r["method"]] = r
+    for r in best.values():
         steps = [c["step"] for c in r["curve"]]
         ppl = [c["val_ppl"] for c in r["curve"]]
         style = "-" if r["method"].startswith("dlrt") else "--"
         label = r["method"] + (setting_label(r) if len(settings[r["method"]]) > 1 else "")
         axes[0].plot(steps, ppl, style, label=label)
         axes[1].plot([s * r["s_per_step"] for s in steps], ppl, style, label=label)
+    if best:  # a run that diverged part of the way would squash the others against the bottom
+        first = [r["curve"][0]["val_ppl"] for r in best.values() if math.isfinite(r["curve"][0]["val_ppl"])]
+        low = min(c["val_ppl"] for r in best.values() for c in r["curve"])
+        if first and math.isfinite(low):
+            for ax in axes:
+                ax.set_ylim(0.9 * low, 1.5 * max(first))
     axes[0].set_xlabel("step")
     axes[1].set_xlabel("seconds (steps × median s/step, timed round-robin)")
     for ax in axes:
         ax.set_ylabel("validation perplexity (per byte)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    several = any(len(v) > 1 for v in settings.values())
+    axes[0].legend(fontsize=7, title=f"best setting per method, seed {records[0]['seed']}" if several else None)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
