@@ -160,12 +160,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(calls: dict[str, Any], repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each call over ``repeats`` rounds; each round calls every one once, in a random order.
+def interleaved(calls: dict[str, Any], repeats: int, device: torch.device, block: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each call over ``repeats`` rounds; each round times every one once, in a random order.
 
     Random (seeded), not rotated: in a rotation a call always follows the same neighbour,
     and one that follows a call on the same weights (the eager and compiled runs of one
     form) finds them in cache while its twin follows the dense model and does not.
+
+    Each sample is ``block`` calls in a row, divided by ``block``. With ``block=1`` every
+    call follows a different model and starts from caches that model has filled (a server
+    that alternates models); with a larger block most calls find their own weights and
+    code in cache (a server that calls one model back to back).
     """
     names = list(calls)
     for name in names:  # warm-up (compilation, onnxruntime's first run, caches)
@@ -177,9 +182,10 @@ def interleaved(calls: dict[str, Any], repeats: int, device: torch.device) -> di
         for name in order.sample(names, len(names)):
             _sync(device)
             t0 = time.perf_counter()
-            calls[name]()
+            for _ in range(block):
+                calls[name]()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / block)
     return times
 
 
@@ -302,7 +308,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
                         path = tmp / f"{name}-{form}-{len(onnx_files)}.onnx"
                         onnx_files[key] = _export(module, info[form]["layers"], inputs, path, "onnx")
                     calls[form] = onnx_call(onnx_files[key], inputs, args.threads, device)
-            times = interleaved(calls, args.repeats, device)
+            times = interleaved(calls, args.repeats, device, args.block)
             med = {k: statistics.median(v) for k, v in times.items()}
             out = {
                 "median_s": med,
@@ -422,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 32 256 (MiniLM on a CPU: 1 32)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per (model, backend, batch)")
+    p.add_argument(
+        "--block", type=int, default=1, help="calls in a row per timed sample (1: each call follows another model)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "inference")
@@ -431,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if any(b < 1 for b in args.batches or ()):
         p.error("--batches must be positive")
+    if args.block < 1:
+        p.error("--block must be positive")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
