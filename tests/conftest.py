@@ -45,3 +45,25 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped under CI, where make install provides everything: {reason}"
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/NAME.py`` as a module (the folder is no package), loaded once.
+
+    The folder goes on ``sys.path`` first, so that the script's own imports (``benchlib``)
+    resolve as when it runs.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    key = f"benchmark_{name}"
+    if key not in sys.modules:
+        folder = Path(__file__).resolve().parents[1] / "benchmarks"
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+        spec = importlib.util.spec_from_file_location(key, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before running it: its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[key]

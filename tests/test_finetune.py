@@ -16,6 +16,7 @@ from dlrt.cli import main
 from dlrt.training.config import FinetuneConfig, load_config
 from dlrt.training.finetune import finetune
 
+from .conftest import load_benchmark
 from .helpers import scheduled_lrs
 from .test_datasets import write_idx
 from .test_text_data import write_speeches
@@ -344,23 +345,10 @@ def test_method_defaults_and_the_head_group(tmp_path):
     assert all("lora_" in names[id(p)] for p in rest["params"])
 
 
-def _benchmark(name: str):
-    """A script of benchmarks/ as a module (the folder is no package), loaded once."""
-    import sys
-
-    if f"benchmark_{name}" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # before running it: its dataclass looks its module up
-        spec.loader.exec_module(module)
-    return sys.modules[f"benchmark_{name}"]
-
-
 def test_benchmark_summary_groups_by_task(tmp_path, capsys, monkeypatch):
     """finetune_vs_peft --summarize: one row per task, target set, method and lr, each against its own
     task's majority class; a file without a task argument (written before --task) is Rotten Tomatoes."""
-    bench = _benchmark("finetune_vs_peft")
+    bench = load_benchmark("finetune_vs_peft")
     asked = []
 
     def majority(task, seed, limit=None):
@@ -401,7 +389,7 @@ def test_benchmark_summary_groups_by_task(tmp_path, capsys, monkeypatch):
 def test_benchmark_majority_class_of_each_text_task():
     from dlrt.data import load_convention_party
 
-    bench = _benchmark("finetune_vs_peft")
+    bench = load_benchmark("finetune_vs_peft")
     _, test = load_convention_party(seed=1)
     republican = sum(label for _, label in test) / len(test)
     assert bench.majority_share("convention-party", 1) == pytest.approx(max(republican, 1 - republican))

