@@ -15,7 +15,10 @@ earlier one are timed once and say so (``same_as``). MiniLM: ``base`` (the pretr
 no adapters), ``merged`` and ``unmerged`` GeoLoRA.
 
 Backends: eager PyTorch (inference mode), ``torch.compile`` and onnxruntime (the file
-``dlrt.export(format="onnx")`` writes). Each (model, backend, batch) times its forms in
+``dlrt.export(format="onnx")`` writes); on request also ``compile-max``:
+``torch.compile(mode="max-autotune-no-cudagraphs")`` with Inductor's freezing (the weights
+folded in as constants; Inductor then times its own GEMM kernels against the library's for
+every product and keeps the faster). Each (model, backend, batch) times its forms in
 interleaved rounds (one call of every form per round, in a random order) and reports
 medians and the ratios to ``dense`` (``base`` for MiniLM) measured in the same rounds.
 File sizes are those of the ``.pt2``, ``.onnx`` and ``.safetensors`` files; memory is the
@@ -25,6 +28,7 @@ weights' bytes and the peak resident-memory growth of a fresh process that loads
     python benchmarks/inference.py --threads 2                    # every model; trains missing runs
     python benchmarks/inference.py --models mlp2048 lenet5 --backends eager onnxruntime
     python benchmarks/inference.py --device cuda --backends eager compile
+    python benchmarks/inference.py --models mlp2048 --backends eager compile compile-max --block 20
 
 Results: ``benchmarks/results/inference.json`` and ``inference.png``.
 """
@@ -72,7 +76,8 @@ SPECS = {
     # A MiniLM forward of 256 sequences takes seconds on a CPU: batches up to 32 there.
     "minilm": Spec("finetune", (), batches_cpu=(1, 32)),
 }
-BACKENDS = ("eager", "compile", "onnxruntime")
+DEFAULT_BACKENDS = ("eager", "compile", "onnxruntime")
+BACKENDS = (*DEFAULT_BACKENDS, "compile-max")  # compile-max autotunes every product: minutes per form
 
 
 # ------------------------------------------------------------------ runs and forms
@@ -197,8 +202,15 @@ def eager_call(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
     return call
 
 
-def compiled_call(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
-    compiled = torch.compile(module)
+def compiled_call(module: nn.Module, inputs: tuple[torch.Tensor, ...], tuned: bool = False):
+    """A call of ``torch.compile(module)``; ``tuned``: max-autotune with frozen weights, compiled here."""
+    if not tuned:
+        compiled = torch.compile(module)
+    else:
+        # Freezing is read when the graph compiles, i.e. at the first call: make that call now.
+        compiled = torch.compile(copy.deepcopy(module), mode="max-autotune-no-cudagraphs")
+        with torch._inductor.config.patch(freezing=True), torch.inference_mode():
+            compiled(*inputs)
 
     def call():
         with torch.inference_mode():
@@ -299,8 +311,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
             for form, module in forms.items():
                 if backend == "eager":
                     calls[form] = eager_call(module, inputs)
-                elif backend == "compile":
-                    calls[form] = compiled_call(module, inputs)
+                elif backend in ("compile", "compile-max"):
+                    calls[form] = compiled_call(module, inputs, tuned=backend == "compile-max")
                     calls[f"eager/{form}"] = eager_call(module, inputs)  # compile vs eager in the same rounds
                 else:
                     key = (form, _forms_key(info[form]["layers"]))
@@ -315,7 +327,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
                 "speedup": {k: med[ref] / v for k, v in med.items() if "/" not in k},
                 "throughput": {k: b / v for k, v in med.items()},
             }
-            if backend == "compile":
+            if backend in ("compile", "compile-max"):
                 out["compile_vs_eager"] = {f: med[f"eager/{f}"] / med[f] for f in forms}
             entry["backends"][backend] = out
             shown = ", ".join(f"{k} {1e3 * v:.3f} ms ({med[ref] / v:.2f}×)" for k, v in med.items() if "/" not in k)
@@ -384,13 +396,14 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
                     )
         if model != "minilm":
             for b, e in r["batches"].items():
-                comp = e["backends"].get("compile", {}).get("compile_vs_eager", {})
-                if "flops" in comp and int(b) >= 32:
-                    add(
-                        f"{model} batch {b}: compiled low-rank model at least as fast as eager",
-                        comp["flops"],
-                        1.0,
-                    )
+                for backend in ("compile", "compile-max"):
+                    comp = e["backends"].get(backend, {}).get("compile_vs_eager", {})
+                    if "flops" in comp and int(b) >= 32:
+                        add(
+                            f"{model} batch {b} {backend}: compiled low-rank model at least as fast as eager",
+                            comp["flops"],
+                            1.0,
+                        )
     return out
 
 
@@ -425,7 +438,7 @@ def plot(results: dict[str, Any], backends: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(SPECS), choices=list(SPECS))
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=BACKENDS)
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 32 256 (MiniLM on a CPU: 1 32)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per (model, backend, batch)")
     p.add_argument(

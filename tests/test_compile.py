@@ -81,3 +81,23 @@ def test_training_under_compile_equals_eager(integrator):
     assert eager_losses[-1] < eager_losses[0]
     for (_, a), (_, b) in zip(dlrt.lowrank_layers(eager), dlrt.lowrank_layers(comp)):
         torch.testing.assert_close(a.matrix(), b.matrix(), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_exported_model_compiles_with_autotuned_kernels_and_frozen_weights():
+    """The recipe of docs/export.md for small-batch CPU serving: max-autotune with Inductor's freezing.
+
+    Freezing folds the exported factors into the graph as constants; the outputs must stay
+    the plain model's, and a second batch size (dynamic batch) must too.
+    """
+    from dlrt.exporting import plain_and_layers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    plain, layers = plain_and_layers(dlrt.convert(net, rank=4, exclude=()).eval(), rule="factored")
+    assert {info["form"] for info in layers.values()} == {"factored"}
+    compiled = torch.compile(plain, mode="max-autotune-no-cudagraphs")
+    with torch._inductor.config.patch(freezing=True), torch.inference_mode():
+        for batch in (1, 7):
+            x = torch.randn(batch, 40)
+            torch.testing.assert_close(compiled(x), plain(x), atol=1e-5, rtol=1e-5)
