@@ -78,6 +78,7 @@ SPECS = {
 }
 DEFAULT_BACKENDS = ("eager", "compile", "onnxruntime")
 BACKENDS = (*DEFAULT_BACKENDS, "compile-max")  # compile-max autotunes every product: minutes per form
+COMPILED = ("compile", "compile-max")  # timed against eager in the same rounds (compile_vs_eager)
 
 
 # ------------------------------------------------------------------ runs and forms
@@ -208,6 +209,7 @@ def compiled_call(module: nn.Module, inputs: tuple[torch.Tensor, ...], tuned: bo
         compiled = torch.compile(module)
     else:
         # Freezing is read when the graph compiles, i.e. at the first call: make that call now.
+        # A copy: the eager twin timed beside it keeps its own module, whatever freezing does with this one.
         compiled = torch.compile(copy.deepcopy(module), mode="max-autotune-no-cudagraphs")
         with torch._inductor.config.patch(freezing=True), torch.inference_mode():
             compiled(*inputs)
@@ -311,7 +313,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
             for form, module in forms.items():
                 if backend == "eager":
                     calls[form] = eager_call(module, inputs)
-                elif backend in ("compile", "compile-max"):
+                elif backend in COMPILED:
                     calls[form] = compiled_call(module, inputs, tuned=backend == "compile-max")
                     calls[f"eager/{form}"] = eager_call(module, inputs)  # compile vs eager in the same rounds
                 else:
@@ -327,7 +329,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
                 "speedup": {k: med[ref] / v for k, v in med.items() if "/" not in k},
                 "throughput": {k: b / v for k, v in med.items()},
             }
-            if backend in ("compile", "compile-max"):
+            if backend in COMPILED:
                 out["compile_vs_eager"] = {f: med[f"eager/{f}"] / med[f] for f in forms}
             entry["backends"][backend] = out
             shown = ", ".join(f"{k} {1e3 * v:.3f} ms ({med[ref] / v:.2f}×)" for k, v in med.items() if "/" not in k)
@@ -396,7 +398,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
                     )
         if model != "minilm":
             for b, e in r["batches"].items():
-                for backend in ("compile", "compile-max"):
+                for backend in COMPILED:
                     comp = e["backends"].get(backend, {}).get("compile_vs_eager", {})
                     if "flops" in comp and int(b) >= 32:
                         add(

@@ -412,7 +412,8 @@ def merge(paths: list[Path], out: Path) -> dict[str, Any]:
         key = (r["method"], r.get("lr"), r.get("tau"), r.get("tau_mode"), r["seed"])
         if key in seen:
             raise SystemExit(
-                f"--merge: {r['method']} (lr {r.get('lr')}, tau {r.get('tau')}, seed {r['seed']}) is in two files"
+                f"--merge: {r['method']} (lr {r.get('lr')}, tau {r.get('tau')} {r.get('tau_mode')}, seed {r['seed']}) "
+                "is in two files"
             )
         seen[key] = r["method"]
     add_ratios(records)
@@ -465,6 +466,21 @@ def setting_label(r: dict[str, Any]) -> str:
     return (f" lr {r['lr']:g}" if r.get("lr") else "") + (f" τ {r['tau']:g}" if r.get("tau") else "") + mode
 
 
+def best_per_method(records: list[dict[str, Any]], seed: int) -> dict[str, dict[str, Any]]:
+    """Per method, its completed run on ``seed`` with the lowest final perplexity (dense: the reference run
+    the ratios use, :func:`add_ratios`): the one curve the plot shows of a method run at several settings."""
+
+    def preference(r: dict[str, Any]) -> tuple[bool, float]:
+        return (not r.get("reference"), r["val_ppl"])
+
+    best: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["status"] == "completed" and r["curve"] and r["seed"] == seed:
+            if r["method"] not in best or preference(r) < preference(best[r["method"]]):
+                best[r["method"]] = r
+    return best
+
+
 def plot(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -475,14 +491,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     settings: dict[str, set] = {}  # a method run at several learning rates or tolerances is labelled with them
     for r in records:
         settings.setdefault(r["method"], set()).add((r.get("lr"), r.get("tau"), r.get("tau_mode")))
-    # One curve per method, the first record's seed: its best setting (dense: the reference the ratios use).
-    best: dict[str, dict[str, Any]] = {}
-    for r in records:
-        if r["status"] != "completed" or not r["curve"] or r["seed"] != records[0]["seed"]:
-            continue
-        rank = (not r.get("reference"), r["val_ppl"])
-        if r["method"] not in best or rank < (not best[r["method"]].get("reference"), best[r["method"]]["val_ppl"]):
-            best[r["method"]] = r
+    best = best_per_method(records, records[0]["seed"])
     for r in best.values():
         steps = [c["step"] for c in r["curve"]]
         ppl = [c["val_ppl"] for c in r["curve"]]

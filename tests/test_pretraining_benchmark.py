@@ -159,3 +159,26 @@ def test_the_ratios_refer_to_the_dense_learning_rate_run_for_most_seeds_then_wit
     assert adam["steps_to_dense_final_loss"] == 100
     records.append(_record("dense", 1, 3e-3, 1.8, 0.5, [(100, 1.8)]))  # now both cover two seeds: the lower wins
     assert bench.reference_lr(records) == 3e-3
+
+
+def test_the_plot_shows_each_methods_best_run_and_the_dense_reference():
+    """A method run at several settings is drawn once, by its lowest final perplexity on the plotted seed
+    (a diverged setting is never the one drawn); dense is drawn by the reference run even when another
+    dense learning rate ended lower."""
+    bench = load_benchmark("pretraining")
+
+    def run(method, lr, ppl, seed=0, reference=None):
+        return {"method": method, "lr": lr, "seed": seed, "val_ppl": ppl, "status": "completed",
+                "curve": [{"step": 1, "val_ppl": ppl}], "reference": reference}  # fmt: skip
+
+    records = [
+        run("dense", 1e-3, 7.0, reference=True),
+        run("dense", 3e-3, 6.9),
+        run("dlrt-parallel-adam", 1e-2, 28.6),
+        run("dlrt-parallel-adam", 5e-3, 7.2),
+        run("dlrt-parallel-adam", 3e-3, 7.1, seed=1),
+        {**run("fira", 1e-2, 6.5), "status": "failed"},
+        run("fira", 5e-3, 6.9),
+    ]
+    best = bench.best_per_method(records, seed=0)
+    assert {m: r["lr"] for m, r in best.items()} == {"dense": 1e-3, "dlrt-parallel-adam": 5e-3, "fira": 5e-3}
