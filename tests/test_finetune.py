@@ -413,3 +413,12 @@ def test_budget_unit_and_order_reach_the_geolora_config_and_optimizer(tmp_path):
         FinetuneConfig(budget_unit="param")
     with pytest.raises(ValueError, match="budget_order='sigma2' is not one of sigma, energy"):
         FinetuneConfig(budget_order="sigma2")
+
+
+def test_second_moment_reaches_geoloras_optimizer(tmp_path):
+    from dlrt.training.finetune import apply_method, build_task
+
+    cfg = tiny_cfg(tmp_path, second_moment="coordinates")
+    _, opt, _ = apply_method(cfg, build_task(cfg).model, 10)
+    assert opt.lowrank_group["second_moment"] == "coordinates"
+    assert load_config(None, ["second_moment=coordinates"], cls=FinetuneConfig).second_moment == "coordinates"

@@ -183,6 +183,42 @@ def test_geo_adam_second_moment_is_non_negative_and_bias_corrected():
     assert float((layer.matrix().detach() - W0).norm()) == pytest.approx(0.05 * 3**0.5, rel=0.3)
 
 
+@pytest.mark.parametrize("integrator", ["bug", "parallel"])
+def test_geo_adam_per_coordinate_second_moment_scales_the_step_by_the_layer_size(integrator):
+    # second_moment="coordinates" averages ‖P(G)‖² over the r(n + m − r) tangent coordinates instead of
+    # the rank r: at a fixed rank every step is √(n + m − r) times the "rank" step at the same lr
+    # (eps = 0), so the two trajectories coincide when the lr makes up that factor.
+    n, m, r = 12, 9, 3
+    out = []
+    for moment, lr in (("rank", 0.05), ("coordinates", 0.05 / (n + m - r) ** 0.5)):
+        problem, layer, opt = make(
+            integrator, "geo-adam", n=n, m=m, r=r, lr=lr, eps=0.0, min_rank=r, max_rank=r, second_moment=moment
+        )
+        closure = problem.closure(layer, opt)
+        for _ in range(6):
+            opt.step(closure)
+        assert layer.rank == r
+        out.append(layer.matrix().detach())
+    torch.testing.assert_close(out[0], out[1], atol=1e-10, rtol=1e-10)
+    # At the same lr the per-coordinate step is the larger one, by about that factor.
+    moved = []
+    for moment in ("rank", "coordinates"):
+        problem, layer, opt = make(integrator, "geo-adam", n=n, m=m, r=r, lr=1e-3, eps=0.0, second_moment=moment)
+        W0 = layer.matrix().detach().clone()
+        opt.step(problem.closure(layer, opt))
+        moved.append(float((layer.matrix().detach() - W0).norm()))
+    assert moved[1] / moved[0] == pytest.approx((n + m - r) ** 0.5, rel=0.05)
+
+
+def test_second_moment_is_checked_before_anything_changes():
+    torch.manual_seed(0)
+    layer = LowRankLinear(9, 12, rank=3, bias=False, dtype=DT)
+    with pytest.raises(ValueError, match="second_moment must be one of"):
+        dlrt.DLRTOptimizer(layer, optimizer="geo-adam", second_moment="entries")
+    with pytest.raises(ValueError, match="second_moment= does not apply to optimizer='adam'"):
+        dlrt.DLRTOptimizer(layer, optimizer="adam", second_moment="coordinates")
+
+
 def test_momentum_carries_new_directions_across_augmentation():
     # After a step the K-part of the momentum has columns along the new V-directions (zero padding
     # would lose them): the dense reference above covers the values, this the mechanism.

@@ -206,6 +206,16 @@ def test_geometric_optimizers_in_the_configs():
     with pytest.raises(ValueError, match="optimizer='geo-adam' trains GeoLoRA's low-rank adapters only"):
         FinetuneConfig(method="lora", optimizer="geo-adam")
     assert FinetuneConfig(method="geolora", optimizer="geo-adam", integrator="abc").optimizer == "geo-adam"
+    # geo-adam's second moment: reaches the optimizer from both configs; refused for any other optimizer.
+    cfg = TrainConfig(model="mlp", dataset="digits", optimizer="geo-adam", second_moment="coordinates")
+    opt = build_optimizer(cfg, dlrt.convert(torch.nn.Sequential(torch.nn.Linear(20, 16)), rank=3))
+    assert opt.param_groups[0]["second_moment"] == "coordinates"
+    with pytest.raises(ValueError, match="second_moment='coordinates' applies to optimizer=geo-adam only, not 'adam'"):
+        TrainConfig(optimizer="adam", second_moment="coordinates")
+    with pytest.raises(ValueError, match="second_moment='entries' is not one of rank, coordinates"):
+        FinetuneConfig(second_moment="entries")
+    with pytest.raises(ValueError, match="applies to optimizer=geo-adam only, not 'adamw'"):
+        FinetuneConfig(method="lora", second_moment="coordinates")
 
 
 def test_tucker_run_logs_mode_ranks_and_resumes_exactly(data_root, tmp_path, monkeypatch):

@@ -38,9 +38,11 @@ from results_finetune import (
     FT_INITS,
     FT_LORA,
     FT_QV,
+    FT_SECOND_MOMENT_RUNS,
     finetune_budget,
     finetune_default,
     finetune_init,
+    finetune_second_moment,
     finetune_sweep,
     finetune_timing,
 )
@@ -266,6 +268,9 @@ TABLES: dict[str, Table] = {
         tuple(dict.fromkeys(f for task, _, files in FT_BUDGETS for f in [*files, *FT_LORA[task]])),
         finetune_budget,
         machine=PROJECT_MACHINE + ", one thread per run",
+    ),
+    "finetune-second-moment": Table(
+        tuple(FT_SECOND_MOMENT_RUNS), finetune_second_moment, machine=PROJECT_MACHINE + ", one thread per run"
     ),
     "finetune-init": Table(
         tuple(dict.fromkeys(f for task, _, files in FT_INITS for f in [*files, *FT_LORA[task]])),

@@ -88,6 +88,49 @@ def finetune_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
     return [*header, "peak MiB (GeoLoRA / LoRA / AdaLoRA)"], rows
 
 
+def finetune_second_moment(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """Per task, method, geo-adam's second moment (from ``--geolora-set``) and lr: the accuracy of every seed
+    and their mean (GeoLoRA's per-rank and per-coordinate second moments against LoRA)."""
+    tasks = {"fashion-mnist": "Fashion-MNIST CNN", "rotten-tomatoes": "Rotten Tomatoes, all linear"}
+    cells: dict[tuple[str, str, str, float], dict[int, dict[str, Any]]] = {}
+    for path in paths:
+        d = read_json(path)
+        methods = FT_SECOND_MOMENT_RUNS[path.name]
+        sets = dict(kv.split("=", 1) for kv in d["args"].get("geolora_set") or [])
+        task = tasks[d["args"].get("task") or "rotten-tomatoes"]
+        for r in d["runs"]:
+            if r["status"] != "completed" or r["method"] not in methods:
+                continue
+            setting = "–"
+            if r["method"] == "geolora":
+                setting = sets.get("second_moment", "rank") + (
+                    f", head at {float(sets['modules_to_save_lr_ratio']):g} × lr"
+                    if "modules_to_save_lr_ratio" in sets
+                    else ""
+                )
+            cells.setdefault((task, r["method"], setting, r["lr"]), {})[r["config"]["seed"]] = r
+    header = ["task", "method", "second moment", "lr", "seeds", "test acc. per seed", "mean", "adapter params (mean)"]
+    rows = []
+    for (task, method, setting, lr), by_seed in sorted(
+        cells.items(), key=lambda kv: (kv[0][0], kv[0][1] != "geolora", kv[0][1:])
+    ):
+        seeds = sorted(by_seed)
+        accs = [by_seed[s]["test_acc"] for s in seeds]
+        rows.append(
+            [
+                task,
+                _FT_NAMES[method].replace(" (defaults)", ""),
+                setting,
+                lr_text(lr),
+                " / ".join(map(str, seeds)) if len(seeds) <= 3 else f"{seeds[0]}–{seeds[-1]}",
+                " / ".join(pct_text(a) for a in accs),
+                pct_text(fmean(accs)),
+                int_text(fmean(by_seed[s]["adapter_params"] for s in seeds)),
+            ]
+        )
+    return header, rows
+
+
 # ------------------------------------------------------------------ the files the tables read
 FT_ALL = (
     *(f"finetune_all_seed{s}.json" for s in range(3)),
@@ -98,6 +141,18 @@ FT_ALL = (
 FT_CONVENTION = ("finetune_convention_all_seed0.json",)
 FT_FASHION = tuple(f"finetune_fashion_seed{s}.json" for s in range(3))
 FT_QV = tuple(f"finetune_qv_seed{s}.json" for s in range(3))
+#: geo-adam's second moment per rank (the default) and per coordinate, with LoRA on the same seeds: each file
+#: with the methods the table takes from it (the Rotten Tomatoes sweep files also hold GeoLoRA under older rules).
+FT_SECOND_MOMENT_RUNS = {
+    **{f: ("geolora", "lora") for f in FT_FASHION},
+    **{f"finetune_fashion_seed{s}_lr5e-3.json": ("geolora", "lora") for s in range(3, 10)},
+    **{f"finetune_fashion_seed{s}_coordinates.json": ("geolora",) for s in range(10)},
+    **{f"finetune_fashion_seed{s}_lora_lr1e-2.json": ("lora",) for s in range(10)},
+    **{f"finetune_all_seed{s}_param_budget.json": ("geolora",) for s in range(3)},
+    **{f"finetune_all_seed{s}.json": ("lora",) for s in range(3)},
+    **{f"finetune_all_seed0_coordinates_lr{lr}.json": ("geolora",) for lr in ("1e-4", "2e-4", "5e-4")},
+    **{f"finetune_all_seed{s}_coordinates_lr2e-4.json": ("geolora",) for s in (1, 2)},
+}
 
 
 #: GeoLoRA's budget variants at its default lr (5e-3) against LoRA's best-lr mean, per task:

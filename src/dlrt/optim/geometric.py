@@ -131,7 +131,8 @@ class GeometricRule(InnerRule):
         W = [U0 @ S0, V0 @ S0.mT, S0] if full else [None, None, S0]
         g = [None if gp is None else gp.to(dt) for gp in (grads if full else (None, None, grads[2]))]
         gw = [None if gp is None else (gp if not wd else torch.add(gp, Wp, alpha=wd)) for gp, Wp in zip(g, W)]
-        decay, share, mult, scalars = self._coefficients(gw, states[2], min(S0.shape), group)
+        shape = (U0.shape[0], V0.shape[0], min(S0.shape))
+        decay, share, mult, scalars = self._coefficients(gw, states[2], shape, group)
         # New momentum: decay · M + share · P(G + λ_wd W); a coefficient pass measures only U Uᵀ G V Vᵀ,
         # whose K- and L-parts are U X and V Xᵀ.
         if full:
@@ -152,9 +153,10 @@ class GeometricRule(InnerRule):
         return direction, out
 
     def _coefficients(
-        self, gw: list[Tensor | None], S_state: dict[str, Any], rank: int, group: dict[str, Any]
+        self, gw: list[Tensor | None], S_state: dict[str, Any], shape: tuple[int, int, int], group: dict[str, Any]
     ) -> tuple[float, float, Tensor | float, dict[str, Any]]:
-        """``(decay, share, mult, scalars)``: ``M ← decay·M + share·P(g)``, ``D = mult·(decay·M + share·g)``."""
+        """``(decay, share, mult, scalars)``: ``M ← decay·M + share·P(g)``, ``D = mult·(decay·M + share·g)``;
+        ``shape = (n, m, r)`` of the layer at the pass point."""
         raise NotImplementedError
 
 
@@ -172,32 +174,47 @@ class GeoHeavyBall(GeometricRule):
     def flat_group(self, group: dict[str, Any]) -> dict[str, Any]:
         return {**group, "dampening": 0.0, "nesterov": False}
 
-    def _coefficients(self, gw, S_state, rank, group):  # type: ignore[no-untyped-def]
+    def _coefficients(self, gw, S_state, shape, group):  # type: ignore[no-untyped-def]
         return group["momentum"], 1.0, 1.0, {}
 
 
 class GeoAdam(GeometricRule):
-    """Adam on the manifold: a tangent first moment and one second moment per layer (§9)."""
+    """Adam on the manifold: a tangent first moment and one second moment per layer (§9).
+
+    The second moment is the mean of ``‖P(g)‖²_F`` over the layer's rank
+    (``second_moment="rank"``, so a step's Frobenius norm is about ``lr·√r`` for
+    every layer) or over the ``r(n + m − r)`` coordinates of its tangent space
+    (``"coordinates"``: about ``lr·√(r(n + m − r))``, larger for larger layers,
+    as per-entry Adam's steps are).
+    """
 
     name = "geo-adam"
     euclidean = Adam
-    defaults: ClassVar[dict[str, Any]] = dict(Adam.defaults)
+    defaults: ClassVar[dict[str, Any]] = {**Adam.defaults, "second_moment": "rank"}
+    SECOND_MOMENTS = ("rank", "coordinates")
 
     def validate(self, group: dict[str, Any]) -> None:
         self._flat.validate(group)
+        if group["second_moment"] not in self.SECOND_MOMENTS:
+            raise ValueError(
+                f"second_moment must be one of {list(self.SECOND_MOMENTS)}, got {group['second_moment']!r}"
+            )
 
     def flat_group(self, group: dict[str, Any]) -> dict[str, Any]:
         return group
 
-    def _coefficients(self, gw, S_state, rank, group):  # type: ignore[no-untyped-def]
+    def _coefficients(self, gw, S_state, shape, group):  # type: ignore[no-untyped-def]
         b1, b2 = group["betas"]
+        n, m, r = shape
+        # A group saved before the option existed has no key: it averaged over the rank.
+        count = r * (n + m - r) if group.get("second_moment", "rank") == "coordinates" else r
         if gw[0] is not None:  # ‖P(g)‖²_F = ‖g V‖² + ‖gᵀ U‖² − ‖Uᵀ g V‖²
             sq = (gw[0].square().sum() + gw[1].square().sum() - gw[2].square().sum()).clamp_min(0.0)
         else:
             sq = gw[2].square().sum()
         t = int(S_state.get("step", 0)) + 1
         v = S_state.get("exp_avg_sq")
-        v = sq * ((1.0 - b2) / rank) if v is None else torch.add(v.to(sq) * b2, sq, alpha=(1.0 - b2) / rank)
+        v = sq * ((1.0 - b2) / count) if v is None else torch.add(v.to(sq) * b2, sq, alpha=(1.0 - b2) / count)
         c = 1.0 / ((1.0 - b1**t) * ((v / (1.0 - b2**t)).sqrt() + group["eps"]))
         return b1, 1.0 - b1, c, {"exp_avg_sq": v, "step": t}
 

@@ -61,6 +61,13 @@ class DLRTOptimizer(
         momentum: SGD and geo-heavyball (β, default 0 and 0.9).
         dampening, nesterov: SGD only.
         betas, eps: Adam, AdamW and geo-adam.
+        second_moment: geo-adam only: what its one second moment per layer
+            averages ``‖P(G)‖²_F`` over. ``"rank"`` (default): the rank r, so a
+            step moves every layer by about ``lr·√r`` in Frobenius norm, whatever
+            its size. ``"coordinates"``: the r(n + m − r) coordinates of the
+            layer's tangent space, as per-entry Adam moves every entry by about
+            ``lr``: a step then moves an n×m layer by about ``lr·√(r(n + m − r))``,
+            so larger layers take larger steps (docs/algorithms.md §9.3).
         weight_decay: L2 (SGD, Adam) or decoupled (AdamW) decay. On K, L, S it
             is the projected gradient of ``‖W‖²/2``; the bases U, V never decay.
         tau: truncation tolerance, in [0, 1) for the relative rules. Every float
@@ -164,6 +171,7 @@ class DLRTOptimizer(
         nesterov: bool = _UNSET,
         betas: tuple[float, float] = _UNSET,
         eps: float = _UNSET,
+        second_moment: str = _UNSET,
         weight_decay: float = 0.0,
         tau: float = 0.1,
         tau_mode: str = "gradient",
@@ -187,7 +195,14 @@ class DLRTOptimizer(
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(RULES)}")
         self.rule: InnerRule = RULES[optimizer]()
         hyper = dict(self.rule.defaults)
-        given = {"momentum": momentum, "dampening": dampening, "nesterov": nesterov, "betas": betas, "eps": eps}
+        given = {
+            "momentum": momentum,
+            "dampening": dampening,
+            "nesterov": nesterov,
+            "betas": betas,
+            "eps": eps,
+            "second_moment": second_moment,
+        }
         for key, value in given.items():
             if value is _UNSET:
                 continue

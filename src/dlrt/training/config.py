@@ -140,6 +140,14 @@ class TrainConfig(RunConfig):
     momentum: float | None = field(
         default=None, metadata={"help": "momentum of sgd (default 0) or geo-heavyball (default 0.9)"}
     )
+    second_moment: str = field(
+        default="rank",
+        metadata={
+            "help": "geo-adam: what its one second moment per layer averages over: rank (every layer steps about "
+            "lr·√r) | coordinates (the r(n+m−r) of its tangent space: larger layers take larger steps, as with "
+            "per-entry Adam); docs/algorithms.md §9.3"
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     tau: float = field(default=0.11, metadata={"help": "truncation tolerance (relative for gradient and relative)"})
     tau_mode: str = field(
@@ -229,6 +237,7 @@ class TrainConfig(RunConfig):
 
         check_task(self)  # the dataset fits the model: an image dataset a classifier, a text corpus a GPT
         _check_choice("integrator", self.integrator, _integrators())
+        _check_second_moment(self.second_moment, self.optimizer)
         from ..conversion import INITS
         from ..linalg import check_tau
 
@@ -365,6 +374,14 @@ class FinetuneConfig(RunConfig):
             "(default: GeoLoRA's make_optimizer default for geolora, 1 otherwise)"
         },
     )
+    second_moment: str = field(
+        default="rank",
+        metadata={
+            "help": "geo-adam: what its one second moment per layer averages over: rank (every layer steps about "
+            "lr·√r) | coordinates (the r(n+m−r) of its tangent space: larger layers take larger steps, as with "
+            "per-entry Adam); docs/algorithms.md §9.3"
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (never on GeoLoRA's bases)"})
     schedule: str = field(default="linear", metadata={"help": "constant | linear | cosine (per step)"})
     warmup: float = field(default=0.0, metadata={"help": "share of the steps with a linear lr warm-up from 0"})
@@ -439,6 +456,7 @@ class FinetuneConfig(RunConfig):
                 f"optimizer={self.optimizer!r} trains GeoLoRA's low-rank adapters only; "
                 f"method={self.method!r} takes one of {', '.join(flat)}"
             )
+        _check_second_moment(self.second_moment, self.optimizer)
         _check_choice("schedule", self.schedule, ("constant", "linear", "cosine"))
 
     def _resolve_method_defaults(self) -> None:
@@ -615,6 +633,14 @@ def _check_finite(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{f.name} must be a finite number, got {value}")
+
+
+def _check_second_moment(value: str, optimizer: str) -> None:
+    from ..optim.geometric import GeoAdam
+
+    _check_choice("second_moment", value, GeoAdam.SECOND_MOMENTS)
+    if value != "rank" and optimizer != "geo-adam":
+        raise ValueError(f"second_moment={value!r} applies to optimizer=geo-adam only, not {optimizer!r}")
 
 
 def _check_tucker_training(integrator: str, optimizer: str) -> None:

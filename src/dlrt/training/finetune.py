@@ -183,6 +183,7 @@ def apply_method(
             modules_to_save_lr_ratio=cfg.modules_to_save_lr_ratio,
             weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
+            **({"second_moment": cfg.second_moment} if cfg.optimizer == "geo-adam" else {}),
         )
         return geo, opt, lambda step: None
     if cfg.method == "full":

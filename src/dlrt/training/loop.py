@@ -142,6 +142,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     hyper: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.momentum is not None and cfg.optimizer in ("sgd", "geo-heavyball"):  # else the optimizer's default
         hyper["momentum"] = cfg.momentum
+    if cfg.optimizer == "geo-adam" and not cfg.dense:
+        hyper["second_moment"] = cfg.second_moment
     if cfg.dense:
         # On a dense weight (a flat space) the geometric methods are the usual ones (docs/algorithms.md §9).
         if cfg.optimizer == "geo-heavyball":
