@@ -77,8 +77,9 @@ SPECS = {
     "minilm": Spec("finetune", (), batches_cpu=(1, 32)),
 }
 DEFAULT_BACKENDS = ("eager", "compile", "onnxruntime")
-BACKENDS = (*DEFAULT_BACKENDS, "compile-max")  # compile-max autotunes every product: minutes per form
-COMPILED = ("compile", "compile-max")  # timed against eager in the same rounds (compile_vs_eager)
+# compile-max autotunes every product: minutes per form; aoti compiles a package per form (tens of seconds)
+BACKENDS = (*DEFAULT_BACKENDS, "compile-max", "aoti")
+COMPILED = ("compile", "compile-max", "aoti")  # timed against eager in the same rounds (compile_vs_eager)
 
 
 # ------------------------------------------------------------------ runs and forms
@@ -221,6 +222,17 @@ def compiled_call(module: nn.Module, inputs: tuple[torch.Tensor, ...], tuned: bo
     return call
 
 
+def aoti_call(path: Path, inputs: tuple[torch.Tensor, ...]):
+    """A call of the AOTInductor package at ``path`` (``dlrt.export(format="aoti")``), loaded as a user would."""
+    runner = torch._inductor.aoti_load_package(str(path))
+
+    def call():
+        with torch.inference_mode():
+            runner(*inputs)
+
+    return call
+
+
 def onnx_call(path: Path, inputs: tuple[torch.Tensor, ...], threads: int, device: torch.device):
     import onnxruntime
 
@@ -301,8 +313,17 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
         "reference": ref,
         "batches": {},
     }
-    onnx_files: dict[tuple, Path] = {}
+    written: dict[tuple, Path] = {}
     built: dict[str, Any] = {}
+
+    def exported(form: str, module: nn.Module, info: dict[str, Any], inputs: tuple[torch.Tensor, ...], fmt: str):
+        """The form written as ``fmt`` (``onnx`` or ``aoti``), once for all batches."""
+        key = (form, _forms_key(info[form]["layers"]), fmt)
+        if key not in written:
+            path = tmp / (f"{name}-{form}-{len(written)}" + (".onnx" if fmt == "onnx" else ".aoti.pt2"))
+            written[key] = _export(module, info[form]["layers"], inputs, path, fmt)
+        return written[key]
+
     for b in batches:
         torch._dynamo.reset()
         inputs = tuple(x[:b] for x in pool)
@@ -314,14 +335,14 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
                 if backend == "eager":
                     calls[form] = eager_call(module, inputs)
                 elif backend in COMPILED:
-                    calls[form] = compiled_call(module, inputs, tuned=backend == "compile-max")
+                    if backend == "aoti":  # one package per form: its batch dimension is dynamic
+                        calls[form] = aoti_call(exported(form, module, info, inputs, "aoti"), inputs)
+                    else:
+                        calls[form] = compiled_call(module, inputs, tuned=backend == "compile-max")
                     calls[f"eager/{form}"] = eager_call(module, inputs)  # compile vs eager in the same rounds
                 else:
-                    key = (form, _forms_key(info[form]["layers"]))
-                    if key not in onnx_files:
-                        path = tmp / f"{name}-{form}-{len(onnx_files)}.onnx"
-                        onnx_files[key] = _export(module, info[form]["layers"], inputs, path, "onnx")
-                    calls[form] = onnx_call(onnx_files[key], inputs, args.threads, device)
+                    path = exported(form, module, info, inputs, "onnx")
+                    calls[form] = onnx_call(path, inputs, args.threads, device)
             times = interleaved(calls, args.repeats, device, args.block)
             med = {k: statistics.median(v) for k, v in times.items()}
             out = {
@@ -342,7 +363,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, tmp: 
         pt2 = _export(module, layers, inputs, tmp / f"{name}-{form}.pt2", "pt2")
         sizes = {"pt2": pt2.stat().st_size}
         if "onnxruntime" in args.backends:
-            sizes["onnx"] = onnx_files[(form, _forms_key(layers))].stat().st_size
+            sizes["onnx"] = written[(form, _forms_key(layers), "onnx")].stat().st_size
         sizes["safetensors"] = _export(module, layers, inputs, tmp / f"{name}-{form}.st", "safetensors").stat().st_size
         memory = {"weight_bytes": weight_bytes(module)}
         if device.type == "cpu":

@@ -219,7 +219,8 @@ else:
     raise SystemExit("dlrt is importable")
 case = torch.load(sys.argv[1], weights_only=True)
 for i, path in enumerate(sys.argv[2:]):
-    program = torch.export.load(path).module()
+    aoti = path.endswith(".aoti.pt2")
+    program = torch._inductor.aoti_load_package(path) if aoti else torch.export.load(path).module()
     for b in (1, 7):
         x, want = case[f"{i}/x{b}"], case[f"{i}/y{b}"]
         got = program(x)
@@ -257,6 +258,36 @@ def test_pt2_loads_and_runs_without_dlrt(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok 3")
+
+
+@pytest.mark.slow
+def test_aoti_package_is_checked_then_loads_and_runs_without_dlrt(tmp_path, monkeypatch):
+    """format="aoti": the compiled package is checked against the model before anything is written, and runs in a
+    fresh process without dlrt at batch sizes other than the example's."""
+    import dlrt.exporting as exporting
+
+    model = mlp().eval()
+    with monkeypatch.context() as m:
+        m.setattr(exporting, "ONNX_TOLERANCE", -1.0)  # no output can match
+        with pytest.raises(ValueError, match="the compiled package's output 0 differs.*nothing was written"):
+            dlrt.export(model, (torch.randn(3, 20),), tmp_path / "bad.aoti.pt2", format="aoti", rule="factored")
+    assert list(tmp_path.iterdir()) == []
+    path = dlrt.export(model, (torch.randn(3, 20),), tmp_path / "m.aoti.pt2", format="aoti", rule="factored")
+    saved = {}
+    for b in (1, 7):
+        x = torch.randn(b, 20)
+        with torch.no_grad():
+            saved[f"0/x{b}"], saved[f"0/y{b}"] = x, model(x)
+    torch.save(saved, tmp_path / "case.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", _LOADER, str(tmp_path / "case.pt"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok 1")
 
 
 def test_safetensors_metadata_and_weights(tmp_path):
@@ -448,7 +479,7 @@ def test_onnx_mismatch_writes_nothing(tmp_path, monkeypatch):
     import dlrt.exporting as exporting
 
     monkeypatch.setattr(exporting, "ONNX_TOLERANCE", -1.0)  # no output can match
-    with pytest.raises(ValueError, match="onnxruntime's output 0 differs.*nothing was written"):
+    with pytest.raises(ValueError, match="the ONNX program's output 0 differs.*nothing was written"):
         dlrt.export(mlp().eval(), (torch.randn(3, 20),), tmp_path / "m.onnx", format="onnx")
     assert list(tmp_path.iterdir()) == []
 

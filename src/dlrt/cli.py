@@ -235,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_robustness)
     p = sub.add_parser("export", help="write a run's model as a file that runs without dlrt (docs/export.md)")
     p.add_argument("run_dir", help="a `dlrt train` or `dlrt finetune` run directory")
-    p.add_argument("--format", choices=("pt2", "onnx", "safetensors"), default="pt2")
+    p.add_argument(
+        "--format",
+        choices=("pt2", "aoti", "onnx", "safetensors"),
+        default="pt2",
+        help="aoti: compiled ahead of time for this machine (load with torch._inductor.aoti_load_package)",
+    )
     p.add_argument(
         "--rule",
         choices=("flops", "measured", "factored", "dense"),
@@ -243,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="factored where it costs fewer multiply-adds (flops) or runs faster here (measured), or one form",
     )
     p.add_argument("--unmerged", action="store_true", help="GeoLoRA: keep the frozen layer and the update apart")
-    p.add_argument("--out", help="output file (default: model.<format> in the run directory; never overwritten)")
+    p.add_argument(
+        "--out",
+        help="output file (default: model.<format> in the run directory, model.aoti.pt2 for aoti; never overwritten)",
+    )
     p.add_argument("--batch", type=int, default=2, help="test examples the export traces (and measures) on")
     p.set_defaults(func=_export)
     p = sub.add_parser(

@@ -32,7 +32,7 @@ from .layers.base import LowRankLayer
 from .layers.registry import lowrank_types
 from .selection import set_submodule
 
-FORMATS = ("pt2", "onnx", "safetensors")
+FORMATS = ("pt2", "aoti", "onnx", "safetensors")
 RULES = ("flops", "measured", "factored", "dense")
 #: Timed calls of each form per layer under ``rule="measured"`` (the median decides).
 MEASURE_REPEATS = 9
@@ -388,6 +388,13 @@ def export(
       exporter, opset :data:`ONNX_OPSET`); before the file is written, onnxruntime runs it
       on ``example_inputs`` and its outputs must match the plain model's. Needs the
       ``export`` extra (``onnx``, ``onnxscript``, ``onnxruntime``).
+    * ``"aoti"``: the same program compiled ahead of time by AOTInductor into a package
+      (a ``.pt2`` zip holding a shared library) for the model's device and this machine's
+      instruction set; ``torch._inductor.aoti_load_package(path)`` returns a callable that
+      runs it without dlrt and without compiling again. Before the file is written the
+      package must reproduce the plain model's outputs on ``example_inputs``. Needs a C++
+      compiler where it is exported. The fastest of the formats on a CPU
+      (docs/export.md).
     * ``"safetensors"``: the plain model's ``state_dict`` and, in the metadata entry
       ``"dlrt_export"``, a JSON document with every exported layer (:func:`plain_and_layers`).
       It loads into ``to_plain(model, rule=..., merged=...)`` (which needs dlrt for an
@@ -448,6 +455,9 @@ def save_plain(
         torch.export.save(program, buf)  # to memory first: torch.export.save wants a *.pt2 name or a buffer
         data = buf.getvalue()
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    if format == "aoti":
+        data = _aoti_bytes(plain, inputs, dynamic_shapes)
+        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     data = _onnx_bytes(plain, inputs, dynamic_shapes)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
@@ -483,6 +493,41 @@ def _flat_tensors(out: Any) -> list[Tensor]:
     return [t for t in leaves if isinstance(t, Tensor)]
 
 
+def _check_outputs(what: str, got: list[Tensor], want: list[Tensor]) -> None:
+    """``got`` reproduces ``want`` to :data:`ONNX_TOLERANCE` (relative to the largest output), else a ValueError."""
+    if len(got) != len(want):
+        raise ValueError(f"the {what} returns {len(got)} outputs, the model {len(want)}; nothing was written")
+    for i, (g, w) in enumerate(zip(got, want)):
+        w = w.detach().cpu()
+        g = g.detach().cpu().to(w.dtype)
+        tol = ONNX_TOLERANCE * (1 + float(w.abs().max())) if w.numel() else 0.0
+        if g.shape != w.shape or float((g - w).abs().max()) > tol:
+            raise ValueError(
+                f"the {what}'s output {i} differs from the model's (shape {tuple(g.shape)} vs {tuple(w.shape)}, "
+                f"max difference {float((g - w).abs().max()) if g.shape == w.shape else float('nan'):.3g}); "
+                "nothing was written"
+            )
+
+
+@torch.no_grad()
+def _aoti_bytes(plain: nn.Module, inputs: tuple[Tensor, ...], dynamic_shapes: Any) -> bytes:
+    """The AOTInductor package of ``plain`` as bytes, after the compiled package reproduced ``plain`` on ``inputs``.
+
+    ``torch.export`` of the plain model, compiled ahead of time by Inductor into a shared
+    library for the device and the instruction set of this machine (a C++ compiler is
+    needed here, not where it is loaded)."""
+    import tempfile
+
+    want = _flat_tensors(plain(*inputs))
+    program = torch.export.export(plain, inputs, dynamic_shapes=dynamic_shapes)
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "model.pt2"  # Inductor wants a *.pt2 name
+        torch._inductor.aoti_compile_and_package(program, package_path=str(file))
+        runner = torch._inductor.aoti_load_package(str(file))
+        _check_outputs("compiled package", _flat_tensors(runner(*inputs)), want)
+        return file.read_bytes()
+
+
 @torch.no_grad()
 def _onnx_bytes(plain: nn.Module, inputs: tuple[Tensor, ...], dynamic_shapes: Any) -> bytes:
     """The ONNX model of ``plain`` as bytes, after onnxruntime reproduced ``plain``'s outputs on ``inputs``."""
@@ -507,17 +552,5 @@ def _onnx_bytes(plain: nn.Module, inputs: tuple[Tensor, ...], dynamic_shapes: An
         registration.setLevel(level)
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     feed = {arg.name: x.detach().cpu().numpy() for arg, x in zip(session.get_inputs(), inputs)}
-    got = session.run(None, feed)
-    if len(got) != len(want):
-        raise ValueError(f"the ONNX program returns {len(got)} outputs, the model {len(want)}; nothing was written")
-    for i, (g, w) in enumerate(zip(got, want)):
-        w = w.detach().cpu()
-        g = torch.from_numpy(g).to(w.dtype)
-        tol = ONNX_TOLERANCE * (1 + float(w.abs().max())) if w.numel() else 0.0
-        if g.shape != w.shape or float((g - w).abs().max()) > tol:
-            raise ValueError(
-                f"onnxruntime's output {i} differs from the model's (shape {tuple(g.shape)} vs {tuple(w.shape)}, "
-                f"max difference {float((g - w).abs().max()) if g.shape == w.shape else float('nan'):.3g}); "
-                "nothing was written"
-            )
+    _check_outputs("ONNX program", [torch.from_numpy(g) for g in session.run(None, feed)], want)
     return data

@@ -20,7 +20,12 @@ from ..exporting import FORMATS, RULES
 from .driver import CHECKPOINT, CONFIG
 
 #: The file name of ``dlrt export`` in the run directory, by format.
-EXPORT_NAMES = {"pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "model.safetensors"}
+EXPORT_NAMES = {
+    "pt2": "model.pt2",
+    "aoti": "model.aoti.pt2",
+    "onnx": "model.onnx",
+    "safetensors": "model.safetensors",
+}
 
 
 class Logits(nn.Module):
@@ -119,8 +124,8 @@ def export_run(
 
     Args:
         run_dir: the run directory (``config.yaml`` and the checkpoint or the adapter).
-        out: the file to write (default: ``model.pt2`` / ``model.onnx`` / ``model.safetensors``
-            in ``run_dir``); an existing file is refused.
+        out: the file to write (default: ``model.pt2`` / ``model.aoti.pt2`` / ``model.onnx`` /
+            ``model.safetensors`` in ``run_dir``); an existing file is refused.
         format, rule, merged: as :func:`dlrt.export`.
         batch: test examples the export (and ``rule="measured"``) runs on; at least 2,
             the batch dimension being dynamic.
