@@ -33,6 +33,16 @@ def checkpoint_every_key() -> Any:
     return field(default=CHECKPOINT_EVERY, metadata={"help": help})
 
 
+def second_moment_key() -> Any:
+    """The ``second_moment`` key of the commands that train with geo-adam (train, finetune)."""
+    help = (
+        "geo-adam: what its one second moment per layer averages over: rank (every layer steps about lr·√r) | "
+        "coordinates (the r(n+m−r) of its tangent space: larger layers take larger steps, as with per-entry Adam); "
+        "docs/algorithms.md §9.3"
+    )
+    return field(default="rank", metadata={"help": help})
+
+
 def checkpoint_minutes_key() -> Any:
     """The ``checkpoint_minutes`` key of the commands whose runs checkpoint and resume."""
     return field(default=None, metadata={"help": "minutes between checkpoints, at the next step (none: not by time)"})
@@ -140,14 +150,7 @@ class TrainConfig(RunConfig):
     momentum: float | None = field(
         default=None, metadata={"help": "momentum of sgd (default 0) or geo-heavyball (default 0.9)"}
     )
-    second_moment: str = field(
-        default="rank",
-        metadata={
-            "help": "geo-adam: what its one second moment per layer averages over: rank (every layer steps about "
-            "lr·√r) | coordinates (the r(n+m−r) of its tangent space: larger layers take larger steps, as with "
-            "per-entry Adam); docs/algorithms.md §9.3"
-        },
-    )
+    second_moment: str = second_moment_key()
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     tau: float = field(default=0.11, metadata={"help": "truncation tolerance (relative for gradient and relative)"})
     tau_mode: str = field(
@@ -374,14 +377,7 @@ class FinetuneConfig(RunConfig):
             "(default: GeoLoRA's make_optimizer default for geolora, 1 otherwise)"
         },
     )
-    second_moment: str = field(
-        default="rank",
-        metadata={
-            "help": "geo-adam: what its one second moment per layer averages over: rank (every layer steps about "
-            "lr·√r) | coordinates (the r(n+m−r) of its tangent space: larger layers take larger steps, as with "
-            "per-entry Adam); docs/algorithms.md §9.3"
-        },
-    )
+    second_moment: str = second_moment_key()
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay (never on GeoLoRA's bases)"})
     schedule: str = field(default="linear", metadata={"help": "constant | linear | cosine (per step)"})
     warmup: float = field(default=0.0, metadata={"help": "share of the steps with a linear lr warm-up from 0"})
