@@ -38,7 +38,8 @@ RULES = ("flops", "measured", "factored", "dense")
 MEASURE_REPEATS = 9
 #: The ONNX opset of ``format="onnx"``.
 ONNX_OPSET = 18
-#: onnxruntime's outputs must match the model's to this, relative to the output's largest entry (plus one).
+#: onnxruntime's and a compiled package's outputs must match the model's to this, relative to the output's
+#: largest entry (plus one).
 ONNX_TOLERANCE = 1e-5
 #: The ``format`` entry of an exported safetensors file's metadata.
 SAFETENSORS_FORMAT = "dlrt-export"
@@ -393,8 +394,8 @@ def export(
       instruction set; ``torch._inductor.aoti_load_package(path)`` returns a callable that
       runs it without dlrt and without compiling again. Before the file is written the
       package must reproduce the plain model's outputs on ``example_inputs``. Needs a C++
-      compiler where it is exported. The fastest of the formats on a CPU
-      (docs/export.md).
+      compiler where it is exported. On a CPU the fastest way to run the exported model in
+      PyTorch (docs/export.md).
     * ``"safetensors"``: the plain model's ``state_dict`` and, in the metadata entry
       ``"dlrt_export"``, a JSON document with every exported layer (:func:`plain_and_layers`).
       It loads into ``to_plain(model, rule=..., merged=...)`` (which needs dlrt for an
