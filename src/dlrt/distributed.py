@@ -135,8 +135,14 @@ def init_from_env(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Ite
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout), **kwargs)
     try:
         yield device
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: a peer that failed would never reach it
+        raise
+    # Leave together: a process that tears its connections down while a peer is still in its last
+    # collective can make the peer's gloo threads abort the process ("terminate called without an
+    # active exception") after the run itself has completed.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class Communicator:
