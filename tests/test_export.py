@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +233,15 @@ print("ok", len(sys.argv) - 2)
 """
 
 
+def run_without_dlrt(loader: str, case: Path, paths: list[str], count: int) -> None:
+    """Run ``loader`` (a script that cannot import dlrt) on the saved ``case`` and files; it checks ``count`` files."""
+    run = subprocess.run(
+        [sys.executable, "-c", loader, str(case), *paths], capture_output=True, text=True, timeout=300, cwd=case.parent
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith(f"ok {count}")
+
+
 def test_pt2_loads_and_runs_without_dlrt(tmp_path):
     cases = [
         (lenet(), lambda b: torch.randn(b, 1, 14, 14), {}),
@@ -249,15 +259,7 @@ def test_pt2_loads_and_runs_without_dlrt(tmp_path):
             with torch.no_grad():
                 saved[f"{i}/x{b}"], saved[f"{i}/y{b}"] = x, model(x)
     torch.save(saved, tmp_path / "case.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", _LOADER, str(tmp_path / "case.pt"), *paths],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().endswith("ok 3")
+    run_without_dlrt(_LOADER, tmp_path / "case.pt", paths, 3)
 
 
 @pytest.mark.slow
@@ -279,15 +281,7 @@ def test_aoti_package_is_checked_then_loads_and_runs_without_dlrt(tmp_path, monk
         with torch.no_grad():
             saved[f"0/x{b}"], saved[f"0/y{b}"] = x, model(x)
     torch.save(saved, tmp_path / "case.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", _LOADER, str(tmp_path / "case.pt"), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().endswith("ok 1")
+    run_without_dlrt(_LOADER, tmp_path / "case.pt", [str(path)], 1)
 
 
 def test_safetensors_metadata_and_weights(tmp_path):
@@ -462,15 +456,7 @@ def test_onnx_runs_in_onnxruntime_without_dlrt(tmp_path):
     import numpy as np
 
     np.savez(tmp_path / "case.npz", **arrays)
-    run = subprocess.run(
-        [sys.executable, "-c", _ORT_LOADER, str(tmp_path / "case.npz"), *paths],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip().endswith(f"ok {len(cases)}")
+    run_without_dlrt(_ORT_LOADER, tmp_path / "case.npz", paths, len(cases))
 
 
 def test_onnx_mismatch_writes_nothing(tmp_path, monkeypatch):

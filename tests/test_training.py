@@ -212,6 +212,8 @@ def test_geometric_optimizers_in_the_configs():
     assert opt.param_groups[0]["second_moment"] == "coordinates"
     with pytest.raises(ValueError, match="second_moment='coordinates' applies to optimizer=geo-adam only, not 'adam'"):
         TrainConfig(optimizer="adam", second_moment="coordinates")
+    with pytest.raises(ValueError, match="dense=true trains with torch.optim.Adam, which has none"):
+        TrainConfig(optimizer="geo-adam", second_moment="coordinates", dense=True)
     with pytest.raises(ValueError, match="second_moment='entries' is not one of rank, coordinates"):
         FinetuneConfig(second_moment="entries")
     with pytest.raises(ValueError, match="applies to optimizer=geo-adam only, not 'adamw'"):

@@ -450,14 +450,14 @@ def save_plain(
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} for _ in inputs)
-    if format == "pt2":
+    if format in ("pt2", "aoti"):
         program = torch.export.export(plain, inputs, dynamic_shapes=dynamic_shapes)
-        buf = io.BytesIO()
-        torch.export.save(program, buf)  # to memory first: torch.export.save wants a *.pt2 name or a buffer
-        data = buf.getvalue()
-        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    if format == "aoti":
-        data = _aoti_bytes(plain, inputs, dynamic_shapes)
+        if format == "aoti":
+            data = _aoti_bytes(program, plain, inputs)
+        else:
+            buf = io.BytesIO()
+            torch.export.save(program, buf)  # to memory first: torch.export.save wants a *.pt2 name or a buffer
+            data = buf.getvalue()
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     data = _onnx_bytes(plain, inputs, dynamic_shapes)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
@@ -511,16 +511,14 @@ def _check_outputs(what: str, got: list[Tensor], want: list[Tensor]) -> None:
 
 
 @torch.no_grad()
-def _aoti_bytes(plain: nn.Module, inputs: tuple[Tensor, ...], dynamic_shapes: Any) -> bytes:
-    """The AOTInductor package of ``plain`` as bytes, after the compiled package reproduced ``plain`` on ``inputs``.
+def _aoti_bytes(program: Any, plain: nn.Module, inputs: tuple[Tensor, ...]) -> bytes:
+    """The AOTInductor package of ``program`` (``plain`` exported) as bytes, once it reproduced ``plain``'s outputs.
 
-    ``torch.export`` of the plain model, compiled ahead of time by Inductor into a shared
-    library for the device and the instruction set of this machine (a C++ compiler is
-    needed here, not where it is loaded)."""
+    Compiled ahead of time by Inductor into a shared library for the device and the
+    instruction set of this machine (a C++ compiler is needed here, not where it is loaded)."""
     import tempfile
 
     want = _flat_tensors(plain(*inputs))
-    program = torch.export.export(plain, inputs, dynamic_shapes=dynamic_shapes)
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "model.pt2"  # Inductor wants a *.pt2 name
         torch._inductor.aoti_compile_and_package(program, package_path=str(file))

@@ -241,6 +241,11 @@ class TrainConfig(RunConfig):
         check_task(self)  # the dataset fits the model: an image dataset a classifier, a text corpus a GPT
         _check_choice("integrator", self.integrator, _integrators())
         _check_second_moment(self.second_moment, self.optimizer)
+        if self.dense and self.second_moment != "rank":
+            raise ValueError(
+                f"second_moment={self.second_moment!r} sets geo-adam's step on low-rank layers; dense=true trains "
+                "with torch.optim.Adam, which has none: leave second_moment unset"
+            )
         from ..conversion import INITS
         from ..linalg import check_tau
 
