@@ -319,6 +319,45 @@ def test_check_every_and_process_group_are_validated():
     assert dlrt.DLRTOptimizer(model).communicator is None  # no process group: single process, nothing sent
 
 
+_GROUP_OUTLIVES_RUN = """
+import json, os, sys, torch
+from torch import nn
+import dlrt
+from dlrt import distributed
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sorted(n for n in names if "gloo" in n)
+
+with distributed.init_from_env(torch.device("cpu"), 60):
+    fresh = "torch._dynamo" not in sys.modules
+    dlrt.DLRTOptimizer(dlrt.convert(nn.Sequential(nn.Linear(8, 8)), rank=2), lr=0.1)  # imports torch._dynamo
+    during = gloo_threads()
+print(json.dumps({"fresh": fresh, "dynamo": "torch._dynamo" in sys.modules, "during": during, "after": gloo_threads()}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads through /proc")
+def test_the_process_group_ends_with_the_run_when_torch_imports_dynamo_mid_run():
+    """torch.optim imports torch._dynamo the first time an optimizer is built, and with it modules whose
+    defaults hold ``group.WORLD``: imported mid-run, they kept the group's gloo threads alive past
+    ``destroy_process_group``, and torchrun's processes aborted at exit after a completed run."""
+    env = {
+        **os.environ,
+        **{"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"},
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _GROUP_OUTLIVES_RUN], env=env, capture_output=True, text=True, timeout=JOIN_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["fresh"] and seen["dynamo"], seen  # the optimizer did import torch._dynamo inside the run
+    assert seen["during"], seen  # the group had gloo threads
+    assert seen["after"] == [], seen
+
+
 @pytest.mark.slow
 def test_dlrt_train_under_torchrun_writes_exactly_one_run_directory(data_root, tmp_path):
     """`torchrun --nproc_per_node 2 -m dlrt train`: one run directory, written by rank 0, whose checkpoint

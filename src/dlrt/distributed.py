@@ -7,20 +7,31 @@ collective carries, counts its bytes and turns a failed collective (a dead or
 stuck peer, the process group's timeout) into an error that says so, and
 :func:`init_from_env`, which starts the process group from torchrun's
 environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``). ``torch.distributed`` is imported here, only when a process
-group is in use, so ``import dlrt`` still costs only torch.
+``MASTER_PORT``). Its collectives are called only when a process group is in use;
+``import dlrt`` imports one module of ``torch.distributed`` besides torch's own
+(a few milliseconds: see the note on ``torch.distributed.nn.functional`` below).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+
+# torch.distributed.nn.functional's functions take ``group=group.WORLD`` as a default argument. Imported while a
+# process group exists, it keeps that group alive after ``destroy_process_group``: the group's gloo threads outlive
+# the run and abort the process at exit ("terminate called without an active exception"), so that torchrun reports
+# a completed run as failed. torch imports it lazily, through torch._dynamo, when the first optimizer of the
+# process is built, which is after the group starts. Imported here with dlrt (a few milliseconds), before the
+# caller starts a group, its defaults stay ``None``.
+if torch.distributed.is_available():
+    importlib.import_module("torch.distributed.nn.functional")
 
 __all__ = ["Communicator", "DistributedError", "env_world", "init_from_env", "rank_and_size", "resolve_group"]
 
@@ -135,14 +146,8 @@ def init_from_env(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> Ite
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout), **kwargs)
     try:
         yield device
-    except BaseException:
-        dist.destroy_process_group()  # no barrier: a peer that failed would never reach it
-        raise
-    # Leave together: a process that tears its connections down while a peer is still in its last
-    # collective can make the peer's gloo threads abort the process ("terminate called without an
-    # active exception") after the run itself has completed.
-    dist.barrier()
-    dist.destroy_process_group()
+    finally:
+        dist.destroy_process_group()
 
 
 class Communicator:
