@@ -31,9 +31,11 @@ The methods:
 For the text tasks ``--targets all`` adapts every linear layer of the encoder instead
 (36 modules). ``--default-run`` runs ``dlrt finetune`` with no arguments but the task's
 model and dataset (one epoch, the model's default modules) and PEFT LoRA r = 8 on the same
-split, steps and batch. ``--summarize FILE ...`` reads the JSON files of several runs
-(tasks, seeds, targets) and prints the means over seeds per task and target set (a file
-without a ``task`` argument is a Rotten Tomatoes run).
+split, steps and batch; with ``--geolora-set KEY=VALUE ...`` it runs only that variant of
+GeoLoRA's default run (LoRA's run stays in the plain default run's file). ``--summarize
+FILE ...`` reads the JSON files of several runs (tasks, seeds, targets) and prints the means
+over seeds per task and target set (a file without a ``task`` argument is a Rotten Tomatoes
+run).
 
 Reported: median seconds per step (timed round-robin), peak memory of a step
 (measured: weights, optimizer state and everything the step allocates, on CPU
@@ -375,12 +377,15 @@ def interleaved_step_times(args: argparse.Namespace, task, pristine) -> tuple[di
     return {m: statistics.median(t) for m, t in times.items()}, memory
 
 
-def run_and_record(args: argparse.Namespace, task, pristine, cfg: FinetuneConfig, key: str, runs: list, out) -> None:
-    """Fine-tune a fresh copy of ``pristine`` as ``cfg`` says, append its record to ``runs`` and rewrite ``out``."""
+def run_and_record(
+    args: argparse.Namespace, task, pristine, cfg: FinetuneConfig, key: str, runs: list, out, **extra
+) -> None:
+    """Fine-tune a fresh copy of ``pristine`` as ``cfg`` says, append its record (with ``extra``) to ``runs`` and
+    rewrite ``out``."""
     task.model = copy.deepcopy(pristine)
     print(f"== {key}", flush=True)
     result = finetune(cfg, task)
-    record = {"key": key, "method": cfg.method, "lr": cfg.lr, "run_dir": str(result.run_dir)}
+    record = {"key": key, "method": cfg.method, "lr": cfg.lr, "run_dir": str(result.run_dir), **extra}
     runs.append({**record, **result.summary, **trajectory(result)})
     write_results(out, args, runs)
 
@@ -398,17 +403,16 @@ def trajectory(result) -> dict:
 
 
 def default_run(args: argparse.Namespace, task, pristine, out: Path, done: dict) -> int:
-    """``dlrt finetune`` with no arguments but the task's, and PEFT LoRA r = 8 on the same split, steps and batch."""
+    """``dlrt finetune`` with no arguments but the task's, and PEFT LoRA r = 8 on the same split, steps and batch.
+
+    With ``--geolora-set KEY=VALUE ...`` the GeoLoRA run takes those keys too (a variant of the default, recorded
+    under ``set``), and LoRA, whose run does not change, is left to the file of the plain default run.
+    """
+    if args.geolora_set:
+        return default_variant(args, task, pristine, out, done)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = list(done.values())
-    base = {
-        **task_settings(args),
-        "seed": args.seed,
-        "limit": args.limit,
-        "progress": False,
-        "plots": False,
-        "runs_dir": args.runs_dir,
-    }
+    base = default_settings(args)
     for method in ("geolora", "lora"):
         key = f"default-{method}"
         if key in done:
@@ -424,6 +428,38 @@ def default_run(args: argparse.Namespace, task, pristine, out: Path, done: dict)
         f"(final total rank {geo['total_rank']}, largest {geo['max_total_rank']}, "
         f"{geo['adapter_params']:,d} adapter parameters), "
         f"LoRA r 8 {100 * lora['test_acc']:.2f} % ({lora['adapter_params']:,d} adapter parameters)"
+    )
+    return 0
+
+
+def default_settings(args: argparse.Namespace) -> dict:
+    """The ``FinetuneConfig`` keys of a default run: the task's, the seed and the benchmark's bookkeeping."""
+    return {
+        **task_settings(args),
+        "seed": args.seed,
+        "limit": args.limit,
+        "progress": False,
+        "plots": False,
+        "runs_dir": args.runs_dir,
+    }
+
+
+def default_variant(args: argparse.Namespace, task, pristine, out: Path, done: dict) -> int:
+    """``dlrt finetune`` with no arguments but the task's and ``--geolora-set``'s keys (GeoLoRA only)."""
+    keys = dict(item.partition("=")[::2] for item in args.geolora_set)
+    if "method" in keys:
+        raise SystemExit("--geolora-set varies GeoLoRA's default run: leave method= out")
+    key = "default-geolora " + " ".join(args.geolora_set)
+    runs = list(done.values())
+    if key not in done:
+        slug = "".join(c if c.isalnum() or c == "." else "-" for c in "_".join(args.geolora_set))
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-default-geolora-{slug}-seed{args.seed}"
+        cfg = FinetuneConfig(**{**default_settings(args), "name": name, **keys})
+        run_and_record(args, task, pristine, cfg, key, runs, out, set=list(args.geolora_set))
+    geo = {r["key"]: r for r in runs}[key]
+    print(
+        f"dlrt finetune ({' '.join(args.geolora_set)}; {geo['steps']} steps): GeoLoRA {100 * geo['test_acc']:.2f} % "
+        f"(final total rank {geo['total_rank']}, {geo['adapter_params']:,d} adapter parameters)"
     )
     return 0
 

@@ -422,3 +422,37 @@ def test_second_moment_reaches_geoloras_optimizer(tmp_path):
     _, opt, _ = apply_method(cfg, build_task(cfg).model, 10)
     assert opt.lowrank_group["second_moment"] == "coordinates"
     assert load_config(None, ["second_moment=coordinates"], cls=FinetuneConfig).second_moment == "coordinates"
+
+
+def test_benchmark_default_run_variant_changes_geolora_alone(tmp_path, monkeypatch):
+    """finetune_vs_peft --default-run --geolora-set K=V ...: one GeoLoRA run of `dlrt finetune`'s defaults with
+    those keys (typed by the config), recorded with them; LoRA is not rerun; method= is refused."""
+    import argparse
+
+    bench = load_benchmark("finetune_vs_peft")
+    made = []
+
+    def record(args, task, pristine, cfg, key, runs, out, **extra):
+        made.append(cfg)
+        runs.append({"key": key, "steps": 5, "test_acc": 0.5, "total_rank": 3, "adapter_params": 10, **extra})
+
+    monkeypatch.setattr(bench, "run_and_record", record)
+    args = argparse.Namespace(
+        task="rotten-tomatoes", max_length=None, seed=1, limit=None, runs_dir=str(tmp_path), resume=False
+    )
+    args.geolora_set = ["second_moment=coordinates", "lr=2e-4", "modules_to_save_lr_ratio=250"]
+    assert bench.default_run(args, None, None, tmp_path / "out.json", {}) == 0
+    (cfg,) = made
+    assert (cfg.method, cfg.second_moment, cfg.lr, cfg.modules_to_save_lr_ratio) == (
+        "geolora",
+        "coordinates",
+        2e-4,
+        250,
+    )
+    assert cfg.seed == 1 and cfg.max_steps is None and cfg.epochs == FinetuneConfig().epochs  # the default run's
+    key = "default-geolora " + " ".join(args.geolora_set)
+    done = {key: {"key": key, "steps": 5, "test_acc": 0.5, "total_rank": 3, "adapter_params": 10}}
+    assert bench.default_run(args, None, None, tmp_path / "out.json", done) == 0 and len(made) == 1  # resumed
+    args.geolora_set = ["method=lora"]
+    with pytest.raises(SystemExit, match="leave method= out"):
+        bench.default_run(args, None, None, tmp_path / "out.json", {})

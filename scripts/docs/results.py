@@ -277,7 +277,24 @@ TABLES: dict[str, Table] = {
         finetune_init,
         machine=PROJECT_MACHINE + ", one thread per run",
     ),
-    "finetune-default": Table(("finetune_default_seed0.json",), finetune_default),
+    "finetune-default": Table(
+        (
+            "finetune_default_seed0.json",
+            *(
+                f"finetune_default_seed0_{v}.json"
+                for v in (
+                    "head_lr_ratio02",
+                    "head_lr_ratio01",
+                    "head_lr_ratio1",
+                    "head_lr_ratio02_init_random",
+                    "coordinates_lr2e-4_head1e-3",
+                    "lr2.5e-3_head1e-3",
+                )
+            ),
+            *(f"finetune_default_seed{s}{v}.json" for s in (1, 2) for v in ("", "_head_lr_ratio02")),
+        ),
+        finetune_default,
+    ),
     "finetune-timing": Table(
         tuple(f"finetune_all_timing_b{b}{t}.json" for t in ("_threads1", "") for b in (16, 32)), finetune_timing
     ),

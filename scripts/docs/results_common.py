@@ -31,4 +31,6 @@ def int_text(x: float) -> str:
 
 
 def lr_text(x: float) -> str:
-    return f"{x:.0e}".replace("e-0", "e-")
+    """``5e-3``; ``2.5e-3`` where one significant digit would round the rate."""
+    text = f"{x:.0e}" if float(f"{x:.0e}") == x else f"{x:.1e}"
+    return text.replace("e-0", "e-")

@@ -51,19 +51,22 @@ def finetune_sweep(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
 
 
 def finetune_default(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
-    d = read_json(paths[0])
+    """The default run's GeoLoRA and LoRA, and GeoLoRA's variants of it (the keys they set), per seed."""
     rows = []
-    for r in d["runs"]:
+    for r in (r for path in paths for r in read_json(path)["runs"]):
+        name = _FT_NAMES.get(r["method"], r["method"]).replace(" (defaults)", "")
         rows.append(
             [
-                _FT_NAMES.get(r["method"], r["method"]).replace(" (defaults)", ""),
+                str(r["config"]["seed"]),
+                name + "".join(f", `{item}`" for item in r.get("set", []) if not item.startswith(("lr=", "modules_"))),
                 lr_text(r["lr"]),
+                lr_text(r["lr"] * r["config"]["modules_to_save_lr_ratio"]),
                 pct_text(r["test_acc"]) + " %",
                 f"{r['total_rank']} (at most {r['max_total_rank']})",
                 int_text(r["adapter_params"]),
             ]
         )
-    return ["method", "lr", "test accuracy", "final total rank", "adapter params"], rows
+    return ["seed", "method", "lr", "the head's lr", "test accuracy", "final total rank", "adapter params"], rows
 
 
 def finetune_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
