@@ -320,10 +320,13 @@ def method_config(args: argparse.Namespace, method: str, lr: float, **extra) -> 
         "seed": args.seed,
     }
     if geo:
-        for item in getattr(args, "geolora_set", []):
-            key, _, value = item.partition("=")
-            settings[key] = value  # FinetuneConfig converts the string to the key's type
+        settings.update(geolora_keys(args))
     return FinetuneConfig(**{**settings, **extra})
+
+
+def geolora_keys(args: argparse.Namespace) -> dict[str, str]:
+    """``--geolora-set``'s keys and values (strings: FinetuneConfig converts each to its key's type)."""
+    return dict(item.partition("=")[::2] for item in getattr(args, "geolora_set", []))
 
 
 def interleaved_step_times(args: argparse.Namespace, task, pristine) -> tuple[dict[str, float], dict[str, int]]:
@@ -446,7 +449,7 @@ def default_settings(args: argparse.Namespace) -> dict:
 
 def default_variant(args: argparse.Namespace, task, pristine, out: Path, done: dict) -> int:
     """``dlrt finetune`` with no arguments but the task's and ``--geolora-set``'s keys (GeoLoRA only)."""
-    keys = dict(item.partition("=")[::2] for item in args.geolora_set)
+    keys = geolora_keys(args)
     if "method" in keys:
         raise SystemExit("--geolora-set varies GeoLoRA's default run: leave method= out")
     key = "default-geolora " + " ".join(args.geolora_set)

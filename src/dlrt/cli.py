@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .exporting import FORMATS, RULES
+
 #: Exit statuses of the training commands: an interrupted run (Ctrl-C, SIGTERM, SIGUSR1) exits with 130.
 EXIT = {"completed": 0, "interrupted": 130, "diverged": 1}
 
@@ -237,13 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a `dlrt train` or `dlrt finetune` run directory")
     p.add_argument(
         "--format",
-        choices=("pt2", "aoti", "onnx", "safetensors"),
+        choices=FORMATS,
         default="pt2",
         help="aoti: compiled ahead of time for this machine (load with torch._inductor.aoti_load_package)",
     )
     p.add_argument(
         "--rule",
-        choices=("flops", "measured", "factored", "dense"),
+        choices=RULES,
         default="flops",
         help="factored where it costs fewer multiply-adds (flops) or runs faster here (measured), or one form",
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +30,7 @@ from torch import Tensor
 # process is built, which is after the group starts. Imported here with dlrt (a few milliseconds), before the
 # caller starts a group, its defaults stay ``None``.
 if torch.distributed.is_available():
-    importlib.import_module("torch.distributed.nn.functional")
+    import torch.distributed.nn.functional
 
 __all__ = ["Communicator", "DistributedError", "env_world", "init_from_env", "rank_and_size", "resolve_group"]
 
