@@ -46,6 +46,21 @@ def test_export_a_train_run(train_run, tmp_path, capsys):
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
+def test_export_a_train_run_as_an_aoti_package(train_run, capsys):
+    """`dlrt export RUN --format aoti`: the compiled package lands in the run directory and reproduces the run's
+    model on test images at a batch size other than the export's."""
+    assert cli.main(["export", str(train_run), "--format", "aoti"]) == 0
+    path = train_run / "model.aoti.pt2"
+    assert capsys.readouterr().out.startswith(f"{path} (")
+    assert not list(train_run.glob(".*.tmp"))
+    model, (x,) = load_train_run(train_run, 5)
+    with torch.no_grad():
+        want = model(x)
+        got = torch._inductor.aoti_load_package(str(path))(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_export_a_train_run_as_safetensors_with_the_measured_rule(train_run, tmp_path, capsys):
     from safetensors import safe_open
 
