@@ -31,6 +31,8 @@ from typing import Any
 
 from results_common import read_json, read_jsonl
 from results_finetune import (
+    DEFAULT_RUN_SEEDS,
+    FIXED_RANK_SEEDS,
     FT_ALL,
     FT_BUDGETS,
     FT_CONVENTION,
@@ -41,6 +43,7 @@ from results_finetune import (
     FT_SECOND_MOMENT_RUNS,
     finetune_budget,
     finetune_default,
+    finetune_default_paired,
     finetune_init,
     finetune_second_moment,
     finetune_sweep,
@@ -289,11 +292,20 @@ TABLES: dict[str, Table] = {
                     "head_lr_ratio02_init_random",
                     "coordinates_lr2e-4_head1e-3",
                     "lr2.5e-3_head1e-3",
+                    "fixed_rank8_head_lr_ratio02",
                 )
             ),
-            *(f"finetune_default_seed{s}{v}.json" for s in (1, 2) for v in ("", "_head_lr_ratio02")),
+            *(f"finetune_default_seed{s}{v}.json" for s in DEFAULT_RUN_SEEDS[1:] for v in ("", "_head_lr_ratio02")),
+            *(f"finetune_default_seed{s}_fixed_rank8.json" for s in FIXED_RANK_SEEDS),
         ),
         finetune_default,
+    ),
+    "finetune-default-paired": Table(
+        (
+            *(f"finetune_default_seed{s}{v}.json" for s in DEFAULT_RUN_SEEDS for v in ("", "_head_lr_ratio02")),
+            *(f"finetune_default_seed{s}_fixed_rank8.json" for s in FIXED_RANK_SEEDS),
+        ),
+        finetune_default_paired,
     ),
     "finetune-timing": Table(
         tuple(f"finetune_all_timing_b{b}{t}.json" for t in ("_threads1", "") for b in (16, 32)), finetune_timing

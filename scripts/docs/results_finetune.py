@@ -4,7 +4,7 @@ GeoLoRA's budgets and initialisations against LoRA (``TABLES`` in ``results.py``
 from __future__ import annotations
 
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, stdev
 from typing import Any
 
 from results_common import FINETUNE_LRS, int_text, lr_text, pct_text, read_json
@@ -67,6 +67,45 @@ def finetune_default(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return ["seed", "method", "lr", "the head's lr", "test accuracy", "final total rank", "adapter params"], rows
+
+
+def seed_text(seeds: list[int]) -> str:
+    """``0–4`` for a run of consecutive seeds, ``0 / 2 / 5`` otherwise."""
+    return f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else " / ".join(map(str, seeds))
+
+
+def finetune_default_paired(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
+    """GeoLoRA's default run and each variant of it run on two seeds or more, paired with LoRA's default run on
+    the same seeds: the means, and the mean of the per-seed differences with its standard error."""
+    lora: dict[int, float] = {}
+    geo: dict[tuple[str, ...], dict[int, float]] = {}
+    for r in (r for path in paths for r in read_json(path)["runs"]):
+        if r["status"] != "completed":
+            continue
+        if r["method"] == "lora":
+            lora[r["config"]["seed"]] = r["test_acc"]
+        elif r["method"] == "geolora":
+            geo.setdefault(tuple(r.get("set", [])), {})[r["config"]["seed"]] = r["test_acc"]
+    rows = []
+    for keys, by_seed in sorted(geo.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        seeds = sorted(s for s in by_seed if s in lora)
+        if len(seeds) < 2:
+            continue
+        diffs = [by_seed[s] - lora[s] for s in seeds]
+        spread = stdev(diffs) / len(diffs) ** 0.5
+        rows.append(
+            [
+                ", ".join(f"`{k}`" for k in keys) or "defaults",
+                seed_text(seeds),
+                pct_text(fmean(by_seed[s] for s in seeds)),
+                pct_text(fmean(lora[s] for s in seeds)),
+                " / ".join(f"{100 * d:+.2f}" for d in diffs),
+                f"{100 * fmean(diffs):+.2f} ± {100 * spread:.2f}",
+                f"{sum(d >= 0 for d in diffs)} of {len(diffs)}",
+            ]
+        )
+    header = ["GeoLoRA", "seeds", "GeoLoRA mean", "LoRA mean", "GeoLoRA − LoRA per seed", "mean ± s.e."]
+    return [*header, "GeoLoRA ≥ LoRA"], rows
 
 
 def finetune_timing(paths: list[Path]) -> tuple[list[str], list[list[str]]]:
@@ -141,9 +180,20 @@ FT_ALL = (
     "finetune_all_seed0_adalora_low.json",
     "finetune_all_seed0_lora.json",
 )
-FT_CONVENTION = ("finetune_convention_all_seed0.json",)
+#: Seed 0's GeoLoRA at 5e-3 under the parameter budget (the default since) replaces its sweep's run, which had the
+#: rank budget; seeds 1 and 2 ran under the parameter budget throughout.
+FT_CONVENTION = (
+    "finetune_convention_all_seed0.json",
+    "finetune_convention_all_seed0_param_budget.json",
+    "finetune_convention_all_seed1.json",
+    "finetune_convention_all_seed2.json",
+)
 FT_FASHION = tuple(f"finetune_fashion_seed{s}.json" for s in range(3))
 FT_QV = tuple(f"finetune_qv_seed{s}.json" for s in range(3))
+#: The seeds of `dlrt finetune`'s default run (`--default-run`), with and without the head at LoRA's rate,
+#: and the seeds of its variant with every adapter held at rank 8.
+DEFAULT_RUN_SEEDS = (0, 1, 2, 3, 4)
+FIXED_RANK_SEEDS = (0, 1)
 #: geo-adam's second moment per rank (the default) and per coordinate, with LoRA on the same seeds: each file
 #: with the methods the table takes from it (the Rotten Tomatoes sweep files also hold GeoLoRA under older rules).
 FT_SECOND_MOMENT_RUNS = {
@@ -151,6 +201,7 @@ FT_SECOND_MOMENT_RUNS = {
     **{f"finetune_fashion_seed{s}_lr5e-3.json": ("geolora", "lora") for s in range(3, 10)},
     **{f"finetune_fashion_seed{s}_coordinates.json": ("geolora",) for s in range(10)},
     **{f"finetune_fashion_seed{s}_lora_lr1e-2.json": ("lora",) for s in range(10)},
+    **{f"finetune_fashion_seed{s}_head_lr_ratio02.json": ("geolora",) for s in range(10)},
     **{f"finetune_all_seed{s}_param_budget.json": ("geolora",) for s in range(3)},
     **{f"finetune_all_seed{s}.json": ("lora",) for s in range(3)},
     **{f"finetune_all_seed0_coordinates_lr{lr}.json": ("geolora",) for lr in ("1e-4", "2e-4", "5e-4")},
@@ -169,13 +220,13 @@ FT_BUDGETS = (
         [f"finetune_all_seed{s}_param_budget_energy.json" for s in range(3)],
     ),
     ("Convention party, all linear", "rank (288)", ["finetune_convention_all_seed0.json"]),
-    ("Convention party, all linear", "params", ["finetune_convention_all_seed0_param_budget.json"]),
+    ("Convention party, all linear", "params", list(FT_CONVENTION[1:])),
     ("Fashion-MNIST CNN", "rank (24)", list(FT_FASHION)),
     ("Fashion-MNIST CNN", "params", [f"finetune_fashion_seed{s}_param_budget.json" for s in range(3)]),
 )
 FT_LORA = {
     "Rotten Tomatoes, all linear": [*(f"finetune_all_seed{s}.json" for s in range(3)), "finetune_all_seed0_lora.json"],
-    "Convention party, all linear": ["finetune_convention_all_seed0.json"],
+    "Convention party, all linear": [FT_CONVENTION[0], *FT_CONVENTION[2:]],
     "Fashion-MNIST CNN": list(FT_FASHION),
 }
 
@@ -231,7 +282,7 @@ FT_INITS = (
         "random + 10 % warm-up",
         [f"finetune_all_seed{s}_init_random_warmup.json" for s in range(3)],
     ),
-    ("Convention party, all linear", "gradient (default)", ["finetune_convention_all_seed0_param_budget.json"]),
+    ("Convention party, all linear", "gradient (default)", list(FT_CONVENTION[1:])),
     ("Convention party, all linear", "random", ["finetune_convention_all_seed0_init_random.json"]),
     ("Fashion-MNIST CNN", "gradient (default)", [f"finetune_fashion_seed{s}_param_budget.json" for s in range(3)]),
     ("Fashion-MNIST CNN", "random", [f"finetune_fashion_seed{s}_init_random.json" for s in range(3)]),
